@@ -1,0 +1,60 @@
+"""Chained hashes of fixed token chunks, and the longest-cached-prefix query.
+
+``h_0 = blake2b(model_fingerprint, recipe_id)`` and ``h_i = blake2b(h_{i-1} || tokens of chunk i)``
+with tokens as little-endian uint32. The last chunk may be partial. An entry for a context of
+``T`` tokens is keyed by its last hash, so a longer prompt that starts with the same ``T`` tokens
+reproduces that hash at ``T`` when ``T`` is a chunk boundary, and the store finds the entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from kvstore.entry import EntryKey, Recipe
+from kvstore.errors import InvalidEntry
+
+DIGEST_BYTES = 16
+
+
+def _as_uint32(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(token_ids)
+    if arr.ndim != 1:
+        raise InvalidEntry(f"token ids must be one-dimensional, got shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" or int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
+        raise InvalidEntry("token ids must be integers in [0, 2**32)")
+    return arr.astype("<u4", copy=False)
+
+
+def chain_hashes(token_ids: Sequence[int] | np.ndarray, chunk_size: int, model_fingerprint: str, recipe_id: str) -> list[str]:
+    """Hex hash of every chunk boundary: one per ``chunk_size`` tokens, the last chunk may be partial."""
+    tokens = _as_uint32(token_ids)
+    h = hashlib.blake2b(f"{model_fingerprint}\0{recipe_id}".encode(), digest_size=DIGEST_BYTES).digest()
+    out = []
+    for start in range(0, len(tokens), chunk_size):
+        h = hashlib.blake2b(h + tokens[start:start + chunk_size].tobytes(), digest_size=DIGEST_BYTES).digest()
+        out.append(h.hex())
+    return out
+
+
+def longest_cached_prefix(
+    token_ids: Sequence[int] | np.ndarray,
+    recipe: Recipe,
+    model_fingerprint: str,
+    tenant: str,
+    contains: Callable[[EntryKey], bool],
+) -> tuple[EntryKey, int] | None:
+    """The key and token count of the longest cached prefix of ``token_ids``, or None.
+
+    Candidates are every chunk boundary and the full length; the longest present one wins.
+    """
+    hashes = chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe.recipe_id)
+    n = len(token_ids)
+    for i in range(len(hashes) - 1, -1, -1):
+        length = min((i + 1) * recipe.chunk_size, n)
+        key = EntryKey(tenant, model_fingerprint, recipe.recipe_id, hashes[i])
+        if contains(key):
+            return key, length
+    return None

@@ -1,0 +1,73 @@
+"""The one storage interface every tier implements.
+
+A tier stores an entry as the list of its codec frames (``kvstore.codec``): frame 0 is the
+header, then the data frames, each at most 4 MiB. Tiers do not decode or verify frames (the
+``TieredStore`` does) and never choose what to evict (the ``EvictionPolicy`` does): they hold
+bytes up to a capacity, and say how much they hold.
+
+Call order: ``put`` only after the store made room (``used_bytes() + size <= capacity``);
+``get`` returns None for a miss; ``remove`` is idempotent; ``close`` last.
+Failures of the backing system raise ``TierUnavailable``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+
+from kvstore.entry import EntryKey
+
+Frames = Sequence[bytes | memoryview]
+
+
+def frames_nbytes(frames: Frames) -> int:
+    return sum(len(f) for f in frames)
+
+
+class StorageTier(ABC):
+    """One level of the hierarchy (device memory, host memory, Redis)."""
+
+    def __init__(self, name: str, capacity_bytes: int):
+        if capacity_bytes < 0:
+            raise ValueError(f"tier {name}: capacity_bytes {capacity_bytes} must be >= 0")
+        self.name = name
+        self.capacity_bytes = capacity_bytes
+
+    @abstractmethod
+    def put(self, key: EntryKey, frames: Frames) -> None:
+        """Store ``frames`` under ``key``, replacing what was there; visible only once complete."""
+
+    @abstractmethod
+    def get(self, key: EntryKey) -> list[bytes | memoryview] | None:
+        """The frames of ``key``, or None on a miss."""
+
+    @abstractmethod
+    def contains(self, key: EntryKey) -> bool: ...
+
+    @abstractmethod
+    def remove(self, key: EntryKey) -> bool:
+        """Remove ``key``; True if it was there."""
+
+    @abstractmethod
+    def keys(self) -> list[EntryKey]:
+        """Every key held."""
+
+    @abstractmethod
+    def used_bytes(self) -> int: ...
+
+    def header_frame(self, key: EntryKey) -> bytes | memoryview | None:
+        """Frame 0 of ``key`` (its header), or None; tiers override to avoid reading the rest."""
+        frames = self.get(key)
+        return frames[0] if frames else None
+
+    def batch_contains(self, keys: Iterable[EntryKey]) -> int:
+        """How many of ``keys``, from the first, are present (longest-prefix semantics)."""
+        n = 0
+        for key in keys:
+            if not self.contains(key):
+                break
+            n += 1
+        return n
+
+    def close(self) -> None:
+        """Release connections and memory."""

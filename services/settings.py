@@ -1,0 +1,165 @@
+"""Typed settings: one dataclass per component, filled from CLI flags, ``DKV_*`` env vars and YAML.
+
+Precedence: command-line flag > environment variable > YAML file (``--config``) > default. Each
+field maps 1:1 to a flag (``--cpu-bytes``), an env var (``DKV_CPU_BYTES``) and a YAML key
+(``cpu_bytes``); its ``help`` metadata is the one place it is documented. Sizes accept units
+(``512MiB``, ``2GB``). Validation errors name the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+class SettingsError(ValueError):
+    """A setting has a value that is not allowed; the message says which and what to use."""
+
+
+def parse_size(text: str | int) -> int:
+    """``"512MiB"`` -> 536870912; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a size; use bytes or a unit like 512MiB, 2GB")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def setting(default: Any, help: str, kind: str | None = None, choices: tuple | None = None) -> Any:
+    """A settings field; ``kind="size"`` parses units."""
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
+
+
+def env_name(name: str) -> str:
+    return "DKV_" + name.upper()
+
+
+def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    kind = f.metadata.get("kind")
+    try:
+        if kind == "size":
+            return parse_size(raw)
+        if f.type in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("use true or false")
+        if f.type in (int, "int"):
+            return int(raw)
+        if f.type in (float, "float"):
+            return float(raw)
+        return str(raw)
+    except ValueError as e:
+        raise SettingsError(f"setting {f.name} ({source}) = {raw!r} is invalid: {e}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field (default None, so unset flags fall through to env / YAML)."""
+    parser.add_argument("--config", metavar="YAML", help="YAML file with settings (keys as the flags, with _)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(choices)}." if choices else ""
+        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper() if f.type not in (bool, "bool") else "BOOL",
+                            help=f"{f.metadata.get('help', '')}{extra} [env {env_name(f.name)}; default {f.default!r}]")
+
+
+def load(cls: type, args: argparse.Namespace | Mapping[str, Any] | None = None,
+         env: Mapping[str, str] | None = None, config: str | Path | None = None):
+    """Build ``cls`` from flags, env and YAML (see module docstring)."""
+    env = os.environ if env is None else env
+    flags = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    config = flags.pop("config", None) or config or env.get("DKV_CONFIG")
+    file_values: dict = {}
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise SettingsError(f"config file {path} does not exist")
+        file_values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(file_values, dict):
+            raise SettingsError(f"config file {path} must be a YAML mapping of setting: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file_values) - names)
+    if unknown:
+        raise SettingsError(f"config file {config}: unknown settings {unknown}; known: {sorted(names)}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        for source, raw in ((f"--{f.name.replace('_', '-')}", flags.get(f.name)),
+                            (env_name(f.name), env.get(env_name(f.name))),
+                            (f"{config}:{f.name}", file_values.get(f.name))):
+            if raw is not None:
+                values[f.name] = _convert(f, raw, source)
+                break
+    return cls(**values)
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise SettingsError(f"setting {name} = {value!r} is not allowed; use one of {sorted(choices)}")
+
+
+def check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise SettingsError(f"setting {name} = {value!r} must be between {lo} and {hi}")
+
+
+def describe(settings) -> dict:
+    """Effective settings as a plain dict (for logs and ``dkv config show``)."""
+    return dataclasses.asdict(settings)
+
+
+@dataclass
+class StoreSettings:
+    """The KV store server (``dkv store serve``)."""
+
+    host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 in a container).")
+    port: int = setting(50052, "gRPC port of the store.")
+    device: str = setting("auto", "Torch device of the device tier: auto (cuda if present, else cpu), cuda, cuda:N, cpu.")
+    device_bytes: int = setting(0, "Capacity of the device-memory tier; 0 disables it.", kind="size")
+    cpu_bytes: int = setting(1 << 30, "Capacity of the host-memory tier; 0 disables it.", kind="size")
+    redis_url: str = setting("", "Redis URL of the last tier (redis://host:port/db); empty disables it.")
+    redis_bytes: int = setting(4 << 30, "Capacity the store may use in Redis.", kind="size")
+    cpu_keep_fraction: float = setting(1.0, "Fraction of tokens an entry keeps when demoted into the host tier.")
+    cpu_quant: str = setting("none", "Requantize entries demoted into the host tier.",
+                             choices=("none", "int8", "int4", "mixed"))
+    redis_keep_fraction: float = setting(1.0, "Fraction of tokens an entry keeps when demoted into Redis.")
+    redis_quant: str = setting("none", "Requantize entries demoted into Redis.", choices=("none", "int8", "int4", "mixed"))
+    policy: str = setting("value", "Eviction policy: value (importance x reuse x cost / bytes) or lru.",
+                          choices=("value", "lru"))
+    max_entry_bytes: int = setting(1 << 30, "Largest entry accepted.", kind="size")
+    grace_s: float = setting(5.0, "Seconds in-flight calls get to finish on SIGTERM.")
+    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        check_range("port", self.port, 0, 65535)
+        for name in ("device_bytes", "cpu_bytes", "redis_bytes", "max_entry_bytes"):
+            check_range(name, getattr(self, name), 0, 1 << 50)
+        if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
+            raise SettingsError(f"setting device = {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+        for name in ("cpu_keep_fraction", "redis_keep_fraction"):
+            check_range(name, getattr(self, name), 0.01, 1.0)
+        for name in ("cpu_quant", "redis_quant"):
+            check_choice(name, getattr(self, name), ("none", "int8", "int4", "mixed"))
+        check_choice("policy", self.policy, ("value", "lru"))
+        check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
+        if self.redis_url and not re.match(r"^rediss?://", self.redis_url):
+            raise SettingsError(f"setting redis_url = {self.redis_url!r} must start with redis:// or rediss://")
+        if not (self.device_bytes or self.cpu_bytes or self.redis_url):
+            raise SettingsError("every tier is disabled: set device_bytes, cpu_bytes or redis_url")
+        check_range("grace_s", self.grace_s, 0, 3600)

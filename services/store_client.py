@@ -1,0 +1,115 @@
+"""Python client of the KV store (used by the CLI, the tests, the benchmarks and the workers).
+
+Every call carries a deadline (``timeout_s``). A miss is ``None``, and so is an entry that
+failed its checksum on the server (DATA_LOSS: the server deleted it) or on the way here: callers
+recompute. Other failures raise ``grpc.RpcError`` with the server's status and message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from kvstore import codec
+from kvstore.entry import CompressedKV, EntryKey, Recipe
+from kvstore.errors import CorruptEntry
+from services.pb import store_pb2
+from services.store_server import GRPC_OPTIONS, SERVICE
+from services.wire import frame_message, parse_frame_message, recipe_to_proto
+
+log = logging.getLogger("dkv.store.client")
+MISS_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS)
+
+
+@dataclass
+class PutReply:
+    key: EntryKey
+    stored_bytes: int
+    tier: str
+    replaced: bool
+
+
+@dataclass
+class LookupReply:
+    key: EntryKey
+    cached_tokens: int
+    tier: str
+
+
+class StoreClient:
+    """``StoreClient("127.0.0.1:50052")``; use as a context manager or call ``close()``."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        pb = store_pb2
+        self._put = self.channel.stream_unary(f"/{SERVICE}/Put", request_serializer=frame_message,
+                                              response_deserializer=pb.PutResponse.FromString)
+        self._get = self.channel.unary_stream(f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
+                                              response_deserializer=parse_frame_message)
+        self._lookup = self.channel.unary_unary(f"/{SERVICE}/Lookup",
+                                                request_serializer=pb.LookupRequest.SerializeToString,
+                                                response_deserializer=pb.LookupResponse.FromString)
+        self._delete = self.channel.unary_unary(f"/{SERVICE}/Delete",
+                                                request_serializer=pb.DeleteRequest.SerializeToString,
+                                                response_deserializer=pb.DeleteResponse.FromString)
+        self._stats = self.channel.unary_unary(f"/{SERVICE}/Stats", request_serializer=pb.StatsRequest.SerializeToString,
+                                               response_deserializer=pb.StatsResponse.FromString)
+
+    def __enter__(self) -> "StoreClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+
+    def put(self, entry: CompressedKV) -> PutReply:
+        return self.put_frames(codec.encode(entry))
+
+    def put_frames(self, frames: Iterable[bytes]) -> PutReply:
+        r = self._put(iter(frames), timeout=self.timeout_s)
+        return PutReply(EntryKey.parse(r.key), r.stored_bytes, r.tier, r.replaced)
+
+    def get_frames(self, key: EntryKey | str) -> list[memoryview] | None:
+        """The entry's frames as sent by the server (not yet verified), or None on a miss."""
+        try:
+            return list(self._get(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            if e.code() in MISS_CODES:
+                if e.code() == grpc.StatusCode.DATA_LOSS:
+                    log.warning("store reported %s corrupted: %s", key, e.details())
+                return None
+            raise
+
+    def get(self, key: EntryKey | str) -> CompressedKV | None:
+        """The decoded, verified entry, or None on a miss (including a failed check)."""
+        frames = self.get_frames(key)
+        if frames is None:
+            return None
+        try:
+            return codec.decode(frames)
+        except CorruptEntry as e:
+            log.warning("entry %s failed its check on arrival: %s", key, e)
+            return None
+
+    def lookup(self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int],
+               tenant: str = "default") -> LookupReply | None:
+        r = self._lookup(store_pb2.LookupRequest(tenant=tenant, model_fingerprint=model_fingerprint,
+                                                 recipe=recipe_to_proto(recipe), token_ids=list(token_ids)),
+                         timeout=self.timeout_s)
+        return LookupReply(EntryKey.parse(r.key), r.cached_tokens, r.tier) if r.hit else None
+
+    def delete(self, key: EntryKey | str) -> bool:
+        return self._delete(store_pb2.DeleteRequest(key=str(key)), timeout=self.timeout_s).deleted
+
+    def stats(self) -> store_pb2.StatsResponse:
+        return self._stats(store_pb2.StatsRequest(), timeout=self.timeout_s)

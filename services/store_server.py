@@ -1,0 +1,208 @@
+"""The KV store gRPC server: a thin servicer over ``kvstore.store.TieredStore``.
+
+The servicer validates requests, runs the store call off the event loop, and maps domain errors
+to status codes (``STATUS``). Health (``grpc.health.v1``) and reflection are served beside it.
+On SIGTERM health turns NOT_SERVING at once and in-flight calls get ``grace_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore.codec import FrameAssembler
+from kvstore.entry import EntryKey
+from kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry, KVStoreError, TierUnavailable
+from kvstore.memory_tier import MemoryTier
+from kvstore.policy import make_policy
+from kvstore.redis_tier import RedisTier
+from kvstore.shrink import ShrinkRule
+from kvstore.store import TieredStore, TierSpec
+from services.pb import store_pb2, store_pb2_grpc
+from services.settings import StoreSettings
+from services.wire import frame_message, parse_frame_message, recipe_from_proto
+
+log = logging.getLogger("dkv.store.server")
+
+SERVICE = "dkv.v1.KVStore"
+MAX_MESSAGE_BYTES = 8 << 20  # a 4 MiB frame, or a Lookup of ~1M token ids, with room to spare
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+STATUS = {
+    InvalidEntry: grpc.StatusCode.INVALID_ARGUMENT,
+    EntryTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EntryNotFound: grpc.StatusCode.NOT_FOUND,
+    CorruptEntry: grpc.StatusCode.DATA_LOSS,
+    TierUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def build_store(settings: StoreSettings) -> TieredStore:
+    """The tiers the settings ask for, fastest first."""
+    tiers = []
+    if settings.device_bytes:
+        device = settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        tiers.append(TierSpec(MemoryTier("device", settings.device_bytes, device=device)))
+    if settings.cpu_bytes:
+        tiers.append(TierSpec(MemoryTier("cpu", settings.cpu_bytes, device="cpu", pin=True),
+                              ShrinkRule(settings.cpu_keep_fraction, settings.cpu_quant)))
+    if settings.redis_url:
+        tiers.append(TierSpec(RedisTier("redis", settings.redis_bytes, settings.redis_url),
+                              ShrinkRule(settings.redis_keep_fraction, settings.redis_quant)))
+    return TieredStore(tiers, make_policy(settings.policy), settings.max_entry_bytes)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, put: bool = False) -> None:
+    """End the call with the status code of ``error``; unknown errors are logged and INTERNAL."""
+    if isinstance(error, KVStoreError):
+        code = next(c for t, c in STATUS.items() if isinstance(error, t))
+        if put and isinstance(error, CorruptEntry):
+            code = grpc.StatusCode.INVALID_ARGUMENT  # the caller sent broken frames; nothing stored was lost
+        await context.abort(code, str(error))
+    log.exception("internal error", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+
+def _parse_key(text: str) -> EntryKey:
+    if not text:
+        raise InvalidEntry("key is empty; pass tenant/model_fingerprint/recipe_id/prefix_hash as returned by Put")
+    return EntryKey.parse(text)
+
+
+class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
+    def __init__(self, store: TieredStore):
+        self.store = store
+
+    async def Put(self, request_iterator, context):
+        try:
+            assembler = FrameAssembler(self.store.max_entry_bytes)
+            async for frame in request_iterator:
+                if frame is None:
+                    raise InvalidEntry("a Put message is not a dkv.v1.Frame; send Frame{data=<codec frame>}")
+                assembler.add(frame)
+            header, frames = assembler.finish()
+            result = await asyncio.to_thread(self.store.put, frames, header)
+            return store_pb2.PutResponse(key=str(result.key), stored_bytes=result.stored_bytes, tier=result.tier,
+                                         replaced=result.replaced)
+        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+            await _abort(context, e, put=True)
+
+    async def Get(self, request, context):
+        try:
+            key = _parse_key(request.key)
+            result = await asyncio.to_thread(self.store.get, key)
+        except Exception as e:  # noqa: BLE001
+            await _abort(context, e)
+        for frame in result.frames:
+            yield frame
+
+    async def Lookup(self, request, context):
+        try:
+            recipe = recipe_from_proto(request.recipe)
+            if not request.token_ids:
+                raise InvalidEntry("token_ids is empty; send the prompt's token ids")
+            found = self.store.lookup(request.tenant or "default", request.model_fingerprint, recipe,
+                                      list(request.token_ids))
+        except Exception as e:  # noqa: BLE001
+            await _abort(context, e)
+        if found is None:
+            return store_pb2.LookupResponse(hit=False)
+        return store_pb2.LookupResponse(hit=True, key=str(found.key), cached_tokens=found.cached_tokens, tier=found.tier)
+
+    async def Delete(self, request, context):
+        try:
+            deleted = await asyncio.to_thread(self.store.delete, _parse_key(request.key))
+        except Exception as e:  # noqa: BLE001
+            await _abort(context, e)
+        return store_pb2.DeleteResponse(deleted=deleted)
+
+    async def Stats(self, request, context):
+        s = await asyncio.to_thread(self.store.stats)
+        return store_pb2.StatsResponse(
+            tiers=[store_pb2.TierStats(name=t.name, entries=t.entries, used_bytes=t.used_bytes,
+                                       capacity_bytes=t.capacity_bytes, healthy=t.healthy, hits=t.hits,
+                                       errors=t.errors) for t in s.tiers],
+            entries=s.entries, hits=s.hits, misses=s.misses, evictions=s.evictions, demotions=s.demotions,
+            promotions=s.promotions, checksum_failures=s.checksum_failures, puts=s.puts,
+            rejected_puts=s.rejected_puts,
+        )
+
+
+def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
+    """The generated handler table, with Put/Get moving frames without protobuf copies."""
+    pb = store_pb2
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Put": grpc.stream_unary_rpc_method_handler(
+            servicer.Put, request_deserializer=parse_frame_message, response_serializer=pb.PutResponse.SerializeToString),
+        "Get": grpc.unary_stream_rpc_method_handler(
+            servicer.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=frame_message),
+        "Lookup": grpc.unary_unary_rpc_method_handler(
+            servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
+            response_serializer=pb.LookupResponse.SerializeToString),
+        "Delete": grpc.unary_unary_rpc_method_handler(
+            servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
+            response_serializer=pb.DeleteResponse.SerializeToString),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.StatsResponse.SerializeToString),
+    })
+
+
+class StoreServer:
+    """A running store server: ``await start()`` returns the bound port, ``await stop()`` drains it."""
+
+    def __init__(self, settings: StoreSettings, store: TieredStore | None = None):
+        self.settings = settings
+        self.store = store or build_store(settings)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start serving (inside the event loop that will run the server)."""
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server.add_generic_rpc_handlers((_handlers(KVStoreServicer(self.store)),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}: is the port in use?")
+        await self.server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        tiers = ", ".join(f"{s.tier.name}={s.tier.capacity_bytes}B" for s in self.store.tiers)
+        log.info("store listening on %s:%d with tiers %s, policy %s", self.settings.host, self.port, tiers,
+                 self.store.policy.name)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        self.store.close()
+        log.info("store stopped")
+
+
+async def serve(settings: StoreSettings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    # The store's tensor work (validation, shrinking) is small per call; torch's OpenMP workers
+    # spinning beside gRPC's threads made Put 1.6x slower on 2 cores (docs/benchmarks.md).
+    torch.set_num_threads(1)
+    server = StoreServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.1fs", settings.grace_s)
+    await server.stop()

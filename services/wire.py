@@ -1,0 +1,102 @@
+"""Between domain objects and gRPC messages.
+
+Put and Get carry ``dkv.v1.Frame`` messages (one ``bytes data = 1`` field). They are encoded and
+parsed here without protobuf objects, which would copy every 4 MiB payload two more times; the
+bytes on the wire are exactly the ``Frame`` message, so any protobuf client interoperates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvstore.entry import Recipe
+from services.pb import common_pb2
+
+_FRAME_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(view: memoryview, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if i >= len(view) or shift > 63:
+            raise ValueError("truncated varint")
+        b = view[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _address(buffer) -> int:
+    return np.frombuffer(buffer, dtype=np.uint8).__array_interface__["data"][0]
+
+
+def frame_message(frame: bytes | memoryview) -> bytes:
+    """Serialize ``Frame{data=frame}``.
+
+    When ``frame`` is the data of a ``Frame`` message we received (``parse_frame_message``
+    returns a view into it), that message is returned as it is: no copy.
+    """
+    prefix = bytes((_FRAME_TAG,)) + _varint(len(frame))
+    whole = frame.obj if isinstance(frame, memoryview) else None
+    if (isinstance(whole, bytes) and len(whole) == len(prefix) + len(frame) and len(frame)
+            and whole.startswith(prefix) and _address(frame) == _address(whole) + len(prefix)):
+        return whole
+    return b"".join([prefix, frame])
+
+
+def parse_frame_message(message: bytes) -> memoryview | None:
+    """The ``data`` of a serialized ``Frame`` (a zero-copy view), or None if it is not one.
+
+    Never raises: a malformed message must become INVALID_ARGUMENT in the servicer, not a
+    deserialization failure that gRPC reports as INTERNAL.
+    """
+    view = memoryview(message)
+    data = view[0:0]
+    i = 0
+    try:
+        while i < len(view):
+            key, i = _read_varint(view, i)
+            field, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, i = _read_varint(view, i)
+            elif wire_type == 1:
+                i += 8
+            elif wire_type == 5:
+                i += 4
+            elif wire_type == 2:
+                length, i = _read_varint(view, i)
+                if i + length > len(view):
+                    return None
+                if field == 1:
+                    data = view[i:i + length]
+                i += length
+            else:
+                return None
+    except ValueError:
+        return None
+    return data if i == len(view) else None
+
+
+def recipe_to_proto(recipe: Recipe) -> common_pb2.Recipe:
+    return common_pb2.Recipe(method=recipe.method, ratio=recipe.ratio, budget=recipe.budget, quant=recipe.quant,
+                             chunk_size=recipe.chunk_size, params=dict(recipe.params))
+
+
+def recipe_from_proto(msg: common_pb2.Recipe) -> Recipe:
+    """Raises ``InvalidEntry`` naming the bad field."""
+    return Recipe(method=msg.method or "full", ratio=msg.ratio, budget=msg.budget, quant=msg.quant or "none",
+                  chunk_size=msg.chunk_size or 256, params=tuple(msg.params.items()))
