@@ -64,6 +64,9 @@ class Recipe:
             raise InvalidEntry(f"recipe quant {self.quant!r} must be one of {sorted(quant.SCHEMES)}")
         if not 1 <= self.chunk_size <= 1 << 16:
             raise InvalidEntry(f"recipe chunk_size {self.chunk_size} must be in [1, 65536]")
+        # one spelling per value, so equal recipes always have the same recipe_id
+        for name, kind in (("ratio", float), ("budget", int), ("chunk_size", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "params", tuple(sorted((str(k), float(v)) for k, v in self.params)))
 
     @property
@@ -336,8 +339,9 @@ def validate_entry(entry: CompressedKV) -> None:
     h, d, p = entry.num_kv_heads, entry.head_dim, entry.page_size
     if entry.format_version != FORMAT_VERSION:
         raise InvalidEntry(f"format_version {entry.format_version} is not supported; this store reads {FORMAT_VERSION}")
-    if not 1 <= h <= 1024 or not 1 <= d <= 1024 or d % 2:
-        raise InvalidEntry(f"num_kv_heads={h}, head_dim={d}: need 1..1024 heads and an even head_dim 2..1024")
+    if not 1 <= h <= 1024 or not 4 <= d <= 1024 or d % 4:
+        raise InvalidEntry(f"num_kv_heads={h}, head_dim={d}: need 1..1024 heads and a head_dim in 4..1024 that is "
+                           "a multiple of 4 (so 2-bit rows fill whole bytes)")
     if not 1 <= p <= 4096:
         raise InvalidEntry(f"page_size {p} must be in [1, 4096]")
     if not entry.layers:

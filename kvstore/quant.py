@@ -19,7 +19,9 @@ MIXED_HIGH_FRACTION = 0.6  # ZipCache: the top 60% by saliency at 4 bits, the bo
 
 
 def row_nbytes(bits: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Bytes of each row, int64 [N]."""
+    """Bytes of each row, int64 [N]. Rows must fill whole bytes (2-bit rows need head_dim % 4 == 0)."""
+    if head_dim % 4:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 4 for rows of 2, 4 or 8 bits to fill whole bytes")
     return bits.long() * head_dim // 8
 
 
@@ -39,7 +41,7 @@ def _byte_index(offsets: torch.Tensor, nbytes: int) -> torch.Tensor:
 
 def pack_rows(q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Pack codes ``q`` uint8 [N, D] (each < 2**bits of its row) into uint8 [bytes]."""
-    n, d = q.shape
+    d = q.shape[1]
     out = torch.empty(packed_nbytes(bits, d), dtype=torch.uint8)
     offsets = row_offsets(bits, d)
     for b in bits.unique().tolist():
@@ -54,8 +56,7 @@ def pack_rows(q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Inverse of ``pack_rows``: uint8 [N, D] codes."""
-    n = bits.numel()
-    out = torch.empty((n, head_dim), dtype=torch.uint8)
+    out = torch.empty((bits.numel(), head_dim), dtype=torch.uint8)
     offsets = row_offsets(bits, head_dim)
     for b in bits.unique().tolist():
         rows = (bits == b).nonzero().squeeze(1)

@@ -40,16 +40,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from kvstore.codec import FRAME_LIMIT
 from kvstore.entry import EntryKey
 from kvstore.errors import InvalidEntry, TierUnavailable
 from kvstore.tier import Frames, StorageTier
 
-MAX_VALUE_BYTES = 4 << 20
-# Redis (jemalloc) rounds a value's allocation up to a size class; a value of exactly 4 MiB
-# needs 4 MiB plus a ~10-byte header, so it lands in the 5 MiB class: 25% more memory than its
-# bytes (measured with MEMORY USAGE on Redis 7.0). Frames of at most this size stay in the
-# 4 MiB class; encode with ``codec.encode(entry, max_frame_bytes=REDIS_EFFICIENT_FRAME_BYTES)``.
-REDIS_EFFICIENT_FRAME_BYTES = MAX_VALUE_BYTES - 4096
+# Values of at most codec.MAX_FRAME_BYTES stay in jemalloc's 4 MiB size class (see kvstore.codec).
+MAX_VALUE_BYTES = FRAME_LIMIT
 
 # Publish and remove run as Lua scripts: atomic like MULTI/EXEC, but they can read the old
 # manifest and act on it in the same step (a MULTI/EXEC needs WATCH and retries for that, which
@@ -376,4 +373,4 @@ class RedisTier(StorageTier):
         return f"RedisTier({self.name!r}, {_redact(self.url)}, prefix={self.prefix!r})"
 
 
-__all__ = ["RedisTier", "MAX_VALUE_BYTES", "REDIS_EFFICIENT_FRAME_BYTES"]
+__all__ = ["RedisTier", "MAX_VALUE_BYTES"]

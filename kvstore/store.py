@@ -155,6 +155,10 @@ class TieredStore:
                      " (replaced)" if replaced else "")
             return PutResult(key, self.tiers[placed].tier.name, stored.stats.nbytes, replaced)
 
+    def count_rejected(self) -> None:
+        """Count a Put refused before it reached ``put`` (e.g. a broken frame stream)."""
+        self.rejected_puts += 1
+
     def get(self, key: EntryKey) -> GetResult:
         """The verified frames of ``key``; promotes it on a hit in a slower tier.
 
@@ -277,7 +281,9 @@ class TieredStore:
             if stats.nbytes > spec.tier.capacity_bytes:
                 continue
             try:
-                victims = self._make_room(i, stats, last=(i == stop - 1 == len(self.tiers) - 1))
+                # the last healthy tier admits whatever fits; a faster one only what is worth more
+                last = stop == len(self.tiers) and not any(self._healthy(j) for j in range(i + 1, stop))
+                victims = self._make_room(i, stats, last)
                 if victims is None:
                     continue
                 spec.tier.put(key, frames)

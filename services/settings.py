@@ -144,6 +144,9 @@ class StoreSettings:
                           choices=("value", "lru"))
     max_entry_bytes: int = setting(1 << 30, "Largest entry accepted.", kind="size")
     grace_s: float = setting(5.0, "Seconds in-flight calls get to finish on SIGTERM.")
+    drain_delay_s: float = setting(0.0, "Seconds to keep serving with health NOT_SERVING after SIGTERM, so load "
+                                   "balancers stop sending before the server stops taking calls (a few seconds on "
+                                   "Kubernetes).")
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -163,3 +166,4 @@ class StoreSettings:
         if not (self.device_bytes or self.cpu_bytes or self.redis_url):
             raise SettingsError("every tier is disabled: set device_bytes, cpu_bytes or redis_url")
         check_range("grace_s", self.grace_s, 0, 3600)
+        check_range("drain_delay_s", self.drain_delay_s, 0, 3600)

@@ -86,11 +86,15 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     async def Put(self, request_iterator, context):
         try:
             assembler = FrameAssembler(self.store.max_entry_bytes)
-            async for frame in request_iterator:
-                if frame is None:
-                    raise InvalidEntry("a Put message is not a dkv.v1.Frame; send Frame{data=<codec frame>}")
-                assembler.add(frame)
-            header, frames = assembler.finish()
+            try:
+                async for frame in request_iterator:
+                    if frame is None:
+                        raise InvalidEntry("a Put message is not a dkv.v1.Frame; send Frame{data=<codec frame>}")
+                    assembler.add(frame)
+                header, frames = assembler.finish()
+            except KVStoreError:
+                self.store.count_rejected()
+                raise
             result = await asyncio.to_thread(self.store.put, frames, header)
             return store_pb2.PutResponse(key=str(result.key), stored_bytes=result.stored_bytes, tier=result.tier,
                                          replaced=result.replaced)
@@ -185,8 +189,11 @@ class StoreServer:
                  self.store.policy.name)
         return self.port
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
+        """Health NOT_SERVING now; keep serving ``drain_delay_s``; then give calls ``grace_s`` to finish."""
         await self.health.enter_graceful_shutdown()
+        if drain_delay_s:
+            await asyncio.sleep(drain_delay_s)
         await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
         self.store.close()
         log.info("store stopped")
@@ -204,5 +211,6 @@ async def serve(settings: StoreSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("signal received: draining for up to %.1fs", settings.grace_s)
-    await server.stop()
+    log.info("signal received: NOT_SERVING; draining after %.1fs, for up to %.1fs",
+             settings.drain_delay_s, settings.grace_s)
+    await server.stop(drain_delay_s=settings.drain_delay_s)

@@ -71,6 +71,8 @@ def parse_frame_message(message: bytes) -> memoryview | None:
         while i < len(view):
             key, i = _read_varint(view, i)
             field, wire_type = key >> 3, key & 7
+            if field == 0:
+                return None  # field number 0 is illegal in protobuf
             if wire_type == 0:
                 _, i = _read_varint(view, i)
             elif wire_type == 1:

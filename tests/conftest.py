@@ -1,0 +1,97 @@
+"""Shared fixtures: a real redis-server (never a fake) for the Redis tier's tests.
+
+Markers (``redis``, ``gpu``, ``slow``) are declared in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.redis_server import RedisServer, redis_server_available
+
+_SKIP_REASON = "redis-server not on PATH: apt-get install -y redis-server (make test installs it)"
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the whole session (started on first use, stopped at the end)."""
+    if not redis_server_available():
+        pytest.skip(_SKIP_REASON)
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """URL of the shared server, emptied (FLUSHALL) for this test."""
+    import redis
+
+    if not redis_server.running:  # a test stopped it: bring it back, on the same port
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def fresh_redis():
+    """A dedicated redis-server this test may kill, stop or restart; stopped at teardown."""
+    if not redis_server_available():
+        pytest.skip(_SKIP_REASON)
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+class InProcessServer:
+    """A gRPC server object (e.g. ``StoreServer``) running on an event loop in a thread."""
+
+    def __init__(self, server) -> None:
+        import asyncio
+        import threading
+
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = self.call(server.start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float = 30.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def store_service():
+    """Factory: ``store_service(settings=None, store=None)`` starts a store server on loopback."""
+    from services.settings import StoreSettings
+    from services.store_server import StoreServer
+
+    started = []
+
+    def start(settings: StoreSettings | None = None, store=None) -> InProcessServer:
+        settings = settings or StoreSettings(port=0, cpu_bytes=256 << 20)
+        running = InProcessServer(StoreServer(settings, store))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()

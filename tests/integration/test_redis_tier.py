@@ -1,0 +1,346 @@
+"""The Redis tier against a real redis-server: value sizes, atomic publish, eviction, outages, OOM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+from kvstore import codec
+from kvstore.entry import EntryKey
+from kvstore.errors import TierUnavailable
+from kvstore.redis_server import RedisServer
+from kvstore.codec import MAX_FRAME_BYTES
+from kvstore.redis_tier import MAX_VALUE_BYTES, RedisTier
+from kvstore.synthetic import synthetic_entry
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+MiB = 1 << 20
+CAP = 1 << 30
+
+
+def key(i: int) -> EntryKey:
+    return EntryKey("t", "model", "recipe", f"h{i}")
+
+
+def raw(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5)
+
+
+def string_keys(client: redis.Redis, pattern: str = "dkv:*") -> list[bytes]:
+    return [k for k in client.scan_iter(match=pattern, count=1000) if client.type(k) == b"string"]
+
+
+@pytest.fixture
+def tier(redis_url):
+    t = RedisTier("redis", CAP, redis_url)
+    yield t
+    t.close()
+
+
+def test_values_are_split_into_at_most_4_mib(tier, redis_url):
+    entry = synthetic_entry(seq_len=2560, num_layers=2, num_kv_heads=4, head_dim=128, seed=3)
+    frames = codec.encode(entry)
+    total = sum(len(f) for f in frames)
+    assert total >= 10 * 10**6, total
+    tier.put(key(1), frames)
+    assert [bytes(f) for f in tier.get(key(1))] == frames
+
+    client = raw(redis_url)
+    data_keys = string_keys(client, "dkv:d:*")
+    assert len(data_keys) == len(frames) >= 4
+    lengths = [client.strlen(k) for k in data_keys]
+    assert max(lengths) <= MAX_VALUE_BYTES
+    assert sum(lengths) == total
+    for k in string_keys(client):  # manifest and counter too
+        assert client.strlen(k) <= MAX_VALUE_BYTES
+        # jemalloc rounds a full 4 MiB frame up to its 5 MiB size class (see the next test)
+        assert client.memory_usage(k) <= 1.25 * MAX_VALUE_BYTES + 1024
+        assert client.ttl(k) == -1  # published keys never expire
+    assert client.hget("dkv:index", str(key(1))) == str(total).encode()
+    client.close()
+
+
+def test_redis_efficient_frames_cost_no_allocator_overhead(tier, redis_url):
+    """Full 4 MiB frames take 5 MiB in Redis; codec.MAX_FRAME_BYTES frames (the default) take their size."""
+    client = raw(redis_url)
+    for i, frame_bytes in enumerate((MAX_VALUE_BYTES, MAX_FRAME_BYTES)):
+        tier.put(key(i), [os.urandom(frame_bytes) for _ in range(3)])
+        full = string_keys(client, f"dkv:d:{key(i)}:*")
+        assert [client.strlen(k) for k in full] == [frame_bytes] * 3
+        usage = [client.memory_usage(k) / frame_bytes for k in full]
+        if frame_bytes == MAX_VALUE_BYTES:
+            assert min(usage) > 1.2, usage  # the 5 MiB size class
+        else:
+            assert max(usage) < 1.001, usage
+    client.close()
+
+
+def test_frame_over_4_mib_is_refused_and_nothing_written(tier, redis_url):
+    with pytest.raises(ValueError, match="at most"):
+        tier.put(key(1), [b"h" * 100, os.urandom(MAX_VALUE_BYTES + 1)])
+    client = raw(redis_url)
+    assert client.dbsize() == 0
+    assert tier.get(key(1)) is None and tier.used_bytes() == 0
+    client.close()
+
+
+def test_half_written_entry_is_never_readable_and_staging_expires(redis_url):
+    tier = RedisTier("redis", CAP, redis_url, staging_ttl_s=0.3)
+    client = raw(redis_url)
+    frames = codec.encode(synthetic_entry(seed=1), max_frame_bytes=8192)
+    data_keys = tier._data_keys(key(1), "deadbeef", len(frames))
+    # A writer that staged every frame and died before publishing:
+    tier._stage(data_keys, [memoryview(f) for f in frames])
+    assert client.exists(*data_keys) == len(frames)
+    assert 0 < client.pttl(data_keys[0]) <= 300
+    assert tier.get(key(1)) is None
+    assert tier.header_frame(key(1)) is None
+    assert not tier.contains(key(1))
+    assert tier.batch_contains([key(1)]) == 0
+    assert tier.keys() == [] and tier.used_bytes() == 0
+    deadline = time.monotonic() + 5
+    while client.exists(*data_keys) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.exists(*data_keys) == 0, "abandoned staging keys must expire"
+    assert client.dbsize() == 0
+    tier.close()
+    client.close()
+
+
+def test_data_keys_without_manifest_are_not_an_entry(tier, redis_url):
+    client = raw(redis_url)
+    client.set(f"dkv:d:{key(2)}:abcd:0", b"frame0")
+    client.set(f"dkv:d:{key(2)}:abcd:1", b"frame1")
+    assert tier.get(key(2)) is None
+    assert not tier.contains(key(2))
+    assert tier.keys() == []
+    client.close()
+
+
+def test_staging_that_expires_before_publish_is_undone(redis_url):
+    class SlowWriter(RedisTier):
+        """Stages, then stalls past the staging TTL before publishing (a paused writer)."""
+
+        def _stage(self, data_keys, views):
+            super()._stage(data_keys, views)
+            time.sleep(0.25)
+
+    tier = RedisTier("redis", CAP, redis_url)
+    tier.put(key(0), [b"kept"])
+    slow = SlowWriter("redis", CAP, redis_url, staging_ttl_s=0.05)
+    with pytest.raises(TierUnavailable, match="expired before publish"):
+        slow.put(key(1), [os.urandom(1000), os.urandom(2000)])
+    assert tier.get(key(1)) is None
+    assert not tier.contains(key(1))
+    assert tier.keys() == [key(0)]
+    assert tier.used_bytes() == 4
+    client = raw(redis_url)
+    assert string_keys(client, f"dkv:*{key(1)}*") == []
+    client.close()
+    slow.close()
+    tier.close()
+
+
+def test_evicted_data_key_makes_a_clean_miss(tier, redis_url):
+    frames = [os.urandom(100_000) for _ in range(5)]
+    other = [os.urandom(10)]
+    tier.put(key(1), frames)
+    tier.put(key(2), other)
+    client = raw(redis_url)
+    victim = sorted(string_keys(client, f"dkv:d:{key(1)}:*"))[2]
+    client.delete(victim)  # as maxmemory eviction would
+    assert tier.get(key(1)) is None  # not a partial list of frames
+    assert not tier.contains(key(1))
+    assert tier.keys() == [key(2)]
+    assert tier.used_bytes() == len(other[0])
+    assert string_keys(client, f"dkv:*{key(1)}*") == []  # the rest of the entry was cleaned up
+    assert [bytes(f) for f in tier.get(key(2))] == other
+    tier.put(key(1), frames)  # and the key can be written again
+    assert [bytes(f) for f in tier.get(key(1))] == frames
+    client.close()
+
+
+def test_evicted_header_frame_is_a_miss(tier, redis_url):
+    tier.put(key(1), [b"header", b"data"])
+    client = raw(redis_url)
+    client.delete(f"dkv:d:{key(1)}:{_version(client, key(1))}:0")
+    assert tier.header_frame(key(1)) is None
+    assert not tier.contains(key(1)) and tier.used_bytes() == 0
+    client.close()
+
+
+def _version(client: redis.Redis, k: EntryKey) -> str:
+    import json
+
+    return json.loads(client.get(f"dkv:m:{k}"))["v"]
+
+
+def _all_methods(tier: RedisTier):
+    return {
+        "put": lambda: tier.put(key(9), [b"x" * 100]),
+        "get": lambda: tier.get(key(1)),
+        "header_frame": lambda: tier.header_frame(key(1)),
+        "contains": lambda: tier.contains(key(1)),
+        "batch_contains": lambda: tier.batch_contains([key(1), key(2)]),
+        "remove": lambda: tier.remove(key(1)),
+        "keys": lambda: tier.keys(),
+        "used_bytes": lambda: tier.used_bytes(),
+    }
+
+
+@pytest.mark.timeout(60)
+def test_killed_redis_raises_tier_unavailable_fast_and_recovers(fresh_redis):
+    tier = RedisTier("redis-k", CAP, fresh_redis.url, socket_timeout_s=1.0)
+    tier.put(key(1), [b"hello", b"world"])
+    assert tier.contains(key(1))
+    fresh_redis.kill()
+    for name, call in _all_methods(tier).items():
+        start = time.monotonic()
+        with pytest.raises(TierUnavailable) as info:
+            call()
+        elapsed = time.monotonic() - start
+        assert elapsed < 5, f"{name} took {elapsed:.1f} s with Redis down"
+        msg = str(info.value)
+        assert "redis-k" in msg and str(fresh_redis.port) in msg and name in msg, msg
+    tier.close()  # closing with Redis gone does not raise
+
+    fresh_redis.start()  # same port, empty (no persistence)
+    assert tier.get(key(1)) is None
+    tier.put(key(1), [b"back", b"again"])
+    assert [bytes(f) for f in tier.get(key(1))] == [b"back", b"again"]
+    assert tier.used_bytes() == 9
+    assert tier.keys() == [key(1)]
+    tier.close()
+
+
+@pytest.mark.timeout(60)
+def test_hung_redis_raises_within_socket_timeout(fresh_redis):
+    """A stalled server (SIGSTOP: swapped out, stuck in a fork) must not hang callers."""
+    tier = RedisTier("redis-h", CAP, fresh_redis.url, socket_timeout_s=0.5)
+    tier.put(key(1), [b"a"])
+    os.kill(fresh_redis.pid, signal.SIGSTOP)
+    try:
+        for name, call in _all_methods(tier).items():
+            start = time.monotonic()
+            with pytest.raises(TierUnavailable):
+                call()
+            assert time.monotonic() - start < 5, name
+    finally:
+        os.kill(fresh_redis.pid, signal.SIGCONT)
+    assert [bytes(f) for f in tier.get(key(1))] == [b"a"]  # reconnects, data intact
+    tier.close()
+
+
+def test_redis_never_started_raises_tier_unavailable():
+    from kvstore.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    tier = RedisTier("redis-none", CAP, url, socket_timeout_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(TierUnavailable, match="redis-none"):
+        tier.get(key(1))
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.timeout(60)
+def test_put_failing_midway_on_oom_leaves_nothing(tmp_path):
+    with RedisServer(maxmemory=3 * MiB, maxmemory_policy="noeviction") as server:
+        tier = RedisTier("redis-oom", CAP, server.url)
+        small = [os.urandom(1000)]
+        tier.put(key(0), small)
+        used_before = tier.used_bytes()
+        assert used_before == 1000
+        big = [os.urandom(MiB) for _ in range(8)]  # the first frames fit, then SET gets OOM
+        with pytest.raises(TierUnavailable, match="redis-oom") as info:
+            tier.put(key(1), big)
+        assert "OOM" in str(info.value) or "maxmemory" in str(info.value)
+        assert tier.get(key(1)) is None
+        assert not tier.contains(key(1))
+        assert tier.used_bytes() == used_before
+        assert tier.keys() == [key(0)]
+        client = raw(server.url)
+        assert list(client.scan_iter(match=f"dkv:d:{key(1)}:*")) == []  # staged frames deleted
+        client.close()
+        assert [bytes(f) for f in tier.get(key(0))] == small  # what was there still reads
+        tier.put(key(2), [os.urandom(1000)])  # and memory was given back: small writes work
+        assert tier.used_bytes() == 2000
+        tier.close()
+
+
+def test_concurrent_replace_of_one_key_counts_once(tier):
+    import threading
+
+    frames = {i: [os.urandom(1000 + i)] for i in range(8)}
+    errors = []
+
+    def writer(i):
+        try:
+            for _ in range(10):
+                tier.put(key(1), frames[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    got = [bytes(f) for f in tier.get(key(1))]
+    assert got in frames.values()
+    assert tier.used_bytes() == len(got[0])
+    assert tier.keys() == [key(1)]
+    client = raw(tier.url)
+    assert len(string_keys(client, "dkv:d:*")) == 1  # every replaced version was freed
+    client.close()
+    tier.remove(key(1))
+    assert tier.used_bytes() == 0
+
+
+def test_concurrent_mixed_ops_keep_index_counter_and_data_consistent(tier, redis_url):
+    import json
+    import random
+    import threading
+
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(60):
+                k = key(rng.randrange(4))
+                op = rng.random()
+                if op < 0.5:
+                    tier.put(k, [os.urandom(rng.randrange(1, 3000)) for _ in range(rng.randrange(1, 4))])
+                elif op < 0.75:
+                    tier.remove(k)
+                else:
+                    frames = tier.get(k)
+                    assert frames is None or all(len(f) > 0 for f in frames)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    client = raw(redis_url)
+    index = {EntryKey.parse(k.decode()): int(v) for k, v in client.hgetall("dkv:index").items()}
+    assert tier.used_bytes() == sum(index.values())
+    assert sorted(tier.keys()) == sorted(index)
+    expected_data_keys = set()
+    for k, size in index.items():
+        manifest = json.loads(client.get(f"dkv:m:{k}"))
+        assert sum(manifest["sizes"]) == size
+        assert sum(len(f) for f in tier.get(k)) == size
+        expected_data_keys |= {f"dkv:d:{k}:{manifest['v']}:{i}".encode() for i in range(len(manifest["sizes"]))}
+    assert set(string_keys(client, "dkv:d:*")) == expected_data_keys  # nothing leaked
+    assert string_keys(client, "dkv:m:*") and len(string_keys(client, "dkv:m:*")) == len(index)
+    client.close()
