@@ -162,6 +162,7 @@ def encode(entry: CompressedKV, max_frame_bytes: int = MAX_FRAME_BYTES) -> list[
             "recipe": ident.recipe.to_dict(),
             "chunk_hashes": list(ident.chunk_hashes),
             "seq_len": ident.seq_len,
+            "start": ident.start,
         },
         "num_layers": entry.num_layers,
         "num_kv_heads": entry.num_kv_heads,
@@ -222,6 +223,7 @@ def parse_header(frame: bytes | memoryview) -> EntryHeader:
             chunk_hashes=tuple(ident["chunk_hashes"]),
             seq_len=int(ident["seq_len"]),
             tenant=ident["tenant"],
+            start=int(ident["start"]),
         )
         identity.key  # validates every key part
         specs = tuple(TensorSpec(int(a), str(b), str(c), tuple(int(x) for x in d), int(e), int(g))

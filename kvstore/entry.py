@@ -42,8 +42,8 @@ class Recipe:
 
     ``ratio`` is the fraction of tokens removed (0.75 keeps a quarter, as in kvpress);
     ``budget`` (tokens per KV head, 0 = unused) overrides it. ``quant`` is ``none``, ``int8``,
-    ``int4`` or ``mixed``. ``chunk_size`` is the prefix-hash chunk (and, for chunked
-    recipes, the compression chunk).
+    ``int4`` or ``mixed``. ``chunk_size`` is the prefix-hash chunk; ``chunked`` recipes also
+    compress chunk by chunk and store one entry per chunk (``workers.compression``).
     """
 
     method: str = "full"
@@ -51,6 +51,7 @@ class Recipe:
     budget: int = 0
     quant: str = "none"
     chunk_size: int = 256
+    chunked: bool = False
     params: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
@@ -65,7 +66,7 @@ class Recipe:
         if not 1 <= self.chunk_size <= 1 << 16:
             raise InvalidEntry(f"recipe chunk_size {self.chunk_size} must be in [1, 65536]")
         # one spelling per value, so equal recipes always have the same recipe_id
-        for name, kind in (("ratio", float), ("budget", int), ("chunk_size", int)):
+        for name, kind in (("ratio", float), ("budget", int), ("chunk_size", int), ("chunked", bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "params", tuple(sorted((str(k), float(v)) for k, v in self.params)))
 
@@ -82,6 +83,7 @@ class Recipe:
             "budget": self.budget,
             "quant": self.quant,
             "chunk_size": self.chunk_size,
+            "chunked": self.chunked,
             "params": [list(p) for p in self.params],
         }
 
@@ -94,6 +96,7 @@ class Recipe:
                 budget=int(d["budget"]),
                 quant=str(d["quant"]),
                 chunk_size=int(d["chunk_size"]),
+                chunked=bool(d.get("chunked", False)),
                 params=tuple((str(k), float(v)) for k, v in d.get("params", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -134,17 +137,28 @@ class EntryKey:
 
 @dataclass(frozen=True)
 class Identity:
-    """What an entry is the cache of: model, recipe, tokens (as chained chunk hashes), length."""
+    """What an entry is the cache of: model, recipe, tokens (as chained chunk hashes), length.
+
+    ``seq_len`` is the length of the context up to the entry's end (decoding continues there);
+    ``start`` is the first position the entry holds: 0 for a whole context, the chunk's start
+    for one entry of a chunked recipe (which continues the entries of the chunks before it).
+    """
 
     model_fingerprint: str
     recipe: Recipe
     chunk_hashes: tuple[str, ...]
     seq_len: int
     tenant: str = "default"
+    start: int = 0
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
             raise InvalidEntry(f"seq_len {self.seq_len} must be >= 1")
+        if not 0 <= self.start < self.seq_len:
+            raise InvalidEntry(f"start {self.start} must be in [0, seq_len={self.seq_len})")
+        if self.start and (not self.recipe.chunked or self.start % self.recipe.chunk_size):
+            raise InvalidEntry(f"start {self.start} > 0 needs a chunked recipe and a multiple of chunk_size "
+                               f"{self.recipe.chunk_size}")
         expected = math.ceil(self.seq_len / self.recipe.chunk_size)
         if len(self.chunk_hashes) != expected:
             raise InvalidEntry(
@@ -349,7 +363,7 @@ def validate_entry(entry: CompressedKV) -> None:
     if not 0.0 <= entry.importance <= 1.0 or math.isnan(entry.importance):
         raise InvalidEntry(f"importance {entry.importance} must be in [0, 1]")
     for i, layer in enumerate(entry.layers):
-        _validate_layer(layer, i, h, d, p, entry.seq_len)
+        _validate_layer(layer, i, h, d, p, entry.identity.start, entry.seq_len)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -366,7 +380,7 @@ def _check(cond: bool, layer: int, message: str) -> None:
         raise InvalidEntry(f"layer {layer}: {message}")
 
 
-def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, seq_len: int) -> None:
+def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, start: int, seq_len: int) -> None:
     _check(layer.head_offsets.dtype == torch.int32 and layer.head_offsets.shape == (h + 1,), i,
            f"head_offsets must be int32 [{h + 1}], got {layer.head_offsets.dtype} {tuple(layer.head_offsets.shape)}")
     offs = layer.head_offsets.long()
@@ -377,7 +391,7 @@ def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, seq_len: int
            f"positions must be int32 [{n}] (head_offsets[-1]), got {layer.positions.dtype} {tuple(layer.positions.shape)}")
     if n:
         lo, hi = torch.aminmax(layer.positions)
-        _check(int(lo) >= 0 and int(hi) < seq_len, i, f"positions must be in [0, seq_len={seq_len})")
+        _check(int(lo) >= start and int(hi) < seq_len, i, f"positions must be in [start={start}, seq_len={seq_len})")
         not_ascending = (layer.positions[1:] <= layer.positions[:-1]).nonzero().squeeze(1) + 1  # rows
         head_starts = offs[1:-1]
         _check(bool(torch.isin(not_ascending, head_starts).all()), i,

@@ -95,10 +95,10 @@ def parse_frame_message(message: bytes) -> memoryview | None:
 
 def recipe_to_proto(recipe: Recipe) -> common_pb2.Recipe:
     return common_pb2.Recipe(method=recipe.method, ratio=recipe.ratio, budget=recipe.budget, quant=recipe.quant,
-                             chunk_size=recipe.chunk_size, params=dict(recipe.params))
+                             chunk_size=recipe.chunk_size, chunked=recipe.chunked, params=dict(recipe.params))
 
 
 def recipe_from_proto(msg: common_pb2.Recipe) -> Recipe:
     """Raises ``InvalidEntry`` naming the bad field."""
     return Recipe(method=msg.method or "full", ratio=msg.ratio, budget=msg.budget, quant=msg.quant or "none",
-                  chunk_size=msg.chunk_size or 256, params=tuple(msg.params.items()))
+                  chunk_size=msg.chunk_size or 256, chunked=msg.chunked, params=tuple(msg.params.items()))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64kv/v1/common.proto\x12\x06\x64kv.v1\"\xb5\x01\n\x06Recipe\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05ratio\x18\x02 \x01(\x01\x12\x0e\n\x06\x62udget\x18\x03 \x01(\r\x12\r\n\x05quant\x18\x04 \x01(\t\x12\x12\n\nchunk_size\x18\x05 \x01(\r\x12*\n\x06params\x18\x06 \x03(\x0b\x32\x1a.dkv.v1.Recipe.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64kv/v1/common.proto\x12\x06\x64kv.v1\"\xc6\x01\n\x06Recipe\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05ratio\x18\x02 \x01(\x01\x12\x0e\n\x06\x62udget\x18\x03 \x01(\r\x12\r\n\x05quant\x18\x04 \x01(\t\x12\x12\n\nchunk_size\x18\x05 \x01(\r\x12*\n\x06params\x18\x06 \x03(\x0b\x32\x1a.dkv.v1.Recipe.ParamsEntry\x12\x0f\n\x07\x63hunked\x18\x07 \x01(\x08\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECIPE_PARAMSENTRY']._loaded_options = None
   _globals['_RECIPE_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_RECIPE']._serialized_start=32
-  _globals['_RECIPE']._serialized_end=213
-  _globals['_RECIPE_PARAMSENTRY']._serialized_start=168
-  _globals['_RECIPE_PARAMSENTRY']._serialized_end=213
+  _globals['_RECIPE']._serialized_end=230
+  _globals['_RECIPE_PARAMSENTRY']._serialized_start=185
+  _globals['_RECIPE_PARAMSENTRY']._serialized_end=230
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Recipe(_message.Message):
-    __slots__ = ("method", "ratio", "budget", "quant", "chunk_size", "params")
+    __slots__ = ("method", "ratio", "budget", "quant", "chunk_size", "params", "chunked")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,10 +21,12 @@ class Recipe(_message.Message):
     QUANT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
     method: str
     ratio: float
     budget: int
     quant: str
     chunk_size: int
     params: _containers.ScalarMap[str, float]
-    def __init__(self, method: _Optional[str] = ..., ratio: _Optional[float] = ..., budget: _Optional[int] = ..., quant: _Optional[str] = ..., chunk_size: _Optional[int] = ..., params: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    chunked: bool
+    def __init__(self, method: _Optional[str] = ..., ratio: _Optional[float] = ..., budget: _Optional[int] = ..., quant: _Optional[str] = ..., chunk_size: _Optional[int] = ..., params: _Optional[_Mapping[str, float]] = ..., chunked: _Optional[bool] = ...) -> None: ...

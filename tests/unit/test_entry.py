@@ -68,8 +68,8 @@ def test_recipe_accepts_boundaries():
 def test_recipe_id_is_blake2b_of_canonical_json():
     r = Recipe(method="snapkv", ratio=0.5, budget=64, quant="int4", chunk_size=128, params=(("window", 32),))
     canonical = json.dumps(
-        {"budget": 64, "chunk_size": 128, "method": "snapkv", "params": [["window", 32.0]], "quant": "int4",
-         "ratio": 0.5},
+        {"budget": 64, "chunk_size": 128, "chunked": False, "method": "snapkv", "params": [["window", 32.0]],
+         "quant": "int4", "ratio": 0.5},
         sort_keys=True, separators=(",", ":"),
     )
     assert r.recipe_id == hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
@@ -363,8 +363,8 @@ DENSE_CASES = [
     (_nan_scores, "scores contain NaN or Inf"),
     (_not_ascending, "positions must be strictly ascending"),
     (_duplicate_position, "positions must be strictly ascending"),
-    (_past_seq_len, r"positions must be in \[0, seq_len=40\)"),
-    (_negative_position, r"positions must be in \[0, seq_len=40\)"),
+    (_past_seq_len, r"positions must be in \[start=0, seq_len=40\)"),
+    (_negative_position, r"positions must be in \[start=0, seq_len=40\)"),
     (_positions_int64, "positions must be int32"),
     (_head_offsets_int64, "head_offsets must be int32"),
     (_head_offsets_short, "head_offsets must be int32"),
