@@ -95,3 +95,6 @@ def store_service():
     yield start
     for running in started:
         running.stop()
+
+
+from model_fixtures import smollm2  # noqa: E402,F401  the real model, shared by the session

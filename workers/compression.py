@@ -191,8 +191,10 @@ def _concat_layers(parts: list[DkvLayer]) -> DkvLayer:
 
 def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: int, past: DkvCache | None,
               past_entries) -> CompressedKV:
-    from workers.model import model_fingerprint
-
+    fingerprint = getattr(model, "dkv_fingerprint", None)
+    if fingerprint is None:
+        raise ValueError("the model has no fingerprint: load it with workers.model.load_model, or call "
+                         "workers.model.model_fingerprint(model, tokenizer) once before compressing")
     method = make_method(recipe.method, **{k: v for k, v in recipe.params if k != "merge"})
     start = past.get_seq_length() if past is not None else 0
     new_ids = ids[:, start:]
@@ -229,8 +231,7 @@ def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: 
             total_mass += float(mass.sum())
     importance = kept_mass / total_mass if total_mass > 0 else sum(budgets) / (len(budgets) * n)
     tokens = ids[0].tolist()
-    identity = Identity(model_fingerprint(model, None), recipe,
-                        tuple(chain_hashes(tokens, recipe.chunk_size, model_fingerprint(model, None), recipe.recipe_id)),
+    identity = Identity(fingerprint, recipe, tuple(chain_hashes(tokens, recipe.chunk_size, fingerprint, recipe.recipe_id)),
                         len(tokens), tenant, start=start)
     return CompressedKV(identity, layers, capture.num_kv_heads, capture.head_dim, page_size,
                         importance=min(1.0, max(0.0, importance)))
