@@ -44,17 +44,25 @@ def longest_cached_prefix(
     recipe: Recipe,
     model_fingerprint: str,
     tenant: str,
-    contains: Callable[[EntryKey], bool],
-) -> tuple[EntryKey, int] | None:
-    """The key and token count of the longest cached prefix of ``token_ids``, or None.
+    start_of: Callable[[EntryKey], int | None],
+) -> tuple[list[EntryKey], int] | None:
+    """The entries that together cover the longest cached prefix of ``token_ids``, and its length.
 
-    Candidates are every chunk boundary and the full length; the longest present one wins.
+    Candidates end at every chunk boundary and at the full length. ``start_of(key)`` is the first
+    position of a stored entry (None if absent): 0 for a whole-context entry, the chunk start for
+    a chunked recipe's entry, which only counts when the entries before it reach its start.
+    Returns the chain of keys in order (one key for a whole-context entry), or None.
     """
     hashes = chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe.recipe_id)
     n = len(token_ids)
-    for i in range(len(hashes) - 1, -1, -1):
-        length = min((i + 1) * recipe.chunk_size, n)
-        key = EntryKey(tenant, model_fingerprint, recipe.recipe_id, hashes[i])
-        if contains(key):
-            return key, length
-    return None
+    chains: dict[int, list[EntryKey]] = {0: []}
+    best = None
+    for i, h in enumerate(hashes):
+        key = EntryKey(tenant, model_fingerprint, recipe.recipe_id, h)
+        start = start_of(key)
+        if start is None or start not in chains:
+            continue
+        end = min((i + 1) * recipe.chunk_size, n)
+        chains[end] = chains[start] + [key]
+        best = (chains[end], end)
+    return best

@@ -62,9 +62,9 @@ class GetResult:
 
 @dataclass
 class LookupResult:
-    key: EntryKey
+    keys: list[EntryKey]  # the entries covering the prefix, in order (one for a whole-context recipe)
     cached_tokens: int
-    tier: str
+    tiers: list[str]
 
 
 @dataclass
@@ -206,14 +206,20 @@ class TieredStore:
     def lookup(self, tenant: str, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int] | np.ndarray
                ) -> LookupResult | None:
         """The longest cached prefix of ``token_ids`` for this tenant, model and recipe, or None."""
-        found = longest_cached_prefix(token_ids, recipe, model_fingerprint, tenant, self.contains)
+        found = longest_cached_prefix(token_ids, recipe, model_fingerprint, tenant, self._start_of)
         if found is None:
             return None
-        key, tokens = found
-        stored = self._entries.get(key)
-        if stored is None:
+        keys, tokens = found
+        tiers = [self.tier_of(k) for k in keys]
+        if None in tiers:  # evicted meanwhile
             return None
-        return LookupResult(key, tokens, self.tiers[stored.stats.tier].tier.name)
+        return LookupResult(keys, tokens, tiers)
+
+    def _start_of(self, key: EntryKey) -> int | None:
+        stored = self._entries.get(key)
+        if stored is None or not self._healthy(stored.stats.tier):
+            return None
+        return stored.header.identity.start
 
     def contains(self, key: EntryKey) -> bool:
         stored = self._entries.get(key)

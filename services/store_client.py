@@ -34,9 +34,9 @@ class PutReply:
 
 @dataclass
 class LookupReply:
-    key: EntryKey
+    keys: list[EntryKey]  # in order; one for a whole-context recipe, one per chunk for a chunked one
     cached_tokens: int
-    tier: str
+    tiers: list[str]
 
 
 class StoreClient:
@@ -106,7 +106,7 @@ class StoreClient:
         r = self._lookup(store_pb2.LookupRequest(tenant=tenant, model_fingerprint=model_fingerprint,
                                                  recipe=recipe_to_proto(recipe), token_ids=list(token_ids)),
                          timeout=self.timeout_s)
-        return LookupReply(EntryKey.parse(r.key), r.cached_tokens, r.tier) if r.hit else None
+        return LookupReply([EntryKey.parse(k) for k in r.keys], r.cached_tokens, list(r.tiers)) if r.hit else None
 
     def delete(self, key: EntryKey | str) -> bool:
         return self._delete(store_pb2.DeleteRequest(key=str(key)), timeout=self.timeout_s).deleted

@@ -121,7 +121,8 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             await _abort(context, e)
         if found is None:
             return store_pb2.LookupResponse(hit=False)
-        return store_pb2.LookupResponse(hit=True, key=str(found.key), cached_tokens=found.cached_tokens, tier=found.tier)
+        return store_pb2.LookupResponse(hit=True, keys=[str(k) for k in found.keys], cached_tokens=found.cached_tokens,
+                                        tiers=found.tiers)
 
     async def Delete(self, request, context):
         try:

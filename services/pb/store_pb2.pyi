@@ -44,16 +44,16 @@ class LookupRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit", "key", "cached_tokens", "tier")
+    __slots__ = ("hit", "keys", "cached_tokens", "tiers")
     HIT_FIELD_NUMBER: _ClassVar[int]
-    KEY_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    TIER_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     hit: bool
-    key: str
+    keys: _containers.RepeatedScalarFieldContainer[str]
     cached_tokens: int
-    tier: str
-    def __init__(self, hit: _Optional[bool] = ..., key: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., tier: _Optional[str] = ...) -> None: ...
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hit: _Optional[bool] = ..., keys: _Optional[_Iterable[str]] = ..., cached_tokens: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("key",)

@@ -45,7 +45,7 @@ def test_put_get_lookup_delete_stats(store_service):
         assert reply.key == entry.key and reply.tier == "cpu" and not reply.replaced
         assert_same_entry(client.get(reply.key), entry)
         found = client.lookup("synthetic-model", entry.identity.recipe, prompt)
-        assert (found.key, found.cached_tokens, found.tier) == (entry.key, 512, "cpu")
+        assert (found.keys, found.cached_tokens, found.tiers) == ([entry.key], 512, ["cpu"])
         assert client.lookup("synthetic-model", Recipe(method="snapkv", ratio=0.5), prompt) is None
         stats = client.stats()
         assert (stats.entries, stats.puts, stats.hits) == (1, 1, 1)

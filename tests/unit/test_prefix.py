@@ -99,7 +99,7 @@ def test_rejects_bad_token_values(bad):
     with pytest.raises(InvalidEntry, match="token ids"):
         chain_hashes(bad, CHUNK, MODEL, RECIPE.recipe_id)
     with pytest.raises(InvalidEntry, match="token ids"):
-        longest_cached_prefix(bad, RECIPE, MODEL, "t", lambda k: True)
+        longest_cached_prefix(bad, RECIPE, MODEL, "t", lambda k: 0)
 
 
 def test_accepts_largest_token_id():
@@ -112,7 +112,7 @@ def test_rejects_non_1d(bad):
         chain_hashes(bad, CHUNK, MODEL, RECIPE.recipe_id)
     if not isinstance(bad, int):
         with pytest.raises(InvalidEntry, match="one-dimensional"):
-            longest_cached_prefix(bad, RECIPE, MODEL, "t", lambda k: True)
+            longest_cached_prefix(bad, RECIPE, MODEL, "t", lambda k: 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,39 +121,39 @@ def test_rejects_non_1d(bad):
 
 class Store:
     def __init__(self):
-        self.keys: set[EntryKey] = set()
+        self.starts: dict[EntryKey, int] = {}
         self.asked: list[EntryKey] = []
 
-    def put(self, tokens, recipe=RECIPE, model=MODEL, tenant="t") -> EntryKey:
+    def put(self, tokens, recipe=RECIPE, model=MODEL, tenant="t", start: int = 0) -> EntryKey:
         key = EntryKey(tenant, model, recipe.recipe_id,
                        chain_hashes(tokens, recipe.chunk_size, model, recipe.recipe_id)[-1])
-        self.keys.add(key)
+        self.starts[key] = start
         return key
 
-    def contains(self, key: EntryKey) -> bool:
+    def start_of(self, key: EntryKey) -> int | None:
         self.asked.append(key)
-        return key in self.keys
+        return self.starts.get(key)
 
 
 def test_nothing_stored_is_none():
     store = Store()
-    assert longest_cached_prefix(_tokens(40), RECIPE, MODEL, "t", store.contains) is None
-    assert len(store.asked) == 5  # every chunk boundary was asked, longest first
+    assert longest_cached_prefix(_tokens(40), RECIPE, MODEL, "t", store.start_of) is None
+    assert len(store.asked) == 5  # every chunk boundary was asked
 
 
 def test_empty_prompt_is_none():
-    assert longest_cached_prefix([], RECIPE, MODEL, "t", lambda k: True) is None
+    assert longest_cached_prefix([], RECIPE, MODEL, "t", lambda k: 0) is None
 
 
 def test_longest_chunk_boundary_wins():
     prompt = _tokens(45)  # boundaries 8, 16, 24, 32, 40 and the full 45
     store = Store()
     k16 = store.put(prompt[:16])
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) == (k16, 16)
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) == ([k16], 16)
     k32 = store.put(prompt[:32])
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) == (k32, 32)
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) == ([k32], 32)
     store.put(prompt[:8])
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) == (k32, 32)
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) == ([k32], 32)
 
 
 def test_exact_full_length_including_partial_chunk():
@@ -161,10 +161,10 @@ def test_exact_full_length_including_partial_chunk():
     store = Store()
     store.put(prompt[:40])
     k45 = store.put(prompt)
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) == (k45, 45)
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) == ([k45], 45)
     # A longer prompt cannot use the partial-chunk entry (45 is no boundary of it), only 40.
     longer = prompt + _tokens(10, seed=9)
-    result = longest_cached_prefix(longer, RECIPE, MODEL, "t", store.contains)
+    result = longest_cached_prefix(longer, RECIPE, MODEL, "t", store.start_of)
     assert result is not None and result[1] == 40
 
 
@@ -172,8 +172,8 @@ def test_exact_full_length_on_boundary():
     prompt = _tokens(48)
     store = Store()
     k = store.put(prompt)
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) == (k, 48)
-    assert longest_cached_prefix(prompt + [1, 2, 3], RECIPE, MODEL, "t", store.contains) == (k, 48)
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) == ([k], 48)
+    assert longest_cached_prefix(prompt + [1, 2, 3], RECIPE, MODEL, "t", store.start_of) == ([k], 48)
 
 
 def test_prefix_of_other_tokens_not_found():
@@ -183,7 +183,7 @@ def test_prefix_of_other_tokens_not_found():
     other = list(prompt)
     other[20] += 1
     store.put(other[:24])  # shares 16 tokens, but not 24: its key is not our 24-token key
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) is None
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) is None
 
 
 def test_never_a_key_of_another_tenant_model_or_recipe():
@@ -193,11 +193,11 @@ def test_never_a_key_of_another_tenant_model_or_recipe():
     store.put(prompt, model="model-b")
     store.put(prompt, recipe=Recipe(chunk_size=CHUNK, quant="int4"))
     store.put(prompt, recipe=Recipe(chunk_size=CHUNK, ratio=0.5, method="snapkv"))
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) is None
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) is None
     for key in store.asked:
         assert (key.tenant, key.model_fingerprint, key.recipe_id) == ("t", MODEL, RECIPE.recipe_id)
     mine = store.put(prompt[:24])
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) == (mine, 24)
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) == ([mine], 24)
 
 
 def test_chunk_size_of_recipe_is_used():
@@ -205,12 +205,35 @@ def test_chunk_size_of_recipe_is_used():
     r16 = Recipe(chunk_size=16)
     store = Store()
     k = store.put(prompt[:32], recipe=r16)
-    assert longest_cached_prefix(prompt, r16, MODEL, "t", store.contains) == (k, 32)
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) is None
+    assert longest_cached_prefix(prompt, r16, MODEL, "t", store.start_of) == ([k], 32)
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) is None
 
 
 def test_accepts_numpy_prompt():
     prompt = np.array(_tokens(40), dtype=np.int64)
     store = Store()
     k = store.put(prompt[:24].tolist())
-    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.contains) == (k, 24)
+    assert longest_cached_prefix(prompt, RECIPE, MODEL, "t", store.start_of) == ([k], 24)
+
+
+def test_chunk_entries_count_only_as_an_unbroken_chain_from_the_start():
+    prompt = _tokens(40)  # boundaries 8, 16, 24, 32, 40
+    chunked = Recipe(chunk_size=CHUNK, chunked=True)
+    store = Store()
+    c1 = store.put(prompt[:8], recipe=chunked)
+    c2 = store.put(prompt[:16], recipe=chunked, start=8)
+    c4 = store.put(prompt[:32], recipe=chunked, start=24)  # chunk 3 is missing
+    assert longest_cached_prefix(prompt, chunked, MODEL, "t", store.start_of) == ([c1, c2], 16)
+    c3 = store.put(prompt[:24], recipe=chunked, start=16)
+    assert longest_cached_prefix(prompt, chunked, MODEL, "t", store.start_of) == ([c1, c2, c3, c4], 32)
+    longer = prompt[:32] + _tokens(20, seed=3)
+    assert longest_cached_prefix(longer, chunked, MODEL, "t", store.start_of) == ([c1, c2, c3, c4], 32)
+
+
+def test_a_chunk_whose_predecessors_are_gone_is_not_a_prefix():
+    prompt = _tokens(24)
+    chunked = Recipe(chunk_size=CHUNK, chunked=True)
+    store = Store()
+    store.put(prompt[:16], recipe=chunked, start=8)
+    store.put(prompt[:24], recipe=chunked, start=16)
+    assert longest_cached_prefix(prompt, chunked, MODEL, "t", store.start_of) is None

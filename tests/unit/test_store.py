@@ -197,8 +197,8 @@ def test_lookup_finds_the_longest_cached_prefix_of_a_longer_prompt():
     for length in (256, 512):
         store.put(codec.encode(synthetic_entry(token_ids=prompt[:length], seed=length), max_frame_bytes=65536))
     found = store.lookup("default", "synthetic-model", Recipe(method="full"), prompt)
-    assert found.cached_tokens == 512 and found.tier == "device"
-    assert found.key.prefix_hash == chain_hashes(prompt[:512], 256, "synthetic-model", Recipe().recipe_id)[-1]
+    assert found.cached_tokens == 512 and found.tiers == ["device"]
+    assert found.keys[0].prefix_hash == chain_hashes(prompt[:512], 256, "synthetic-model", Recipe().recipe_id)[-1]
     assert store.lookup("other-tenant", "synthetic-model", Recipe(method="full"), prompt) is None
     assert store.lookup("default", "another-model", Recipe(method="full"), prompt) is None
     assert store.lookup("default", "synthetic-model", Recipe(method="full"), prompt[:200]) is None
