@@ -39,7 +39,7 @@ from kvstore.redis_server import RedisServer, free_port, redis_server_available
 from kvstore.synthetic import synthetic_entry
 from services.cli import MALLOC_TUNING
 from services.store_client import StoreClient
-from services.store_server import GRPC_OPTIONS
+from services.server import GRPC_OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 RAW_SERVICE = "dkv.bench.Raw"

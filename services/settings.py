@@ -125,10 +125,28 @@ def describe(settings) -> dict:
 
 
 @dataclass
-class StoreSettings:
-    """The KV store server (``dkv store serve``)."""
+class ServerSettings:
+    """What every dkv server has: where it listens, how it stops, how much it logs."""
 
     host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 in a container).")
+    port: int = setting(0, "gRPC port.")
+    grace_s: float = setting(5.0, "Seconds in-flight calls get to finish on SIGTERM.")
+    drain_delay_s: float = setting(0.0, "Seconds to keep serving with health NOT_SERVING after SIGTERM, so load "
+                                   "balancers stop sending before the server stops taking calls (a few seconds on "
+                                   "Kubernetes).")
+    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        check_range("port", self.port, 0, 65535)
+        check_range("grace_s", self.grace_s, 0, 3600)
+        check_range("drain_delay_s", self.drain_delay_s, 0, 3600)
+        check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
+
+
+@dataclass
+class StoreSettings(ServerSettings):
+    """The KV store server (``dkv store serve``)."""
+
     port: int = setting(50052, "gRPC port of the store.")
     device: str = setting("auto", "Torch device of the device tier: auto (cuda if present, else cpu), cuda, cuda:N, cpu.")
     device_bytes: int = setting(0, "Capacity of the device-memory tier; 0 disables it.", kind="size")
@@ -143,14 +161,9 @@ class StoreSettings:
     policy: str = setting("value", "Eviction policy: value (importance x reuse x cost / bytes) or lru.",
                           choices=("value", "lru"))
     max_entry_bytes: int = setting(1 << 30, "Largest entry accepted.", kind="size")
-    grace_s: float = setting(5.0, "Seconds in-flight calls get to finish on SIGTERM.")
-    drain_delay_s: float = setting(0.0, "Seconds to keep serving with health NOT_SERVING after SIGTERM, so load "
-                                   "balancers stop sending before the server stops taking calls (a few seconds on "
-                                   "Kubernetes).")
-    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
-        check_range("port", self.port, 0, 65535)
+        super().__post_init__()
         for name in ("device_bytes", "cpu_bytes", "redis_bytes", "max_entry_bytes"):
             check_range(name, getattr(self, name), 0, 1 << 50)
         if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
@@ -160,10 +173,7 @@ class StoreSettings:
         for name in ("cpu_quant", "redis_quant"):
             check_choice(name, getattr(self, name), ("none", "int8", "int4", "mixed"))
         check_choice("policy", self.policy, ("value", "lru"))
-        check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
         if self.redis_url and not re.match(r"^rediss?://", self.redis_url):
             raise SettingsError(f"setting redis_url = {self.redis_url!r} must start with redis:// or rediss://")
         if not (self.device_bytes or self.cpu_bytes or self.redis_url):
             raise SettingsError("every tier is disabled: set device_bytes, cpu_bytes or redis_url")
-        check_range("grace_s", self.grace_s, 0, 3600)
-        check_range("drain_delay_s", self.drain_delay_s, 0, 3600)

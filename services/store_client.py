@@ -17,7 +17,8 @@ from kvstore import codec
 from kvstore.entry import CompressedKV, EntryKey, Recipe
 from kvstore.errors import CorruptEntry
 from services.pb import store_pb2
-from services.store_server import GRPC_OPTIONS, SERVICE
+from services.server import GRPC_OPTIONS
+from services.store_server import SERVICE
 from services.wire import frame_message, parse_frame_message, recipe_to_proto
 
 log = logging.getLogger("dkv.store.client")

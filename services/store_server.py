@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from kvstore.codec import FrameAssembler
 from kvstore.entry import EntryKey
@@ -25,17 +22,13 @@ from kvstore.redis_tier import RedisTier
 from kvstore.shrink import ShrinkRule
 from kvstore.store import TieredStore, TierSpec
 from services.pb import store_pb2, store_pb2_grpc
+from services.server import GRPC_OPTIONS, GrpcServer, abort_with, serve_until_signal
 from services.settings import StoreSettings
 from services.wire import frame_message, parse_frame_message, recipe_from_proto
 
 log = logging.getLogger("dkv.store.server")
 
 SERVICE = "dkv.v1.KVStore"
-MAX_MESSAGE_BYTES = 8 << 20  # a 4 MiB frame, or a Lookup of ~1M token ids, with room to spare
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 STATUS = {
     InvalidEntry: grpc.StatusCode.INVALID_ARGUMENT,
     EntryTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -63,14 +56,11 @@ def build_store(settings: StoreSettings) -> TieredStore:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, put: bool = False) -> None:
-    """End the call with the status code of ``error``; unknown errors are logged and INTERNAL."""
-    if isinstance(error, KVStoreError):
-        code = next(c for t, c in STATUS.items() if isinstance(error, t))
-        if put and isinstance(error, CorruptEntry):
-            code = grpc.StatusCode.INVALID_ARGUMENT  # the caller sent broken frames; nothing stored was lost
-        await context.abort(code, str(error))
-    log.exception("internal error", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+    """End the call with the status code of ``error``."""
+    if put and isinstance(error, CorruptEntry):
+        # the caller sent broken frames: nothing stored was lost, so this is not DATA_LOSS
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    await abort_with(context, error, STATUS)
 
 
 def _parse_key(text: str) -> EntryKey:
@@ -163,41 +153,24 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
     })
 
 
-class StoreServer:
-    """A running store server: ``await start()`` returns the bound port, ``await stop()`` drains it."""
+class StoreServer(GrpcServer):
+    """The store server: ``await start()`` returns the bound port, ``await stop()`` drains it."""
+
+    service_name = SERVICE
 
     def __init__(self, settings: StoreSettings, store: TieredStore | None = None):
-        self.settings = settings
+        super().__init__(settings)
         self.store = store or build_store(settings)
-        self.port = 0
 
-    async def start(self) -> int:
-        """Bind and start serving (inside the event loop that will run the server)."""
-        self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
-        self.server.add_generic_rpc_handlers((_handlers(KVStoreServicer(self.store)),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
-        if not self.port:
-            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}: is the port in use?")
-        await self.server.start()
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    def handlers(self) -> grpc.GenericRpcHandler:
+        return _handlers(KVStoreServicer(self.store))
+
+    def describe(self) -> str:
         tiers = ", ".join(f"{s.tier.name}={s.tier.capacity_bytes}B" for s in self.store.tiers)
-        log.info("store listening on %s:%d with tiers %s, policy %s", self.settings.host, self.port, tiers,
-                 self.store.policy.name)
-        return self.port
+        return f"store (tiers {tiers}, policy {self.store.policy.name})"
 
-    async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
-        """Health NOT_SERVING now; keep serving ``drain_delay_s``; then give calls ``grace_s`` to finish."""
-        await self.health.enter_graceful_shutdown()
-        if drain_delay_s:
-            await asyncio.sleep(drain_delay_s)
-        await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+    def close(self) -> None:
         self.store.close()
-        log.info("store stopped")
 
 
 async def serve(settings: StoreSettings) -> None:
@@ -205,13 +178,4 @@ async def serve(settings: StoreSettings) -> None:
     # The store's tensor work (validation, shrinking) is small per call; torch's OpenMP workers
     # spinning beside gRPC's threads made Put 1.6x slower on 2 cores (docs/benchmarks.md).
     torch.set_num_threads(1)
-    server = StoreServer(settings)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal received: NOT_SERVING; draining after %.1fs, for up to %.1fs",
-             settings.drain_delay_s, settings.grace_s)
-    await server.stop(drain_delay_s=settings.drain_delay_s)
+    await serve_until_signal(StoreServer(settings))
