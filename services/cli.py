@@ -2,11 +2,12 @@
 
     dkv store serve [--port P --device-bytes N --cpu-bytes N --redis-url URL ...]
     dkv store stats [--address HOST:PORT]
+    dkv prefill serve [--port P --store HOST:PORT --model NAME ...]
     dkv bench store [--json]
     dkv demo
     dkv config show store
 
-Every ``store serve`` flag also reads from a ``DKV_*`` environment variable and from the YAML
+Every ``serve`` flag also reads from a ``DKV_<COMPONENT>_*`` environment variable and from the YAML
 file given by ``--config``; ``dkv config show`` prints the effective values.
 """
 
@@ -19,7 +20,7 @@ import logging
 import os
 import sys
 
-from services.settings import SettingsError, StoreSettings, add_arguments, describe, load
+from services.settings import PrefillSettings, SettingsError, StoreSettings, add_arguments, describe, load
 
 # glibc returns large blocks to the OS on free and maps fresh zeroed pages for the next one, so
 # every 4 MiB frame pays its page faults again. Keeping the heap (see docs/benchmarks.md) makes
@@ -29,7 +30,7 @@ MALLOC_TUNING = {
     "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
     "MALLOC_TOP_PAD_": str(256 << 20),
 }
-COMPONENTS = {"store": StoreSettings}
+COMPONENTS = {"store": StoreSettings, "prefill": PrefillSettings}
 
 
 def tune_malloc_and_reexec() -> None:
@@ -48,6 +49,15 @@ def _store_serve(args: argparse.Namespace) -> int:
     from services.store_server import serve
 
     settings = load(StoreSettings, _settings_args(args, StoreSettings))
+    setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _prefill_serve(args: argparse.Namespace) -> int:
+    from services.prefill_server import serve
+
+    settings = load(PrefillSettings, _settings_args(args, PrefillSettings))
     setup_logging(settings.log_level)
     asyncio.run(serve(settings))
     return 0
@@ -104,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--address", default="127.0.0.1:50052", help="store address (default 127.0.0.1:50052)")
     stats.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     stats.set_defaults(func=_store_stats)
+
+    prefill = sub.add_parser("prefill", help="run a prefill worker").add_subparsers(dest="action", required=True)
+    pserve = prefill.add_parser("serve", help="serve prefill over gRPC: model forward, compression, write to the store",
+                                description="Serve the Prefill service: tokens or text in, compressed KV-cache "
+                                "entries written to the store out. Reuses the longest cached prefix.")
+    add_arguments(pserve, PrefillSettings)
+    pserve.set_defaults(func=_prefill_serve)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="suite", required=True)
     bstore = bench.add_parser("store", help="Put/Get throughput of the store against gRPC, Redis, TCP and memcpy",

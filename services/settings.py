@@ -1,8 +1,9 @@
 """Typed settings: one dataclass per component, filled from CLI flags, ``DKV_*`` env vars and YAML.
 
 Precedence: command-line flag > environment variable > YAML file (``--config``) > default. Each
-field maps 1:1 to a flag (``--cpu-bytes``), an env var (``DKV_CPU_BYTES``) and a YAML key
-(``cpu_bytes``); its ``help`` metadata is the one place it is documented. Sizes accept units
+field maps 1:1 to a flag (``--cpu-bytes``), an env var named after its component
+(``DKV_STORE_CPU_BYTES``) and a YAML key (``cpu_bytes``); its ``help`` metadata is the one place
+it is documented. Sizes accept units
 (``512MiB``, ``2GB``). Validation errors name the setting, the value and what is allowed.
 """
 
@@ -14,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
@@ -43,8 +44,9 @@ def setting(default: Any, help: str, kind: str | None = None, choices: tuple | N
     return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
 
 
-def env_name(name: str) -> str:
-    return "DKV_" + name.upper()
+def env_name(cls: type, name: str) -> str:
+    """``DKV_<COMPONENT>_<SETTING>``: components sharing one environment never collide."""
+    return f"DKV_{cls.component}_{name}".upper()
 
 
 def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
@@ -77,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         choices = f.metadata.get("choices")
         extra = f" One of: {', '.join(choices)}." if choices else ""
         parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper() if f.type not in (bool, "bool") else "BOOL",
-                            help=f"{f.metadata.get('help', '')}{extra} [env {env_name(f.name)}; default {f.default!r}]")
+                            help=f"{f.metadata.get('help', '')}{extra} [env {env_name(cls, f.name)}; default {f.default!r}]")
 
 
 def load(cls: type, args: argparse.Namespace | Mapping[str, Any] | None = None,
@@ -85,7 +87,7 @@ def load(cls: type, args: argparse.Namespace | Mapping[str, Any] | None = None,
     """Build ``cls`` from flags, env and YAML (see module docstring)."""
     env = os.environ if env is None else env
     flags = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    config = flags.pop("config", None) or config or env.get("DKV_CONFIG")
+    config = flags.pop("config", None) or config or env.get(env_name(cls, "config"))
     file_values: dict = {}
     if config:
         path = Path(config)
@@ -101,7 +103,7 @@ def load(cls: type, args: argparse.Namespace | Mapping[str, Any] | None = None,
     values = {}
     for f in dataclasses.fields(cls):
         for source, raw in ((f"--{f.name.replace('_', '-')}", flags.get(f.name)),
-                            (env_name(f.name), env.get(env_name(f.name))),
+                            (env_name(cls, f.name), env.get(env_name(cls, f.name))),
                             (f"{config}:{f.name}", file_values.get(f.name))):
             if raw is not None:
                 values[f.name] = _convert(f, raw, source)
@@ -128,6 +130,8 @@ def describe(settings) -> dict:
 class ServerSettings:
     """What every dkv server has: where it listens, how it stops, how much it logs."""
 
+    component: ClassVar[str] = "server"
+
     host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 in a container).")
     port: int = setting(0, "gRPC port.")
     grace_s: float = setting(5.0, "Seconds in-flight calls get to finish on SIGTERM.")
@@ -146,6 +150,8 @@ class ServerSettings:
 @dataclass
 class StoreSettings(ServerSettings):
     """The KV store server (``dkv store serve``)."""
+
+    component: ClassVar[str] = "store"
 
     port: int = setting(50052, "gRPC port of the store.")
     device: str = setting("auto", "Torch device of the device tier: auto (cuda if present, else cpu), cuda, cuda:N, cpu.")
@@ -177,3 +183,21 @@ class StoreSettings(ServerSettings):
             raise SettingsError(f"setting redis_url = {self.redis_url!r} must start with redis:// or rediss://")
         if not (self.device_bytes or self.cpu_bytes or self.redis_url):
             raise SettingsError("every tier is disabled: set device_bytes, cpu_bytes or redis_url")
+
+
+@dataclass
+class PrefillSettings(ServerSettings):
+    """A prefill worker (``dkv prefill serve``)."""
+
+    component: ClassVar[str] = "prefill"
+
+    port: int = setting(50053, "gRPC port of the prefill worker.")
+    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port).")
+    store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
+    model: str = setting("smollm2-135m", "Model name (smollm2-135m) or a local model directory or .gguf file.")
+    max_tokens: int = setting(0, "Longest context accepted; 0 = the model's maximum.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
+        check_range("max_tokens", self.max_tokens, 0, 1 << 24)

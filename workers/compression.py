@@ -16,6 +16,7 @@ longest-prefix lookup can hand them to any prompt that starts with that prefix.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -67,11 +68,25 @@ def make_method(name: str, **params) -> Method:
         cls = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown compression method {name!r}; use one of {sorted(METHODS)}") from None
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
     if unknown:
         raise ValueError(f"method {name!r} has no parameter {unknown}; its parameters are {sorted(fields)}")
-    return cls(**params)
+    return cls(**{k: _as_field_type(fields[k], k, v) for k, v in params.items()})
+
+
+def _as_field_type(f: dataclasses.Field, name: str, value):
+    """Requests carry parameters as doubles; give each field the type it declares."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if kind == "int":
+        if float(value) != int(value):
+            raise ValueError(f"parameter {name} must be an integer, got {value}")
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "bool":
+        return bool(value)
+    return value
 
 
 @register
@@ -120,26 +135,29 @@ def _finite_scores(s: torch.Tensor) -> torch.Tensor:
 
 def compress(model, input_ids: torch.Tensor, method: str = "full", ratio: float = 0.0, *, budget: int = 0,
              quant: str = "none", merge: bool = False, tenant: str = "default", page_size: int = 16,
-             **params) -> CompressedKV:
+             timings: dict | None = None, **params) -> CompressedKV:
     """Prefill ``input_ids`` ``[1, T]`` and compress its KV cache with ``method``.
 
     ``ratio`` is the fraction of tokens removed per layer on average (0.75 keeps a quarter, as in
     kvpress); ``budget`` (tokens per KV head) overrides it. ``quant``: none, int8, int4 or mixed
     (ZipCache: the most important 60% of tokens at 4 bits, the rest at 2). ``merge``: merge
-    evicted tokens into their most similar kept token (D2O). ``params``: the method's own.
+    evicted tokens into their most similar kept token (D2O). ``timings``, if given, receives
+    ``prefill_s`` (the model's forward and the capture) and ``compress_s`` (the rest). ``params``:
+    the method's own.
     """
     return _compress(model, input_ids, _recipe(method, ratio, budget, quant, merge, 0, params), tenant,
-                     page_size, past=None, past_entries=())
+                     page_size, past=None, timings=timings)
 
 
 def compress_chunks(model, input_ids: torch.Tensor, method: str = "full", ratio: float = 0.0, *,
                     budget: int = 0, quant: str = "none", merge: bool = False, chunk_size: int = 256,
                     tenant: str = "default", page_size: int = 16, cached: list[CompressedKV] = (),
-                    **params) -> list[CompressedKV]:
+                    timings: dict | None = None, **params) -> list[CompressedKV]:
     """The chunked recipe: one entry per chunk of ``chunk_size`` tokens (see module docstring).
 
     ``cached`` are the entries of the first chunks when a store already has them: only the
-    rest is prefilled. Returns the entries of every chunk, cached ones first.
+    rest is prefilled. Returns the entries of every chunk, cached ones first. ``timings`` as
+    in ``compress``, summed over the chunks.
     """
     recipe = _recipe(method, ratio, budget, quant, merge, chunk_size, params)
     ids = input_ids[0]
@@ -152,7 +170,7 @@ def compress_chunks(model, input_ids: torch.Tensor, method: str = "full", ratio:
         end = min(start + chunk_size, len(ids))
         past = _past_cache(entries, model) if entries else None
         entries.append(_compress(model, ids[:end].unsqueeze(0), recipe, tenant, page_size, past=past,
-                                 past_entries=entries))
+                                 timings=timings))
         start = end
     return entries
 
@@ -190,7 +208,7 @@ def _concat_layers(parts: list[DkvLayer]) -> DkvLayer:
 
 
 def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: int, past: DkvCache | None,
-              past_entries) -> CompressedKV:
+              timings: dict | None) -> CompressedKV:
     fingerprint = getattr(model, "dkv_fingerprint", None)
     if fingerprint is None:
         raise ValueError("the model has no fingerprint: load it with workers.model.load_model, or call "
@@ -200,7 +218,9 @@ def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: 
     new_ids = ids[:, start:]
     if model.config._attn_implementation != "dkv":
         model.set_attn_implementation("dkv")
+    started = time.perf_counter()
     capture = prefill(model, new_ids, window=method.window, colsum=method.needs_colsum, past=past)
+    prefilled = time.perf_counter()
     n = new_ids.shape[1]
     n_keep = _n_keep(n, recipe.ratio, recipe.budget)
     scores = [method.score(i, cap, capture).float() for i, cap in enumerate(capture.layers)]
@@ -233,6 +253,9 @@ def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: 
     tokens = ids[0].tolist()
     identity = Identity(fingerprint, recipe, tuple(chain_hashes(tokens, recipe.chunk_size, fingerprint, recipe.recipe_id)),
                         len(tokens), tenant, start=start)
+    if timings is not None:
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + prefilled - started
+        timings["compress_s"] = timings.get("compress_s", 0.0) + time.perf_counter() - prefilled
     return CompressedKV(identity, layers, capture.num_kv_heads, capture.head_dim, page_size,
                         importance=min(1.0, max(0.0, importance)))
 
@@ -244,3 +267,6 @@ def _attention_mass(cap: LayerCapture, num_kv_heads: int) -> torch.Tensor | None
     if cap.attention_colsum is not None:
         return group_heads(cap.attention_colsum[:, cap.new_slice], num_kv_heads)
     return None
+
+
+from workers import methods as _methods  # noqa: E402,F401  registers the methods

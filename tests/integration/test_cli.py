@@ -49,15 +49,15 @@ def test_help_explains_every_command_and_setting():
     for command in ("store", "bench", "demo", "config"):
         assert command in top.stdout
     serve = dkv("store", "serve", "--help").stdout
-    for flag, env in (("--cpu-bytes", "DKV_CPU_BYTES"), ("--redis-url", "DKV_REDIS_URL"),
-                      ("--device-bytes", "DKV_DEVICE_BYTES"), ("--redis-quant", "DKV_REDIS_QUANT")):
+    for flag, env in (("--cpu-bytes", "DKV_STORE_CPU_BYTES"), ("--redis-url", "DKV_STORE_REDIS_URL"),
+                      ("--device-bytes", "DKV_STORE_DEVICE_BYTES"), ("--redis-quant", "DKV_STORE_REDIS_QUANT")):
         assert flag in serve and env in serve
 
 
 def test_config_show_merges_flags_env_and_yaml(tmp_path):
     config = tmp_path / "store.yaml"
     config.write_text("port: 6000\ncpu_bytes: 1GiB\nredis_quant: int4\n")
-    out = dkv("config", "show", "store", "--config", str(config), env={"DKV_CPU_BYTES": "2GiB"})
+    out = dkv("config", "show", "store", "--config", str(config), env={"DKV_STORE_CPU_BYTES": "2GiB"})
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert (shown["port"], shown["cpu_bytes"], shown["redis_quant"]) == (6000, 2 << 30, "int4")

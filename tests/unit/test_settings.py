@@ -51,7 +51,7 @@ def _yaml(tmp_path, text: str):
 
 def test_precedence_flag_env_yaml_default(tmp_path):
     cfg = _yaml(tmp_path, "port: 1111\ncpu_bytes: 2GiB\npolicy: lru\nlog_level: debug\ngrace_s: 7\n")
-    env = {"DKV_PORT": "2222", "DKV_CPU_BYTES": "1MiB", "DKV_LOG_LEVEL": "warning"}
+    env = {"DKV_STORE_PORT": "2222", "DKV_STORE_CPU_BYTES": "1MiB", "DKV_STORE_LOG_LEVEL": "warning"}
     flags = {"port": "3333", "config": str(cfg)}
     s = load(StoreSettings, flags, env=env)
     assert s.port == 3333  # flag beats env and YAML
@@ -69,10 +69,10 @@ def test_precedence_flag_env_yaml_default(tmp_path):
 def test_config_from_argument_and_env(tmp_path):
     cfg = _yaml(tmp_path, "port: 1111\n")
     assert load(StoreSettings, {}, env={}, config=cfg).port == 1111
-    assert load(StoreSettings, {}, env={"DKV_CONFIG": str(cfg)}).port == 1111
+    assert load(StoreSettings, {}, env={"DKV_STORE_CONFIG": str(cfg)}).port == 1111
     other = tmp_path / "other.yaml"
     other.write_text("port: 2222\n")
-    assert load(StoreSettings, {"config": str(other)}, env={"DKV_CONFIG": str(cfg)}).port == 2222
+    assert load(StoreSettings, {"config": str(other)}, env={"DKV_STORE_CONFIG": str(cfg)}).port == 2222
 
 
 def test_flags_from_argparse(tmp_path):
@@ -80,10 +80,10 @@ def test_flags_from_argparse(tmp_path):
     add_arguments(parser, StoreSettings)
     cfg = _yaml(tmp_path, "redis_url: redis://localhost:6379/0\n")
     args = parser.parse_args(["--port", "4444", "--cpu-bytes", "512MiB", "--config", str(cfg), "--cpu-quant", "int4"])
-    s = load(StoreSettings, args, env={"DKV_PORT": "1"})
+    s = load(StoreSettings, args, env={"DKV_STORE_PORT": "1"})
     assert (s.port, s.cpu_bytes, s.cpu_quant, s.redis_url) == (4444, 512 * 1024**2, "int4", "redis://localhost:6379/0")
     help_text = " ".join(parser.format_help().split())
-    assert "DKV_CPU_BYTES" in help_text and "--redis-keep-fraction" in help_text
+    assert "DKV_STORE_CPU_BYTES" in help_text and "--redis-keep-fraction" in help_text
     assert "One of: none, int8, int4, mixed." in help_text
     assert "One of: value, lru." in help_text
 
@@ -127,8 +127,8 @@ def test_invalid_values_name_setting_and_allowed(flags, pattern):
 
 
 def test_invalid_value_from_env_and_yaml_names_source(tmp_path):
-    with pytest.raises(SettingsError, match=r"setting cpu_bytes \(DKV_CPU_BYTES\) = 'lots' is invalid"):
-        load(StoreSettings, {}, env={"DKV_CPU_BYTES": "lots"})
+    with pytest.raises(SettingsError, match=r"setting cpu_bytes \(DKV_STORE_CPU_BYTES\) = 'lots' is invalid"):
+        load(StoreSettings, {}, env={"DKV_STORE_CPU_BYTES": "lots"})
     cfg = _yaml(tmp_path, "port: many\n")
     with pytest.raises(SettingsError, match=r"setting port \(.*store\.yaml:port\) = 'many' is invalid"):
         load(StoreSettings, {"config": str(cfg)}, env={})

@@ -1,0 +1,81 @@
+"""The Prefill gRPC service: a thin servicer over ``workers.prefill.PrefillWorker``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from kvstore.errors import InvalidEntry
+from services.pb import prefill_pb2, prefill_pb2_grpc
+from services.server import GrpcServer, abort_with, serve_until_signal
+from services.settings import PrefillSettings
+from services.store_client import StoreClient
+from services.wire import recipe_from_proto
+
+log = logging.getLogger("dkv.prefill.server")
+SERVICE = "dkv.v1.Prefill"
+STATUS = {
+    InvalidEntry: grpc.StatusCode.INVALID_ARGUMENT,
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker):
+        self.worker = worker
+
+    async def Prefill(self, request, context):
+        try:
+            recipe = recipe_from_proto(request.recipe)
+            kind = request.WhichOneof("context")
+            if kind is None:
+                raise ValueError("no context: set text or token_ids")
+            ids = self.worker.tokenize(request.text) if kind == "text" else list(request.token_ids.ids)
+            result = await asyncio.to_thread(self.worker.prefill, ids, recipe, request.tenant or "default")
+        except grpc.RpcError as e:  # the store failed: pass its status on
+            await context.abort(e.code(), f"store: {e.details()}")
+        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+            await abort_with(context, e, STATUS)
+        tm = result.timings_ms
+        return prefill_pb2.PrefillResponse(
+            keys=result.keys, model_fingerprint=result.model_fingerprint, context_tokens=result.context_tokens,
+            cached_tokens=result.cached_tokens, prefilled_tokens=result.prefilled_tokens,
+            stored_bytes=result.stored_bytes, full_fp16_bytes=result.full_fp16_bytes,
+            kept_tokens_per_layer=result.kept_tokens_per_layer, importance=result.importance,
+            timings=prefill_pb2.PrefillTimings(lookup_ms=tm["lookup"], fetch_ms=tm["fetch"], prefill_ms=tm["prefill"],
+                                               compress_ms=tm["compress"], store_ms=tm["store"], total_ms=tm["total"]),
+        )
+
+
+class PrefillServer(GrpcServer):
+    service_name = SERVICE
+
+    def __init__(self, settings: PrefillSettings, worker=None):
+        super().__init__(settings)
+        if worker is None:
+            from workers.model import load_model
+            from workers.prefill import PrefillWorker
+
+            model, tokenizer = load_model(settings.model)
+            worker = PrefillWorker(model, tokenizer, StoreClient(settings.store, timeout_s=settings.store_timeout_s),
+                                   max_tokens=settings.max_tokens)
+        self.worker = worker
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Prefill": grpc.unary_unary_rpc_method_handler(
+                PrefillServicer(self.worker).Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
+                response_serializer=prefill_pb2.PrefillResponse.SerializeToString),
+        })
+
+    def describe(self) -> str:
+        return f"prefill (model {self.worker.fingerprint}, store {self.worker.store.address})"
+
+    def close(self) -> None:
+        self.worker.store.close()
+
+
+async def serve(settings: PrefillSettings) -> None:
+    await serve_until_signal(PrefillServer(settings))
