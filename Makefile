@@ -38,3 +38,25 @@ bench: setup redis-server
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# kvpress, NVIDIA's KV-cache compression library that dkv's quality benchmark compares against,
+# pins transformers<5.3 while dkv's own venv runs transformers 5.23. So it gets its own venv,
+# .venv-peers, and runs as a subprocess: bench/kvpress_runner.py reads token ids from a JSON task
+# file and writes a JSON result file (usage in its docstring). Never imported by dkv or its tests.
+# torch first and pinned again on the second line, so kvpress's requirements cannot swap it.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_PKGS := kvpress==0.5.5 transformers==5.2.0 tqdm
+
+$(PEERS_STAMP):
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q $(TORCH)
+	$(PEERS_VENV)/bin/pip install -q $(TORCH) $(PEERS_PKGS)
+	$(PEERS_VENV)/bin/python -c "import torch, kvpress; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	@echo "peers venv ready: $(PEERS_VENV)/bin/python bench/kvpress_runner.py --model-dir DIR --tasks T.json --out R.json"
+
+.PHONY: bench-peers
