@@ -5,9 +5,18 @@ Markers (``redis``, ``gpu``, ``slow``) are declared in pyproject.toml.
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from kvstore.redis_server import RedisServer, redis_server_available
+import torch
+
+# Triton kernels run on a CPU only under its interpreter, which it reads when a kernel module is
+# imported: set it before anything imports triton (workers.decode, workers.selection, kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kvstore.redis_server import RedisServer, redis_server_available  # noqa: E402
 
 _SKIP_REASON = "redis-server not on PATH: apt-get install -y redis-server (make test installs it)"
 

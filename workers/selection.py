@@ -1,0 +1,209 @@
+"""Decode-time selection: per step, layer and KV head, which cached slots the query attends to.
+
+Every method returns ``(indices [H_kv, S] int32, lengths [H_kv] int32)``: the slots of each KV
+head to attend (padding beyond ``lengths``), always including the sink tokens (the first
+``sink`` positions) and the recent slots (everything appended since the entry, plus the last
+``recent`` of the entry), as TokenSelect and Quest do. The methods:
+
+- ``dense``: every valid slot (the reference);
+- ``topk``: exact ``q·k`` per query head, softmax over slots, summed over the query heads of each
+  KV head (TokenSelect's soft vote), top-``budget`` slots;
+- ``pages``: Quest: an upper bound of ``q·k`` per page from the page's elementwise min/max of K,
+  the top pages by bound, then every slot of those pages;
+
+``SelectionCache`` wraps any of them and reuses the previous step's choice for a layer while the
+mean query of consecutive steps stays similar (cosine ≥ ``threshold``), as TokenSelect's
+Selection Cache does. Budgets are token counts per KV head (``budget``) or a fraction of the
+cached tokens (``budget_fraction``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kernels.page_scores import page_scores
+
+SELECTIONS: dict[str, type["Selection"]] = {}
+
+
+def register(cls: type["Selection"]) -> type["Selection"]:
+    SELECTIONS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class SlotView:
+    """What selection reads of one layer: slot layout and page summaries of the cached entry.
+
+    keys ``[H_kv, T, D]``; valid ``[H_kv, T]`` bool; ``entry_slots`` = the first slots, which hold
+    the entry's tokens (pages cover them: slot t of a head is in page ``t // page_size``); the
+    slots after them were appended during decoding. page_min/page_max ``[H_kv, P, D]``,
+    num_pages ``[H_kv]``.
+    """
+
+    keys: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+    entry_slots: int
+    page_size: int
+    page_min: torch.Tensor | None = None
+    page_max: torch.Tensor | None = None
+    num_pages: torch.Tensor | None = None
+
+
+@dataclass
+class Selection:
+    """Base: ``budget`` tokens per KV head (0 = use ``budget_fraction``; both 0 = everything)."""
+
+    name: ClassVar[str] = ""
+    budget: int = 0
+    budget_fraction: float = 0.0
+    sink: int = 4
+    recent: int = 32
+
+    def __post_init__(self) -> None:
+        if self.budget < 0:
+            raise ValueError(f"budget {self.budget} must be >= 0 tokens per KV head")
+        if not 0.0 <= self.budget_fraction <= 1.0:
+            raise ValueError(f"budget_fraction {self.budget_fraction} must be in [0, 1]")
+
+    def tokens(self, view: SlotView) -> int:
+        """The per-head budget for this view."""
+        if self.budget:
+            return self.budget
+        if self.budget_fraction:
+            return max(1, round(self.budget_fraction * view.entry_slots))
+        return view.keys.shape[1]
+
+    def select(self, q: torch.Tensor, view: SlotView) -> tuple[torch.Tensor, torch.Tensor]:
+        """q ``[H_q, D]`` (this step's query) -> (indices ``[H_kv, S]`` int32, lengths ``[H_kv]`` int32)."""
+        raise NotImplementedError
+
+
+def always_kept(view: SlotView, sink: int, recent: int) -> torch.Tensor:
+    """``[H_kv, T]`` bool: valid sink positions, the last ``recent`` entry slots, every appended slot."""
+    t = view.keys.shape[1]
+    slot = torch.arange(t)
+    keep = (view.positions < sink) | (slot >= view.entry_slots)
+    counts = view.valid[:, : view.entry_slots].sum(1, keepdim=True)  # real entry slots per head
+    keep |= (slot < view.entry_slots) & (slot >= counts - recent)
+    return keep & view.valid
+
+
+def pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[H_kv, T]`` bool -> (indices ``[H_kv, S]`` int32 ascending, lengths ``[H_kv]`` int32)."""
+    lengths = mask.sum(1)
+    s = int(lengths.max()) if mask.numel() else 0
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :s]
+    return order.to(torch.int32), lengths.to(torch.int32)
+
+
+def _top(score: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
+    """``keep`` plus, per head, the best-scoring valid slots until the head has ``budget``: ``[H_kv, T]``."""
+    extra = (budget - keep.sum(1)).clamp(min=0)  # [H_kv]
+    k = min(int(extra.max()), score.shape[1])
+    if k <= 0:
+        return keep
+    rest = score.masked_fill(keep | ~valid, float("-inf"))
+    top = torch.topk(rest, k, dim=1)
+    wanted = (torch.arange(k) < extra.unsqueeze(1)) & torch.isfinite(top.values)
+    chosen = torch.zeros_like(keep)
+    chosen.scatter_(1, top.indices, wanted)
+    return keep | chosen
+
+
+@register
+@dataclass
+class Dense(Selection):
+    name: ClassVar[str] = "dense"
+
+    def select(self, q, view):
+        return pack(view.valid)
+
+
+@register
+@dataclass
+class TopK(Selection):
+    """Exact q·k, soft vote over each group's query heads (TokenSelect)."""
+
+    name: ClassVar[str] = "topk"
+
+    def select(self, q, view):
+        h_kv = view.keys.shape[0]
+        groups = q.shape[0] // h_kv
+        logits = torch.einsum("gd,gtd->gt", q.float(),
+                              view.keys.float().repeat_interleave(groups, dim=0))  # [H_q, T]
+        logits = logits.masked_fill(~view.valid.repeat_interleave(groups, dim=0), float("-inf"))
+        vote = torch.softmax(logits, dim=1).view(h_kv, groups, -1).sum(1)  # [H_kv, T]
+        keep = always_kept(view, self.sink, self.recent)
+        return pack(_top(vote, keep, view.valid, self.tokens(view)))
+
+
+@register
+@dataclass
+class Pages(Selection):
+    """Quest: pages ranked by the upper bound of q·k from their min/max keys."""
+
+    name: ClassVar[str] = "pages"
+
+    def select(self, q, view):
+        if view.page_min is None:
+            raise ValueError("selection 'pages' needs the entry's page summaries")
+        bound = page_scores(q, view.page_min, view.page_max, view.num_pages)  # [H_kv, P]
+        n_pages = max(1, -(-self.tokens(view) // view.page_size))
+        top = torch.topk(bound, min(n_pages, bound.shape[1]), dim=1)
+        t = view.keys.shape[1]
+        slot_page = torch.arange(t) // view.page_size
+        chosen = torch.zeros(bound.shape, dtype=torch.bool)
+        chosen.scatter_(1, top.indices, torch.isfinite(top.values))
+        in_page = torch.gather(chosen, 1, slot_page.clamp(max=bound.shape[1] - 1).expand(len(chosen), t))
+        in_page &= torch.arange(t) < view.entry_slots
+        keep = always_kept(view, self.sink, self.recent) | (in_page & view.valid)
+        return pack(keep)
+
+
+@dataclass
+class SelectionCache:
+    """Reuse a layer's previous selection while the mean query stays similar (TokenSelect)."""
+
+    inner: Selection
+    threshold: float = 0.9
+    _last: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = field(default_factory=dict, repr=False)
+    hits: int = 0
+    misses: int = 0
+
+    def select(self, layer: int, q: torch.Tensor, view: SlotView) -> tuple[torch.Tensor, torch.Tensor]:
+        mean_q = q.float().mean(0)
+        last = self._last.get(layer)
+        t = view.keys.shape[1]
+        if last is not None and torch.cosine_similarity(mean_q, last[0], dim=0) >= self.threshold:
+            self.hits += 1
+            indices, lengths, prev_t = last[1], last[2], last[3]
+            if t > prev_t:  # slots appended since the choice was made: always attended
+                indices, lengths = _append_slots(indices, lengths, prev_t, t)
+            return indices, lengths
+        self.misses += 1
+        indices, lengths = self.inner.select(q, view)
+        self._last[layer] = (mean_q, indices, lengths, t)
+        return indices, lengths
+
+
+def _append_slots(indices: torch.Tensor, lengths: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add slots ``start..end-1`` right after each head's valid indices."""
+    n_new = end - start
+    out = torch.zeros(indices.shape[0], indices.shape[1] + n_new, dtype=torch.int32)
+    out[:, : indices.shape[1]] = indices
+    cols = lengths.long().unsqueeze(1) + torch.arange(n_new)
+    out.scatter_(1, cols, torch.arange(start, end, dtype=torch.int32).expand(len(indices), n_new))
+    return out, lengths + n_new
+
+
+def make_selection(name: str, budget: int = 0, budget_fraction: float = 0.0, **params) -> Selection:
+    try:
+        cls = SELECTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown selection {name!r}; use one of {sorted(SELECTIONS)}") from None
+    return cls(budget=budget, budget_fraction=budget_fraction, **params)
