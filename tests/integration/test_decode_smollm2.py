@@ -1,0 +1,70 @@
+"""Decoding from compressed entries with the real SmolLM2: equivalence, passkey, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.compression import compress
+from workers.decode import DecodeStats, generate
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_TEXT = FILLER * 6 + "The pass key is 71432. Remember it. " + FILLER * 30
+
+
+@pytest.fixture(scope="module")
+def passkey(smollm2):
+    model, tokenizer = smollm2
+    ctx = tokenizer(PASSKEY_TEXT, return_tensors="pt").input_ids
+    query = tokenizer("\nWhat is the pass key? The pass key is", return_tensors="pt", add_special_tokens=False).input_ids
+    return ctx, query, compress(model, ctx, "full")
+
+
+def test_dense_selection_reproduces_full_attention_greedy_output(smollm2, passkey):
+    model, tokenizer = smollm2
+    ctx, query, entry = passkey
+    full = torch.cat([ctx, query], 1)
+    plain = model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1]:].tolist()
+    assert generate(model, tokenizer, entry, query, 10, selection="dense") == plain
+
+
+@pytest.mark.parametrize("selection", ["topk", "pages"])
+def test_sparse_selections_keep_the_passkey_at_an_eighth_of_the_tokens(smollm2, passkey, selection):
+    model, tokenizer = smollm2
+    ctx, query, entry = passkey
+    budget = ctx.shape[1] // 8
+    stats = DecodeStats()
+    out = generate(model, tokenizer, entry, query, 6, selection=selection, budget=budget, stats=stats)
+    assert "71432" in tokenizer.decode(out)
+    assert stats.steps >= 1 and max(stats.selected_per_step) <= budget + 16 + 4 + len(out) + query.shape[1] + 32
+
+
+def test_selection_cache_is_used_and_changes_nothing_for_dense(smollm2, passkey):
+    model, tokenizer = smollm2
+    ctx, query, entry = passkey
+    stats = DecodeStats()
+    cached = generate(model, tokenizer, entry, query, 6, selection="topk", budget=ctx.shape[1] // 4,
+                      selection_cache=0.9, stats=stats)
+    assert stats.selection_cache_hits > 0
+    assert "71432" in tokenizer.decode(cached)
+
+
+def test_sampling_is_seeded_and_stops_at_end_of_turn(smollm2, passkey):
+    model, tokenizer = smollm2
+    _, query, entry = passkey
+    a = generate(model, tokenizer, entry, query, 12, temperature=0.8, top_p=0.9, seed=7)
+    b = generate(model, tokenizer, entry, query, 12, temperature=0.8, top_p=0.9, seed=7)
+    assert a == b and 1 <= len(a) <= 12
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    greedy = generate(model, tokenizer, entry, query, 50)
+    assert greedy[-1] == stop or len(greedy) == 50
+    assert stop not in greedy[:-1]
+
+
+def test_query_ids_must_be_one_row(smollm2, passkey):
+    model, tokenizer = smollm2
+    entry = passkey[2]
+    with pytest.raises(ValueError, match=r"query_ids must be \[1, T\]"):
+        generate(model, tokenizer, entry, torch.tensor([1, 2, 3]), 4)
