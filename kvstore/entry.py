@@ -211,6 +211,28 @@ class LayerKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def select_pages(self, pages: torch.Tensor, page_size: int) -> "LayerKV":
+        """The layer restricted to ``pages`` (ascending page indices, head-major): a valid layer.
+
+        Quantized rows are copied as their packed bytes, so nothing is requantized.
+        """
+        row_page = page_of_rows(self.head_offsets, page_size)
+        rows = torch.isin(row_page, pages).nonzero().squeeze(1)
+        head_of_row = torch.repeat_interleave(torch.arange(len(self.head_offsets) - 1), self.head_counts())
+        counts = torch.bincount(head_of_row[rows], minlength=len(self.head_offsets) - 1)
+        offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
+        offsets[1:] = torch.cumsum(counts, 0)
+        present = torch.unique(row_page[rows])
+        picked = dict(positions=self.positions[rows], head_offsets=offsets, scores=self.scores[rows],
+                      page_min=self.page_min[present], page_max=self.page_max[present])
+        if not self.quantized:
+            return LayerKV(keys=self.keys[rows], values=self.values[rows], **picked)
+        head_dim = self.page_min.shape[1]
+        return LayerKV(keys=_packed_rows(self.keys, self.key_bits, head_dim, rows),
+                       values=_packed_rows(self.values, self.value_bits, head_dim, rows),
+                       key_bits=self.key_bits[rows], value_bits=self.value_bits[rows],
+                       value_min=self.value_min[rows], value_max=self.value_max[rows], **picked)
+
     def dequantized(self, page_size: int, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K and V, [N, D] each, in ``dtype``."""
         if not self.quantized:
@@ -222,6 +244,17 @@ class LayerKV:
             self.values, self.value_bits, head_dim, self.value_min.unsqueeze(1), self.value_max.unsqueeze(1)
         )
         return k.to(dtype), v.to(dtype)
+
+
+def _packed_rows(packed: torch.Tensor, bits: torch.Tensor, head_dim: int, rows: torch.Tensor) -> torch.Tensor:
+    """The packed bytes of ``rows`` (ascending), back to back."""
+    starts = quant.row_offsets(bits, head_dim)[rows]
+    lengths = quant.row_nbytes(bits, head_dim)[rows]
+    if not len(rows):
+        return packed[:0]
+    begin = torch.cumsum(lengths, 0) - lengths
+    index = torch.repeat_interleave(starts - begin, lengths) + torch.arange(int(lengths.sum()))
+    return packed[index]
 
 
 def page_counts(head_counts: torch.Tensor, page_size: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from kvstore import codec
 from kvstore.codec import EntryHeader
-from kvstore.entry import EntryKey, Recipe
+from kvstore.entry import CompressedKV, EntryKey, Recipe
 from kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, TierUnavailable
 from kvstore.policy import EntryStats, EvictionPolicy, ValuePolicy
 from kvstore.prefix import longest_cached_prefix
@@ -29,6 +30,7 @@ from kvstore.shrink import ShrinkRule
 from kvstore.tier import Frames, StorageTier, frames_nbytes
 
 log = logging.getLogger("dkv.store")
+DECODED_ENTRIES = 8
 
 
 @dataclass
@@ -112,6 +114,9 @@ class TieredStore:
         self.retry_after_s = retry_after_s
         self.clock = clock
         self._entries: dict[EntryKey, _Stored] = {}
+        # decoded entries (zero-copy views of verified frames) for Summaries/Select, which read
+        # one layer per decode step: a few, most recently used last
+        self._decoded: OrderedDict[EntryKey, tuple[bytes, CompressedKV]] = OrderedDict()
         self._lock = threading.RLock()
         self._down_until = [0.0] * len(self.tiers)
         self._tier_hits = [0] * len(self.tiers)
@@ -202,6 +207,24 @@ class TieredStore:
             if tier_index > 0 and self._entries.get(key) is stored:
                 self._promote(stored, frames)
         return GetResult(header, frames, tier.name)
+
+    def entry(self, key: EntryKey) -> CompressedKV:
+        """The decoded entry (read-only views), verified once and kept among the last few used.
+
+        Raises like ``get``.
+        """
+        stored = self._entries.get(key)
+        cached = self._decoded.get(key)
+        if cached is not None and stored is not None and cached[0] == stored.header.entry_id:
+            self._decoded.move_to_end(key)
+            return cached[1]
+        result = self.get(key)
+        entry = codec.decode_checked(result.header, result.frames)
+        with self._lock:
+            self._decoded[key] = (result.header.entry_id, entry)
+            while len(self._decoded) > DECODED_ENTRIES:
+                self._decoded.popitem(last=False)
+        return entry
 
     def lookup(self, tenant: str, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int] | np.ndarray
                ) -> LookupResult | None:
@@ -363,6 +386,7 @@ class TieredStore:
         log.debug("promoted %s from tier %s to %s", stats.key, self.tiers[src].tier.name, self.tiers[placed].tier.name)
 
     def _remove(self, key: EntryKey) -> None:
+        self._decoded.pop(key, None)
         stored = self._entries.pop(key)
         try:
             self.tiers[stored.stats.tier].tier.remove(key)

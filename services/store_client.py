@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import grpc
 
 from kvstore import codec
-from kvstore.entry import CompressedKV, EntryKey, Recipe
+import torch
+
+from kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
 from kvstore.errors import CorruptEntry
 from services.pb import store_pb2
 from services.server import GRPC_OPTIONS
 from services.store_server import SERVICE
-from services.wire import frame_message, parse_frame_message, recipe_to_proto
+from services.wire import frame_message, parse_frame_message, recipe_to_proto, tensor_from_proto
 
 log = logging.getLogger("dkv.store.client")
 MISS_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS)
@@ -31,6 +33,18 @@ class PutReply:
     stored_bytes: int
     tier: str
     replaced: bool
+
+
+@dataclass
+class LayerSummary:
+    layer: int
+    head_counts: torch.Tensor  # int32 [H_kv]
+    page_min: torch.Tensor  # [pages, D]
+    page_max: torch.Tensor  # [pages, D]
+    seq_len: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
 
 
 @dataclass
@@ -58,6 +72,11 @@ class StoreClient:
         self._delete = self.channel.unary_unary(f"/{SERVICE}/Delete",
                                                 request_serializer=pb.DeleteRequest.SerializeToString,
                                                 response_deserializer=pb.DeleteResponse.FromString)
+        self._summaries = self.channel.unary_stream(f"/{SERVICE}/Summaries",
+                                                    request_serializer=pb.GetRequest.SerializeToString,
+                                                    response_deserializer=pb.LayerSummary.FromString)
+        self._select = self.channel.unary_stream(f"/{SERVICE}/Select", request_serializer=pb.SelectRequest.SerializeToString,
+                                                 response_deserializer=pb.LayerPages.FromString)
         self._stats = self.channel.unary_unary(f"/{SERVICE}/Stats", request_serializer=pb.StatsRequest.SerializeToString,
                                                response_deserializer=pb.StatsResponse.FromString)
 
@@ -111,6 +130,32 @@ class StoreClient:
 
     def delete(self, key: EntryKey | str) -> bool:
         return self._delete(store_pb2.DeleteRequest(key=str(key)), timeout=self.timeout_s).deleted
+
+    def summaries(self, key: EntryKey | str) -> list[LayerSummary] | None:
+        """Per layer: kept tokens per KV head and the page min/max of K; None on a miss."""
+        try:
+            replies = list(self._summaries(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            if e.code() in MISS_CODES:
+                return None
+            raise
+        return [LayerSummary(r.layer, tensor_from_proto(r.head_counts), tensor_from_proto(r.page_min),
+                             tensor_from_proto(r.page_max), r.seq_len, r.num_kv_heads, r.head_dim, r.page_size)
+                for r in replies]
+
+    def select(self, key: EntryKey | str, layer: int, pages: Sequence[int]) -> tuple[list[LayerKV], int, str] | None:
+        """The rows of ``pages`` of ``layer``, as layers of the entry holding some of those pages each
+        (in page order), the bytes received and the tier they came from; None on a miss."""
+        try:
+            replies = list(self._select(store_pb2.SelectRequest(key=str(key), layer=layer, pages=list(pages)),
+                                        timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            if e.code() in MISS_CODES:
+                return None
+            raise
+        parts = [LayerKV(**{n: tensor_from_proto(t) for n, t in r.tensors.items()}) for r in replies]
+        nbytes = sum(r.ByteSize() for r in replies)
+        return parts, nbytes, replies[0].tier if replies else ""
 
     def stats(self) -> store_pb2.StatsResponse:
         return self._stats(store_pb2.StatsRequest(), timeout=self.timeout_s)

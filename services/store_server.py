@@ -24,7 +24,7 @@ from kvstore.store import TieredStore, TierSpec
 from services.pb import store_pb2, store_pb2_grpc
 from services.server import GRPC_OPTIONS, GrpcServer, abort_with, serve_until_signal
 from services.settings import StoreSettings
-from services.wire import frame_message, parse_frame_message, recipe_from_proto
+from services.wire import frame_message, parse_frame_message, recipe_from_proto, tensor_to_proto
 
 log = logging.getLogger("dkv.store.server")
 
@@ -121,6 +121,36 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             await _abort(context, e)
         return store_pb2.DeleteResponse(deleted=deleted)
 
+    async def Summaries(self, request, context):
+        try:
+            entry = await asyncio.to_thread(self.store.entry, _parse_key(request.key))
+        except Exception as e:  # noqa: BLE001
+            await _abort(context, e)
+        for i, layer in enumerate(entry.layers):
+            yield store_pb2.LayerSummary(
+                layer=i, head_counts=tensor_to_proto(layer.head_counts().to(torch.int32)),
+                page_min=tensor_to_proto(layer.page_min), page_max=tensor_to_proto(layer.page_max),
+                seq_len=entry.seq_len, num_layers=entry.num_layers, num_kv_heads=entry.num_kv_heads,
+                head_dim=entry.head_dim, page_size=entry.page_size)
+
+    async def Select(self, request, context):
+        try:
+            entry = await asyncio.to_thread(self.store.entry, _parse_key(request.key))
+            if request.layer >= entry.num_layers:
+                raise InvalidEntry(f"layer {request.layer} does not exist; the entry has {entry.num_layers} layers")
+            layer = entry.layers[request.layer]
+            pages = torch.tensor(list(request.pages), dtype=torch.long)
+            n_pages = layer.page_min.shape[0]
+            if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= n_pages or bool((pages[1:] <= pages[:-1]).any())):
+                raise InvalidEntry(f"pages must be ascending indices in [0, {n_pages}) for layer {request.layer}")
+        except Exception as e:  # noqa: BLE001
+            await _abort(context, e)
+        tier = self.store.tier_of(entry.key) or ""
+        for group in _page_groups(pages, layer, entry):
+            part = layer.select_pages(group, entry.page_size)
+            yield store_pb2.LayerPages(layer=request.layer, pages=group.tolist(), tier=tier,
+                                       tensors={n: tensor_to_proto(t) for n, t in part.tensors().items()})
+
     async def Stats(self, request, context):
         s = await asyncio.to_thread(self.store.stats)
         return store_pb2.StatsResponse(
@@ -131,6 +161,13 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             promotions=s.promotions, checksum_failures=s.checksum_failures, puts=s.puts,
             rejected_puts=s.rejected_puts,
         )
+
+
+def _page_groups(pages: torch.Tensor, layer, entry, limit: int = 4 << 20) -> list[torch.Tensor]:
+    """Split ``pages`` into groups whose rows take at most ``limit`` bytes (one message each)."""
+    per_page = max(1, layer.nbytes // max(1, layer.page_min.shape[0]))
+    size = max(1, limit // per_page)
+    return [pages[i:i + size] for i in range(0, len(pages), size)] or [pages]
 
 
 def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
@@ -147,6 +184,12 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
         "Delete": grpc.unary_unary_rpc_method_handler(
             servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
             response_serializer=pb.DeleteResponse.SerializeToString),
+        "Summaries": grpc.unary_stream_rpc_method_handler(
+            servicer.Summaries, request_deserializer=pb.GetRequest.FromString,
+            response_serializer=pb.LayerSummary.SerializeToString),
+        "Select": grpc.unary_stream_rpc_method_handler(
+            servicer.Select, request_deserializer=pb.SelectRequest.FromString,
+            response_serializer=pb.LayerPages.SerializeToString),
         "Stats": grpc.unary_unary_rpc_method_handler(
             servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
             response_serializer=pb.StatsResponse.SerializeToString),

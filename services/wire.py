@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+import torch
+
+from kvstore.codec import DTYPE_NAMES, DTYPES
 from kvstore.entry import Recipe
-from services.pb import common_pb2
+from kvstore.errors import InvalidEntry
+from services.pb import common_pb2, store_pb2
 
 _FRAME_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
 
@@ -102,3 +106,25 @@ def recipe_from_proto(msg: common_pb2.Recipe) -> Recipe:
     """Raises ``InvalidEntry`` naming the bad field."""
     return Recipe(method=msg.method or "full", ratio=msg.ratio, budget=msg.budget, quant=msg.quant or "none",
                   chunk_size=msg.chunk_size or 256, chunked=msg.chunked, params=tuple(msg.params.items()))
+
+
+def tensor_to_proto(t: torch.Tensor) -> store_pb2.Tensor:
+    flat = t.detach().cpu().contiguous()
+    return store_pb2.Tensor(dtype=DTYPE_NAMES[flat.dtype], shape=list(flat.shape),
+                            data=flat.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensor_from_proto(msg: store_pb2.Tensor) -> torch.Tensor:
+    """Raises ``InvalidEntry`` when the dtype is unknown or the bytes do not match the shape."""
+    if msg.dtype not in DTYPES:
+        raise InvalidEntry(f"tensor dtype {msg.dtype!r} is not one of {sorted(DTYPES)}")
+    dtype = DTYPES[msg.dtype]
+    numel = 1
+    for d in msg.shape:
+        numel *= d
+    if any(d < 0 for d in msg.shape) or numel * dtype.itemsize != len(msg.data):
+        raise InvalidEntry(f"tensor of shape {list(msg.shape)} {msg.dtype} needs {numel * dtype.itemsize} bytes, "
+                           f"got {len(msg.data)}")
+    if numel == 0:
+        return torch.empty(tuple(msg.shape), dtype=dtype)
+    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))

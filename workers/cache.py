@@ -42,8 +42,8 @@ class DkvLayer(DynamicLayer):
         self.positions = positions
         self.logical_length = logical_length
         self.is_initialized = True
-        # decode-time sparse attention (workers.decode installs it): called for one-token steps
-        # with (query [H_q, D], this layer) and returns the attention output [H_q, D]
+        # decode-time sparse attention (workers.decode / workers.paged install it): called with
+        # (query [1, H_q, q, D], scale); returns the output [1, q, H_q, D], or None for dense
         self.sparse_attend = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -107,9 +107,10 @@ def dkv_attention(module, query, key, value, attention_mask, scaling=None, dropo
     """
     layer = getattr(key, "dkv_layer", None)
     q_len, t = query.shape[2], key.shape[2]
-    if layer is not None and layer.sparse_attend is not None and q_len == 1:
-        out = layer.sparse_attend(query[0, :, 0], scaling)  # [H_q, D]
-        return out.view(1, 1, *out.shape), None
+    if layer is not None and layer.sparse_attend is not None:
+        out = layer.sparse_attend(query, scaling)
+        if out is not None:
+            return out, None
     if layer is None or layer.valid is None:
         # transformers' sdpa choices: is_causal for a plain prompt, no mask for one new token
         if attention_mask is None and q_len > 1 and q_len == t:

@@ -16,6 +16,7 @@ import torch
 from kernels.sparse_attention import sparse_decode_attention
 from kvstore.entry import CompressedKV, page_counts
 from workers.cache import ATTN_IMPLEMENTATION, DkvCache, DkvLayer, to_hf_cache
+from workers.paged import FetchStats, PageCache, RemoteEntry, paged_cache
 from workers.selection import Selection, SelectionCache, SlotView, make_selection
 
 
@@ -46,14 +47,19 @@ class _LayerSparse:
         return SlotView(layer.keys[0], valid, layer.positions, self.entry_slots, self.page_size,
                         self.page_min, self.page_max, self.num_pages)
 
-    def __call__(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def __call__(self, query: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """query ``[1, H_q, q, D]``: one-token steps attend sparsely; the multi-token query step densely."""
+        if query.shape[2] != 1:
+            return None
+        q = query[0, :, 0]
         view = self.view()
         if isinstance(self.selector, SelectionCache):
             indices, lengths = self.selector.select(self.index, q, view)
         else:
             indices, lengths = self.selector.select(q, view)
         self.stats.append(float(lengths.float().mean()))
-        return sparse_decode_attention(q, self.layer.keys[0], self.layer.values[0], indices, lengths, scale)
+        out = sparse_decode_attention(q, self.layer.keys[0], self.layer.values[0], indices, lengths, scale)
+        return out.view(1, 1, *out.shape)
 
 
 def _padded_pages(entry: CompressedKV, index: int, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,27 +141,72 @@ def generate(model, tokenizer_or_none, cache: CompressedKV, query_ids: torch.Ten
     tokenizer's end-of-turn / end-of-sequence token (included in the output) or after
     ``max_new_tokens``. Greedy unless ``temperature`` > 0.
     """
-    if query_ids.dim() != 2 or query_ids.shape[0] != 1 or query_ids.shape[1] < 1:
-        raise ValueError(f"query_ids must be [1, T] with T >= 1, got {tuple(query_ids.shape)}")
+    _check_query(query_ids)
     stats = stats if stats is not None else DecodeStats()
     dkv = sparse_cache(model, cache, selection, budget, stats=stats, **params)
-    stop = stop_token_ids(model, tokenizer_or_none) if stop_ids is None else stop_ids
+    out = list(_tokens(model, tokenizer_or_none, dkv, dkv.dkv_selected, query_ids, max_new_tokens, temperature,
+                       top_p, seed, stop_ids, stats))
+    if isinstance(dkv.dkv_selector, SelectionCache):
+        stats.selection_cache_hits = dkv.dkv_selector.hits
+    return out
+
+
+@torch.no_grad()
+def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.Tensor, max_new_tokens: int,
+                    budget: int, *, page_cache_bytes: int = 256 << 20, temperature: float = 0.0, top_p: float = 1.0,
+                    seed: int | None = None, stop_ids: set[int] | None = None, stats: DecodeStats | None = None,
+                    fetch: FetchStats | None = None):
+    """Like ``generate`` with ``selection="pages"``, reading the entry ``key`` page by page from
+    ``store`` (a ``StoreClient``) instead of holding it: yields tokens as they come.
+
+    Raises ``EntryLost`` when the store misses the entry (recompute it through prefill).
+    """
+    _check_query(query_ids)
+    stats = stats if stats is not None else DecodeStats()
+    fetch = fetch if fetch is not None else FetchStats()
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    param = next(model.parameters())
+    entry = RemoteEntry(store, key, param.dtype, param.device, PageCache(page_cache_bytes), fetch)
+    recorder: list[float] = []
+    dkv = paged_cache(entry, budget, recorder)
+    stats.cached_slots = round(sum(int(layer.num_pages.sum()) for layer in entry.layers) * entry.page_size
+                               / (len(entry.layers) * entry.num_kv_heads))
+
+    def record_step() -> None:
+        fetch.bytes_per_step.append(entry.step_bytes)
+        fetch.pages_per_step.append(entry.step_pages)
+        entry.step_bytes = entry.step_pages = 0
+
+    for token in _tokens(model, tokenizer_or_none, dkv, recorder, query_ids, max_new_tokens, temperature, top_p,
+                         seed, stop_ids, stats, on_step=record_step):
+        yield token
+
+
+def _check_query(query_ids: torch.Tensor) -> None:
+    if query_ids.dim() != 2 or query_ids.shape[0] != 1 or query_ids.shape[1] < 1:
+        raise ValueError(f"query_ids must be [1, T] with T >= 1, got {tuple(query_ids.shape)}")
+
+
+def _tokens(model, tokenizer, dkv: DkvCache, selected: list[float], query_ids, max_new_tokens, temperature, top_p,
+            seed, stop_ids, stats: DecodeStats, on_step=lambda: None):
+    """The decoding loop shared by local and paged caches: yields each token."""
+    stop = stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     started = time.perf_counter()
     logits = model(input_ids=query_ids, past_key_values=dkv, use_cache=True, logits_to_keep=1).logits[0, -1]
     stats.query_seconds = time.perf_counter() - started
-    out: list[int] = []
-    for _ in range(max_new_tokens):
+    on_step()
+    for produced in range(1, max_new_tokens + 1):
         token = _pick(logits, temperature, top_p, generator)
-        out.append(token)
-        if token in stop or len(out) == max_new_tokens:
-            break
+        yield token
+        if token in stop or produced == max_new_tokens:
+            return
         step = time.perf_counter()
-        dkv.dkv_selected.clear()
-        logits = model(input_ids=torch.tensor([[token]]), past_key_values=dkv, use_cache=True).logits[0, -1]
+        selected.clear()
+        logits = model(input_ids=torch.tensor([[token]], device=query_ids.device), past_key_values=dkv,
+                       use_cache=True).logits[0, -1]
         stats.seconds_per_token.append(time.perf_counter() - step)
-        stats.selected_per_step.append(sum(dkv.dkv_selected) / max(len(dkv.dkv_selected), 1))
+        stats.selected_per_step.append(sum(selected) / max(len(selected), 1))
         stats.steps += 1
-    if isinstance(dkv.dkv_selector, SelectionCache):
-        stats.selection_cache_hits = dkv.dkv_selector.hits
-    return out
+        on_step()

@@ -25,33 +25,45 @@ _sym_db = _symbol_database.Default()
 from services.pb import common_pb2 as dkv_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64kv/v1/store.proto\x12\x06\x64kv.v1\x1a\x13\x64kv/v1/common.proto\"\x15\n\x05\x46rame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"P\n\x0bPutResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x10\n\x08replaced\x18\x04 \x01(\x08\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"m\n\rLookupRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1e\n\x06recipe\x18\x03 \x01(\x0b\x32\x0e.dkv.v1.Recipe\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"Q\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\r\n\x05tiers\x18\x04 \x03(\t\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x85\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\"\xda\x01\n\rStatsResponse\x12 \n\x05tiers\x18\x01 \x03(\x0b\x32\x11.dkv.v1.TierStats\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x11\n\tdemotions\x18\x06 \x01(\x04\x12\x12\n\npromotions\x18\x07 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x08 \x01(\x04\x12\x0c\n\x04puts\x18\t \x01(\x04\x12\x15\n\rrejected_puts\x18\n \x01(\x04\x32\x8a\x02\n\x07KVStore\x12+\n\x03Put\x12\r.dkv.v1.Frame\x1a\x13.dkv.v1.PutResponse(\x01\x12*\n\x03Get\x12\x12.dkv.v1.GetRequest\x1a\r.dkv.v1.Frame0\x01\x12\x37\n\x06Lookup\x12\x15.dkv.v1.LookupRequest\x1a\x16.dkv.v1.LookupResponse\x12\x37\n\x06\x44\x65lete\x12\x15.dkv.v1.DeleteRequest\x1a\x16.dkv.v1.DeleteResponse\x12\x34\n\x05Stats\x12\x14.dkv.v1.StatsRequest\x1a\x15.dkv.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64kv/v1/store.proto\x12\x06\x64kv.v1\x1a\x13\x64kv/v1/common.proto\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe6\x01\n\x0cLayerSummary\x12\r\n\x05layer\x18\x01 \x01(\r\x12#\n\x0bhead_counts\x18\x02 \x01(\x0b\x32\x0e.dkv.v1.Tensor\x12 \n\x08page_min\x18\x03 \x01(\x0b\x32\x0e.dkv.v1.Tensor\x12 \n\x08page_max\x18\x04 \x01(\x0b\x32\x0e.dkv.v1.Tensor\x12\x0f\n\x07seq_len\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x11\n\tpage_size\x18\t \x01(\r\":\n\rSelectRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\r\n\x05pages\x18\x03 \x03(\r\"\xaa\x01\n\nLayerPages\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05pages\x18\x02 \x03(\r\x12\x30\n\x07tensors\x18\x03 \x03(\x0b\x32\x1f.dkv.v1.LayerPages.TensorsEntry\x12\x0c\n\x04tier\x18\x04 \x01(\t\x1a>\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.dkv.v1.Tensor:\x02\x38\x01\"\x15\n\x05\x46rame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"P\n\x0bPutResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x10\n\x08replaced\x18\x04 \x01(\x08\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"m\n\rLookupRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1e\n\x06recipe\x18\x03 \x01(\x0b\x32\x0e.dkv.v1.Recipe\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"Q\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\r\n\x05tiers\x18\x04 \x03(\t\"\x1c\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x85\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\"\xda\x01\n\rStatsResponse\x12 \n\x05tiers\x18\x01 \x03(\x0b\x32\x11.dkv.v1.TierStats\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x11\n\tdemotions\x18\x06 \x01(\x04\x12\x12\n\npromotions\x18\x07 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x08 \x01(\x04\x12\x0c\n\x04puts\x18\t \x01(\x04\x12\x15\n\rrejected_puts\x18\n \x01(\x04\x32\xfa\x02\n\x07KVStore\x12+\n\x03Put\x12\r.dkv.v1.Frame\x1a\x13.dkv.v1.PutResponse(\x01\x12*\n\x03Get\x12\x12.dkv.v1.GetRequest\x1a\r.dkv.v1.Frame0\x01\x12\x37\n\x06Lookup\x12\x15.dkv.v1.LookupRequest\x1a\x16.dkv.v1.LookupResponse\x12\x37\n\x06\x44\x65lete\x12\x15.dkv.v1.DeleteRequest\x1a\x16.dkv.v1.DeleteResponse\x12\x34\n\x05Stats\x12\x14.dkv.v1.StatsRequest\x1a\x15.dkv.v1.StatsResponse\x12\x37\n\tSummaries\x12\x12.dkv.v1.GetRequest\x1a\x14.dkv.v1.LayerSummary0\x01\x12\x35\n\x06Select\x12\x15.dkv.v1.SelectRequest\x1a\x12.dkv.v1.LayerPages0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dkv.v1.store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAME']._serialized_start=51
-  _globals['_FRAME']._serialized_end=72
-  _globals['_PUTRESPONSE']._serialized_start=74
-  _globals['_PUTRESPONSE']._serialized_end=154
-  _globals['_GETREQUEST']._serialized_start=156
-  _globals['_GETREQUEST']._serialized_end=181
-  _globals['_LOOKUPREQUEST']._serialized_start=183
-  _globals['_LOOKUPREQUEST']._serialized_end=292
-  _globals['_LOOKUPRESPONSE']._serialized_start=294
-  _globals['_LOOKUPRESPONSE']._serialized_end=375
-  _globals['_DELETEREQUEST']._serialized_start=377
-  _globals['_DELETEREQUEST']._serialized_end=405
-  _globals['_DELETERESPONSE']._serialized_start=407
-  _globals['_DELETERESPONSE']._serialized_end=440
-  _globals['_STATSREQUEST']._serialized_start=442
-  _globals['_STATSREQUEST']._serialized_end=456
-  _globals['_TIERSTATS']._serialized_start=459
-  _globals['_TIERSTATS']._serialized_end=592
-  _globals['_STATSRESPONSE']._serialized_start=595
-  _globals['_STATSRESPONSE']._serialized_end=813
-  _globals['_KVSTORE']._serialized_start=816
-  _globals['_KVSTORE']._serialized_end=1082
+  _globals['_LAYERPAGES_TENSORSENTRY']._loaded_options = None
+  _globals['_LAYERPAGES_TENSORSENTRY']._serialized_options = b'8\001'
+  _globals['_TENSOR']._serialized_start=51
+  _globals['_TENSOR']._serialized_end=103
+  _globals['_LAYERSUMMARY']._serialized_start=106
+  _globals['_LAYERSUMMARY']._serialized_end=336
+  _globals['_SELECTREQUEST']._serialized_start=338
+  _globals['_SELECTREQUEST']._serialized_end=396
+  _globals['_LAYERPAGES']._serialized_start=399
+  _globals['_LAYERPAGES']._serialized_end=569
+  _globals['_LAYERPAGES_TENSORSENTRY']._serialized_start=507
+  _globals['_LAYERPAGES_TENSORSENTRY']._serialized_end=569
+  _globals['_FRAME']._serialized_start=571
+  _globals['_FRAME']._serialized_end=592
+  _globals['_PUTRESPONSE']._serialized_start=594
+  _globals['_PUTRESPONSE']._serialized_end=674
+  _globals['_GETREQUEST']._serialized_start=676
+  _globals['_GETREQUEST']._serialized_end=701
+  _globals['_LOOKUPREQUEST']._serialized_start=703
+  _globals['_LOOKUPREQUEST']._serialized_end=812
+  _globals['_LOOKUPRESPONSE']._serialized_start=814
+  _globals['_LOOKUPRESPONSE']._serialized_end=895
+  _globals['_DELETEREQUEST']._serialized_start=897
+  _globals['_DELETEREQUEST']._serialized_end=925
+  _globals['_DELETERESPONSE']._serialized_start=927
+  _globals['_DELETERESPONSE']._serialized_end=960
+  _globals['_STATSREQUEST']._serialized_start=962
+  _globals['_STATSREQUEST']._serialized_end=976
+  _globals['_TIERSTATS']._serialized_start=979
+  _globals['_TIERSTATS']._serialized_end=1112
+  _globals['_STATSRESPONSE']._serialized_start=1115
+  _globals['_STATSRESPONSE']._serialized_end=1333
+  _globals['_KVSTORE']._serialized_start=1336
+  _globals['_KVSTORE']._serialized_end=1714
 # @@protoc_insertion_point(module_scope)

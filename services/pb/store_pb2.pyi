@@ -7,6 +7,67 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LayerSummary(_message.Message):
+    __slots__ = ("layer", "head_counts", "page_min", "page_max", "seq_len", "num_layers", "num_kv_heads", "head_dim", "page_size")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_MIN_FIELD_NUMBER: _ClassVar[int]
+    PAGE_MAX_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    head_counts: Tensor
+    page_min: Tensor
+    page_max: Tensor
+    seq_len: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    def __init__(self, layer: _Optional[int] = ..., head_counts: _Optional[_Union[Tensor, _Mapping]] = ..., page_min: _Optional[_Union[Tensor, _Mapping]] = ..., page_max: _Optional[_Union[Tensor, _Mapping]] = ..., seq_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class SelectRequest(_message.Message):
+    __slots__ = ("key", "layer", "pages")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    layer: int
+    pages: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, key: _Optional[str] = ..., layer: _Optional[int] = ..., pages: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LayerPages(_message.Message):
+    __slots__ = ("layer", "pages", "tensors", "tier")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    pages: _containers.RepeatedScalarFieldContainer[int]
+    tensors: _containers.MessageMap[str, Tensor]
+    tier: str
+    def __init__(self, layer: _Optional[int] = ..., pages: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Mapping[str, Tensor]] = ..., tier: _Optional[str] = ...) -> None: ...
+
 class Frame(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]

@@ -66,6 +66,16 @@ class KVStoreStub:
                 request_serializer=dkv_dot_v1_dot_store__pb2.StatsRequest.SerializeToString,
                 response_deserializer=dkv_dot_v1_dot_store__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Summaries = channel.unary_stream(
+                '/dkv.v1.KVStore/Summaries',
+                request_serializer=dkv_dot_v1_dot_store__pb2.GetRequest.SerializeToString,
+                response_deserializer=dkv_dot_v1_dot_store__pb2.LayerSummary.FromString,
+                _registered_method=True)
+        self.Select = channel.unary_stream(
+                '/dkv.v1.KVStore/Select',
+                request_serializer=dkv_dot_v1_dot_store__pb2.SelectRequest.SerializeToString,
+                response_deserializer=dkv_dot_v1_dot_store__pb2.LayerPages.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -107,7 +117,22 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Select (query-aware partial fetch of pages) is added with the decode workers.
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Summaries(self, request, context):
+        """Per layer: each KV head's kept-token count and the elementwise min/max of K per page (the
+        Quest summaries a decode worker ranks pages with). Sent first; they stay on the worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Select(self, request, context):
+        """Only the requested pages of one layer (positions, K, V as stored), so the bytes moved per
+        decode step grow with the selection budget, not with the context.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +165,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=dkv_dot_v1_dot_store__pb2.StatsRequest.FromString,
                     response_serializer=dkv_dot_v1_dot_store__pb2.StatsResponse.SerializeToString,
+            ),
+            'Summaries': grpc.unary_stream_rpc_method_handler(
+                    servicer.Summaries,
+                    request_deserializer=dkv_dot_v1_dot_store__pb2.GetRequest.FromString,
+                    response_serializer=dkv_dot_v1_dot_store__pb2.LayerSummary.SerializeToString,
+            ),
+            'Select': grpc.unary_stream_rpc_method_handler(
+                    servicer.Select,
+                    request_deserializer=dkv_dot_v1_dot_store__pb2.SelectRequest.FromString,
+                    response_serializer=dkv_dot_v1_dot_store__pb2.LayerPages.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -284,6 +319,60 @@ class KVStore:
             '/dkv.v1.KVStore/Stats',
             dkv_dot_v1_dot_store__pb2.StatsRequest.SerializeToString,
             dkv_dot_v1_dot_store__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Summaries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dkv.v1.KVStore/Summaries',
+            dkv_dot_v1_dot_store__pb2.GetRequest.SerializeToString,
+            dkv_dot_v1_dot_store__pb2.LayerSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Select(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dkv.v1.KVStore/Select',
+            dkv_dot_v1_dot_store__pb2.SelectRequest.SerializeToString,
+            dkv_dot_v1_dot_store__pb2.LayerPages.FromString,
             options,
             channel_credentials,
             insecure,
