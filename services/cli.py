@@ -3,6 +3,7 @@
     dkv store serve [--port P --device-bytes N --cpu-bytes N --redis-url URL ...]
     dkv store stats [--address HOST:PORT]
     dkv prefill serve [--port P --store HOST:PORT --model NAME ...]
+    dkv decode serve [--port P --store HOST:PORT --prefill HOST:PORT ...]
     dkv bench store [--json]
     dkv demo
     dkv config show store
@@ -20,7 +21,8 @@ import logging
 import os
 import sys
 
-from services.settings import PrefillSettings, SettingsError, StoreSettings, add_arguments, describe, load
+from services.settings import (DecodeSettings, PrefillSettings, SettingsError, StoreSettings, add_arguments,
+                               describe, load)
 
 # glibc returns large blocks to the OS on free and maps fresh zeroed pages for the next one, so
 # every 4 MiB frame pays its page faults again. Keeping the heap (see docs/benchmarks.md) makes
@@ -30,7 +32,7 @@ MALLOC_TUNING = {
     "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
     "MALLOC_TOP_PAD_": str(256 << 20),
 }
-COMPONENTS = {"store": StoreSettings, "prefill": PrefillSettings}
+COMPONENTS = {"store": StoreSettings, "prefill": PrefillSettings, "decode": DecodeSettings}
 
 
 def tune_malloc_and_reexec() -> None:
@@ -58,6 +60,15 @@ def _prefill_serve(args: argparse.Namespace) -> int:
     from services.prefill_server import serve
 
     settings = load(PrefillSettings, _settings_args(args, PrefillSettings))
+    setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _decode_serve(args: argparse.Namespace) -> int:
+    from services.decode_server import serve
+
+    settings = load(DecodeSettings, _settings_args(args, DecodeSettings))
     setup_logging(settings.log_level)
     asyncio.run(serve(settings))
     return 0
@@ -121,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "entries written to the store out. Reuses the longest cached prefix.")
     add_arguments(pserve, PrefillSettings)
     pserve.set_defaults(func=_prefill_serve)
+
+    decode = sub.add_parser("decode", help="run a decode worker").add_subparsers(dest="action", required=True)
+    dserve = decode.add_parser("serve", help="serve decoding over gRPC: fetch an entry, sparse attention, stream tokens",
+                               description="Serve the Decode service: an entry key (or a context) and a query in, "
+                               "tokens streamed out, then stats (attended slots per step, bytes per tier, time per "
+                               "token). Recomputes missing entries through a prefill worker.")
+    add_arguments(dserve, DecodeSettings)
+    dserve.set_defaults(func=_decode_serve)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="suite", required=True)
     bstore = bench.add_parser("store", help="Put/Get throughput of the store against gRPC, Redis, TCP and memcpy",

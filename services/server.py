@@ -94,3 +94,32 @@ async def abort_with(context: grpc.aio.ServicerContext, error: Exception, status
             await context.abort(code, str(error))
     log.error("internal error", exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+
+async def iterate_in_thread(iterator):
+    """Run a blocking iterator in a worker thread; yield its items here as they come.
+
+    Exceptions raised by the iterator are re-raised here.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def pump() -> None:
+        try:
+            for item in iterator:
+                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop
+            loop.call_soon_threadsafe(queue.put_nowait, (done, e))
+            return
+        loop.call_soon_threadsafe(queue.put_nowait, (done, None))
+
+    task = loop.run_in_executor(None, pump)
+    while True:
+        item, error = await queue.get()
+        if item is done:
+            await task
+            if error is not None:
+                raise error
+            return
+        yield item

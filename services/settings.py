@@ -201,3 +201,25 @@ class PrefillSettings(ServerSettings):
         super().__post_init__()
         check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("max_tokens", self.max_tokens, 0, 1 << 24)
+
+
+@dataclass
+class DecodeSettings(ServerSettings):
+    """A decode worker (``dkv decode serve``)."""
+
+    component: ClassVar[str] = "decode"
+    port: int = setting(50054, "gRPC port of the decode worker.")
+    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port).")
+    store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
+    prefill: str = setting("127.0.0.1:50053", "Address of a prefill worker, to recompute missing entries; "
+                           "empty = a missing entry is NOT_FOUND.")
+    prefill_timeout_s: float = setting(600.0, "Deadline of a recompute through the prefill worker, in seconds.")
+    model: str = setting("smollm2-135m", "Model name (smollm2-135m) or a local model directory or .gguf file.")
+    page_cache_bytes: int = setting(256 << 20, "Local page cache for paged decoding (device memory on a GPU).",
+                                    kind="size")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
+        check_range("prefill_timeout_s", self.prefill_timeout_s, 0.1, 3600)
+        check_range("page_cache_bytes", self.page_cache_bytes, 1 << 20, 1 << 50)

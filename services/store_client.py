@@ -101,22 +101,35 @@ class StoreClient:
 
     def get_frames(self, key: EntryKey | str) -> list[memoryview] | None:
         """The entry's frames as sent by the server (not yet verified), or None on a miss."""
+        fetched = self._get_frames(key)
+        return None if fetched is None else fetched[0]
+
+    def _get_frames(self, key: EntryKey | str) -> tuple[list[memoryview], str] | None:
+        call = self._get(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s)
         try:
-            return list(self._get(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s))
+            frames = list(call)
         except grpc.RpcError as e:
             if e.code() in MISS_CODES:
                 if e.code() == grpc.StatusCode.DATA_LOSS:
                     log.warning("store reported %s corrupted: %s", key, e.details())
                 return None
             raise
+        tier = dict(call.trailing_metadata() or ()).get("dkv-tier", "")
+        return frames, tier
 
     def get(self, key: EntryKey | str) -> CompressedKV | None:
         """The decoded, verified entry, or None on a miss (including a failed check)."""
-        frames = self.get_frames(key)
-        if frames is None:
+        fetched = self.get_with_tier(key)
+        return None if fetched is None else fetched[0]
+
+    def get_with_tier(self, key: EntryKey | str) -> tuple[CompressedKV, str, int] | None:
+        """(entry, the tier it was read from, bytes received), or None on a miss or a failed check."""
+        fetched = self._get_frames(key)
+        if fetched is None:
             return None
+        frames, tier = fetched
         try:
-            return codec.decode(frames)
+            return codec.decode(frames), tier, sum(len(f) for f in frames)
         except CorruptEntry as e:
             log.warning("entry %s failed its check on arrival: %s", key, e)
             return None

@@ -97,6 +97,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             result = await asyncio.to_thread(self.store.get, key)
         except Exception as e:  # noqa: BLE001
             await _abort(context, e)
+        context.set_trailing_metadata((("dkv-tier", result.tier),))
         for frame in result.frames:
             yield frame
 

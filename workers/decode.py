@@ -151,15 +151,16 @@ def generate(model, tokenizer_or_none, cache: CompressedKV, query_ids: torch.Ten
     return out
 
 
-@torch.no_grad()
 def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.Tensor, max_new_tokens: int,
                     budget: int, *, page_cache_bytes: int = 256 << 20, temperature: float = 0.0, top_p: float = 1.0,
                     seed: int | None = None, stop_ids: set[int] | None = None, stats: DecodeStats | None = None,
                     fetch: FetchStats | None = None):
     """Like ``generate`` with ``selection="pages"``, reading the entry ``key`` page by page from
-    ``store`` (a ``StoreClient``) instead of holding it: yields tokens as they come.
+    ``store`` (a ``StoreClient``) instead of holding it. Fetches the page summaries now, then
+    returns an iterator of tokens as they come.
 
-    Raises ``EntryLost`` when the store misses the entry (recompute it through prefill).
+    Raises ``EntryLost`` when the store misses the entry (recompute it through prefill), now or
+    while iterating.
     """
     _check_query(query_ids)
     stats = stats if stats is not None else DecodeStats()
@@ -178,9 +179,13 @@ def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.
         fetch.pages_per_step.append(entry.step_pages)
         entry.step_bytes = entry.step_pages = 0
 
-    for token in _tokens(model, tokenizer_or_none, dkv, recorder, query_ids, max_new_tokens, temperature, top_p,
-                         seed, stop_ids, stats, on_step=record_step):
-        yield token
+    return _no_grad(_tokens(model, tokenizer_or_none, dkv, recorder, query_ids, max_new_tokens, temperature, top_p,
+                            seed, stop_ids, stats, on_step=record_step))
+
+
+def _no_grad(tokens):
+    with torch.no_grad():
+        yield from tokens
 
 
 def _check_query(query_ids: torch.Tensor) -> None:

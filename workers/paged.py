@@ -31,6 +31,7 @@ class EntryLost(RuntimeError):
 
 @dataclass
 class FetchStats:
+    context_tokens: int = 0
     bytes_per_step: list[int] = field(default_factory=list)
     pages_per_step: list[int] = field(default_factory=list)
     tiers: dict[str, int] = field(default_factory=dict)
@@ -79,6 +80,7 @@ class RemoteEntry:
         self.cache, self.stats = cache, stats
         first = summaries[0]
         self.seq_len, self.page_size = first.seq_len, first.page_size
+        stats.context_tokens = self.seq_len
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self.layers = [_LayerPages(s, dtype, device) for s in summaries]
         self.step_bytes = 0

@@ -1,0 +1,117 @@
+"""The Decode gRPC service: a thin servicer over ``workers.decode_worker.DecodeWorker``."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from kvstore.errors import EntryNotFound, InvalidEntry
+from services.pb import decode_pb2, decode_pb2_grpc
+from services.prefill_client import PrefillClient
+from services.server import GrpcServer, abort_with, iterate_in_thread, serve_until_signal
+from services.settings import DecodeSettings
+from services.store_client import StoreClient
+from services.wire import recipe_from_proto
+
+log = logging.getLogger("dkv.decode.server")
+SERVICE = "dkv.v1.Decode"
+STATUS = {
+    EntryNotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidEntry: grpc.StatusCode.INVALID_ARGUMENT,
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, worker):
+        self.worker = worker
+
+    def _job(self, request):
+        from workers.decode_worker import DecodeJob
+
+        tokenize = lambda text: self.worker.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        context = request.WhichOneof("context")
+        context_ids = None
+        if context == "context_text":
+            context_ids = self.worker.tokenizer(request.context_text).input_ids
+        elif context == "context_ids":
+            context_ids = list(request.context_ids.ids)
+        query = request.WhichOneof("query")
+        query_ids = tokenize(request.query_text) if query == "query_text" else \
+            list(request.query_ids.ids) if query == "query_ids" else []
+        return DecodeJob(
+            query_ids=query_ids, keys=list(request.keys), context_ids=context_ids,
+            recipe=recipe_from_proto(request.recipe) if request.HasField("recipe") else None,
+            selection=request.selection or "dense", budget=request.budget, budget_fraction=request.budget_fraction,
+            selection_cache=request.selection_cache, paged=request.paged, max_new_tokens=request.max_new_tokens or 64,
+            temperature=request.temperature, top_p=request.top_p or 1.0,
+            seed=request.seed if request.seed else None, tenant=request.tenant or "default")
+
+    async def Decode(self, request, context):
+        from workers.decode_worker import DecodeResult
+
+        try:
+            job = self._job(request)
+            self.worker.check(job)
+            produced: list[int] = []
+            text = ""
+            async for item in iterate_in_thread(self.worker.run(job)):
+                if isinstance(item, DecodeResult):
+                    yield decode_pb2.DecodeResponse(stats=_stats(item, len(produced)))
+                    return
+                produced.append(item)
+                full = self.worker.tokenizer.decode(produced, skip_special_tokens=True)
+                piece = ""
+                if not full.endswith("\ufffd"):  # wait until a multi-byte character is complete
+                    piece, text = full[len(text):], full
+                yield decode_pb2.DecodeResponse(token=decode_pb2.GeneratedToken(id=item, text=piece))
+        except grpc.RpcError as e:  # store or prefill failed: pass its status on
+            await context.abort(e.code(), f"upstream: {e.details()}")
+        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+            await abort_with(context, e, STATUS)
+
+
+def _stats(result, new_tokens: int) -> decode_pb2.DecodeStats:
+    s = result.stats
+    per_token = sum(s.seconds_per_token) / len(s.seconds_per_token) if s.seconds_per_token else 0.0
+    return decode_pb2.DecodeStats(
+        new_tokens=new_tokens,
+        mean_selected_per_step=sum(s.selected_per_step) / len(s.selected_per_step) if s.selected_per_step else 0.0,
+        cached_slots=s.cached_slots, selected_per_step=s.selected_per_step, bytes_fetched_by_tier=result.bytes_by_tier,
+        fetch_ms=result.fetch_ms, query_ms=s.query_seconds * 1e3, ms_per_token=per_token * 1e3,
+        prefilled=result.prefilled, context_tokens=result.context_tokens)
+
+
+class DecodeServer(GrpcServer):
+    service_name = SERVICE
+
+    def __init__(self, settings: DecodeSettings, worker=None):
+        super().__init__(settings)
+        if worker is None:
+            from workers.decode_worker import DecodeWorker
+            from workers.model import load_model
+
+            model, tokenizer = load_model(settings.model)
+            prefill = PrefillClient(settings.prefill, timeout_s=settings.prefill_timeout_s).keys \
+                if settings.prefill else None
+            worker = DecodeWorker(model, tokenizer, StoreClient(settings.store, timeout_s=settings.store_timeout_s),
+                                  prefill, page_cache_bytes=settings.page_cache_bytes)
+        self.worker = worker
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Decode": grpc.unary_stream_rpc_method_handler(
+                DecodeServicer(self.worker).Decode, request_deserializer=decode_pb2.DecodeRequest.FromString,
+                response_serializer=decode_pb2.DecodeResponse.SerializeToString),
+        })
+
+    def describe(self) -> str:
+        return f"decode (model {self.worker.model.dkv_fingerprint}, store {self.worker.store.address})"
+
+    def close(self) -> None:
+        self.worker.store.close()
+
+
+async def serve(settings: DecodeSettings) -> None:
+    await serve_until_signal(DecodeServer(settings))

@@ -1,0 +1,35 @@
+"""Python client of the Prefill service (used by the decode worker to recompute a missing entry)."""
+
+from __future__ import annotations
+
+import grpc
+
+from kvstore.entry import Recipe
+from services.pb import prefill_pb2, prefill_pb2_grpc
+from services.server import GRPC_OPTIONS
+from services.wire import recipe_to_proto
+
+
+class PrefillClient:
+    def __init__(self, address: str, timeout_s: float = 600.0):
+        self.address, self.timeout_s = address, timeout_s
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.stub = prefill_pb2_grpc.PrefillStub(self.channel)
+
+    def prefill(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> prefill_pb2.PrefillResponse:
+        request = prefill_pb2.PrefillRequest(recipe=recipe_to_proto(recipe), tenant=tenant)
+        request.token_ids.ids.extend(token_ids)
+        return self.stub.Prefill(request, timeout=self.timeout_s)
+
+    def keys(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> list[str]:
+        """The entry keys of the context, prefilled if needed."""
+        return list(self.prefill(token_ids, recipe, tenant).keys)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "PrefillClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
