@@ -110,13 +110,17 @@ def page_scores_triton(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.
 
 def page_scores_reference(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
                           num_pages: torch.Tensor) -> torch.Tensor:
-    """Plain torch, fp32: the bound per query head, max over each group, ``-inf`` on padded pages."""
+    """Plain torch, fp32: the bound per query head, max over each group, ``-inf`` on padded pages.
+
+    ``Σ_d max(q_d·min_d, q_d·max_d) = relu(q)·max + min(q, 0)·min`` (``max_d >= min_d``), so the
+    bound is two batched matmuls instead of a ``[H_q, P, D]`` elementwise tensor: 10-50x faster on
+    a CPU at 16K tokens.
+    """
     h_q, d = q.shape
     h_kv, p, _ = page_min.shape
-    qg = q.float().view(h_kv, h_q // h_kv, 1, d)  # [H_kv, G, 1, D]
-    lo = page_min.float().unsqueeze(1)  # [H_kv, 1, P, D]
-    hi = page_max.float().unsqueeze(1)
-    bound = torch.maximum(qg * lo, qg * hi).sum(-1).amax(1)  # [H_kv, P]
+    qg = q.float().view(h_kv, h_q // h_kv, d)  # [H_kv, G, D]
+    bound = (torch.bmm(qg.clamp(min=0), page_max.float().transpose(1, 2))
+             + torch.bmm(qg.clamp(max=0), page_min.float().transpose(1, 2))).amax(1)  # [H_kv, P]
     padded = torch.arange(p, device=q.device) >= num_pages.clamp(0, p).long().unsqueeze(1)
     return bound.masked_fill(padded, float("-inf"))
 
