@@ -83,10 +83,13 @@ class EntryHeader:
     def key(self):
         return self.identity.key
 
-    @property
-    def kept_tokens(self) -> int:
-        """Kept (token, head) rows summed over layers."""
-        return sum(t.shape[0] for t in self.tensors if t.name == "positions")
+    def kept_tokens_per_layer(self) -> list[int]:
+        """Kept (token, KV head) rows of each layer."""
+        kept = [0] * self.num_layers
+        for t in self.tensors:
+            if t.name == "positions":
+                kept[t.layer] = t.shape[0]
+        return kept
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ class LookupResult:
     keys: list[EntryKey]  # the entries covering the prefix, in order (one for a whole-context recipe)
     cached_tokens: int
     tiers: list[str]
+    headers: list[EntryHeader]
+    stored_bytes: list[int]
 
 
 @dataclass
@@ -233,10 +235,11 @@ class TieredStore:
         if found is None:
             return None
         keys, tokens = found
-        tiers = [self.tier_of(k) for k in keys]
-        if None in tiers:  # evicted meanwhile
+        stored = [self._entries.get(k) for k in keys]
+        if None in stored:  # evicted meanwhile
             return None
-        return LookupResult(keys, tokens, tiers)
+        return LookupResult(keys, tokens, [self.tiers[s.stats.tier].tier.name for s in stored],
+                            [s.header for s in stored], [s.stats.nbytes for s in stored])
 
     def _start_of(self, key: EntryKey) -> int | None:
         stored = self._entries.get(key)

@@ -4,7 +4,11 @@
     dkv store stats [--address HOST:PORT]
     dkv prefill serve [--port P --store HOST:PORT --model NAME ...]
     dkv decode serve [--port P --store HOST:PORT --prefill HOST:PORT ...]
+    dkv gateway serve [--port 50051 --prefill HOST:PORT --decode HOST:PORT[,...]]
+    dkv up [--port 50051]                  # everything on this machine
+    dkv generate "context" "query" [--method snapkv --ratio 0.5 --selection pages --budget 256]
     dkv bench store [--json]
+    dkv bench quality [--json] [--quick] [--no-peers] [--out DIR]
     dkv demo
     dkv config show store
 
@@ -21,8 +25,8 @@ import logging
 import os
 import sys
 
-from services.settings import (DecodeSettings, PrefillSettings, SettingsError, StoreSettings, add_arguments,
-                               describe, load)
+from services.settings import (DecodeSettings, GatewaySettings, PrefillSettings, SettingsError, StoreSettings,
+                               add_arguments, describe, load)
 
 # glibc returns large blocks to the OS on free and maps fresh zeroed pages for the next one, so
 # every 4 MiB frame pays its page faults again. Keeping the heap (see docs/benchmarks.md) makes
@@ -32,7 +36,8 @@ MALLOC_TUNING = {
     "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
     "MALLOC_TOP_PAD_": str(256 << 20),
 }
-COMPONENTS = {"store": StoreSettings, "prefill": PrefillSettings, "decode": DecodeSettings}
+COMPONENTS = {"store": StoreSettings, "prefill": PrefillSettings, "decode": DecodeSettings,
+              "gateway": GatewaySettings}
 
 
 def tune_malloc_and_reexec() -> None:
@@ -74,6 +79,42 @@ def _decode_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway_serve(args: argparse.Namespace) -> int:
+    from services.gateway_server import serve
+
+    settings = load(GatewaySettings, _settings_args(args, GatewaySettings))
+    setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.up import UpOptions, run
+
+    setup_logging("info")
+    return run(UpOptions(host=args.host, port=args.port, model=args.model, device_bytes=args.device_bytes,
+                         cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes, redis=not args.no_redis))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from kvstore.entry import Recipe
+    from services.client import DkvClient
+
+    recipe = Recipe(method=args.method, ratio=args.ratio, quant=args.quant, chunk_size=args.chunk_size,
+                    chunked=not args.whole)
+    with DkvClient(args.address) as client:
+        for item in client.generate(args.context, args.query, chat_template=not args.raw, recipe=recipe,
+                                    selection=args.selection, budget=args.budget, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, stop=args.stop or ()):
+            if isinstance(item, str):
+                print(item, end="", flush=True)
+            else:
+                print("\n" + json.dumps(MessageToDict(item), indent=2), file=sys.stderr)
+    return 0
+
+
 def _store_stats(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
@@ -86,6 +127,12 @@ def _store_stats(args: argparse.Namespace) -> int:
 
 def _bench_store(args: argparse.Namespace) -> int:
     from bench.store import main as bench_main
+
+    return bench_main(args)
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from bench.quality import main as bench_main
 
     return bench_main(args)
 
@@ -141,6 +188,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(dserve, DecodeSettings)
     dserve.set_defaults(func=_decode_serve)
 
+    gateway = sub.add_parser("gateway", help="run the gateway").add_subparsers(dest="action", required=True)
+    gserve = gateway.add_parser("serve", help="serve Generate over gRPC: the one entry point for clients",
+                                description="Serve the Gateway: context + query in, tokens streamed out. Resolves "
+                                "the context through a prefill worker (longest cached prefix first) and decodes on "
+                                "the least loaded decode worker.")
+    add_arguments(gserve, GatewaySettings)
+    gserve.set_defaults(func=_gateway_serve)
+
+    up = sub.add_parser("up", help="start the whole system on this machine (Ctrl-C stops all of it)",
+                        description="Start Redis (when installed), the store, a prefill worker, a decode worker and "
+                        "the gateway as child processes; print the gateway address; stop them all on Ctrl-C.")
+    up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
+    up.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    up.add_argument("--model", default="smollm2-135m", help="model of the workers")
+    up.add_argument("--cpu-bytes", default="2GiB", help="host-memory tier of the store")
+    up.add_argument("--device-bytes", default="0", help="device-memory tier of the store (GPU when present)")
+    up.add_argument("--redis-bytes", default="4GiB", help="what the store may use in Redis")
+    up.add_argument("--no-redis", action="store_true", help="run without the Redis tier")
+    up.set_defaults(func=_up)
+
+    gen = sub.add_parser("generate", help="send one Generate request to a running gateway and print the answer",
+                         description="Print the tokens as they come, then the stats (stderr, JSON).")
+    gen.add_argument("context", help="the context (a document, a conversation so far)")
+    gen.add_argument("query", help="the question or instruction after it")
+    gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
+    gen.add_argument("--method", default="snapkv", help="compression method (snapkv, pyramidkv, h2o, ..., full)")
+    gen.add_argument("--ratio", type=float, default=0.5, help="fraction of the context's tokens removed")
+    gen.add_argument("--quant", default="none", choices=["none", "int8", "int4", "mixed"], help="K/V precision")
+    gen.add_argument("--chunk-size", type=int, default=256, help="tokens per prefix chunk")
+    gen.add_argument("--whole", action="store_true", help="compress the whole context at once (no prefix reuse)")
+    gen.add_argument("--selection", default="dense", choices=["dense", "topk", "pages"], help="decode-time selection")
+    gen.add_argument("--budget", type=int, default=0, help="tokens each KV head attends per step (0 = all)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(func=_generate)
+
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="suite", required=True)
     bstore = bench.add_parser("store", help="Put/Get throughput of the store against gRPC, Redis, TCP and memcpy",
                               description="Put and get a SmolLM2-sized cache (4096 tokens, 30 layers, 3 KV heads, "
@@ -150,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     bstore.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (best is kept)")
     bstore.add_argument("--tokens", type=int, default=4096, help="context tokens of the full cache")
     bstore.set_defaults(func=_bench_store)
+    bquality = bench.add_parser("quality", help="retrieval, likelihood and bytes of every compression method vs kvpress",
+                                description="Score every compression method at ratios 0.5/0.75/0.9 (plus quantized, "
+                                "merged and chunked variants) on SmolLM2: passkey and needle retrieval, extra NLL "
+                                "and top-1 agreement against the full cache, stored bytes, prefill overhead; and "
+                                "kvpress's presses on the same tokens when .venv-peers exists (make bench-peers).")
+    bquality.add_argument("--json", action="store_true", help="print only the JSON result")
+    bquality.add_argument("--quick", action="store_true", help="smoke test: 2 methods, 1 ratio, 3 tasks")
+    bquality.add_argument("--no-peers", action="store_true", help="skip kvpress even when .venv-peers exists")
+    bquality.add_argument("--out", default="docs", metavar="DIR", help="write DIR/img/quality.png and the quality "
+                          "section of DIR/benchmarks.md (default docs; '' to skip)")
+    bquality.add_argument("--threads", type=int, default=1, help="torch threads of dkv and of the kvpress runner")
+    bquality.set_defaults(func=_bench_quality)
 
     demo = sub.add_parser("demo", help="start a store, put and get caches through it, show what happened")
     demo.set_defaults(func=_demo)

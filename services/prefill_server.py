@@ -42,7 +42,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillResponse(
             keys=result.keys, model_fingerprint=result.model_fingerprint, context_tokens=result.context_tokens,
             cached_tokens=result.cached_tokens, prefilled_tokens=result.prefilled_tokens,
-            stored_bytes=result.stored_bytes, full_fp16_bytes=result.full_fp16_bytes,
+            stored_bytes=result.stored_bytes, full_bytes=result.full_bytes,
             kept_tokens_per_layer=result.kept_tokens_per_layer, importance=result.importance,
             timings=prefill_pb2.PrefillTimings(lookup_ms=tm["lookup"], fetch_ms=tm["fetch"], prefill_ms=tm["prefill"],
                                                compress_ms=tm["compress"], store_ms=tm["store"], total_ms=tm["total"]),

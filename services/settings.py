@@ -223,3 +223,24 @@ class DecodeSettings(ServerSettings):
         check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("prefill_timeout_s", self.prefill_timeout_s, 0.1, 3600)
         check_range("page_cache_bytes", self.page_cache_bytes, 1 << 20, 1 << 50)
+
+
+@dataclass
+class GatewaySettings(ServerSettings):
+    """The gateway (``dkv gateway serve``): the one entry point for clients."""
+
+    component: ClassVar[str] = "gateway"
+    port: int = setting(50051, "gRPC port of the gateway.")
+    prefill: str = setting("127.0.0.1:50053", "Address of the prefill worker (or its Service).")
+    decode: str = setting("127.0.0.1:50054", "Addresses of the decode workers, comma-separated; requests go to the "
+                          "least loaded.")
+    model: str = setting("smollm2-135m", "Model whose tokenizer and chat template the gateway applies.")
+    max_positions: int = setting(8192, "Longest context + query + new tokens accepted.")
+    timeout_s: float = setting(600.0, "Deadline of each call to a worker, in seconds.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prefill or not self.decode:
+            raise SettingsError("settings prefill and decode need worker addresses (host:port)")
+        check_range("max_positions", self.max_positions, 1, 1 << 24)
+        check_range("timeout_s", self.timeout_s, 0.1, 24 * 3600)

@@ -52,6 +52,9 @@ class LookupReply:
     keys: list[EntryKey]  # in order; one for a whole-context recipe, one per chunk for a chunked one
     cached_tokens: int
     tiers: list[str]
+    stored_bytes: list[int]
+    importance: list[float]
+    kept_tokens_per_layer: list[int]
 
 
 class StoreClient:
@@ -139,7 +142,10 @@ class StoreClient:
         r = self._lookup(store_pb2.LookupRequest(tenant=tenant, model_fingerprint=model_fingerprint,
                                                  recipe=recipe_to_proto(recipe), token_ids=list(token_ids)),
                          timeout=self.timeout_s)
-        return LookupReply([EntryKey.parse(k) for k in r.keys], r.cached_tokens, list(r.tiers)) if r.hit else None
+        if not r.hit:
+            return None
+        return LookupReply([EntryKey.parse(k) for k in r.keys], r.cached_tokens, list(r.tiers), list(r.stored_bytes),
+                           list(r.importance), list(r.kept_tokens_per_layer))
 
     def delete(self, key: EntryKey | str) -> bool:
         return self._delete(store_pb2.DeleteRequest(key=str(key)), timeout=self.timeout_s).deleted

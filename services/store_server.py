@@ -112,8 +112,10 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             await _abort(context, e)
         if found is None:
             return store_pb2.LookupResponse(hit=False)
+        kept = [sum(layer) for layer in zip(*(h.kept_tokens_per_layer() for h in found.headers))]
         return store_pb2.LookupResponse(hit=True, keys=[str(k) for k in found.keys], cached_tokens=found.cached_tokens,
-                                        tiers=found.tiers)
+                                        tiers=found.tiers, stored_bytes=found.stored_bytes,
+                                        importance=[h.importance for h in found.headers], kept_tokens_per_layer=kept)
 
     async def Delete(self, request, context):
         try:

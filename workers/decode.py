@@ -129,26 +129,31 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-@torch.no_grad()
-def generate(model, tokenizer_or_none, cache: CompressedKV, query_ids: torch.Tensor, max_new_tokens: int,
-             selection: str = "dense", budget: int | None = None, *, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, stop_ids: set[int] | None = None, stats: DecodeStats | None = None,
-             **params) -> list[int]:
-    """Generate after ``cache`` (a compressed context) and ``query_ids`` ``[1, T]``.
-
-    ``budget`` is the slots each KV head attends per step (None = all); ``params`` go to the
-    selection (``budget_fraction``, ``sink``, ``recent``, ``selection_cache``). Stops at the
-    tokenizer's end-of-turn / end-of-sequence token (included in the output) or after
-    ``max_new_tokens``. Greedy unless ``temperature`` > 0.
-    """
+def stream(model, tokenizer_or_none, cache: CompressedKV, query_ids: torch.Tensor, max_new_tokens: int,
+           selection: str = "dense", budget: int | None = None, *, temperature: float = 0.0, top_p: float = 1.0,
+           seed: int | None = None, stop_ids: set[int] | None = None, stats: DecodeStats | None = None,
+           **params):
+    """``generate`` as an iterator: each token as soon as it is chosen."""
     _check_query(query_ids)
     stats = stats if stats is not None else DecodeStats()
     dkv = sparse_cache(model, cache, selection, budget, stats=stats, **params)
-    out = list(_tokens(model, tokenizer_or_none, dkv, dkv.dkv_selected, query_ids, max_new_tokens, temperature,
-                       top_p, seed, stop_ids, stats))
+    yield from _no_grad(_tokens(model, tokenizer_or_none, dkv, dkv.dkv_selected, query_ids, max_new_tokens,
+                                temperature, top_p, seed, stop_ids, stats))
     if isinstance(dkv.dkv_selector, SelectionCache):
         stats.selection_cache_hits = dkv.dkv_selector.hits
-    return out
+
+
+def generate(model, tokenizer_or_none, cache: CompressedKV, query_ids: torch.Tensor, max_new_tokens: int,
+             selection: str = "dense", budget: int | None = None, **kwargs) -> list[int]:
+    """Generate after ``cache`` (a compressed context) and ``query_ids`` ``[1, T]``.
+
+    ``budget`` is the slots each KV head attends per step (None = all); other keyword arguments:
+    ``temperature``, ``top_p``, ``seed``, ``stop_ids``, ``stats`` (a ``DecodeStats`` to fill) and
+    the selection's (``budget_fraction``, ``sink``, ``recent``, ``selection_cache``). Stops at the
+    tokenizer's end-of-turn / end-of-sequence token (included in the output) or after
+    ``max_new_tokens``. Greedy unless ``temperature`` > 0.
+    """
+    return list(stream(model, tokenizer_or_none, cache, query_ids, max_new_tokens, selection, budget, **kwargs))
 
 
 def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.Tensor, max_new_tokens: int,

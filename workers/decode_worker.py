@@ -16,7 +16,7 @@ import torch
 
 from kvstore.entry import CompressedKV, Identity, Recipe, make_layer
 from kvstore.errors import EntryNotFound
-from workers.decode import DecodeStats, generate, generate_remote
+from workers.decode import DecodeStats, generate_remote, stream
 from workers.model import model_info
 from workers.paged import EntryLost, FetchStats
 from workers.selection import SELECTIONS
@@ -138,10 +138,10 @@ class DecodeWorker:
         entry = entries[0] if len(entries) == 1 else merge_chunks(entries)
         self._check_length(entry.seq_len, job)
         fetch_ms = (time.perf_counter() - started) * 1e3
-        tokens = generate(self.model, self.tokenizer, entry, query, job.max_new_tokens, job.selection,
-                          job.budget or None, temperature=job.temperature, top_p=job.top_p, seed=job.seed,
-                          stats=stats, budget_fraction=job.budget_fraction, selection_cache=job.selection_cache)
-        return iter(tokens), entry.seq_len, fetch_ms
+        tokens = stream(self.model, self.tokenizer, entry, query, job.max_new_tokens, job.selection,
+                        job.budget or None, temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                        stats=stats, budget_fraction=job.budget_fraction, selection_cache=job.selection_cache)
+        return tokens, entry.seq_len, fetch_ms
 
     def _check_length(self, seq_len: int, job: DecodeJob) -> None:
         total = seq_len + len(job.query_ids) + job.max_new_tokens

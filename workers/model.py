@@ -170,6 +170,28 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The tokenizer of a model ``load_model`` accepts, without loading its weights.
+
+    Reads the conversion cache when there is one, else the GGUF file itself (a second or two).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    if name_or_path in MODELS:
+        cache_dir = cache_root() / name_or_path
+        gguf = MODELS[name_or_path].locate()
+        if _source_matches(_read_source(cache_dir), gguf):
+            return AutoTokenizer.from_pretrained(str(cache_dir), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    raise ValueError(f"unknown model {name_or_path!r}: expected one of {sorted(MODELS)}, a local Hugging Face model "
+                     "directory or a local .gguf file; nothing is downloaded from a model hub")
+
+
 def model_fingerprint(model, tokenizer) -> str:
     """16 hex characters naming the (model, tokenizer) pair by content.
 
@@ -414,6 +436,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "cache_root",
     "load_model",
+    "load_tokenizer",
     "model_fingerprint",
     "model_info",
 ]

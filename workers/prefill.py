@@ -29,7 +29,7 @@ class PrefillResult:
     cached_tokens: int
     prefilled_tokens: int
     stored_bytes: int
-    full_fp16_bytes: int
+    full_bytes: int
     kept_tokens_per_layer: list[int]
     importance: float
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -62,6 +62,8 @@ class PrefillWorker:
         t = {"lookup": time.perf_counter()}
         found = self.store.lookup(self.fingerprint, recipe, token_ids, tenant)
         t["fetch"] = time.perf_counter()
+        if found is not None and found.cached_tokens == len(token_ids):
+            return self._hit(found, token_ids, t)
         cached = self._fetch(found.keys if found else [], recipe)
         t["prefill"] = time.perf_counter()
         timings: dict[str, float] = {}
@@ -72,8 +74,6 @@ class PrefillWorker:
         with self._lock:
             if recipe.chunked:
                 entries = compress_chunks(self.model, ids, chunk_size=recipe.chunk_size, cached=cached, **kwargs)
-            elif cached and cached[0].seq_len == len(token_ids):
-                entries = cached
             else:
                 cached = []
                 entries = [compress(self.model, ids, **kwargs)]
@@ -86,11 +86,10 @@ class PrefillWorker:
         kept = [sum(e.layers[i].num_tokens for e in entries) for i in range(len(entries[0].layers))]
         weights = [e.seq_len - e.identity.start for e in entries]
         importance = sum(w * e.importance for w, e in zip(weights, entries)) / sum(weights)
-        info = self.info
         result = PrefillResult(
             keys=[str(e.key) for e in entries], model_fingerprint=self.fingerprint, context_tokens=len(token_ids),
             cached_tokens=cached_tokens, prefilled_tokens=len(token_ids) - cached_tokens, stored_bytes=stored,
-            full_fp16_bytes=len(token_ids) * info.num_layers * info.num_kv_heads * info.head_dim * 2 * 2,
+            full_bytes=self._full_bytes(len(token_ids)),
             kept_tokens_per_layer=kept, importance=importance,
             timings_ms={"lookup": (t["fetch"] - t["lookup"]) * 1e3, "fetch": (t["prefill"] - t["fetch"]) * 1e3,
                         "prefill": timings.get("prefill_s", 0.0) * 1e3, "compress": timings.get("compress_s", 0.0) * 1e3,
@@ -100,6 +99,27 @@ class PrefillWorker:
                  len(token_ids), cached_tokens, recipe.method, recipe.ratio, len(entries), stored,
                  result.timings_ms["total"])
         return result
+
+    def _full_bytes(self, tokens: int) -> int:
+        """Uncompressed K and V of ``tokens`` in the model's dtype: what compression is measured against."""
+        info = self.info
+        itemsize = next(self.model.parameters()).element_size()
+        return tokens * info.num_layers * info.num_kv_heads * info.head_dim * 2 * itemsize
+
+    def _hit(self, found, token_ids: list[int], t: dict) -> PrefillResult:
+        """Every entry is in the store: answer from the lookup, nothing fetched or computed."""
+        bytes_ = found.stored_bytes
+        weights = [1.0] * len(bytes_)
+        importance = sum(w * i for w, i in zip(weights, found.importance)) / max(len(weights), 1)
+        lookup_ms = (t["fetch"] - t["lookup"]) * 1e3
+        log.info("prefill %d tokens: all cached in %d entries (%s)", len(token_ids), len(found.keys), ",".join(found.tiers))
+        return PrefillResult(
+            keys=[str(k) for k in found.keys], model_fingerprint=self.fingerprint, context_tokens=len(token_ids),
+            cached_tokens=len(token_ids), prefilled_tokens=0, stored_bytes=sum(bytes_),
+            full_bytes=self._full_bytes(len(token_ids)), kept_tokens_per_layer=found.kept_tokens_per_layer,
+            importance=importance,
+            timings_ms={"lookup": lookup_ms, "fetch": 0.0, "prefill": 0.0, "compress": 0.0, "store": 0.0,
+                        "total": lookup_ms})
 
     def _fetch(self, keys: list, recipe: Recipe) -> list[CompressedKV]:
         """The cached entries, up to the first one that is gone (a miss falls back to recompute)."""

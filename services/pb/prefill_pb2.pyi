@@ -42,14 +42,14 @@ class PrefillTimings(_message.Message):
     def __init__(self, lookup_ms: _Optional[float] = ..., fetch_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., compress_ms: _Optional[float] = ..., store_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("keys", "model_fingerprint", "context_tokens", "cached_tokens", "prefilled_tokens", "stored_bytes", "full_fp16_bytes", "kept_tokens_per_layer", "importance", "timings")
+    __slots__ = ("keys", "model_fingerprint", "context_tokens", "cached_tokens", "prefilled_tokens", "stored_bytes", "full_bytes", "kept_tokens_per_layer", "importance", "timings")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
-    FULL_FP16_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FULL_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEPT_TOKENS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -59,8 +59,8 @@ class PrefillResponse(_message.Message):
     cached_tokens: int
     prefilled_tokens: int
     stored_bytes: int
-    full_fp16_bytes: int
+    full_bytes: int
     kept_tokens_per_layer: _containers.RepeatedScalarFieldContainer[int]
     importance: float
     timings: PrefillTimings
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., model_fingerprint: _Optional[str] = ..., context_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., full_fp16_bytes: _Optional[int] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ..., importance: _Optional[float] = ..., timings: _Optional[_Union[PrefillTimings, _Mapping]] = ...) -> None: ...
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., model_fingerprint: _Optional[str] = ..., context_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., full_bytes: _Optional[int] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ..., importance: _Optional[float] = ..., timings: _Optional[_Union[PrefillTimings, _Mapping]] = ...) -> None: ...

@@ -105,16 +105,22 @@ class LookupRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit", "keys", "cached_tokens", "tiers")
+    __slots__ = ("hit", "keys", "cached_tokens", "tiers", "stored_bytes", "importance", "kept_tokens_per_layer")
     HIT_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    KEPT_TOKENS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     keys: _containers.RepeatedScalarFieldContainer[str]
     cached_tokens: int
     tiers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hit: _Optional[bool] = ..., keys: _Optional[_Iterable[str]] = ..., cached_tokens: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
+    stored_bytes: _containers.RepeatedScalarFieldContainer[int]
+    importance: _containers.RepeatedScalarFieldContainer[float]
+    kept_tokens_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, hit: _Optional[bool] = ..., keys: _Optional[_Iterable[str]] = ..., cached_tokens: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ..., stored_bytes: _Optional[_Iterable[int]] = ..., importance: _Optional[_Iterable[float]] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("key",)

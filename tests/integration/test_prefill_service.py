@@ -47,7 +47,7 @@ def test_full_recipe_entry_continues_like_plain_generation(services):
     reply = call(stub, Recipe(method="full"), text=TEXT)
     ids = tokenizer(TEXT).input_ids
     assert reply.context_tokens == len(ids) and reply.prefilled_tokens == len(ids) and reply.cached_tokens == 0
-    assert len(reply.keys) == 1 and reply.stored_bytes >= reply.full_fp16_bytes * 0.99
+    assert len(reply.keys) == 1 and reply.stored_bytes >= reply.full_bytes * 0.99
     assert list(reply.kept_tokens_per_layer) == [3 * len(ids)] * 30
     assert reply.timings.prefill_ms > 0 and reply.timings.total_ms >= reply.timings.prefill_ms
     entry = store.get(reply.keys[0])

@@ -111,7 +111,7 @@ def test_header_describes_entry():
     h = codec.parse_header(frames[0])
     assert h.identity == entry.identity and h.key == entry.key
     assert (h.num_layers, h.num_kv_heads, h.head_dim, h.page_size) == (2, 2, 16, 4)
-    assert h.kept_tokens == sum(entry.kept_tokens())
+    assert h.kept_tokens_per_layer() == entry.kept_tokens()
     assert h.total_frames == len(frames)
     assert h.data_bytes == entry.nbytes
     assert len(h.entry_id) == 8

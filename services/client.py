@@ -1,0 +1,85 @@
+"""The Python client of dkv: ``DkvClient(address).generate(context, query)`` and store access.
+
+    from services.client import DkvClient
+
+    with DkvClient("127.0.0.1:50051") as dkv:
+        for item in dkv.generate(document, "Who signed the treaty?", chat_template=True):
+            if isinstance(item, str):
+                print(item, end="", flush=True)   # text as it comes
+            else:
+                print(item.ttft_ms, item.cache_hit)  # GenerateStats, last
+
+Clients that bring their own KV caches use ``DkvClient.store(address)``, a ``StoreClient``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from kvstore.entry import Recipe
+from services.pb import gateway_pb2, gateway_pb2_grpc
+from services.server import GRPC_OPTIONS
+from services.store_client import StoreClient
+from services.wire import recipe_to_proto
+
+
+class DkvClient:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 600.0):
+        self.address, self.timeout_s = address, timeout_s
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def __enter__(self) -> "DkvClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, context: str | Sequence[int], query: str | Sequence[int], *, chat_template: bool = False,
+                 recipe: Recipe | None = None, selection: str = "dense", budget: int = 0,
+                 budget_fraction: float = 0.0, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop: Sequence[str] = (), tenant: str = "") -> Iterator[str | gateway_pb2.GenerateStats]:
+        """Yield the generated text piece by piece, then the ``GenerateStats``.
+
+        ``context``/``query`` are texts or token ids. ``recipe`` defaults to the gateway's (chunked
+        SnapKV keeping half of the tokens). Raises ``grpc.RpcError`` with the server's status.
+        """
+        request = gateway_pb2.GenerateRequest(
+            chat_template=chat_template, selection=selection, budget=budget, budget_fraction=budget_fraction,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
+            tenant=tenant)
+        if isinstance(context, str):
+            request.context_text = context
+        else:
+            request.context_ids.ids.extend(context)
+        if isinstance(query, str):
+            request.query_text = query
+        else:
+            request.query_ids.ids.extend(query)
+        if recipe is not None:
+            request.recipe.CopyFrom(recipe_to_proto(recipe))
+        for reply in self.stub.Generate(request, timeout=self.timeout_s):
+            if reply.HasField("token"):
+                yield reply.token.text
+            else:
+                yield reply.stats
+
+    def ask(self, context, query, **kwargs) -> tuple[str, gateway_pb2.GenerateStats]:
+        """The whole answer and its stats."""
+        pieces, stats = [], None
+        for item in self.generate(context, query, **kwargs):
+            if isinstance(item, str):
+                pieces.append(item)
+            else:
+                stats = item
+        return "".join(pieces), stats
+
+    @staticmethod
+    def store(address: str = "127.0.0.1:50052", timeout_s: float = 60.0) -> StoreClient:
+        """Direct access to a KV store, for clients that bring their own KV caches."""
+        return StoreClient(address, timeout_s=timeout_s)

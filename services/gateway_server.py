@@ -1,0 +1,106 @@
+"""The Gateway gRPC service: a thin servicer over ``workers.gateway.Gateway``."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from services.pb import decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
+from services.server import GRPC_OPTIONS, GrpcServer, abort_with, serve_until_signal
+from services.settings import GatewaySettings
+
+log = logging.getLogger("dkv.gateway.server")
+SERVICE = "dkv.v1.Gateway"
+STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT}
+
+
+class GrpcBackend:
+    """Prefill and Decode workers over gRPC (``grpc.aio``), with deadlines."""
+
+    def __init__(self, prefill_address: str | None, decode_address: str | None, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.channels = []
+        if prefill_address:
+            self.prefill_stub = prefill_pb2_grpc.PrefillStub(self._channel(prefill_address))
+        if decode_address:
+            self.decode_stub = decode_pb2_grpc.DecodeStub(self._channel(decode_address))
+
+    def _channel(self, address: str):
+        channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        self.channels.append(channel)
+        return channel
+
+    async def prefill(self, request):
+        return await self.prefill_stub.Prefill(request, timeout=self.timeout_s)
+
+    async def decode(self, request):
+        call = self.decode_stub.Decode(request, timeout=self.timeout_s)
+        try:
+            async for reply in call:
+                yield reply
+        finally:
+            call.cancel()  # the gateway stopped reading (stop string): stop the worker too
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, gateway):
+        self.gateway = gateway
+
+    async def Generate(self, request, context):
+        try:
+            async for reply in self.gateway.generate(request):
+                yield reply
+        except grpc.aio.AioRpcError as e:  # a worker failed: pass its status on
+            await context.abort(e.code(), f"{e.details()}")
+        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+            await abort_with(context, e, STATUS)
+
+
+class GatewayServer(GrpcServer):
+    service_name = SERVICE
+
+    def __init__(self, settings: GatewaySettings, gateway=None):
+        super().__init__(settings)
+        self.gateway = gateway
+        self.backends = []
+
+    async def start(self) -> int:
+        if self.gateway is None:
+            self.gateway = self._build()
+        return await super().start()
+
+    def _build(self):
+        from workers.gateway import Gateway, Router, Worker
+        from workers.model import load_tokenizer
+
+        s = self.settings
+        prefill = GrpcBackend(s.prefill, None, s.timeout_s)
+        decoders = [GrpcBackend(None, address, s.timeout_s) for address in s.decode.split(",") if address]
+        self.backends = [prefill, *decoders]
+        tokenizer = load_tokenizer(s.model)
+        return Gateway(tokenizer, prefill, Router([Worker(a, b) for a, b in zip(s.decode.split(","), decoders)]),
+                       max_positions=s.max_positions)
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                GatewayServicer(self.gateway).Generate, request_deserializer=gateway_pb2.GenerateRequest.FromString,
+                response_serializer=gateway_pb2.GenerateResponse.SerializeToString),
+        })
+
+    def describe(self) -> str:
+        return f"gateway (prefill {self.settings.prefill}, decode {self.settings.decode})"
+
+    async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
+        await super().stop(grace_s, drain_delay_s)
+        for backend in self.backends:
+            await backend.close()
+
+
+async def serve(settings: GatewaySettings) -> None:
+    await serve_until_signal(GatewayServer(settings))

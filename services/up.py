@@ -1,0 +1,152 @@
+"""``dkv up``: the whole system on one machine, as child processes, stopped together.
+
+Starts a redis-server on a free port when one is installed (the store's last tier; without it
+the Redis tier is off and the log says so), then ``dkv store serve``, ``dkv prefill serve``,
+``dkv decode serve`` and ``dkv gateway serve``, each waited for until its health check answers
+SERVING. On Ctrl-C or SIGTERM every child is stopped (SIGTERM, then SIGKILL after a grace
+period), last started first, and Redis with them: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvstore.redis_server import RedisServer, free_port, redis_server_available
+
+log = logging.getLogger("dkv.up")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class UpOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model: str = "smollm2-135m"
+    device_bytes: str = "0"
+    cpu_bytes: str = "2GiB"
+    redis_bytes: str = "4GiB"
+    redis: bool = True
+    ready_timeout_s: float = 300.0
+    extra_env: dict = field(default_factory=dict)
+
+
+class Cluster:
+    """The system's processes; a context manager (``with Cluster(options) as c: c.gateway``)."""
+
+    def __init__(self, options: UpOptions):
+        self.options = options
+        self.redis: RedisServer | None = None
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.addresses: dict[str, str] = {}
+
+    @property
+    def gateway(self) -> str:
+        return self.addresses["gateway"]
+
+    def __enter__(self) -> "Cluster":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        o = self.options
+        redis_args: list[str] = []
+        if o.redis and redis_server_available():
+            self.redis = RedisServer().start()
+            redis_args = ["--redis-url", self.redis.url, "--redis-bytes", o.redis_bytes]
+            log.info("redis-server started at %s", self.redis.url)
+        else:
+            log.warning("redis-server %s: the store runs without its Redis tier",
+                        "disabled" if not o.redis else "not found on PATH (apt-get install redis-server)")
+        ports = {name: free_port() for name in ("store", "prefill", "decode")}
+        ports["gateway"] = o.port
+        self.addresses = {name: f"{o.host}:{port}" for name, port in ports.items()}
+        a = self.addresses
+        self._spawn("store", ["store", "serve", "--port", str(ports["store"]), "--cpu-bytes", o.cpu_bytes,
+                              "--device-bytes", o.device_bytes, *redis_args])
+        self._spawn("prefill", ["prefill", "serve", "--port", str(ports["prefill"]), "--store", a["store"],
+                                "--model", o.model])
+        self._spawn("decode", ["decode", "serve", "--port", str(ports["decode"]), "--store", a["store"],
+                               "--prefill", a["prefill"], "--model", o.model])
+        self._spawn("gateway", ["gateway", "serve", "--port", str(ports["gateway"]), "--prefill", a["prefill"],
+                                "--decode", a["decode"], "--model", o.model])
+        deadline = time.monotonic() + o.ready_timeout_s
+        for name, _ in self.processes:
+            self._wait_serving(name, deadline)
+        log.info("dkv is up: gateway at %s", self.gateway)
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        env = {**os.environ, **self.options.extra_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--host", self.options.host], cwd=ROOT,
+                                env=env)
+        self.processes.append((name, proc))
+        log.info("started %s (pid %d) on %s", name, proc.pid, self.addresses[name])
+
+    def _wait_serving(self, name: str, deadline: float) -> None:
+        proc = dict(self.processes)[name]
+        with grpc.insecure_channel(self.addresses[name]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} before it was serving; see its log above")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not become healthy within {self.options.ready_timeout_s:.0f} s")
+                time.sleep(0.2)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        for name, proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name, proc in reversed(self.processes):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s: killing it", name, grace_s)
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+        log.info("dkv stopped: nothing left running")
+
+
+def run(options: UpOptions) -> int:
+    """``dkv up``: start, print the gateway address, wait for Ctrl-C or SIGTERM, stop."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    with Cluster(options) as cluster:
+        print(f"dkv is up: gateway at {cluster.gateway} (Ctrl-C to stop)", flush=True)
+        try:
+            while not stop:
+                for name, proc in cluster.processes:
+                    if proc.poll() is not None:
+                        log.error("%s exited with code %s: stopping everything", name, proc.returncode)
+                        return 1
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
