@@ -1,0 +1,100 @@
+"""The whole system as a user runs it: ``dkv up`` as a subprocess, Generate over gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from kvstore.entry import Recipe
+from kvstore.redis_server import free_port
+from services.client import DkvClient
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+DOCUMENT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Thomas Pell. Its lamp burned whale "
+            "oil until 1904, when the keepers switched to kerosene. The last keeper, Ada Rowe, left in 1962. ") * 7
+
+
+@pytest.fixture(scope="module")
+def system():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "dkv is up: gateway at" in line:
+            break
+    else:
+        proc.kill()
+    if proc.poll() is not None or not any("dkv is up" in line for line in lines):
+        proc.kill()
+        pytest.fail("dkv up did not start:\n" + "".join(lines[-40:]))
+    yield f"127.0.0.1:{port}", proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
+def test_generate_equals_plain_generation_then_hits_the_cache(system, smollm2):
+    address, _ = system
+    model, tokenizer = smollm2
+    context = tokenizer(DOCUMENT, add_special_tokens=False).input_ids
+    query = tokenizer("\nQuestion: Who was the last keeper? Answer:", add_special_tokens=False).input_ids
+    full = torch.tensor([context + query])
+    plain = model.generate(full, max_new_tokens=12, do_sample=False)[0, full.shape[1]:].tolist()
+    expected = tokenizer.decode(plain, skip_special_tokens=True)
+    recipe = Recipe(method="full")
+    with DkvClient(address) as client:
+        text, first = client.ask(context, query, recipe=recipe, selection="dense", max_new_tokens=12)
+        assert text == expected
+        assert not first.cache_hit and first.prefilled_tokens == len(context) and first.ttft_ms > 0
+        text_again, second = client.ask(context, query, recipe=recipe, selection="dense", max_new_tokens=12)
+        assert text_again == expected
+        assert second.cache_hit and second.prefilled_tokens == 0 and second.cached_prefix_tokens == len(context)
+        assert second.bytes_fetched_by_tier and second.entry_bytes > 0
+
+
+def test_a_follow_up_that_extends_the_context_reuses_its_chunks(system):
+    address, _ = system
+    with DkvClient(address) as client:
+        answer, first = client.ask(DOCUMENT, "When was it built?", chat_template=True, max_new_tokens=16)
+        follow_up = DOCUMENT + "\n\nWhen was it built?\n" + answer
+        _, second = client.ask(follow_up, "Who built it?", chat_template=True, max_new_tokens=16)
+        assert first.context_tokens >= 256  # at least one whole chunk to reuse
+        assert second.cached_prefix_tokens >= 256 and second.prefilled_tokens < second.context_tokens
+
+
+def test_bad_requests_get_invalid_argument(system):
+    address, _ = system
+    with DkvClient(address) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.ask("some context", "a question", selection="nope")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            client.ask("x " * 9000, "a question")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than the model's" in info.value.details()
+
+
+def test_ctrl_c_stops_everything(system):
+    _, proc = system
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 4  # store, prefill, decode, gateway (and redis-server when installed)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    time.sleep(0.5)
+    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert not alive, f"left running: {alive}"
