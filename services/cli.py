@@ -248,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     bquality.add_argument("--threads", type=int, default=1, help="torch threads of dkv and of the kvpress runner")
     bquality.set_defaults(func=_bench_quality)
 
-    demo = sub.add_parser("demo", help="start a store, put and get caches through it, show what happened")
+    demo = sub.add_parser("demo", help="start the whole system, ask questions about documents, show what happened",
+                          description="Start dkv on this machine, ask several questions about each of a few "
+                          "documents and hold a multi-turn chat; print time to first token (miss vs hit), tokens "
+                          "per second, bytes read per tier, compression ratio and the answers; plot TTFT.")
+    demo.add_argument("--out", default=".", help="directory for the plot (dkv-demo-ttft.png)")
     demo.set_defaults(func=_demo)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)

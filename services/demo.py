@@ -1,100 +1,145 @@
-"""``dkv demo``: the store end to end on one machine, with what happened printed as a table.
+"""``dkv demo``: the whole system on this machine, under a small realistic workload.
 
-Starts a redis-server (when it is installed) and a store server process with three small tiers
-(device, host, Redis; entries demoted into host memory are requantized to int8 and into Redis
-to int4), writes the KV caches of several SmolLM2-sized contexts (30 layers, 3 KV heads, head
-dim 64), reads them back, looks up a longer prompt that starts with a cached one, and prints
-where each entry went and how fast it came back.
+Starts everything (``dkv up``'s ``Cluster``: Redis when installed, the store with a deliberately
+small host tier so older caches move to Redis, a prefill worker, a decode worker, the gateway),
+then asks several questions about each of a few documents (the first question of a document is
+a cache miss: prefill + compress + store; the next ones are hits) and holds a multi-turn chat
+whose turns extend each other. Prints a table and the store's tiers, and writes a PNG plot of
+time to first token, miss against hit.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
+import statistics
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
-import torch
+import grpc
 from tqdm import tqdm
 
-from kvstore.redis_server import RedisServer, free_port, redis_server_available
-from kvstore.synthetic import synthetic_entry
+from kvstore.entry import Recipe
+from kvstore.redis_server import free_port
+from services.client import DkvClient
 from services.store_client import StoreClient
+from services.up import Cluster, UpOptions
 
-ROOT = Path(__file__).resolve().parent.parent
-CONTEXTS = [("report", 2048, 0.2), ("manual", 1024, 0.5), ("chat", 512, 0.0), ("paper", 3072, 0.2),
-            ("notes", 1024, 0.8), ("email", 768, 0.5)]
-
-
-def _start_store(redis_url: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    args = [sys.executable, "-m", "services.cli", "store", "serve", "--port", str(port),
-            "--device-bytes", "48MiB", "--cpu-bytes", "32MiB", "--cpu-quant", "int8", "--log-level", "warning"]
-    if redis_url:
-        args += ["--redis-url", redis_url, "--redis-bytes", "256MiB", "--redis-quant", "int4"]
-    proc = subprocess.Popen(args, cwd=ROOT)
-    return proc, f"127.0.0.1:{port}"
+DOCUMENTS = {
+    "memo": ("Internal memo, March 3. From: Dana Whitfield, head of operations. To: all warehouse staff. "
+             "Starting Monday the loading dock opens at 6:30 instead of 7:00, because the new freight contract with "
+             "Norland Logistics brings two extra trucks every morning. The night shift will end thirty minutes "
+             "earlier to cover the change, with no loss of pay. Forklift training for the new electric models takes "
+             "place on Thursday in bay 4; attendance is required for every driver. Questions go to Marco Ruiz, the "
+             "shift supervisor, at extension 214. Please also note that the break room will be repainted next "
+             "week, so lunch will be served in the conference room on the second floor. ") * 3,
+    "manual": ("Kettle model K-200, user guide. Fill the kettle through the lid, between the MIN mark (0.5 litres) "
+               "and the MAX mark (1.7 litres). Place it on the base and press the switch; the blue light shows it is "
+               "heating. The kettle turns itself off when the water boils, and also if it is switched on empty. To "
+               "descale it, boil a mixture of one part white vinegar and two parts water, leave it for an hour, then "
+               "rinse twice. Never immerse the base in water. The filter in the spout lifts out for cleaning. The "
+               "warranty lasts two years from the date of purchase and does not cover limescale damage. ") * 3,
+    "history": ("The Harbor Bridge was opened in 1932 after eight years of construction. Its steel arch spans 503 "
+                "metres, and about 1,400 workers took part in building it. The chief engineer, John Bradfield, "
+                "chose the arch design because it could be built outward from both shores without supports in the "
+                "water, so ships could still pass during construction. Sixteen workers died on the project. The "
+                "bridge carried trams until 1958, when their two lanes were turned over to cars. Today it carries "
+                "eight traffic lanes, two railway lines, a footpath and a cycleway. ") * 3,
+}
+QUESTIONS = {
+    "memo": ["At what time will the loading dock open?", "Who should staff contact with questions?",
+             "Where will lunch be served next week?"],
+    "manual": ["How much water can the kettle hold at most?", "How do you descale the kettle?",
+               "How long does the warranty last?"],
+    "history": ["When was the bridge opened?", "Why did the engineer choose an arch design?",
+                "What does the bridge carry today?"],
+}
+CHAT = ["I am planning a trip to Lisbon in May. What should I pack?", "Which neighbourhoods are good to stay in?",
+        "And what food should I try there?"]
+GUIDE = ("You are a helpful travel assistant. Notes for Lisbon: the city is built on seven hills, so comfortable shoes "
+         "matter more than anything else in a suitcase. May is mild, around 22 degrees by day and 14 at night, with "
+         "occasional rain. Alfama is the oldest quarter, with narrow lanes and fado bars; Baixa and Chiado are central "
+         "and flat; Principe Real is quiet, with gardens and small shops. Tram 28 crosses the old town but is crowded "
+         "by mid-morning. Pasteis de nata are the custard tarts of Belem; grilled sardines are a June tradition; "
+         "bacalhau, salted cod, is cooked in hundreds of ways. Most museums close on Mondays. ") * 2
+RECIPE = Recipe(method="snapkv", ratio=0.5, chunk_size=256, chunked=True)
 
 
 def main(args: argparse.Namespace | None = None) -> int:
-    with ExitStack() as stack:
-        redis_url = ""
-        if redis_server_available():
-            redis_url = stack.enter_context(RedisServer()).url
-            print(f"redis-server started at {redis_url}")
-        else:
-            print("redis-server not found: running without the Redis tier (apt-get install redis-server)")
-        proc, address = _start_store(redis_url)
-        stack.callback(proc.wait, 30)
-        stack.callback(proc.terminate)
-        client = stack.enter_context(StoreClient(address, timeout_s=60))
-        client.wait_ready(60)
-        print(f"store serving on {address}: device 48 MiB, host 32 MiB (int8 on demotion)"
-              + (", redis 256 MiB (int4 on demotion)" if redis_url else ""))
-
-        rows, entries = [], {}
-        for name, tokens, ratio in tqdm(CONTEXTS, desc="put", unit="cache"):
-            entry = synthetic_entry(seq_len=tokens, num_layers=30, num_kv_heads=3, head_dim=64,
-                                    keep_fraction=1 - ratio, seed=len(entries), importance=1 - ratio / 2)
-            t = time.perf_counter()
-            reply = client.put(entry)
-            rows.append({"context": name, "tokens": tokens, "kept": f"{1 - ratio:.0%}",
-                         "bytes": reply.stored_bytes, "put_ms": (time.perf_counter() - t) * 1e3})
-            entries[name] = entry
-        stats = client.stats()
-        for row in tqdm(rows, desc="get", unit="cache"):
-            entry = entries[row["context"]]
-            t = time.perf_counter()
-            got = client.get(entry.key)
-            row["get_ms"] = (time.perf_counter() - t) * 1e3
-            if got is None:
-                row["read from"] = "evicted"
-                continue
-            row["read from"] = ",".join(got.derived) or "as written"
-            row["exact"] = all(torch.equal(a.keys, b.keys) for a, b in zip(entry.layers, got.layers)) \
-                if not got.derived else "shrunk"
-        _print_table(rows)
-        print(f"\ntiers after the writes: " + ", ".join(
-            f"{t.name}: {t.entries} entries, {t.used_bytes / 2**20:.1f}/{t.capacity_bytes / 2**20:.0f} MiB"
-            for t in stats.tiers))
-        print(f"demotions {stats.demotions}, evictions {stats.evictions}")
-
-        longer = entries["chat"]
-        prompt_tokens = list(range(600))  # a prompt that does not start with any cached context
-        print(f"lookup of an unrelated prompt: {client.lookup(longer.identity.model_fingerprint, longer.identity.recipe, prompt_tokens)}")
-        final = client.stats()
-        print(f"store counters: hits {final.hits}, misses {final.misses}, promotions {final.promotions}, "
-              f"checksum failures {final.checksum_failures}")
-    print("demo done: store stopped" + (", redis stopped" if redis_url else ""))
+    out = Path(getattr(args, "out", None) or ".")
+    options = UpOptions(port=free_port(), cpu_bytes="24MiB", redis_bytes="1GiB")
+    print("starting dkv (store, Redis when installed, prefill and decode workers, gateway) ...", flush=True)
+    with Cluster(options) as cluster, DkvClient(cluster.gateway) as client:
+        print(f"dkv is up: gateway at {cluster.gateway}")
+        rows = []
+        jobs = [(name, q) for name in DOCUMENTS for q in QUESTIONS[name]]
+        for name, question in tqdm(jobs, desc="documents", unit="question"):
+            rows.append(_ask(client, name, DOCUMENTS[name], question))
+        history = GUIDE  # each turn's context extends the previous one: its first chunks are reused
+        for turn, question in enumerate(tqdm(CHAT, desc="chat", unit="turn"), start=1):
+            row = _ask(client, f"chat turn {turn}", history, question)
+            rows.append(row)
+            history += f"\n\nUser: {question}\nAssistant: {row['answer']}"
+        with StoreClient(cluster.addresses["store"]) as store:
+            stats = store.stats()
+    _print_table(rows)
+    print("\nstore tiers: " + ", ".join(f"{t.name}: {t.entries} entries, {t.used_bytes / 2**20:.1f} MiB of "
+                                        f"{t.capacity_bytes / 2**20:.0f} MiB" for t in stats.tiers))
+    print(f"store counters: hits {stats.hits}, misses {stats.misses}, demotions {stats.demotions}, "
+          f"evictions {stats.evictions}, promotions {stats.promotions}")
+    misses = [r["ttft_ms"] for r in rows if not r["hit"]]
+    hits = [r["ttft_ms"] for r in rows if r["hit"]]
+    if misses and hits:
+        print(f"time to first token: miss median {statistics.median(misses):.0f} ms, hit median "
+              f"{statistics.median(hits):.0f} ms ({statistics.median(misses) / statistics.median(hits):.1f}x faster)")
+    plot = _plot(rows, out / "dkv-demo-ttft.png")
+    print(f"plot written to {plot}")
     return 0
 
 
+def _ask(client: DkvClient, name: str, context: str, question: str) -> dict:
+    started = time.perf_counter()
+    try:
+        answer, stats = client.ask(context, question, chat_template=True, recipe=RECIPE, max_new_tokens=40)
+    except grpc.RpcError as e:
+        return {"context": name, "question": question, "hit": False, "ttft_ms": 0.0, "answer": f"error: {e.details()}"}
+    return {
+        "context": name, "question": question, "hit": stats.cache_hit, "cached": stats.cached_prefix_tokens,
+        "prefilled": stats.prefilled_tokens, "ttft_ms": stats.ttft_ms, "tok_s": stats.tokens_per_second,
+        "ratio": stats.compression_ratio, "tiers": dict(stats.bytes_fetched_by_tier),
+        "total_s": time.perf_counter() - started, "answer": answer.strip().replace("\n", " "),
+    }
+
+
 def _print_table(rows: list[dict]) -> None:
-    cols = ["context", "tokens", "kept", "bytes", "put_ms", "get_ms", "read from", "exact"]
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
-    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
-    print("\n" + "  ".join(c.ljust(widths[c]) for c in cols))
+    print()
+    header = f"{'context':<13} {'cache':<5} {'cached':>6} {'prefill':>7} {'ttft ms':>8} {'tok/s':>6} {'ratio':>5}  " \
+             f"{'bytes read by tier':<24} answer"
+    print(header)
+    print("-" * len(header))
     for r in rows:
-        print("  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in cols))
+        tiers = ", ".join(f"{t} {b / 2**20:.1f}M" for t, b in sorted(r.get("tiers", {}).items()))
+        print(f"{r['context']:<13} {'hit' if r['hit'] else 'miss':<5} {r.get('cached', 0):>6} {r.get('prefilled', 0):>7} "
+              f"{r['ttft_ms']:>8.0f} {r.get('tok_s', 0):>6.1f} {r.get('ratio', 0):>5.1f}  {tiers:<24} "
+              f"{r['answer'][:60]}")
+
+
+def _plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for hit, color in ((False, "tab:red"), (True, "tab:green")):
+        xs = [i for i, r in enumerate(rows) if r["hit"] == hit]
+        ax.bar(xs, [rows[i]["ttft_ms"] for i in xs], color=color, label="hit" if hit else "miss (prefill)")
+    ax.set_xticks(range(len(rows)), [r["context"] for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_yscale("log")
+    ax.set_title("dkv demo: time to first token, cache miss vs hit (SmolLM2-135M, CPU)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
