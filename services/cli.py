@@ -93,7 +93,8 @@ def _up(args: argparse.Namespace) -> int:
 
     setup_logging("info")
     return run(UpOptions(host=args.host, port=args.port, model=args.model, device_bytes=args.device_bytes,
-                         cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes, redis=not args.no_redis))
+                         cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes, redis=not args.no_redis,
+                         ray=args.ray, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -206,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device-bytes", default="0", help="device-memory tier of the store (GPU when present)")
     up.add_argument("--redis-bytes", default="4GiB", help="what the store may use in Redis")
     up.add_argument("--no-redis", action="store_true", help="run without the Redis tier")
+    up.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="run the prefill and decode workers as Ray actors: on the Ray cluster at ADDRESS, or on a "
+                    "local Ray when no address is given")
+    up.add_argument("--prefill-workers", type=int, default=1, help="prefill actors (with --ray)")
+    up.add_argument("--decode-workers", type=int, default=1, help="decode actors (with --ray)")
     up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="send one Generate request to a running gateway and print the answer",

@@ -23,49 +23,57 @@ STATUS = {
 }
 
 
+def decode_job(request: decode_pb2.DecodeRequest, tokenizer):
+    """The worker's job for a request (texts tokenized)."""
+    from workers.decode_worker import DecodeJob
+
+    context = request.WhichOneof("context")
+    context_ids = None
+    if context == "context_text":
+        context_ids = tokenizer(request.context_text).input_ids
+    elif context == "context_ids":
+        context_ids = list(request.context_ids.ids)
+    query = request.WhichOneof("query")
+    query_ids = tokenizer(request.query_text, add_special_tokens=False).input_ids if query == "query_text" else \
+        list(request.query_ids.ids) if query == "query_ids" else []
+    return DecodeJob(
+        query_ids=query_ids, keys=list(request.keys), context_ids=context_ids,
+        recipe=recipe_from_proto(request.recipe) if request.HasField("recipe") else None,
+        selection=request.selection or "dense", budget=request.budget, budget_fraction=request.budget_fraction,
+        selection_cache=request.selection_cache, paged=request.paged, max_new_tokens=request.max_new_tokens or 64,
+        temperature=request.temperature, top_p=request.top_p or 1.0,
+        seed=request.seed if request.seed else None, tenant=request.tenant or "default")
+
+
+def decode_responses(worker, request: decode_pb2.DecodeRequest):
+    """Run a request on ``worker``: a ``DecodeResponse`` per token (with the text it adds), then the stats."""
+    from workers.decode_worker import DecodeResult
+
+    job = decode_job(request, worker.tokenizer)
+    worker.check(job)
+    produced: list[int] = []
+    text = ""
+    for item in worker.run(job):
+        if isinstance(item, DecodeResult):
+            yield decode_pb2.DecodeResponse(stats=_stats(item, len(produced)))
+            return
+        produced.append(item)
+        full = worker.tokenizer.decode(produced, skip_special_tokens=True)
+        piece = ""
+        if not full.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            piece, text = full[len(text):], full
+        yield decode_pb2.DecodeResponse(token=decode_pb2.GeneratedToken(id=item, text=piece))
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, worker):
         self.worker = worker
 
-    def _job(self, request):
-        from workers.decode_worker import DecodeJob
-
-        tokenize = lambda text: self.worker.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-        context = request.WhichOneof("context")
-        context_ids = None
-        if context == "context_text":
-            context_ids = self.worker.tokenizer(request.context_text).input_ids
-        elif context == "context_ids":
-            context_ids = list(request.context_ids.ids)
-        query = request.WhichOneof("query")
-        query_ids = tokenize(request.query_text) if query == "query_text" else \
-            list(request.query_ids.ids) if query == "query_ids" else []
-        return DecodeJob(
-            query_ids=query_ids, keys=list(request.keys), context_ids=context_ids,
-            recipe=recipe_from_proto(request.recipe) if request.HasField("recipe") else None,
-            selection=request.selection or "dense", budget=request.budget, budget_fraction=request.budget_fraction,
-            selection_cache=request.selection_cache, paged=request.paged, max_new_tokens=request.max_new_tokens or 64,
-            temperature=request.temperature, top_p=request.top_p or 1.0,
-            seed=request.seed if request.seed else None, tenant=request.tenant or "default")
-
     async def Decode(self, request, context):
-        from workers.decode_worker import DecodeResult
-
         try:
-            job = self._job(request)
-            self.worker.check(job)
-            produced: list[int] = []
-            text = ""
-            async for item in iterate_in_thread(self.worker.run(job)):
-                if isinstance(item, DecodeResult):
-                    yield decode_pb2.DecodeResponse(stats=_stats(item, len(produced)))
-                    return
-                produced.append(item)
-                full = self.worker.tokenizer.decode(produced, skip_special_tokens=True)
-                piece = ""
-                if not full.endswith("\ufffd"):  # wait until a multi-byte character is complete
-                    piece, text = full[len(text):], full
-                yield decode_pb2.DecodeResponse(token=decode_pb2.GeneratedToken(id=item, text=piece))
+            self.worker.check(decode_job(request, self.worker.tokenizer))  # refuse bad input before streaming
+            async for reply in iterate_in_thread(decode_responses(self.worker, request)):
+                yield reply
         except grpc.RpcError as e:  # store or prefill failed: pass its status on
             await context.abort(e.code(), f"upstream: {e.details()}")
         except Exception as e:  # noqa: BLE001 - every error becomes a status code

@@ -96,6 +96,9 @@ class GatewayServer(GrpcServer):
     def describe(self) -> str:
         return f"gateway (prefill {self.settings.prefill}, decode {self.settings.decode})"
 
+    def close(self) -> None:
+        pass
+
     async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
         await super().stop(grace_s, drain_delay_s)
         for backend in self.backends:

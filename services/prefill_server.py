@@ -22,6 +22,25 @@ STATUS = {
 }
 
 
+def prefill_ids(request: prefill_pb2.PrefillRequest, worker) -> list[int]:
+    kind = request.WhichOneof("context")
+    if kind is None:
+        raise ValueError("no context: set text or token_ids")
+    return worker.tokenize(request.text) if kind == "text" else list(request.token_ids.ids)
+
+
+def prefill_response(result) -> prefill_pb2.PrefillResponse:
+    tm = result.timings_ms
+    return prefill_pb2.PrefillResponse(
+        keys=result.keys, model_fingerprint=result.model_fingerprint, context_tokens=result.context_tokens,
+        cached_tokens=result.cached_tokens, prefilled_tokens=result.prefilled_tokens,
+        stored_bytes=result.stored_bytes, full_bytes=result.full_bytes,
+        kept_tokens_per_layer=result.kept_tokens_per_layer, importance=result.importance,
+        timings=prefill_pb2.PrefillTimings(lookup_ms=tm["lookup"], fetch_ms=tm["fetch"], prefill_ms=tm["prefill"],
+                                           compress_ms=tm["compress"], store_ms=tm["store"], total_ms=tm["total"]),
+    )
+
+
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker):
         self.worker = worker
@@ -29,24 +48,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         try:
             recipe = recipe_from_proto(request.recipe)
-            kind = request.WhichOneof("context")
-            if kind is None:
-                raise ValueError("no context: set text or token_ids")
-            ids = self.worker.tokenize(request.text) if kind == "text" else list(request.token_ids.ids)
+            ids = prefill_ids(request, self.worker)
             result = await asyncio.to_thread(self.worker.prefill, ids, recipe, request.tenant or "default")
         except grpc.RpcError as e:  # the store failed: pass its status on
             await context.abort(e.code(), f"store: {e.details()}")
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             await abort_with(context, e, STATUS)
-        tm = result.timings_ms
-        return prefill_pb2.PrefillResponse(
-            keys=result.keys, model_fingerprint=result.model_fingerprint, context_tokens=result.context_tokens,
-            cached_tokens=result.cached_tokens, prefilled_tokens=result.prefilled_tokens,
-            stored_bytes=result.stored_bytes, full_bytes=result.full_bytes,
-            kept_tokens_per_layer=result.kept_tokens_per_layer, importance=result.importance,
-            timings=prefill_pb2.PrefillTimings(lookup_ms=tm["lookup"], fetch_ms=tm["fetch"], prefill_ms=tm["prefill"],
-                                               compress_ms=tm["compress"], store_ms=tm["store"], total_ms=tm["total"]),
-        )
+        return prefill_response(result)
 
 
 class PrefillServer(GrpcServer):

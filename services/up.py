@@ -1,5 +1,9 @@
 """``dkv up``: the whole system on one machine, as child processes, stopped together.
 
+With ``--ray [ADDRESS]`` the prefill and decode workers run as Ray actors instead (on the cluster
+at ADDRESS, or a local Ray), and the gateway in this process dispatches to them
+(``services.ray_pool``).
+
 Starts a redis-server on a free port when one is installed (the store's last tier; without it
 the Redis tier is off and the log says so), then ``dkv store serve``, ``dkv prefill serve``,
 ``dkv decode serve`` and ``dkv gateway serve``, each waited for until its health check answers
@@ -38,6 +42,9 @@ class UpOptions:
     redis: bool = True
     ready_timeout_s: float = 300.0
     extra_env: dict = field(default_factory=dict)
+    ray: str | None = None  # None: workers as processes; "local" or a Ray address: workers as Ray actors
+    prefill_workers: int = 1
+    decode_workers: int = 1
 
 
 class Cluster:
@@ -80,6 +87,9 @@ class Cluster:
         a = self.addresses
         self._spawn("store", ["store", "serve", "--port", str(ports["store"]), "--cpu-bytes", o.cpu_bytes,
                               "--device-bytes", o.device_bytes, *redis_args])
+        if o.ray is not None:  # the workers and the gateway run in Ray and in this process instead
+            self._wait_serving("store", time.monotonic() + o.ready_timeout_s)
+            return
         self._spawn("prefill", ["prefill", "serve", "--port", str(ports["prefill"]), "--store", a["store"],
                                 "--model", o.model])
         self._spawn("decode", ["decode", "serve", "--port", str(ports["decode"]), "--store", a["store"],
@@ -134,8 +144,40 @@ class Cluster:
         log.info("dkv stopped: nothing left running")
 
 
+async def _serve_ray_gateway(cluster: Cluster) -> None:
+    """The gateway in this process, over Ray actor pools, until SIGTERM or SIGINT."""
+    import ray
+
+    from services.gateway_server import GatewayServer
+    from services.ray_pool import RayBackend, RoundRobin, start_pools
+    from services.server import serve_until_signal
+    from services.settings import GatewaySettings
+    from workers.gateway import Gateway, Router, Worker
+    from workers.model import load_tokenizer
+
+    o = cluster.options
+    ray.init(address=None if o.ray == "local" else o.ray, include_dashboard=False, log_to_driver=True,
+             **({"num_cpus": max(2, o.prefill_workers + o.decode_workers)} if o.ray == "local" else {}))
+    try:
+        prefill, decode = start_pools(o.model, cluster.addresses["store"], o.prefill_workers, o.decode_workers)
+        router = Router([Worker(f"ray-decode-{i}", RayBackend(actor)) for i, actor in enumerate(decode)])
+        settings = GatewaySettings(host=o.host, port=o.port, prefill="ray", decode="ray", model=o.model)
+        gateway = Gateway(load_tokenizer(o.model), RoundRobin([RayBackend(a) for a in prefill]), router,
+                          max_positions=settings.max_positions)
+        print(f"dkv is up: gateway at {cluster.gateway} (workers on Ray; Ctrl-C to stop)", flush=True)
+        await serve_until_signal(GatewayServer(settings, gateway))
+    finally:
+        ray.shutdown()
+
+
 def run(options: UpOptions) -> int:
     """``dkv up``: start, print the gateway address, wait for Ctrl-C or SIGTERM, stop."""
+    if options.ray is not None:
+        import asyncio
+
+        with Cluster(options) as cluster:
+            asyncio.run(_serve_ray_gateway(cluster))
+        return 0
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     with Cluster(options) as cluster:

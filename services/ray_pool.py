@@ -1,0 +1,151 @@
+"""Prefill and decode worker pools as Ray actors, behind the same gateway contract.
+
+``dkv up --ray [ADDRESS]`` keeps the store (a gRPC service, with Redis) and the gateway, but runs
+the prefill and decode workers as Ray actors: on the Ray cluster at ``ADDRESS``, or on a local
+Ray it starts. Each actor holds one model and one worker (``workers.prefill.PrefillWorker``,
+``workers.decode_worker.DecodeWorker``); it asks Ray for a GPU when the cluster has GPUs, and
+Ray restarts it if it dies (``max_restarts``). The gateway talks to actors through ``RayBackend``
+with the very messages it sends over gRPC (``dkv.v1.PrefillRequest``, ``DecodeRequest``, ...,
+serialized), so routing, stop strings and stats are the same code as without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+
+from services.pb import decode_pb2, prefill_pb2
+
+log = logging.getLogger("dkv.ray")
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class PrefillActor:
+    def __init__(self, model: str, store: str):
+        from services.store_client import StoreClient
+        from workers.model import load_model
+        from workers.prefill import PrefillWorker
+
+        loaded, tokenizer = load_model(model)
+        self.worker = PrefillWorker(loaded, tokenizer, StoreClient(store, timeout_s=120))
+
+    def prefill(self, request: bytes) -> bytes:
+        from services.prefill_server import prefill_ids, prefill_response
+        from services.wire import recipe_from_proto
+
+        r = prefill_pb2.PrefillRequest.FromString(request)
+        result = self.worker.prefill(prefill_ids(r, self.worker), recipe_from_proto(r.recipe), r.tenant or "default")
+        return prefill_response(result).SerializeToString()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class DecodeActor:
+    def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle"):
+        from services.store_client import StoreClient
+        from workers.decode_worker import DecodeWorker
+        from workers.model import load_model
+
+        def recompute(context_ids, recipe, tenant):
+            from services.wire import recipe_to_proto
+
+            request = prefill_pb2.PrefillRequest(recipe=recipe_to_proto(recipe), tenant=tenant)
+            request.token_ids.ids.extend(context_ids)
+            return list(prefill_pb2.PrefillResponse.FromString(ray.get(prefill.prefill.remote(
+                request.SerializeToString()))).keys)
+
+        loaded, tokenizer = load_model(model)
+        self.worker = DecodeWorker(loaded, tokenizer, StoreClient(store, timeout_s=120), recompute)
+
+    def decode(self, request: bytes):
+        """Streams serialized ``DecodeResponse`` messages: the tokens, then the stats."""
+        from services.decode_server import decode_responses
+
+        for reply in decode_responses(self.worker, decode_pb2.DecodeRequest.FromString(request)):
+            yield reply.SerializeToString()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+class RayBackend:
+    """A worker actor seen by the gateway: the same async methods as ``GrpcBackend``.
+
+    While Ray restarts a crashed actor (its model loads again), calls are retried for up to
+    ``restart_wait_s``; a decode stream is retried only if it failed before its first message.
+    """
+
+    def __init__(self, actor, restart_wait_s: float = 300.0):
+        self.actor, self.restart_wait_s = actor, restart_wait_s
+
+    async def _retrying(self, attempt):
+        deadline = time.monotonic() + self.restart_wait_s
+        delay = 0.5
+        while True:
+            try:
+                return await attempt()
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("actor unavailable (%s): retrying in %.1f s", type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
+        data = request.SerializeToString()
+
+        async def attempt():
+            return prefill_pb2.PrefillResponse.FromString(await self.actor.prefill.remote(data))
+
+        return await self._retrying(attempt)
+
+    async def decode(self, request: decode_pb2.DecodeRequest):
+        data = request.SerializeToString()
+
+        async def first():
+            stream = self.actor.decode.options(num_returns="streaming").remote(data)
+            head = await stream.__anext__()
+            return stream, await head
+
+        stream, head = await self._retrying(first)
+        yield decode_pb2.DecodeResponse.FromString(head)
+        async for ref in stream:
+            yield decode_pb2.DecodeResponse.FromString(await ref)
+
+    async def close(self) -> None:
+        pass
+
+
+class RoundRobin:
+    """Several prefill backends used in turn."""
+
+    def __init__(self, backends: list):
+        self.backends, self.next = backends, 0
+
+    async def prefill(self, request):
+        backend = self.backends[self.next % len(self.backends)]
+        self.next += 1
+        return await backend.prefill(request)
+
+    async def close(self) -> None:
+        pass
+
+
+def start_pools(model: str, store: str, prefill_workers: int = 1, decode_workers: int = 1):
+    """(prefill actors, decode actors) on the connected Ray cluster; GPUs requested when it has some."""
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= prefill_workers + decode_workers else 0
+    prefill = [PrefillActor.options(num_cpus=1, num_gpus=gpus).remote(model, store) for _ in range(prefill_workers)]
+    decode = [DecodeActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, prefill[i % len(prefill)])
+              for i in range(decode_workers)]
+    ray.get([a.pid.remote() for a in prefill + decode])  # wait until every model is loaded
+    log.info("ray pools ready: %d prefill and %d decode actors (%s GPU each)", prefill_workers, decode_workers, gpus)
+    return prefill, decode
