@@ -138,6 +138,18 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from bench.e2e import main as bench_main
+
+    return bench_main(args)
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from bench.decode import main as bench_main
+
+    return bench_main(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from services.demo import main as demo_main
 
@@ -253,6 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
                           "section of DIR/benchmarks.md (default docs; '' to skip)")
     bquality.add_argument("--threads", type=int, default=1, help="torch threads of dkv and of the kvpress runner")
     bquality.set_defaults(func=_bench_quality)
+
+    be2e = bench.add_parser("e2e", help="time to first token (miss vs hit), tokens per second, concurrency",
+                            description="Start dkv (dkv up) and measure, at 1K and 4K tokens of context, time to "
+                            "first token on a miss and on a hit, tokens per second with dense and sparse selection, "
+                            "and throughput with 4 concurrent clients.")
+    be2e.add_argument("--json", action="store_true", help="print only the JSON result")
+    be2e.add_argument("--repeats", type=int, default=3, help="fresh contexts per size (medians are reported)")
+    be2e.set_defaults(func=_bench_e2e)
+    bdec = bench.add_parser("decode", help="sparse vs dense decode attention; selection quality at small budgets",
+                            description="Attention time per decode step, sparse vs dense, at 4K/16K/64K tokens for "
+                            "the SmolLM2 and a Llama-8B shape (Triton on a GPU, torch on a CPU), the kernel's share "
+                            "of copy bandwidth on a GPU, and retrieval / extra NLL of each selection at budgets "
+                            "1/4, 1/8, 1/16 on SmolLM2.")
+    bdec.add_argument("--json", action="store_true", help="print only the JSON result")
+    bdec.add_argument("--repeats", type=int, default=20, help="timed repetitions (median)")
+    bdec.add_argument("--quick", action="store_true", help="contexts 4K and 16K, few quality tasks")
+    bdec.add_argument("--no-quality", action="store_true", help="attention timings only")
+    bdec.set_defaults(func=_bench_decode)
 
     demo = sub.add_parser("demo", help="start the whole system, ask questions about documents, show what happened",
                           description="Start dkv on this machine, ask several questions about each of a few "

@@ -308,16 +308,14 @@ def _read_source(cache_dir: Path) -> dict | None:
 
 
 def _source_matches(source: dict | None, gguf: Path) -> bool:
-    # Size + mtime is enough to notice a replaced file without re-hashing it on every start.
-    if not source:
+    # Size + mtime is enough to notice a replaced file without re-hashing it on every start; the
+    # same file installed in another venv (another mtime) is recognised by its content hash.
+    if not source or source.get("format") != _CACHE_FORMAT or not isinstance(source.get("blake2b"), str):
         return False
     stat = gguf.stat()
-    return (
-        source.get("format") == _CACHE_FORMAT
-        and source.get("size") == stat.st_size
-        and source.get("mtime_ns") == stat.st_mtime_ns
-        and isinstance(source.get("blake2b"), str)
-    )
+    if source.get("size") != stat.st_size:
+        return False
+    return source.get("mtime_ns") == stat.st_mtime_ns or source["blake2b"] == _file_hash(gguf)
 
 
 def _write_cache(model, tokenizer, cache_dir: Path, source: dict) -> None:
