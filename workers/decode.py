@@ -77,13 +77,17 @@ def _padded_pages(entry: CompressedKV, index: int, dtype) -> tuple[torch.Tensor,
     return pmin, pmax, pages.to(torch.int32)
 
 
+DENSE_LAYERS = 2  # Quest and HATA keep the first two layers dense: their attention is broad
+
+
 def sparse_cache(model, entry: CompressedKV, selection: str | Selection = "dense", budget: int | None = None,
-                 budget_fraction: float = 0.0, selection_cache: float = 0.0,
+                 budget_fraction: float = 0.0, selection_cache: float = 0.0, dense_layers: int = DENSE_LAYERS,
                  stats: DecodeStats | None = None, **params) -> DkvCache:
     """A ``DkvCache`` of ``entry`` whose one-token steps use ``selection``.
 
     ``selection_cache`` > 0 reuses a layer's selection while consecutive queries have at least
-    that cosine similarity (0.9 in TokenSelect).
+    that cosine similarity (0.9 in TokenSelect). The first ``dense_layers`` layers attend to
+    every slot.
     """
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -96,7 +100,8 @@ def sparse_cache(model, entry: CompressedKV, selection: str | Selection = "dense
     stats = stats if stats is not None else DecodeStats()
     per_step: list[float] = []
     for i, layer in enumerate(cache.layers):
-        layer.sparse_attend = _LayerSparse(i, layer, entry, selector, per_step)
+        if i >= dense_layers:
+            layer.sparse_attend = _LayerSparse(i, layer, entry, selector, per_step)
     cache.dkv_selected = per_step  # per layer call, flushed into stats per step by generate
     cache.dkv_selector = selector
     stats.cached_slots = round(sum(e.keys.shape[2] for e in cache.layers) / len(cache.layers))
