@@ -40,7 +40,7 @@ class UpOptions:
     cpu_bytes: str = "2GiB"
     redis_bytes: str = "4GiB"
     redis: bool = True
-    ready_timeout_s: float = 300.0
+    ready_timeout_s: float = 600.0
     extra_env: dict = field(default_factory=dict)
     ray: str | None = None  # None: workers as processes; "local" or a Ray address: workers as Ray actors
     prefill_workers: int = 1
@@ -81,6 +81,9 @@ class Cluster:
         else:
             log.warning("redis-server %s: the store runs without its Redis tier",
                         "disabled" if not o.redis else "not found on PATH (apt-get install redis-server)")
+        from workers.model import prepare_model
+
+        prepare_model(o.model)  # convert once here, not in every worker at the same time
         ports = {name: free_port() for name in ("store", "prefill", "decode")}
         ports["gateway"] = o.port
         self.addresses = {name: f"{o.host}:{port}" for name, port in ports.items()}

@@ -42,6 +42,9 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_colsum: ClassVar[bool] = False  # full accumulated attention (H2O-style)
+    # One token set for every KV head of a layer, ranked by the scores averaged over heads (as
+    # WindowKV and FastKV share indices): a token any head needs is kept for all of them.
+    share_heads: bool = False
 
     @property
     def window(self) -> int:
@@ -177,6 +180,10 @@ def compress_chunks(model, input_ids: torch.Tensor, method: str = "full", ratio:
 
 def _recipe(method, ratio, budget, quant, merge, chunk_size, params) -> Recipe:
     make_method(method, **params)  # validates the name and the parameters
+    _n_keep(1, ratio, budget)  # ValueError for a ratio outside [0, 1) or a negative budget
+    if method == "full" and (ratio or budget):
+        raise ValueError(f"method 'full' keeps every token: use ratio 0 and no budget (got ratio {ratio}, budget "
+                         f"{budget}), or a compression method such as snapkv")
     if quant not in kvquant.SCHEMES:
         raise ValueError(f"quant {quant!r} must be one of {sorted(kvquant.SCHEMES)}")
     extra = dict(params)
@@ -224,6 +231,8 @@ def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: 
     n = new_ids.shape[1]
     n_keep = _n_keep(n, recipe.ratio, recipe.budget)
     scores = [method.score(i, cap, capture).float() for i, cap in enumerate(capture.layers)]
+    if method.share_heads:
+        scores = [s.mean(0, keepdim=True).expand_as(s).clone() for s in scores]
     budgets = [max(1, min(n, b)) for b in method.budgets(scores, n_keep, capture)]
     merge = dict(recipe.params).get("merge", 0.0) > 0
     layers, kept_mass, total_mass = [], 0.0, 0.0

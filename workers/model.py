@@ -170,6 +170,20 @@ def load_model(
     return model, tokenizer
 
 
+def prepare_model(name_or_path: str = DEFAULT_MODEL) -> None:
+    """Convert and cache a registered GGUF model now, if its cache is missing or stale.
+
+    ``dkv up`` calls this before it starts the workers, so they all load the cache instead of
+    converting the same file side by side.
+    """
+    if name_or_path not in MODELS:
+        return
+    gguf = MODELS[name_or_path].locate()
+    cache_dir = cache_root() / name_or_path
+    if not _source_matches(_read_source(cache_dir), gguf):
+        _load_gguf(gguf, cache_dir, torch.float32, ATTN_IMPLEMENTATION)
+
+
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     """The tokenizer of a model ``load_model`` accepts, without loading its weights.
 
@@ -435,6 +449,7 @@ __all__ = [
     "cache_root",
     "load_model",
     "load_tokenizer",
+    "prepare_model",
     "model_fingerprint",
     "model_info",
 ]

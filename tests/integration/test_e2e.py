@@ -30,7 +30,7 @@ def system():
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
