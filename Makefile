@@ -33,8 +33,14 @@ test: setup redis-server
 proto: setup
 	$(BIN)/python -m services.protogen
 
+# every benchmark; each prints one JSON object (kept in bench/out/). quality also rewrites its
+# section of docs/benchmarks.md and runs kvpress beside dkv when .venv-peers exists (bench-peers).
 bench: setup redis-server
-	$(BIN)/dkv bench store --json
+	mkdir -p bench/out
+	$(BIN)/dkv bench store --json | tee bench/out/store.json
+	$(BIN)/dkv bench decode --json | tee bench/out/decode.json
+	$(BIN)/dkv bench e2e --json | tee bench/out/e2e.json
+	$(BIN)/dkv bench quality --json | tee bench/out/quality.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
