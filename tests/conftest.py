@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from in_process import InProcessServer  # noqa: E402
 from kvstore.redis_server import RedisServer, redis_server_available  # noqa: E402
 
 _SKIP_REASON = "redis-server not on PATH: apt-get install -y redis-server (make test installs it)"
@@ -60,31 +61,6 @@ def fresh_redis():
         yield server
     finally:
         server.close()
-
-
-class InProcessServer:
-    """A gRPC server object (e.g. ``StoreServer``) running on an event loop in a thread."""
-
-    def __init__(self, server) -> None:
-        import asyncio
-        import threading
-
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.port = self.call(server.start())
-        self.address = f"127.0.0.1:{self.port}"
-
-    def call(self, coro, timeout: float = 30.0):
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.call(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture

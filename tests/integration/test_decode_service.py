@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import InProcessServer
+from in_process import InProcessServer
 from kvstore.entry import Recipe
 from services.decode_server import DecodeServer
 from services.pb import decode_pb2, decode_pb2_grpc

@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import InProcessServer
+from in_process import InProcessServer
 from kvstore.entry import Recipe
 from services.pb import prefill_pb2, prefill_pb2_grpc
 from services.prefill_server import PrefillServer

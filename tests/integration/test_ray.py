@@ -31,7 +31,7 @@ def pools(store_service_module):
 
 @pytest.fixture(scope="module")
 def store_service_module():
-    from conftest import InProcessServer
+    from in_process import InProcessServer
     from services.settings import StoreSettings
     from services.store_server import StoreServer
 
