@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 
+from services.logs import setup_logging
 from services.settings import (DecodeSettings, GatewaySettings, PrefillSettings, SettingsError, StoreSettings,
                                add_arguments, describe, load)
 
@@ -48,15 +48,11 @@ def tune_malloc_and_reexec() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "services.cli", *sys.argv[1:]], env)
 
 
-def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def _store_serve(args: argparse.Namespace) -> int:
     from services.store_server import serve
 
     settings = load(StoreSettings, _settings_args(args, StoreSettings))
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
 
@@ -65,7 +61,7 @@ def _prefill_serve(args: argparse.Namespace) -> int:
     from services.prefill_server import serve
 
     settings = load(PrefillSettings, _settings_args(args, PrefillSettings))
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
 
@@ -74,7 +70,7 @@ def _decode_serve(args: argparse.Namespace) -> int:
     from services.decode_server import serve
 
     settings = load(DecodeSettings, _settings_args(args, DecodeSettings))
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
 
@@ -83,7 +79,7 @@ def _gateway_serve(args: argparse.Namespace) -> int:
     from services.gateway_server import serve
 
     settings = load(GatewaySettings, _settings_args(args, GatewaySettings))
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
 
@@ -91,10 +87,11 @@ def _gateway_serve(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from services.up import UpOptions, run
 
-    setup_logging("info")
+    setup_logging("info", "text")
     return run(UpOptions(host=args.host, port=args.port, model=args.model, device_bytes=args.device_bytes,
                          cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes, redis=not args.no_redis,
-                         ray=args.ray, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers))
+                         ray=args.ray, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+                         token=args.token, metrics=args.metrics))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -105,7 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     recipe = Recipe(method=args.method, ratio=args.ratio, quant=args.quant, chunk_size=args.chunk_size,
                     chunked=not args.whole)
-    with DkvClient(args.address) as client:
+    with DkvClient(args.address, token=args.token, tls_ca=args.tls_ca) as client:
         for item in client.generate(args.context, args.query, chat_template=not args.raw, recipe=recipe,
                                     selection=args.selection, budget=args.budget, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, stop=args.stop or ()):
@@ -121,7 +118,9 @@ def _store_stats(args: argparse.Namespace) -> int:
 
     from services.store_client import StoreClient
 
-    with StoreClient(args.address, timeout_s=args.timeout) as client:
+    from services.transport import Security
+
+    with StoreClient(args.address, timeout_s=args.timeout, security=Security(args.token, args.tls_ca)) as client:
         print(json.dumps(MessageToDict(client.stats(), always_print_fields_with_no_presence=True), indent=2))
     return 0
 
@@ -170,6 +169,12 @@ def _settings_args(args: argparse.Namespace, cls: type) -> dict:
     return {k: v for k, v in vars(args).items() if k in names}
 
 
+def _client_security_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=os.environ.get("DKV_TOKEN", ""),
+                        help="bearer token, when the server requires one (env DKV_TOKEN)")
+    parser.add_argument("--tls-ca", default="", help="PEM CA of the server's certificate (turns TLS on)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dkv", description="dkv: a disaggregated, compressed KV-cache store "
                                      "for LLM inference.", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = store.add_parser("stats", help="print a running store's tiers and counters as JSON")
     stats.add_argument("--address", default="127.0.0.1:50052", help="store address (default 127.0.0.1:50052)")
     stats.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    _client_security_arguments(stats)
     stats.set_defaults(func=_store_stats)
 
     prefill = sub.add_parser("prefill", help="run a prefill worker").add_subparsers(dest="action", required=True)
@@ -224,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "local Ray when no address is given")
     up.add_argument("--prefill-workers", type=int, default=1, help="prefill actors (with --ray)")
     up.add_argument("--decode-workers", type=int, default=1, help="decode actors (with --ray)")
+    up.add_argument("--token", default=os.environ.get("DKV_TOKEN", ""),
+                    help="bearer token every component requires and sends (env DKV_TOKEN; default: no auth)")
+    up.add_argument("--metrics", action="store_true", help="serve every component's Prometheus /metrics on a free "
+                    "port (printed in the log)")
     up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="send one Generate request to a running gateway and print the answer",
@@ -242,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    _client_security_arguments(gen)
     gen.set_defaults(func=_generate)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="suite", required=True)

@@ -9,26 +9,28 @@
             else:
                 print(item.ttft_ms, item.cache_hit)  # GenerateStats, last
 
-Clients that bring their own KV caches use ``DkvClient.store(address)``, a ``StoreClient``.
+Clients that bring their own KV caches use ``dkv.store(address)`` (a ``StoreClient`` with the same token and TLS).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import grpc
-
 from kvstore.entry import Recipe
 from services.pb import gateway_pb2, gateway_pb2_grpc
-from services.server import GRPC_OPTIONS
 from services.store_client import StoreClient
+from services.transport import Security, call_metadata, open_channel
 from services.wire import recipe_to_proto
 
 
 class DkvClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 600.0):
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 600.0, *, token: str = "",
+                 tls_ca: str = "", tls_cert: str = "", tls_key: str = ""):
+        """``token``: the bearer token when the gateway asks for one; ``tls_ca``: the CA that signed
+        the gateway's certificate (TLS on); ``tls_cert``/``tls_key``: this client's, for mutual TLS."""
         self.address, self.timeout_s = address, timeout_s
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.security = Security(token, tls_ca, tls_cert, tls_key)
+        self.channel = open_channel(address, self.security)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def __enter__(self) -> "DkvClient":
@@ -63,7 +65,7 @@ class DkvClient:
             request.query_ids.ids.extend(query)
         if recipe is not None:
             request.recipe.CopyFrom(recipe_to_proto(recipe))
-        for reply in self.stub.Generate(request, timeout=self.timeout_s):
+        for reply in self.stub.Generate(request, timeout=self.timeout_s, metadata=call_metadata(self.security)):
             if reply.HasField("token"):
                 yield reply.token.text
             else:
@@ -79,7 +81,7 @@ class DkvClient:
                 stats = item
         return "".join(pieces), stats
 
-    @staticmethod
-    def store(address: str = "127.0.0.1:50052", timeout_s: float = 60.0) -> StoreClient:
-        """Direct access to a KV store, for clients that bring their own KV caches."""
-        return StoreClient(address, timeout_s=timeout_s)
+    def store(self, address: str = "127.0.0.1:50052", timeout_s: float = 60.0) -> StoreClient:
+        """Direct access to a KV store with this client's token and TLS, for clients that bring their
+        own KV caches."""
+        return StoreClient(address, timeout_s=timeout_s, security=self.security)

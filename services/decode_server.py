@@ -12,6 +12,7 @@ from services.prefill_client import PrefillClient
 from services.server import GrpcServer, abort_with, iterate_in_thread, serve_until_signal
 from services.settings import DecodeSettings
 from services.store_client import StoreClient
+from services.transport import Security, tenant_for
 from services.wire import recipe_from_proto
 
 log = logging.getLogger("dkv.decode.server")
@@ -66,13 +67,21 @@ def decode_responses(worker, request: decode_pb2.DecodeRequest):
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, worker):
+    def __init__(self, worker, metrics):
         self.worker = worker
+        self.tokens = metrics.counter("dkv_decode_tokens", "Tokens generated.")
+        self.speed = metrics.histogram("dkv_decode_tokens_per_second", "Decode speed of each request, after its "
+                                       "first token.", (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
     async def Decode(self, request, context):
         try:
+            request.tenant = tenant_for(request.tenant)
             self.worker.check(decode_job(request, self.worker.tokenizer))  # refuse bad input before streaming
             async for reply in iterate_in_thread(decode_responses(self.worker, request)):
+                if reply.HasField("token"):
+                    self.tokens.inc()
+                elif reply.stats.ms_per_token:
+                    self.speed.observe(1e3 / reply.stats.ms_per_token)
                 yield reply
         except grpc.RpcError as e:  # store or prefill failed: pass its status on
             await context.abort(e.code(), f"upstream: {e.details()}")
@@ -101,16 +110,17 @@ class DecodeServer(GrpcServer):
             from workers.model import load_model
 
             model, tokenizer = load_model(settings.model)
-            prefill = PrefillClient(settings.prefill, timeout_s=settings.prefill_timeout_s).keys \
+            security = Security.of(settings)
+            prefill = PrefillClient(settings.prefill, settings.prefill_timeout_s, security).keys \
                 if settings.prefill else None
-            worker = DecodeWorker(model, tokenizer, StoreClient(settings.store, timeout_s=settings.store_timeout_s),
-                                  prefill, page_cache_bytes=settings.page_cache_bytes)
+            store = StoreClient(settings.store, timeout_s=settings.store_timeout_s, security=security)
+            worker = DecodeWorker(model, tokenizer, store, prefill, page_cache_bytes=settings.page_cache_bytes)
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Decode": grpc.unary_stream_rpc_method_handler(
-                DecodeServicer(self.worker).Decode, request_deserializer=decode_pb2.DecodeRequest.FromString,
+                DecodeServicer(self.worker, self.metrics).Decode, request_deserializer=decode_pb2.DecodeRequest.FromString,
                 response_serializer=decode_pb2.DecodeResponse.SerializeToString),
         })
 

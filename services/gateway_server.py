@@ -7,8 +7,9 @@ import logging
 import grpc
 
 from services.pb import decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
-from services.server import GRPC_OPTIONS, GrpcServer, abort_with, serve_until_signal
+from services.server import GrpcServer, abort_with, serve_until_signal
 from services.settings import GatewaySettings
+from services.transport import Security, call_metadata, open_channel, tenant_for
 
 log = logging.getLogger("dkv.gateway.server")
 SERVICE = "dkv.v1.Gateway"
@@ -18,8 +19,9 @@ STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT}
 class GrpcBackend:
     """Prefill and Decode workers over gRPC (``grpc.aio``), with deadlines."""
 
-    def __init__(self, prefill_address: str | None, decode_address: str | None, timeout_s: float):
-        self.timeout_s = timeout_s
+    def __init__(self, prefill_address: str | None, decode_address: str | None, timeout_s: float,
+                 security: Security | None = None):
+        self.timeout_s, self.security = timeout_s, security
         self.channels = []
         if prefill_address:
             self.prefill_stub = prefill_pb2_grpc.PrefillStub(self._channel(prefill_address))
@@ -27,15 +29,15 @@ class GrpcBackend:
             self.decode_stub = decode_pb2_grpc.DecodeStub(self._channel(decode_address))
 
     def _channel(self, address: str):
-        channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        channel = open_channel(address, self.security, aio=True)
         self.channels.append(channel)
         return channel
 
     async def prefill(self, request):
-        return await self.prefill_stub.Prefill(request, timeout=self.timeout_s)
+        return await self.prefill_stub.Prefill(request, timeout=self.timeout_s, metadata=call_metadata(self.security))
 
     async def decode(self, request):
-        call = self.decode_stub.Decode(request, timeout=self.timeout_s)
+        call = self.decode_stub.Decode(request, timeout=self.timeout_s, metadata=call_metadata(self.security))
         try:
             async for reply in call:
                 yield reply
@@ -48,17 +50,33 @@ class GrpcBackend:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway):
+    def __init__(self, gateway, metrics):
         self.gateway = gateway
+        self.ttft = metrics.histogram(
+            "dkv_gateway_ttft_seconds", "Time to first token, by how much of the context was cached "
+            "(hit: all, partial: a prefix, miss: none).", (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
+            ("cache",))
+        self.tokens = metrics.counter("dkv_gateway_tokens", "Tokens of requests, by kind (context, generated).",
+                                      ("kind",))
 
     async def Generate(self, request, context):
         try:
+            request.tenant = tenant_for(request.tenant)
             async for reply in self.gateway.generate(request):
+                if reply.HasField("stats"):
+                    self._observe(reply.stats)
                 yield reply
         except grpc.aio.AioRpcError as e:  # a worker failed: pass its status on
             await context.abort(e.code(), f"{e.details()}")
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             await abort_with(context, e, STATUS)
+
+
+    def _observe(self, stats) -> None:
+        cache = "hit" if stats.cache_hit else "partial" if stats.cached_prefix_tokens else "miss"
+        self.ttft.labels(cache).observe(stats.ttft_ms / 1e3)
+        self.tokens.labels("context").inc(stats.context_tokens)
+        self.tokens.labels("generated").inc(stats.new_tokens)
 
 
 class GatewayServer(GrpcServer):
@@ -79,8 +97,9 @@ class GatewayServer(GrpcServer):
         from workers.model import load_tokenizer
 
         s = self.settings
-        prefill = GrpcBackend(s.prefill, None, s.timeout_s)
-        decoders = [GrpcBackend(None, address, s.timeout_s) for address in s.decode.split(",") if address]
+        security = Security.of(s)
+        prefill = GrpcBackend(s.prefill, None, s.timeout_s, security)
+        decoders = [GrpcBackend(None, address, s.timeout_s, security) for address in s.decode.split(",") if address]
         self.backends = [prefill, *decoders]
         tokenizer = load_tokenizer(s.model)
         return Gateway(tokenizer, prefill, Router([Worker(a, b) for a, b in zip(s.decode.split(","), decoders)]),
@@ -89,7 +108,7 @@ class GatewayServer(GrpcServer):
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Generate": grpc.unary_stream_rpc_method_handler(
-                GatewayServicer(self.gateway).Generate, request_deserializer=gateway_pb2.GenerateRequest.FromString,
+                GatewayServicer(self.gateway, self.metrics).Generate, request_deserializer=gateway_pb2.GenerateRequest.FromString,
                 response_serializer=gateway_pb2.GenerateResponse.SerializeToString),
         })
 

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import grpc
-
 from kvstore.entry import Recipe
 from services.pb import prefill_pb2, prefill_pb2_grpc
-from services.server import GRPC_OPTIONS
+from services.transport import Security, call_metadata, open_channel
 from services.wire import recipe_to_proto
 
 
 class PrefillClient:
-    def __init__(self, address: str, timeout_s: float = 600.0):
-        self.address, self.timeout_s = address, timeout_s
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    def __init__(self, address: str, timeout_s: float = 600.0, security: Security | None = None):
+        self.address, self.timeout_s, self.security = address, timeout_s, security
+        self.channel = open_channel(address, security)
         self.stub = prefill_pb2_grpc.PrefillStub(self.channel)
 
     def prefill(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> prefill_pb2.PrefillResponse:
         request = prefill_pb2.PrefillRequest(recipe=recipe_to_proto(recipe), tenant=tenant)
         request.token_ids.ids.extend(token_ids)
-        return self.stub.Prefill(request, timeout=self.timeout_s)
+        return self.stub.Prefill(request, timeout=self.timeout_s, metadata=call_metadata(self.security))
 
     def keys(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> list[str]:
         """The entry keys of the context, prefilled if needed."""

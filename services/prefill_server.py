@@ -12,6 +12,7 @@ from services.pb import prefill_pb2, prefill_pb2_grpc
 from services.server import GrpcServer, abort_with, serve_until_signal
 from services.settings import PrefillSettings
 from services.store_client import StoreClient
+from services.transport import Security, tenant_for
 from services.wire import recipe_from_proto
 
 log = logging.getLogger("dkv.prefill.server")
@@ -42,18 +43,26 @@ def prefill_response(result) -> prefill_pb2.PrefillResponse:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, worker):
+    def __init__(self, worker, metrics):
         self.worker = worker
+        self.tokens = metrics.counter("dkv_prefill_tokens", "Context tokens of prefill requests, by whether they "
+                                      "were computed or found in the store.", ("source",))
+        self.ratio = metrics.histogram("dkv_prefill_compression_ratio", "Uncompressed K/V bytes (model dtype) "
+                                       "over stored bytes, per prefill.", (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64))
 
     async def Prefill(self, request, context):
         try:
             recipe = recipe_from_proto(request.recipe)
             ids = prefill_ids(request, self.worker)
-            result = await asyncio.to_thread(self.worker.prefill, ids, recipe, request.tenant or "default")
+            result = await asyncio.to_thread(self.worker.prefill, ids, recipe, tenant_for(request.tenant))
         except grpc.RpcError as e:  # the store failed: pass its status on
             await context.abort(e.code(), f"store: {e.details()}")
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             await abort_with(context, e, STATUS)
+        self.tokens.labels("computed").inc(result.prefilled_tokens)
+        self.tokens.labels("cached").inc(result.cached_tokens)
+        if result.prefilled_tokens and result.stored_bytes:
+            self.ratio.observe(result.full_bytes / result.stored_bytes)
         return prefill_response(result)
 
 
@@ -67,14 +76,14 @@ class PrefillServer(GrpcServer):
             from workers.prefill import PrefillWorker
 
             model, tokenizer = load_model(settings.model)
-            worker = PrefillWorker(model, tokenizer, StoreClient(settings.store, timeout_s=settings.store_timeout_s),
-                                   max_tokens=settings.max_tokens)
+            store = StoreClient(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
+            worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens)
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Prefill": grpc.unary_unary_rpc_method_handler(
-                PrefillServicer(self.worker).Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
+                PrefillServicer(self.worker, self.metrics).Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
                 response_serializer=prefill_pb2.PrefillResponse.SerializeToString),
         })
 

@@ -24,13 +24,13 @@ log = logging.getLogger("dkv.ray")
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class PrefillActor:
-    def __init__(self, model: str, store: str):
+    def __init__(self, model: str, store: str, security=None):
         from services.store_client import StoreClient
         from workers.model import load_model
         from workers.prefill import PrefillWorker
 
         loaded, tokenizer = load_model(model)
-        self.worker = PrefillWorker(loaded, tokenizer, StoreClient(store, timeout_s=120))
+        self.worker = PrefillWorker(loaded, tokenizer, StoreClient(store, timeout_s=120, security=security))
 
     def prefill(self, request: bytes) -> bytes:
         from services.prefill_server import prefill_ids, prefill_response
@@ -48,7 +48,7 @@ class PrefillActor:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class DecodeActor:
-    def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle"):
+    def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle", security=None):
         from services.store_client import StoreClient
         from workers.decode_worker import DecodeWorker
         from workers.model import load_model
@@ -62,7 +62,7 @@ class DecodeActor:
                 request.SerializeToString()))).keys)
 
         loaded, tokenizer = load_model(model)
-        self.worker = DecodeWorker(loaded, tokenizer, StoreClient(store, timeout_s=120), recompute)
+        self.worker = DecodeWorker(loaded, tokenizer, StoreClient(store, timeout_s=120, security=security), recompute)
 
     def decode(self, request: bytes):
         """Streams serialized ``DecodeResponse`` messages: the tokens, then the stats."""
@@ -140,11 +140,15 @@ class RoundRobin:
         pass
 
 
-def start_pools(model: str, store: str, prefill_workers: int = 1, decode_workers: int = 1):
-    """(prefill actors, decode actors) on the connected Ray cluster; GPUs requested when it has some."""
+def start_pools(model: str, store: str, prefill_workers: int = 1, decode_workers: int = 1, security=None):
+    """(prefill actors, decode actors) on the connected Ray cluster; GPUs requested when it has some.
+
+    ``security`` (a ``services.transport.Security``) is what the actors present to the store."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= prefill_workers + decode_workers else 0
-    prefill = [PrefillActor.options(num_cpus=1, num_gpus=gpus).remote(model, store) for _ in range(prefill_workers)]
-    decode = [DecodeActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, prefill[i % len(prefill)])
+    prefill = [PrefillActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, security)
+               for _ in range(prefill_workers)]
+    decode = [DecodeActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, prefill[i % len(prefill)],
+                                                                         security)
               for i in range(decode_workers)]
     ray.get([a.pid.remote() for a in prefill + decode])  # wait until every model is loaded
     log.info("ray pools ready: %d prefill and %d decode actors (%s GPU each)", prefill_workers, decode_workers, gpus)

@@ -1,27 +1,130 @@
 """What every dkv gRPC server shares: one service, health and reflection on one port, graceful stop.
 
-A server binds, serves its service with ``grpc.health.v1`` (SERVING for "" and the service) and
-reflection beside it, and on SIGTERM/SIGINT turns health NOT_SERVING at once, keeps serving for
-``drain_delay_s`` so load balancers notice, then gives in-flight calls ``grace_s`` to finish.
+A server binds (TLS when its settings have a certificate), serves its service with
+``grpc.health.v1`` (SERVING for "" and the service) and reflection beside it, and on
+SIGTERM/SIGINT turns health NOT_SERVING at once, keeps serving for ``drain_delay_s`` so load
+balancers notice, then gives in-flight calls ``grace_s`` to finish.
+
+Every call passes ``CallInterceptor``: bearer-token check (``services.transport``), a request id
+for the logs, and the ``dkv_rpc_duration_seconds`` histogram by method and status code, served
+with the component's other metrics on ``metrics_port``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.metrics import Metrics
+from services.transport import (
+    GRPC_OPTIONS, OPEN_SERVICES, Authenticator, PermissionDenied, allowed_tenant, new_request_id, request_id,
+    server_credentials,
+)
+
 log = logging.getLogger("dkv.server")
 
-MAX_MESSAGE_BYTES = 8 << 20  # a 4 MiB frame, or ~1M token ids, with room to spare
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+# how loudly a finished call is logged, by status code (OK and the codes of normal misses: debug)
+_LOUD = {"INTERNAL": logging.ERROR, "UNKNOWN": logging.ERROR, "DATA_LOSS": logging.WARNING,
+         "UNAVAILABLE": logging.WARNING, "UNAUTHENTICATED": logging.INFO, "PERMISSION_DENIED": logging.INFO,
+         "INVALID_ARGUMENT": logging.INFO, "RESOURCE_EXHAUSTED": logging.INFO, "FAILED_PRECONDITION": logging.INFO,
+         "DEADLINE_EXCEEDED": logging.INFO, "OUT_OF_RANGE": logging.INFO}
+
+
+class _Call:
+    """One RPC as the interceptor sees it: who may do what, since when, how it ended."""
+
+    def __init__(self, interceptor: "CallInterceptor", method: str, metadata):
+        self.interceptor, self.method = interceptor, method
+        self.allowed, self.code, self.why = interceptor.auth.check(method, metadata)
+        self.request_id = new_request_id(metadata)
+        self.start = time.perf_counter()
+
+    async def begin(self, context) -> None:
+        request_id.set(self.request_id)
+        allowed_tenant.set(self.allowed)
+        if self.code is not None:
+            await context.abort(self.code, self.why)
+
+    def end(self, context, error: BaseException | None) -> None:
+        if error is None or isinstance(error, grpc.aio.AbortError):
+            code = context.code() or grpc.StatusCode.OK
+            code = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            code = "CANCELLED"
+        else:
+            code = "UNKNOWN"
+        seconds = time.perf_counter() - self.start
+        name = self.method.rsplit("/", 1)[-1]
+        if not self.method.startswith(OPEN_SERVICES):
+            self.interceptor.metrics.observe_rpc(name, code, seconds)
+        log.log(_LOUD.get(code, logging.DEBUG), "%s %s in %.1f ms", name, code, seconds * 1e3,
+                extra={"rpc": name, "code": code, "ms": round(seconds * 1e3, 2)})
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates, names and times every call (see the module docstring)."""
+
+    def __init__(self, auth: Authenticator, metrics: Metrics):
+        self.auth, self.metrics = auth, metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return _wrap(handler, lambda: _Call(self, details.method, details.invocation_metadata))
+
+
+def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
+    """``handler`` with every call run between ``_Call.begin`` and ``_Call.end``."""
+    kwargs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+
+    def single(behavior):
+        async def run(request, context):
+            call, error = new_call(), None
+            try:
+                await call.begin(context)
+                return await behavior(request, context)
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                call.end(context, error)
+        return run
+
+    def streaming(behavior):
+        async def run(request, context):
+            call, error = new_call(), None
+            try:
+                await call.begin(context)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                call.end(context, error)
+        return run
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(single(handler.unary_unary), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(single(handler.stream_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
 
 
 class GrpcServer:
@@ -35,6 +138,8 @@ class GrpcServer:
     def __init__(self, settings):
         self.settings = settings
         self.port = 0
+        self.metrics_port = 0
+        self.metrics = Metrics(self.service_name.rsplit(".", 1)[-1].lower())
 
     def handlers(self) -> grpc.GenericRpcHandler:
         raise NotImplementedError
@@ -49,18 +154,28 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and serve (inside the event loop that will run the server); returns the port."""
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(
+            options=GRPC_OPTIONS, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
         self.server.add_generic_rpc_handlers((self.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([self.service_name, health_name, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if not self.port:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}: is the port in use?")
         await self.server.start()
         for name in ("", self.service_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening on %s:%d", self.describe(), self.settings.host, self.port)
+        if self.settings.metrics_port:
+            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+        log.info("%s listening on %s:%d%s%s", self.describe(), self.settings.host, self.port,
+                 " (TLS)" if credentials else "",
+                 f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "")
         return self.port
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
@@ -69,6 +184,7 @@ class GrpcServer:
         if drain_delay_s:
             await asyncio.sleep(drain_delay_s)
         await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        self.metrics.close()
         self.close()
         log.info("%s stopped", self.service_name)
 
@@ -89,7 +205,7 @@ async def serve_until_signal(server: GrpcServer) -> None:
 
 async def abort_with(context: grpc.aio.ServicerContext, error: Exception, status: dict) -> None:
     """End the call with the status code ``status`` maps ``error``'s type to; otherwise INTERNAL."""
-    for kind, code in status.items():
+    for kind, code in ((PermissionDenied, grpc.StatusCode.PERMISSION_DENIED), *status.items()):
         if isinstance(error, kind):
             await context.abort(code, str(error))
     log.error("internal error", exc_info=error)
@@ -114,7 +230,7 @@ async def iterate_in_thread(iterator):
             return
         loop.call_soon_threadsafe(queue.put_nowait, (done, None))
 
-    task = loop.run_in_executor(None, pump)
+    task = loop.run_in_executor(None, contextvars.copy_context().run, pump)  # keeps the request id
     while True:
         item, error = await queue.get()
         if item is done:

@@ -121,9 +121,16 @@ def check_range(name: str, value: float, lo: float, hi: float) -> None:
         raise SettingsError(f"setting {name} = {value!r} must be between {lo} and {hi}")
 
 
+SECRETS = ("auth_token", "tenant_tokens")
+
+
 def describe(settings) -> dict:
-    """Effective settings as a plain dict (for logs and ``dkv config show``)."""
-    return dataclasses.asdict(settings)
+    """Effective settings as a plain dict (for logs and ``dkv config show``); secrets masked."""
+    values = dataclasses.asdict(settings)
+    for name in SECRETS:
+        if values.get(name):
+            values[name] = "***"
+    return values
 
 
 @dataclass
@@ -139,9 +146,35 @@ class ServerSettings:
                                    "balancers stop sending before the server stops taking calls (a few seconds on "
                                    "Kubernetes).")
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    log_format: str = setting("auto", "Log format: json, text, or auto (json when stderr is not a terminal).",
+                              choices=("auto", "json", "text"))
+    metrics_port: int = setting(0, "Port of the Prometheus /metrics HTTP endpoint; 0 disables it.")
+    auth_token: str = setting("", "Bearer token of the cluster's own services. A caller presenting it may act for "
+                              "any tenant (dkv-tenant header); this component also sends it on its outbound calls. "
+                              "Empty (and no tenant_tokens) = no authentication.")
+    tenant_tokens: str = setting("", "Per-tenant bearer tokens, 'tenant=token,tenant=token': a caller presenting "
+                                 "one acts only for that tenant, whose entries live in their own namespace.")
+    tls_cert: str = setting("", "PEM certificate this component presents (server side, and client side for mutual "
+                            "TLS); with tls_key, turns TLS on.")
+    tls_key: str = setting("", "PEM private key of tls_cert.")
+    tls_ca: str = setting("", "PEM CA bundle: verifies the servers this component calls and, when set on a server "
+                          "with tls_cert, requires and verifies client certificates (mutual TLS).")
 
     def __post_init__(self) -> None:
         check_range("port", self.port, 0, 65535)
+        check_range("metrics_port", self.metrics_port, 0, 65535)
+        check_choice("log_format", self.log_format, ("auto", "json", "text"))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("settings tls_cert and tls_key go together: set both (TLS on) or neither (TLS off)")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"setting {name} = {path!r}: no such file; give the path of a PEM file")
+        for pair in filter(None, self.tenant_tokens.split(",")):
+            tenant, _, token = pair.partition("=")
+            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", tenant.strip()) or not token.strip():
+                raise SettingsError("setting tenant_tokens must be 'tenant=token,...' with tenant names of letters, "
+                                    f"digits, '_', '.', '-' and a non-empty token; got an entry {tenant.strip()!r}")
         check_range("grace_s", self.grace_s, 0, 3600)
         check_range("drain_delay_s", self.drain_delay_s, 0, 3600)
         check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))

@@ -19,7 +19,7 @@ import torch
 from kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
 from kvstore.errors import CorruptEntry
 from services.pb import store_pb2
-from services.server import GRPC_OPTIONS
+from services.transport import Security, call_metadata, open_channel
 from services.store_server import SERVICE
 from services.wire import frame_message, parse_frame_message, recipe_to_proto, tensor_from_proto
 
@@ -58,12 +58,16 @@ class LookupReply:
 
 
 class StoreClient:
-    """``StoreClient("127.0.0.1:50052")``; use as a context manager or call ``close()``."""
+    """``StoreClient("127.0.0.1:50052")``; use as a context manager or call ``close()``.
 
-    def __init__(self, address: str, timeout_s: float = 30.0):
+    ``security`` carries the bearer token and TLS files when the store asks for them.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 30.0, security: Security | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.security = security
+        self.channel = open_channel(address, security)
         pb = store_pb2
         self._put = self.channel.stream_unary(f"/{SERVICE}/Put", request_serializer=frame_message,
                                               response_deserializer=pb.PutResponse.FromString)
@@ -99,7 +103,7 @@ class StoreClient:
         return self.put_frames(codec.encode(entry))
 
     def put_frames(self, frames: Iterable[bytes]) -> PutReply:
-        r = self._put(iter(frames), timeout=self.timeout_s)
+        r = self._put(iter(frames), timeout=self.timeout_s, metadata=call_metadata(self.security))
         return PutReply(EntryKey.parse(r.key), r.stored_bytes, r.tier, r.replaced)
 
     def get_frames(self, key: EntryKey | str) -> list[memoryview] | None:
@@ -108,7 +112,7 @@ class StoreClient:
         return None if fetched is None else fetched[0]
 
     def _get_frames(self, key: EntryKey | str) -> tuple[list[memoryview], str] | None:
-        call = self._get(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s)
+        call = self._get(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s, metadata=call_metadata(self.security))
         try:
             frames = list(call)
         except grpc.RpcError as e:
@@ -141,19 +145,19 @@ class StoreClient:
                tenant: str = "default") -> LookupReply | None:
         r = self._lookup(store_pb2.LookupRequest(tenant=tenant, model_fingerprint=model_fingerprint,
                                                  recipe=recipe_to_proto(recipe), token_ids=list(token_ids)),
-                         timeout=self.timeout_s)
+                         timeout=self.timeout_s, metadata=call_metadata(self.security))
         if not r.hit:
             return None
         return LookupReply([EntryKey.parse(k) for k in r.keys], r.cached_tokens, list(r.tiers), list(r.stored_bytes),
                            list(r.importance), list(r.kept_tokens_per_layer))
 
     def delete(self, key: EntryKey | str) -> bool:
-        return self._delete(store_pb2.DeleteRequest(key=str(key)), timeout=self.timeout_s).deleted
+        return self._delete(store_pb2.DeleteRequest(key=str(key)), timeout=self.timeout_s, metadata=call_metadata(self.security)).deleted
 
     def summaries(self, key: EntryKey | str) -> list[LayerSummary] | None:
         """Per layer: kept tokens per KV head and the page min/max of K; None on a miss."""
         try:
-            replies = list(self._summaries(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s))
+            replies = list(self._summaries(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s, metadata=call_metadata(self.security)))
         except grpc.RpcError as e:
             if e.code() in MISS_CODES:
                 return None
@@ -167,7 +171,7 @@ class StoreClient:
         (in page order), the bytes received and the tier they came from; None on a miss."""
         try:
             replies = list(self._select(store_pb2.SelectRequest(key=str(key), layer=layer, pages=list(pages)),
-                                        timeout=self.timeout_s))
+                                        timeout=self.timeout_s, metadata=call_metadata(self.security)))
         except grpc.RpcError as e:
             if e.code() in MISS_CODES:
                 return None
@@ -177,4 +181,4 @@ class StoreClient:
         return parts, nbytes, replies[0].tier if replies else ""
 
     def stats(self) -> store_pb2.StatsResponse:
-        return self._stats(store_pb2.StatsRequest(), timeout=self.timeout_s)
+        return self._stats(store_pb2.StatsRequest(), timeout=self.timeout_s, metadata=call_metadata(self.security))

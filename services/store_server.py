@@ -23,7 +23,9 @@ from kvstore.shrink import ShrinkRule
 from kvstore.store import TieredStore, TierSpec
 from services.pb import store_pb2, store_pb2_grpc
 from services.server import GRPC_OPTIONS, GrpcServer, abort_with, serve_until_signal
+from services.metrics import StoreCollector
 from services.settings import StoreSettings
+from services.transport import tenant_for
 from services.wire import frame_message, parse_frame_message, recipe_from_proto, tensor_to_proto
 
 log = logging.getLogger("dkv.store.server")
@@ -64,14 +66,18 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, put: bool 
 
 
 def _parse_key(text: str) -> EntryKey:
+    """The key, if the caller may act for its tenant (``PermissionDenied`` otherwise)."""
     if not text:
         raise InvalidEntry("key is empty; pass tenant/model_fingerprint/recipe_id/prefix_hash as returned by Put")
-    return EntryKey.parse(text)
+    key = EntryKey.parse(text)
+    tenant_for(key.tenant)
+    return key
 
 
 class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: TieredStore):
+    def __init__(self, store: TieredStore, lookups=None):
         self.store = store
+        self.lookups = lookups  # Counter by the tier of the longest cached prefix ("miss" when none)
 
     async def Put(self, request_iterator, context):
         try:
@@ -82,6 +88,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                         raise InvalidEntry("a Put message is not a dkv.v1.Frame; send Frame{data=<codec frame>}")
                     assembler.add(frame)
                 header, frames = assembler.finish()
+                tenant_for(header.identity.tenant)
             except KVStoreError:
                 self.store.count_rejected()
                 raise
@@ -106,10 +113,12 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             recipe = recipe_from_proto(request.recipe)
             if not request.token_ids:
                 raise InvalidEntry("token_ids is empty; send the prompt's token ids")
-            found = self.store.lookup(request.tenant or "default", request.model_fingerprint, recipe,
+            found = self.store.lookup(tenant_for(request.tenant), request.model_fingerprint, recipe,
                                       list(request.token_ids))
         except Exception as e:  # noqa: BLE001
             await _abort(context, e)
+        if self.lookups is not None:
+            self.lookups.labels(found.tiers[-1] if found else "miss").inc()
         if found is None:
             return store_pb2.LookupResponse(hit=False)
         kept = [sum(layer) for layer in zip(*(h.kept_tokens_per_layer() for h in found.headers))]
@@ -207,9 +216,12 @@ class StoreServer(GrpcServer):
     def __init__(self, settings: StoreSettings, store: TieredStore | None = None):
         super().__init__(settings)
         self.store = store or build_store(settings)
+        self.metrics.registry.register(StoreCollector(self.store))
+        self.lookups = self.metrics.counter("dkv_store_lookups", "Prefix lookups, by the tier holding the last "
+                                            "entry of the longest cached prefix (miss: none cached).", ("tier",))
 
     def handlers(self) -> grpc.GenericRpcHandler:
-        return _handlers(KVStoreServicer(self.store))
+        return _handlers(KVStoreServicer(self.store, self.lookups))
 
     def describe(self) -> str:
         tiers = ", ".join(f"{s.tier.name}={s.tier.capacity_bytes}B" for s in self.store.tiers)

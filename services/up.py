@@ -45,6 +45,8 @@ class UpOptions:
     ray: str | None = None  # None: workers as processes; "local" or a Ray address: workers as Ray actors
     prefill_workers: int = 1
     decode_workers: int = 1
+    token: str = ""  # every component requires this bearer token (and sends it to the others)
+    metrics: bool = False  # serve /metrics of every component on a free port (``Cluster.metrics``)
 
 
 class Cluster:
@@ -55,6 +57,7 @@ class Cluster:
         self.redis: RedisServer | None = None
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.addresses: dict[str, str] = {}
+        self.metrics: dict[str, str] = {}  # component -> host:port of its /metrics (with ``metrics``)
 
     @property
     def gateway(self) -> str:
@@ -106,10 +109,16 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         env = {**os.environ, **self.options.extra_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        if self.options.token:
+            env[f"DKV_{name.upper()}_AUTH_TOKEN"] = self.options.token
+        if self.options.metrics:
+            self.metrics[name] = f"{self.options.host}:{free_port()}"
+            args = [*args, "--metrics-port", self.metrics[name].rsplit(":", 1)[1]]
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--host", self.options.host], cwd=ROOT,
                                 env=env)
         self.processes.append((name, proc))
-        log.info("started %s (pid %d) on %s", name, proc.pid, self.addresses[name])
+        log.info("started %s (pid %d) on %s%s", name, proc.pid, self.addresses[name],
+                 f", metrics at http://{self.metrics[name]}/metrics" if name in self.metrics else "")
 
     def _wait_serving(self, name: str, deadline: float) -> None:
         proc = dict(self.processes)[name]
@@ -155,6 +164,7 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
     from services.ray_pool import RayBackend, RoundRobin, start_pools
     from services.server import serve_until_signal
     from services.settings import GatewaySettings
+    from services.transport import Security
     from workers.gateway import Gateway, Router, Worker
     from workers.model import load_tokenizer
 
@@ -162,9 +172,11 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
     ray.init(address=None if o.ray == "local" else o.ray, include_dashboard=False, log_to_driver=True,
              **({"num_cpus": max(2, o.prefill_workers + o.decode_workers)} if o.ray == "local" else {}))
     try:
-        prefill, decode = start_pools(o.model, cluster.addresses["store"], o.prefill_workers, o.decode_workers)
+        prefill, decode = start_pools(o.model, cluster.addresses["store"], o.prefill_workers, o.decode_workers,
+                                      Security(token=o.token))
         router = Router([Worker(f"ray-decode-{i}", RayBackend(actor)) for i, actor in enumerate(decode)])
-        settings = GatewaySettings(host=o.host, port=o.port, prefill="ray", decode="ray", model=o.model)
+        settings = GatewaySettings(host=o.host, port=o.port, prefill="ray", decode="ray", model=o.model,
+                                   auth_token=o.token)
         gateway = Gateway(load_tokenizer(o.model), RoundRobin([RayBackend(a) for a in prefill]), router,
                           max_positions=settings.max_positions)
         print(f"dkv is up: gateway at {cluster.gateway} (workers on Ray; Ctrl-C to stop)", flush=True)

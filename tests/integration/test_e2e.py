@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import urllib.request
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from services.client import DkvClient
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
+TOKEN = "e2e-token"
 DOCUMENT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Thomas Pell. Its lamp burned whale "
             "oil until 1904, when the keepers switched to kerosene. The last keeper, Ada Rowe, left in 1962. ") * 7
 
@@ -27,7 +30,8 @@ DOCUMENT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Th
 @pytest.fixture(scope="module")
 def system():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port", str(port), "--token", TOKEN,
+                             "--metrics"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 600
@@ -43,14 +47,15 @@ def system():
     if proc.poll() is not None or not any("dkv is up" in line for line in lines):
         proc.kill()
         pytest.fail("dkv up did not start:\n" + "".join(lines[-40:]))
-    yield f"127.0.0.1:{port}", proc
+    metrics = dict(re.findall(r"started (\w+) .*metrics at (http://\S+/metrics)", "".join(lines)))
+    yield f"127.0.0.1:{port}", proc, metrics
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
 
 
 def test_generate_equals_plain_generation_then_hits_the_cache(system, smollm2):
-    address, _ = system
+    address, *_ = system
     model, tokenizer = smollm2
     context = tokenizer(DOCUMENT, add_special_tokens=False).input_ids
     query = tokenizer("\nQuestion: Who was the last keeper? Answer:", add_special_tokens=False).input_ids
@@ -58,7 +63,7 @@ def test_generate_equals_plain_generation_then_hits_the_cache(system, smollm2):
     plain = model.generate(full, max_new_tokens=12, do_sample=False)[0, full.shape[1]:].tolist()
     expected = tokenizer.decode(plain, skip_special_tokens=True)
     recipe = Recipe(method="full")
-    with DkvClient(address) as client:
+    with DkvClient(address, token=TOKEN) as client:
         text, first = client.ask(context, query, recipe=recipe, selection="dense", max_new_tokens=12)
         assert text == expected
         assert not first.cache_hit and first.prefilled_tokens == len(context) and first.ttft_ms > 0
@@ -69,8 +74,8 @@ def test_generate_equals_plain_generation_then_hits_the_cache(system, smollm2):
 
 
 def test_a_follow_up_that_extends_the_context_reuses_its_chunks(system):
-    address, _ = system
-    with DkvClient(address) as client:
+    address, *_ = system
+    with DkvClient(address, token=TOKEN) as client:
         answer, first = client.ask(DOCUMENT, "When was it built?", chat_template=True, max_new_tokens=16)
         follow_up = DOCUMENT + "\n\nWhen was it built?\n" + answer
         _, second = client.ask(follow_up, "Who built it?", chat_template=True, max_new_tokens=16)
@@ -79,8 +84,8 @@ def test_a_follow_up_that_extends_the_context_reuses_its_chunks(system):
 
 
 def test_bad_requests_get_invalid_argument(system):
-    address, _ = system
-    with DkvClient(address) as client:
+    address, *_ = system
+    with DkvClient(address, token=TOKEN) as client:
         with pytest.raises(grpc.RpcError) as info:
             client.ask("some context", "a question", selection="nope")
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -89,8 +94,39 @@ def test_bad_requests_get_invalid_argument(system):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than the model's" in info.value.details()
 
 
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {name: float(value) for name, _, value in
+            (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+def test_every_component_wants_the_token_and_reports_metrics(system):
+    address, _, metrics = system
+    assert sorted(metrics) == ["decode", "gateway", "prefill", "store"]
+    with DkvClient(address) as anonymous, pytest.raises(grpc.RpcError) as info:
+        anonymous.ask(DOCUMENT, "Who built it?", max_new_tokens=2)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    before = {name: scrape(url) for name, url in metrics.items()}
+    with DkvClient(address, token=TOKEN) as client:
+        client.ask(DOCUMENT + " Gulls nest on the rocks.", "Who built it?", chat_template=True, max_new_tokens=4)
+    after = {name: scrape(url) for name, url in metrics.items()}
+
+    def moved(component: str, name: str) -> float:
+        return after[component].get(name, 0.0) - before[component].get(name, 0.0)
+
+    assert moved("gateway", 'dkv_rpc_duration_seconds_count{code="OK",method="Generate",service="gateway"}') == 1
+    assert after["gateway"]['dkv_rpc_duration_seconds_count{code="UNAUTHENTICATED",method="Generate",'
+                            'service="gateway"}'] >= 1
+    assert sum(moved("gateway", f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}') for c in ("hit", "partial", "miss")) == 1
+    assert moved("prefill", 'dkv_prefill_tokens_total{source="computed"}') > 0
+    assert moved("prefill", "dkv_prefill_compression_ratio_count") == 1
+    assert moved("decode", "dkv_decode_tokens_total") >= 1
+    assert moved("store", "dkv_store_puts_total") >= 1
+    assert after["store"]['dkv_store_used_bytes{tier="cpu"}'] > 0
+
+
 def test_ctrl_c_stops_everything(system):
-    _, proc = system
+    _, proc, _ = system
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) >= 4  # store, prefill, decode, gateway (and redis-server when installed)
     proc.send_signal(signal.SIGINT)
