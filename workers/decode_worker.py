@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.entry import CompressedKV, Identity, Recipe, make_layer
+from kvstore.entry import CompressedKV, EntryKey, Identity, Recipe, make_layer
 from kvstore.errors import EntryNotFound
 from workers.decode import DecodeStats, generate_remote, stream
 from workers.model import model_info
@@ -82,6 +82,10 @@ class DecodeWorker:
             raise ValueError(f"temperature {job.temperature} must be >= 0 and top_p {job.top_p} in (0, 1]")
         if not job.keys and not job.context_ids:
             raise ValueError("no entry: send its keys, or the context and a recipe")
+        for key in job.keys:
+            if EntryKey.parse(key).model_fingerprint != self.model.dkv_fingerprint:
+                raise ValueError(f"entry {key} was computed by model {EntryKey.parse(key).model_fingerprint}; this "
+                                 f"worker runs {self.model.dkv_fingerprint}: send the context to have it recomputed")
         if job.context_ids is not None and job.recipe is None:
             raise ValueError("a context needs its recipe")
 
