@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test proto bench redis-server clean
+.PHONY: setup demo test proto bench redis-server clean loadtest soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,25 @@ bench: setup redis-server
 	$(BIN)/dkv bench decode --json | tee bench/out/decode.json
 	$(BIN)/dkv bench e2e --json | tee bench/out/e2e.json
 	$(BIN)/dkv bench quality --json | tee bench/out/quality.json
+
+# locust against a dkv started on free loopback ports (loadtest/run.py); CSV, HTML report and log in
+# build/loadtest/. Fails on any failed call or a p99 above LOADTEST_P99_MS. Against a running cluster:
+# $(BIN)/python -m loadtest.run --host GATEWAY:PORT --store STORE:PORT (see docs/benchmarks.md).
+LOADTEST_TIME ?= 60s
+LOADTEST_USERS ?= 3
+LOADTEST_SCENARIO ?= mixed
+LOADTEST_P99_MS ?= 120000
+loadtest: setup redis-server
+	$(BIN)/python -m loadtest.run --time $(LOADTEST_TIME) --users $(LOADTEST_USERS) \
+	  --scenario $(LOADTEST_SCENARIO) --p99-ms $(LOADTEST_P99_MS) --out build/loadtest
+
+# chaos soak (loadtest/soak.py): SIGKILL and restart Redis, the store and the workers under load for
+# SOAK_TIME seconds, every answer checked against its golden one; JSON report in build/soak.json.
+# tests/reliability/test_soak.py runs a short one in make test.
+SOAK_TIME ?= 600
+soak: setup redis-server
+	mkdir -p build
+	$(BIN)/python -m loadtest.soak --duration $(SOAK_TIME) --json build/soak.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

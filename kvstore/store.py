@@ -104,7 +104,12 @@ class TieredStore:
         max_entry_bytes: int = 1 << 30,
         retry_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        protect_unread_s: float = 60.0,
     ):
+        """``protect_unread_s``: for this long after its put, an entry not yet read is dropped
+        from the last tier only when other entries cannot make the room (the newest such entries,
+        up to half the tier): the reader it was written for (a decode worker, the next chunk of a
+        prompt) finds it even in a full store whose policy ranks it lowest."""
         if not tiers:
             raise ValueError("a store needs at least one tier")
         names = [spec.tier.name for spec in tiers]
@@ -115,6 +120,7 @@ class TieredStore:
         self.max_entry_bytes = max_entry_bytes
         self.retry_after_s = retry_after_s
         self.clock = clock
+        self.protect_unread_s = protect_unread_s
         self._entries: dict[EntryKey, _Stored] = {}
         # decoded entries (zero-copy views of verified frames) for Summaries/Select, which read
         # one layer per decode step: a few, most recently used last
@@ -339,7 +345,12 @@ class TieredStore:
             return []
         now = self.clock()
         residents = [s.stats for s in self._entries.values() if s.stats.tier == i and s.stats.key != incoming.key]
-        victims = self.policy.choose_victims(residents, need, now)
+        victims = None
+        if last:  # victims leave the store: spare the newest entries still waiting for their first read
+            protected = self._protected(residents, tier.capacity_bytes // 2, now)
+            victims = self.policy.choose_victims([s for s in residents if s.key not in protected], need, now)
+        if victims is None:
+            victims = self.policy.choose_victims(residents, need, now)
         if victims is None:
             return None
         if not last and victims and self.policy.value(incoming, now) < max(self.policy.value(v, now) for v in victims):
@@ -349,6 +360,18 @@ class TieredStore:
         if tier.used_bytes() + incoming.nbytes > tier.capacity_bytes:
             return None  # the tier's own accounting disagrees (e.g. a shared Redis filled up)
         return victims
+
+    def _protected(self, residents: list[EntryStats], budget: int, now: float) -> set[EntryKey]:
+        """Keys of the newest unread entries put less than ``protect_unread_s`` ago, up to ``budget`` bytes."""
+        unread = sorted((s for s in residents if not s.hits and now - s.last_access < self.protect_unread_s),
+                        key=lambda s: s.last_access, reverse=True)
+        keys, total = set(), 0
+        for s in unread:
+            total += s.nbytes
+            if total > budget:
+                break
+            keys.add(s.key)
+        return keys
 
     def _demote(self, victim: EntryStats, i: int) -> None:
         """Move ``victim`` from tier ``i`` to a slower tier, or drop it from the last."""

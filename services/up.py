@@ -58,6 +58,7 @@ class Cluster:
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.addresses: dict[str, str] = {}
         self.metrics: dict[str, str] = {}  # component -> host:port of its /metrics (with ``metrics``)
+        self._args: dict[str, list[str]] = {}
 
     @property
     def gateway(self) -> str:
@@ -108,15 +109,16 @@ class Cluster:
         log.info("dkv is up: gateway at %s", self.gateway)
 
     def _spawn(self, name: str, args: list[str]) -> None:
+        self._args[name] = args
         env = {**os.environ, **self.options.extra_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         if self.options.token:
             env[f"DKV_{name.upper()}_AUTH_TOKEN"] = self.options.token
         if self.options.metrics:
-            self.metrics[name] = f"{self.options.host}:{free_port()}"
+            self.metrics.setdefault(name, f"{self.options.host}:{free_port()}")
             args = [*args, "--metrics-port", self.metrics[name].rsplit(":", 1)[1]]
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--host", self.options.host], cwd=ROOT,
                                 env=env)
-        self.processes.append((name, proc))
+        self.processes = [(n, p) for n, p in self.processes if n != name] + [(name, proc)]
         log.info("started %s (pid %d) on %s%s", name, proc.pid, self.addresses[name],
                  f", metrics at http://{self.metrics[name]}/metrics" if name in self.metrics else "")
 
@@ -136,6 +138,24 @@ class Cluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} did not become healthy within {self.options.ready_timeout_s:.0f} s")
                 time.sleep(0.2)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one component (``redis`` included), as a crash would."""
+        if name == "redis":
+            self.redis.kill()
+            return
+        proc = dict(self.processes)[name]
+        proc.kill()
+        proc.wait()
+        log.warning("killed %s (pid %d)", name, proc.pid)
+
+    def restart(self, name: str) -> None:
+        """Start a killed component again on the same port and wait until it serves."""
+        if name == "redis":
+            self.redis.start()
+            return
+        self._spawn(name, self._args[name])
+        self._wait_serving(name, time.monotonic() + self.options.ready_timeout_s)
 
     def stop(self, grace_s: float = 15.0) -> None:
         for name, proc in reversed(self.processes):

@@ -118,6 +118,24 @@ def test_value_policy_keeps_reused_entries_that_lru_would_evict():
     assert results == {"value": True, "lru": False}
 
 
+def test_a_new_entry_is_not_dropped_before_its_first_read_even_when_it_is_worth_least():
+    """A prompt's chunks, fp16 and unread, put into a full store of better-valued entries."""
+    clock = Clock()
+    store = make_store(6 * ENTRY_BYTES + ENTRY_BYTES // 2, clock=clock)
+    valued = [store.put(frames_of(i, importance=1.0)).key for i in range(6)]
+    for key in valued:
+        store.get(key)
+    clock.now += 1
+    chunks = [store.put(frames_of(100 + i, importance=0.01)).key for i in range(3)]
+    assert all(store.contains(k) for k in chunks)  # each chunk's put dropped a valued entry, not a sibling
+    assert sum(store.contains(k) for k in valued) == 3
+    for key in chunks:
+        store.get(key)
+    clock.now += 1
+    store.put(frames_of(200, importance=1.0))
+    assert sum(store.contains(k) for k in chunks) == 2  # read once: ranked by the policy again
+
+
 def test_admission_sends_a_less_valuable_new_entry_to_the_next_tier():
     clock = Clock()
     store = make_store(2 * ENTRY_BYTES, 4 * ENTRY_BYTES, clock=clock)
