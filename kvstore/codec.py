@@ -217,6 +217,10 @@ def parse_header(frame: bytes | memoryview) -> EntryHeader:
     f = parse_frame(frame)
     if f.kind != KIND_HEADER:
         raise CorruptEntry(f"expected the header frame first, got data frame {f.seq}")
+    if len(f.payload) > MAX_HEADER_BYTES:
+        raise InvalidEntry(f"entry header of {len(f.payload)} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    if hashlib.blake2b(f.payload, digest_size=8).digest() != f.entry_id:
+        raise CorruptEntry("the header frame's entry_id is not the hash of its payload: the header was altered")
     try:
         h = json.loads(bytes(f.payload))
         ident = h["identity"]
@@ -249,8 +253,8 @@ def parse_header(frame: bytes | memoryview) -> EntryHeader:
             raise InvalidEntry(f"format_version {h['format_version']}; this store reads {FORMAT_VERSION}")
     except InvalidEntry:
         raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise InvalidEntry(f"entry header is malformed: {e!r}") from e
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as e:
+        raise InvalidEntry(f"entry header is malformed: {type(e).__name__}: {str(e)[:200]}") from e
     _check_tensor_table(header)
     return header
 

@@ -33,7 +33,7 @@ from kvstore import quant
 
 FORMAT_VERSION = 1
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_KEY_PART = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_KEY_PART = re.compile(r"[A-Za-z0-9._-]{1,128}")  # used with fullmatch
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Recipe:
     params: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if not _KEY_PART.match(self.method):
+        if not _KEY_PART.fullmatch(self.method):
             raise InvalidEntry(f"recipe method {self.method!r} must be 1-128 chars of [A-Za-z0-9._-]")
         if not 0.0 <= self.ratio < 1.0:
             raise InvalidEntry(f"recipe ratio {self.ratio} must be in [0, 1): it is the fraction removed")
@@ -99,7 +99,7 @@ class Recipe:
                 chunked=bool(d.get("chunked", False)),
                 params=tuple((str(k), float(v)) for k, v in d.get("params", ())),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise InvalidEntry(f"recipe is malformed ({e}); expected method, ratio, budget, quant, chunk_size") from e
 
 
@@ -119,7 +119,7 @@ class EntryKey:
     def __post_init__(self) -> None:
         for name in ("tenant", "model_fingerprint", "recipe_id", "prefix_hash"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not _KEY_PART.match(value):
+            if not isinstance(value, str) or not _KEY_PART.fullmatch(value):
                 raise InvalidEntry(f"entry key part {name}={value!r} must be 1-128 chars of [A-Za-z0-9._-]")
 
     def __str__(self) -> str:

@@ -6,6 +6,7 @@ import logging
 
 import grpc
 
+from kvstore.entry import EntryKey
 from kvstore.errors import EntryNotFound, InvalidEntry
 from services.pb import decode_pb2, decode_pb2_grpc
 from services.prefill_client import PrefillClient
@@ -76,6 +77,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Decode(self, request, context):
         try:
             request.tenant = tenant_for(request.tenant)
+            for key in request.keys:  # a tenant token reads only its tenant's entries
+                tenant_for(EntryKey.parse(key).tenant)
             self.worker.check(decode_job(request, self.worker.tokenizer))  # refuse bad input before streaming
             async for reply in iterate_in_thread(decode_responses(self.worker, request)):
                 if reply.HasField("token"):

@@ -55,10 +55,10 @@ class _Call:
 
     def end(self, context, error: BaseException | None) -> None:
         if error is None or isinstance(error, grpc.aio.AbortError):
-            code = context.code() or grpc.StatusCode.OK
-            code = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
-        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-            code = "CANCELLED"
+            code = _code_name(context.code() or grpc.StatusCode.OK)
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)) or context.done():
+            # the client went away, or gRPC itself ended the call (a message over the size limit)
+            code = _code_name(context.code()) if context.code() else "CANCELLED"
         else:
             code = "UNKNOWN"
         seconds = time.perf_counter() - self.start
@@ -67,6 +67,13 @@ class _Call:
             self.interceptor.metrics.observe_rpc(name, code, seconds)
         log.log(_LOUD.get(code, logging.DEBUG), "%s %s in %.1f ms", name, code, seconds * 1e3,
                 extra={"rpc": name, "code": code, "ms": round(seconds * 1e3, 2)})
+
+
+def _code_name(code) -> str:
+    """``grpc.StatusCode`` or its number -> its name."""
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
@@ -82,9 +89,35 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, lambda: _Call(self, details.method, details.invocation_metadata))
 
 
+class _Undecodable:
+    """A request message that did not parse (answered INVALID_ARGUMENT once the caller is authenticated)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    """``deserializer`` returning ``_Undecodable`` instead of raising (gRPC would answer UNKNOWN)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the caller's bad message
+            return _Undecodable(e)
+    return parse
+
+
+async def _refuse_undecodable(request, context) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid message of this "
+                            f"method ({type(request.error).__name__}); check the method and the message type")
+
+
 def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
     """``handler`` with every call run between ``_Call.begin`` and ``_Call.end``."""
-    kwargs = {"request_deserializer": handler.request_deserializer,
+    kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
               "response_serializer": handler.response_serializer}
 
     def single(behavior):
@@ -92,6 +125,7 @@ def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
             call, error = new_call(), None
             try:
                 await call.begin(context)
+                await _refuse_undecodable(request, context)
                 return await behavior(request, context)
             except BaseException as e:
                 error = e
@@ -105,6 +139,7 @@ def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
             call, error = new_call(), None
             try:
                 await call.begin(context)
+                await _refuse_undecodable(request, context)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -207,9 +242,14 @@ async def abort_with(context: grpc.aio.ServicerContext, error: Exception, status
     """End the call with the status code ``status`` maps ``error``'s type to; otherwise INTERNAL."""
     for kind, code in ((PermissionDenied, grpc.StatusCode.PERMISSION_DENIED), *status.items()):
         if isinstance(error, kind):
-            await context.abort(code, str(error))
+            await context.abort(code, _short(str(error)))
     log.error("internal error", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+    await context.abort(grpc.StatusCode.INTERNAL, _short(f"internal error: {type(error).__name__}: {error}"))
+
+
+def _short(message: str, limit: int = 1000) -> str:
+    """A status message that fits gRPC's metadata limit (16 KiB) even when it quotes a huge value."""
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message) - limit} more characters)"
 
 
 async def iterate_in_thread(iterator):

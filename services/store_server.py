@@ -80,6 +80,15 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         self.lookups = lookups  # Counter by the tier of the longest cached prefix ("miss" when none)
 
     async def Put(self, request_iterator, context):
+        outcome = await self._put(request_iterator)
+        if isinstance(outcome, Exception):
+            await _abort(context, outcome, put=True)
+        return outcome
+
+    async def _put(self, request_iterator) -> store_pb2.PutResponse | Exception:
+        """The reply, or the error to answer with, stripped of its traceback: grpc keeps an aborted
+        call's exception in a reference cycle, and a traceback would keep the refused frames (MBs)
+        alive with it until a full garbage collection."""
         try:
             assembler = FrameAssembler(self.store.max_entry_bytes)
             try:
@@ -96,7 +105,8 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             return store_pb2.PutResponse(key=str(result.key), stored_bytes=result.stored_bytes, tier=result.tier,
                                          replaced=result.replaced)
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
-            await _abort(context, e, put=True)
+            e.__cause__ = e.__context__ = None
+            return e.with_traceback(None)
 
     async def Get(self, request, context):
         try:

@@ -16,6 +16,7 @@ longest-prefix lookup can hand them to any prompt that starts with that prefix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -81,6 +82,8 @@ def make_method(name: str, **params) -> Method:
 def _as_field_type(f: dataclasses.Field, name: str, value):
     """Requests carry parameters as doubles; give each field the type it declares."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if kind in ("int", "float") and not math.isfinite(float(value)):
+        raise ValueError(f"parameter {name} must be a finite number, got {value}")
     if kind == "int":
         if float(value) != int(value):
             raise ValueError(f"parameter {name} must be an integer, got {value}")

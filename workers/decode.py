@@ -16,6 +16,7 @@ import torch
 from kernels.sparse_attention import sparse_decode_attention
 from kvstore.entry import CompressedKV, page_counts
 from workers.cache import ATTN_IMPLEMENTATION, DkvCache, DkvLayer, to_hf_cache
+from workers.model import model_info
 from workers.paged import FetchStats, PageCache, RemoteEntry, paged_cache
 from workers.selection import Selection, SelectionCache, SlotView, make_selection
 
@@ -140,6 +141,7 @@ def stream(model, tokenizer_or_none, cache: CompressedKV, query_ids: torch.Tenso
            **params):
     """``generate`` as an iterator: each token as soon as it is chosen."""
     _check_query(query_ids)
+    check_geometry(model, cache.num_layers, cache.num_kv_heads, cache.head_dim, str(cache.key))
     stats = stats if stats is not None else DecodeStats()
     dkv = sparse_cache(model, cache, selection, budget, stats=stats, **params)
     yield from _no_grad(_tokens(model, tokenizer_or_none, dkv, dkv.dkv_selected, query_ids, max_new_tokens,
@@ -179,6 +181,7 @@ def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     param = next(model.parameters())
     entry = RemoteEntry(store, key, param.dtype, param.device, PageCache(page_cache_bytes), fetch)
+    check_geometry(model, len(entry.layers), entry.num_kv_heads, entry.head_dim, key)
     recorder: list[float] = []
     dkv = paged_cache(entry, budget, recorder)
     stats.cached_slots = round(sum(int(layer.num_pages.sum()) for layer in entry.layers) * entry.page_size
@@ -191,6 +194,14 @@ def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.
 
     return _no_grad(_tokens(model, tokenizer_or_none, dkv, recorder, query_ids, max_new_tokens, temperature, top_p,
                             seed, stop_ids, stats, on_step=record_step))
+
+
+def check_geometry(model, num_layers: int, num_kv_heads: int, head_dim: int, key: str) -> None:
+    """Raise ``ValueError`` unless an entry has the model's layers, KV heads and head dim."""
+    info = model_info(model)
+    if (num_layers, num_kv_heads, head_dim) != (info.num_layers, info.num_kv_heads, info.head_dim):
+        raise ValueError(f"entry {key} has {num_layers} layers x {num_kv_heads} KV heads x head dim {head_dim}; "
+                         f"the model has {info.num_layers} x {info.num_kv_heads} x {info.head_dim}")
 
 
 def _no_grad(tokens):

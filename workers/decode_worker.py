@@ -51,6 +51,25 @@ class DecodeResult:
     context_tokens: int
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # below, logits / T overflow to inf
+
+
+def check_decoding(selection: str, budget_fraction: float, selection_cache: float, temperature: float,
+                   top_p: float) -> None:
+    """Raise ``ValueError`` for decoding fields no worker accepts (the gateway checks them before
+    it has the context prefilled, so a refused request stores nothing)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection[:64]!r}; use one of {sorted(SELECTIONS)}")
+    if not 0.0 <= budget_fraction <= 1.0:
+        raise ValueError(f"budget_fraction {budget_fraction} must be in [0, 1]")
+    if not 0.0 <= selection_cache <= 1.0:
+        raise ValueError(f"selection_cache {selection_cache} must be a cosine threshold in [0, 1]")
+    if not (temperature == 0.0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature {temperature} must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p {top_p} must be in (0, 1]")
+
+
 class DecodeWorker:
     def __init__(self, model, tokenizer, store, prefill=None, page_cache_bytes: int = 256 << 20):
         """``store``: a ``StoreClient``; ``prefill``: a callable ``(context_ids, recipe, tenant) -> keys``
@@ -62,24 +81,17 @@ class DecodeWorker:
 
     def check(self, job: DecodeJob) -> None:
         """Raise ``ValueError`` saying what is wrong (INVALID_ARGUMENT)."""
-        if job.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {job.selection!r}; use one of {sorted(SELECTIONS)}")
+        check_decoding(job.selection, job.budget_fraction, job.selection_cache, job.temperature, job.top_p)
         if not job.query_ids:
             raise ValueError("the query is empty: send query_text or query_ids")
         if any(not 0 <= t < self.info.vocab_size for t in job.query_ids):
             raise ValueError(f"a query token id is outside the vocabulary [0, {self.info.vocab_size})")
         if not 0 <= job.budget <= self.info.max_positions:
             raise ValueError(f"budget {job.budget} must be in [0, {self.info.max_positions}] tokens per KV head")
-        if not 0.0 <= job.budget_fraction <= 1.0:
-            raise ValueError(f"budget_fraction {job.budget_fraction} must be in [0, 1]")
-        if not 0.0 <= job.selection_cache <= 1.0:
-            raise ValueError(f"selection_cache {job.selection_cache} must be a cosine threshold in [0, 1]")
         if job.paged and (job.selection != "pages" or not job.budget):
             raise ValueError("paged decoding reads pages from the store: use selection 'pages' with a budget > 0")
         if not 1 <= job.max_new_tokens <= self.info.max_positions:
             raise ValueError(f"max_new_tokens {job.max_new_tokens} must be in [1, {self.info.max_positions}]")
-        if job.temperature < 0 or not 0.0 < job.top_p <= 1.0:
-            raise ValueError(f"temperature {job.temperature} must be >= 0 and top_p {job.top_p} in (0, 1]")
         if not job.keys and not job.context_ids:
             raise ValueError("no entry: send its keys, or the context and a recipe")
         for key in job.keys:
