@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="suite", required=True)
     bstore = bench.add_parser("store", help="Put/Get throughput of the store against gRPC, Redis, TCP and memcpy",
                               description="Put and get a SmolLM2-sized cache (4096 tokens, 30 layers, 3 KV heads, "
-                              "head dim 64, fp16) and its 20%% and 10%% variants through a store server "
+                              "head dim 64, fp16) and its 20% and 10% variants through a store server "
                               "process, next to the limits of the same bytes over raw gRPC, Redis, TCP and memcpy.")
     bstore.add_argument("--json", action="store_true", help="print only the JSON result")
     bstore.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (best is kept)")

@@ -154,3 +154,9 @@ def test_direct_construction_validates():
 def test_describe():
     d = describe(StoreSettings(port=1))
     assert d["port"] == 1 and d["cpu_quant"] == "none" and set(d) >= {"host", "redis_url", "max_entry_bytes"}
+
+
+def test_describe_masks_secrets():
+    d = describe(StoreSettings(auth_token="s3cret", tenant_tokens="acme=t1"))
+    assert d["auth_token"] == d["tenant_tokens"] == "***" and "s3cret" not in str(d)
+    assert describe(StoreSettings())["auth_token"] == ""
