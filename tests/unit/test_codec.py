@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import pathlib
 import re
@@ -305,8 +306,17 @@ def _header_json(frames) -> dict:
 
 
 def _reframe(header: dict, frames) -> bytes:
-    f0 = codec.parse_frame(frames[0])
-    return codec._frame(codec.KIND_HEADER, f0.entry_id, 0, f0.total, [json.dumps(header).encode()])
+    """A header frame for ``header`` (its entry_id the hash of the new payload, as encode makes it)."""
+    payload = json.dumps(header).encode()
+    entry_id = hashlib.blake2b(payload, digest_size=8).digest()
+    return codec._frame(codec.KIND_HEADER, entry_id, 0, codec.parse_frame(frames[0]).total, [payload])
+
+
+def _with_header(header_frame: bytes, frames) -> list[bytes]:
+    """``frames`` under another header frame: the data frames re-stamped with its entry_id."""
+    entry_id = codec.parse_frame(header_frame).entry_id
+    data = [codec.parse_frame(f) for f in frames[1:]]
+    return [header_frame] + [codec._frame(codec.KIND_DATA, entry_id, f.seq, f.total, [bytes(f.payload)]) for f in data]
 
 
 def _overlap(h):
@@ -401,13 +411,13 @@ def test_malformed_header_is_invalid_entry(frames, defect):
     with pytest.raises(InvalidEntry):
         codec.parse_header(bad)
     with pytest.raises(InvalidEntry):
-        codec.decode([bad] + frames[1:])
+        codec.decode(_with_header(bad, frames))
 
 
 def test_reframed_unchanged_header_still_decodes(frames):
     # Control for the test above: the re-framing itself is not what fails.
     good = _reframe(_header_json(frames), frames)
-    codec.decode([good] + frames[1:])
+    codec.decode(_with_header(good, frames))
 
 
 def test_tensor_table_overlap_message(frames):
@@ -422,17 +432,28 @@ def test_tensor_table_overlap_message(frames):
 
 
 def test_header_not_json(frames):
-    bad = codec._frame(codec.KIND_HEADER, b"\0" * 8, 0, len(frames), [b"\x80not json{"])
+    payload = b"\x80not json{"
+    bad = codec._frame(codec.KIND_HEADER, hashlib.blake2b(payload, digest_size=8).digest(), 0, len(frames), [payload])
     with pytest.raises(InvalidEntry, match="malformed"):
         codec.parse_header(bad)
 
 
 def test_header_with_impossible_frame_count(frames):
     h = _header_json(frames)
-    f0 = codec.parse_frame(frames[0])
-    bad = codec._frame(codec.KIND_HEADER, f0.entry_id, 0, h["data_bytes"] + 2, [json.dumps(h).encode()])
+    payload = json.dumps(h).encode()
+    bad = codec._frame(codec.KIND_HEADER, hashlib.blake2b(payload, digest_size=8).digest(), 0, h["data_bytes"] + 2,
+                       [payload])
     with pytest.raises(InvalidEntry, match="data frames cannot carry"):
         codec.parse_header(bad)
+
+
+def test_a_header_altered_under_its_old_entry_id_is_corrupt(frames):
+    h = _header_json(frames)
+    h["importance"] = 0.5
+    forged = codec._frame(codec.KIND_HEADER, codec.parse_frame(frames[0]).entry_id, 0, len(frames),
+                          [json.dumps(h).encode()])
+    with pytest.raises(CorruptEntry, match="header was altered"):
+        codec.parse_header(forged)
 
 
 def test_decoded_tensors_are_validated(frames):
