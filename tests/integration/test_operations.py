@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import time
 import urllib.request
 
 import grpc
@@ -172,7 +173,9 @@ def test_logs_are_json_lines_with_the_request_id(store_service, caplog):
         get = channel.unary_stream("/dkv.v1.KVStore/Get")
         with pytest.raises(grpc.RpcError):
             list(get(b"\x0a\x03a/b", metadata=(("x-request-id", "req-42"),), timeout=5))
-    records = [r for r in caplog.records if getattr(r, "rpc", "") == "Get"]
+    deadline = time.monotonic() + 10  # the server logs the call as it ends, maybe after the client saw it end
+    while not (records := [r for r in caplog.records if getattr(r, "rpc", "") == "Get"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert records and records[-1].request_id == "req-42" and records[-1].code == "INVALID_ARGUMENT"
     line = json.loads(JsonFormatter().format(records[-1]))
     assert line["request_id"] == "req-42" and line["rpc"] == "Get" and line["level"] == "info"
