@@ -13,6 +13,7 @@ with the component's other metrics on ``metrics_port``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -115,6 +116,21 @@ async def _refuse_undecodable(request, context) -> None:
                             f"method ({type(request.error).__name__}); check the method and the message type")
 
 
+@contextlib.asynccontextmanager
+async def _observed(new_call, request, context):
+    """Run the body between ``_Call.begin`` (and the check of the request) and ``_Call.end``."""
+    call, error = new_call(), None
+    try:
+        await call.begin(context)
+        await _refuse_undecodable(request, context)
+        yield
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        call.end(context, error)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
     """``handler`` with every call run between ``_Call.begin`` and ``_Call.end``."""
     kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
@@ -122,35 +138,19 @@ def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
 
     def single(behavior):
         async def run(request, context):
-            call, error = new_call(), None
-            try:
-                await call.begin(context)
-                await _refuse_undecodable(request, context)
+            async with _observed(new_call, request, context):
                 return await behavior(request, context)
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                call.end(context, error)
         return run
 
     def streaming(behavior):
         async def run(request, context):
-            call, error = new_call(), None
-            try:
-                await call.begin(context)
-                await _refuse_undecodable(request, context)
+            async with _observed(new_call, request, context):
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
                         yield item
                 else:
                     await result
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                call.end(context, error)
         return run
 
     if handler.unary_unary:

@@ -75,7 +75,7 @@ def _parse_key(text: str) -> EntryKey:
 
 
 class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: TieredStore, lookups=None):
+    def __init__(self, store: TieredStore, lookups):
         self.store = store
         self.lookups = lookups  # Counter by the tier of the longest cached prefix ("miss" when none)
 
@@ -127,8 +127,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                                       list(request.token_ids))
         except Exception as e:  # noqa: BLE001
             await _abort(context, e)
-        if self.lookups is not None:
-            self.lookups.labels(found.tiers[-1] if found else "miss").inc()
+        self.lookups.labels(found.tiers[-1] if found else "miss").inc()
         if found is None:
             return store_pb2.LookupResponse(hit=False)
         kept = [sum(layer) for layer in zip(*(h.kept_tokens_per_layer() for h in found.headers))]

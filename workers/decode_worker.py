@@ -94,10 +94,10 @@ class DecodeWorker:
             raise ValueError(f"max_new_tokens {job.max_new_tokens} must be in [1, {self.info.max_positions}]")
         if not job.keys and not job.context_ids:
             raise ValueError("no entry: send its keys, or the context and a recipe")
-        for key in job.keys:
-            if EntryKey.parse(key).model_fingerprint != self.model.dkv_fingerprint:
-                raise ValueError(f"entry {key} was computed by model {EntryKey.parse(key).model_fingerprint}; this "
-                                 f"worker runs {self.model.dkv_fingerprint}: send the context to have it recomputed")
+        for key in map(EntryKey.parse, job.keys):
+            if key.model_fingerprint != self.model.dkv_fingerprint:
+                raise ValueError(f"entry {key} was computed by model {key.model_fingerprint}; this worker runs "
+                                 f"{self.model.dkv_fingerprint}: send the context to have it recomputed")
         if job.context_ids is not None and job.recipe is None:
             raise ValueError("a context needs its recipe")
 
