@@ -105,6 +105,7 @@ def _stats(result, new_tokens: int) -> decode_pb2.DecodeStats:
 
 class DecodeServer(GrpcServer):
     service_name = SERVICE
+    stateless = True
 
     def __init__(self, settings: DecodeSettings, worker=None):
         super().__init__(settings)

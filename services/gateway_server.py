@@ -29,7 +29,7 @@ class GrpcBackend:
             self.decode_stub = decode_pb2_grpc.DecodeStub(self._channel(decode_address))
 
     def _channel(self, address: str):
-        channel = open_channel(address, self.security, aio=True)
+        channel = open_channel(address, self.security, aio=True, balanced=True)
         self.channels.append(channel)
         return channel
 
@@ -81,6 +81,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 class GatewayServer(GrpcServer):
     service_name = SERVICE
+    stateless = True
 
     def __init__(self, settings: GatewaySettings, gateway=None):
         super().__init__(settings)

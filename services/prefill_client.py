@@ -11,7 +11,7 @@ from services.wire import recipe_to_proto
 class PrefillClient:
     def __init__(self, address: str, timeout_s: float = 600.0, security: Security | None = None):
         self.address, self.timeout_s, self.security = address, timeout_s, security
-        self.channel = open_channel(address, security)
+        self.channel = open_channel(address, security, balanced=True)
         self.stub = prefill_pb2_grpc.PrefillStub(self.channel)
 
     def prefill(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> prefill_pb2.PrefillResponse:

@@ -68,6 +68,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 class PrefillServer(GrpcServer):
     service_name = SERVICE
+    stateless = True
 
     def __init__(self, settings: PrefillSettings, worker=None):
         super().__init__(settings)

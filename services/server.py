@@ -26,8 +26,8 @@ from grpc_reflection.v1alpha import reflection
 
 from services.metrics import Metrics
 from services.transport import (
-    GRPC_OPTIONS, OPEN_SERVICES, Authenticator, PermissionDenied, allowed_tenant, new_request_id, request_id,
-    server_credentials,
+    GRPC_OPTIONS, OPEN_SERVICES, WORKER_CONNECTION_AGE, Authenticator, PermissionDenied, allowed_tenant,
+    new_request_id, request_id, server_credentials,
 )
 
 log = logging.getLogger("dkv.server")
@@ -169,6 +169,7 @@ class GrpcServer:
     """
 
     service_name = ""
+    stateless = False  # a worker any replica can serve: connections are aged so clients rebalance
 
     def __init__(self, settings):
         self.settings = settings
@@ -190,7 +191,7 @@ class GrpcServer:
         """Bind and serve (inside the event loop that will run the server); returns the port."""
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            options=GRPC_OPTIONS, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
+            options=GRPC_OPTIONS + (WORKER_CONNECTION_AGE if self.stateless else []), interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
         self.server.add_generic_rpc_handlers((self.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

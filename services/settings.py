@@ -244,8 +244,8 @@ class DecodeSettings(ServerSettings):
     port: int = setting(50054, "gRPC port of the decode worker.")
     store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port).")
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
-    prefill: str = setting("127.0.0.1:50053", "Address of a prefill worker, to recompute missing entries; "
-                           "empty = a missing entry is NOT_FOUND.")
+    prefill: str = setting("127.0.0.1:50053", "Address of a prefill worker (dns:///host:port balances over its "
+                           "pods), to recompute missing entries; empty = a missing entry is NOT_FOUND.")
     prefill_timeout_s: float = setting(600.0, "Deadline of a recompute through the prefill worker, in seconds.")
     model: str = setting("smollm2-135m", "Model name (smollm2-135m) or a local model directory or .gguf file.")
     page_cache_bytes: int = setting(256 << 20, "Local page cache for paged decoding (device memory on a GPU).",
@@ -264,9 +264,10 @@ class GatewaySettings(ServerSettings):
 
     component: ClassVar[str] = "gateway"
     port: int = setting(50051, "gRPC port of the gateway.")
-    prefill: str = setting("127.0.0.1:50053", "Address of the prefill worker (or its Service).")
+    prefill: str = setting("127.0.0.1:50053", "Address of the prefill worker (host:port), or dns:///host:port to "
+                           "send calls round robin over every address the name resolves to (a headless Service).")
     decode: str = setting("127.0.0.1:50054", "Addresses of the decode workers, comma-separated; requests go to the "
-                          "least loaded.")
+                          "least loaded. A dns:///host:port address is balanced call by call over its pods.")
     model: str = setting("smollm2-135m", "Model whose tokenizer and chat template the gateway applies.")
     max_positions: int = setting(8192, "Longest context + query + new tokens accepted.")
     timeout_s: float = setting(600.0, "Deadline of each call to a worker, in seconds.")

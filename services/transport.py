@@ -18,6 +18,7 @@ with ``tenant_for(requested)``; outbound calls carry the token and the request i
 from __future__ import annotations
 
 import hmac
+import json
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -29,6 +30,15 @@ MAX_MESSAGE_BYTES = 8 << 20  # a 4 MiB frame, or ~1M token ids, with room to spa
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+# Channels to stateless workers spread calls over every address their name resolves to (a
+# Kubernetes headless Service: one per ready pod) instead of pinning to the first one.
+ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
+# Servers of stateless workers close each connection after this long (calls in flight get the
+# grace period to finish), so clients re-resolve their Service and reach pods added since.
+WORKER_CONNECTION_AGE = [
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
 ]
 DEFAULT_TENANT = "default"
 ANY_TENANT = None
@@ -77,13 +87,20 @@ class Security:
             certificate_chain=_read(self.tls_cert))
 
 
-def open_channel(address: str, security: Security | None = None, aio: bool = False):
-    """A channel to ``address``: TLS when ``security`` has TLS files, plaintext otherwise."""
+def open_channel(address: str, security: Security | None = None, aio: bool = False, balanced: bool = False):
+    """A channel to ``address``: TLS when ``security`` has TLS files, plaintext otherwise.
+
+    ``balanced`` (for stateless workers) sends calls round robin over every address ``address``
+    resolves to: ``dns:///dkv-decode:50054`` reaches each pod of a headless Service, and
+    ``ipv4:127.0.0.1:50054,127.0.0.1:50064`` a fixed list. Store channels stay on one address: its
+    shards are separate caches, and an entry must be read where it was written.
+    """
     security = security or Security()
     module = grpc.aio if aio else grpc
+    options = GRPC_OPTIONS + [ROUND_ROBIN] if balanced else GRPC_OPTIONS
     if security.tls:
-        return module.secure_channel(address, security.channel_credentials(), options=GRPC_OPTIONS)
-    return module.insecure_channel(address, options=GRPC_OPTIONS)
+        return module.secure_channel(address, security.channel_credentials(), options=options)
+    return module.insecure_channel(address, options=options)
 
 
 def call_metadata(security: Security | None) -> tuple[tuple[str, str], ...]:

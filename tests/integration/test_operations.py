@@ -191,3 +191,32 @@ def test_bad_security_settings_say_what_to_fix(tmp_path):
         StoreSettings(tls_cert=str(tmp_path / "a.pem"), tls_key=str(tmp_path / "b.pem"))
     with pytest.raises(SettingsError, match="tenant_tokens"):
         StoreSettings(tenant_tokens="acme")
+
+
+def test_balanced_channels_spread_calls_over_every_address_and_store_channels_do_not():
+    """Worker channels (``balanced=True``) send calls round robin over the addresses their target
+    resolves to (the pods behind a headless Service; here a fixed ``ipv4:`` list of two servers);
+    store channels keep one server, where the entries they wrote are."""
+    from concurrent import futures
+
+    servers, ports = [], []
+    for name in (b"a", b"b"):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handler = grpc.unary_unary_rpc_method_handler(lambda request, context, name=name: name)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Who", {"Am": handler}),))
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        servers.append(server)
+    target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    try:
+        for balanced, expected in ((True, {b"a", b"b"}), (False, 1)):
+            with open_channel(target, balanced=balanced) as channel:
+                who = channel.unary_unary("/test.Who/Am")
+                answers = [who(b"", timeout=10) for _ in range(16)]
+            if balanced:  # the first calls may all go to the first server to connect; then they alternate
+                assert set(answers) == expected and answers[-4:].count(b"a") == answers[-4:].count(b"b") == 2, answers
+            else:
+                assert len(set(answers)) == expected
+    finally:
+        for server in servers:
+            server.stop(None)

@@ -294,7 +294,7 @@ def test_each_mapped_value_sets_its_env_var(default_docs):
         assert moved - WIRING == {n for n, (c, _, _) in mapped.items() if c == component}, component
     # the ports also move the addresses the components reach each other at
     assert env_values(changed, "decode")["DKV_DECODE_STORE"] == f"{FULL}-store:{overrides['store']['port']}"
-    assert env_values(changed, "gateway")["DKV_GATEWAY_DECODE"] == f"{FULL}-decode:{overrides['decode']['port']}"
+    assert env_values(changed, "gateway")["DKV_GATEWAY_DECODE"] == f"dns:///{FULL}-decode:{overrides['decode']['port']}"
 
 
 # --- what renders -------------------------------------------------------------------------------------
@@ -437,14 +437,23 @@ def test_wiring_through_service_dns(default_docs):
     assert env_values(default_docs, "prefill")["DKV_PREFILL_STORE"] == f"{FULL}-store:50052"
     decode = env_values(default_docs, "decode")
     assert decode["DKV_DECODE_STORE"] == f"{FULL}-store:50052"
-    assert decode["DKV_DECODE_PREFILL"] == f"{FULL}-prefill:50053"
+    assert decode["DKV_DECODE_PREFILL"] == f"dns:///{FULL}-prefill:50053"
     gateway = env_values(default_docs, "gateway")
-    assert gateway["DKV_GATEWAY_PREFILL"] == f"{FULL}-prefill:50053"
-    assert gateway["DKV_GATEWAY_DECODE"] == f"{FULL}-decode:50054"
+    assert gateway["DKV_GATEWAY_PREFILL"] == f"dns:///{FULL}-prefill:50053"
+    assert gateway["DKV_GATEWAY_DECODE"] == f"dns:///{FULL}-decode:50054"
     for address in (decode["DKV_DECODE_STORE"], decode["DKV_DECODE_PREFILL"], gateway["DKV_GATEWAY_DECODE"]):
-        host, port = address.split(":")
+        host, port = address.removeprefix("dns:///").split(":")
         svc = one(default_docs, "Service", host)
         assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
+
+
+def test_worker_services_are_headless_so_clients_balance_calls(default_docs):
+    """A ClusterIP Service balances connections, and a gRPC channel keeps one: every call of a
+    gateway would go to one decode pod. Headless worker Services resolve to every ready pod."""
+    for component in ("prefill", "decode"):
+        assert one(default_docs, "Service", f"{FULL}-{component}")["spec"]["clusterIP"] == "None"
+    assert "clusterIP" not in one(default_docs, "Service", f"{FULL}-gateway")["spec"]
+    assert "clusterIP" not in one(default_docs, "Service", f"{FULL}-store")["spec"]  # shards are separate caches
     store = env_values(default_docs, "store")
     assert store["DKV_STORE_REDIS_URL"] == f"redis://{FULL}-redis:6379/0"
     assert one(default_docs, "Service", f"{FULL}-redis")["spec"]["ports"][0]["port"] == 6379

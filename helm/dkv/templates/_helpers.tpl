@@ -76,18 +76,20 @@ exponent (YAML numbers reach templates as float64, and 4294967296 would print as
 {{- end }}
 
 {{/*
-Service addresses (host:port) of the components, through the release's Services.
+Service addresses of the components, through the release's Services. The workers' Services are
+headless, and their addresses gRPC "dns:///" names: a channel resolves every ready pod and sends
+calls round robin (connections are aged, so new pods get calls too).
 */}}
 {{- define "dkv.storeAddress" -}}
 {{- printf "%s-store:%d" (include "dkv.fullname" .) (int .Values.store.port) }}
 {{- end }}
 
 {{- define "dkv.prefillAddress" -}}
-{{- printf "%s-prefill:%d" (include "dkv.fullname" .) (int .Values.prefill.port) }}
+{{- printf "dns:///%s-prefill:%d" (include "dkv.fullname" .) (int .Values.prefill.port) }}
 {{- end }}
 
 {{- define "dkv.decodeAddress" -}}
-{{- printf "%s-decode:%d" (include "dkv.fullname" .) (int .Values.decode.port) }}
+{{- printf "dns:///%s-decode:%d" (include "dkv.fullname" .) (int .Values.decode.port) }}
 {{- end }}
 
 {{- define "dkv.redisHost" -}}

@@ -136,7 +136,8 @@ spec:
 {{- end }}
 
 {{/*
-The ClusterIP Service of a component (the gateway's type is configurable): grpc and metrics ports.
+The Service of a component: grpc and metrics ports. The gateway's type is configurable; the
+workers' (prefill, decode) are headless, so their gRPC clients balance calls over the pods.
 */}}
 {{- define "dkv.service" -}}
 {{- $root := .root }}
@@ -156,6 +157,9 @@ metadata:
   {{- end }}
 spec:
   type: {{ $v.service.type | default "ClusterIP" }}
+  {{- if has $c (list "prefill" "decode") }}
+  clusterIP: None
+  {{- end }}
   {{- if and (eq $c "gateway") (ne ($v.service.type | default "ClusterIP") "ClusterIP") }}
   externalTrafficPolicy: {{ $v.service.externalTrafficPolicy }}
   {{- with $v.service.loadBalancerSourceRanges }}
