@@ -247,6 +247,13 @@ class TieredStore:
         return LookupResult(keys, tokens, [self.tiers[s.stats.tier].tier.name for s in stored],
                             [s.header for s in stored], [s.stats.nbytes for s in stored])
 
+    def probe(self, key: EntryKey) -> tuple[EntryHeader, str, int] | None:
+        """(header, tier, stored bytes) of ``key`` when a healthy tier holds it, else None."""
+        stored = self._entries.get(key)
+        if stored is None or not self._healthy(stored.stats.tier):
+            return None
+        return stored.header, self.tiers[stored.stats.tier].tier.name, stored.stats.nbytes
+
     def _start_of(self, key: EntryKey) -> int | None:
         stored = self._entries.get(key)
         if stored is None or not self._healthy(stored.stats.tier):

@@ -9,7 +9,8 @@
             else:
                 print(item.ttft_ms, item.cache_hit)  # GenerateStats, last
 
-Clients that bring their own KV caches use ``dkv.store(address)`` (a ``StoreClient`` with the same token and TLS).
+Clients that bring their own KV caches use ``dkv.store(address)`` (a ``StoreClient``, or a
+``ShardedStoreClient`` for comma-separated shard addresses, with the same token and TLS).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 from kvstore.entry import Recipe
 from services.pb import gateway_pb2, gateway_pb2_grpc
+from services.shards import ShardedStoreClient, open_store
 from services.store_client import StoreClient
 from services.transport import Security, call_metadata, open_channel
 from services.wire import recipe_to_proto
@@ -81,7 +83,7 @@ class DkvClient:
                 stats = item
         return "".join(pieces), stats
 
-    def store(self, address: str = "127.0.0.1:50052", timeout_s: float = 60.0) -> StoreClient:
-        """Direct access to a KV store with this client's token and TLS, for clients that bring their
-        own KV caches."""
-        return StoreClient(address, timeout_s=timeout_s, security=self.security)
+    def store(self, address: str = "127.0.0.1:50052", timeout_s: float = 60.0) -> StoreClient | ShardedStoreClient:
+        """Direct access to a KV store (or its shards: comma-separated addresses) with this client's
+        token and TLS, for clients that bring their own KV caches."""
+        return open_store(address, timeout_s=timeout_s, security=self.security)

@@ -12,7 +12,7 @@ from services.pb import decode_pb2, decode_pb2_grpc
 from services.prefill_client import PrefillClient
 from services.server import GrpcServer, abort_with, iterate_in_thread, serve_until_signal
 from services.settings import DecodeSettings
-from services.store_client import StoreClient
+from services.shards import open_store
 from services.transport import Security, tenant_for
 from services.wire import recipe_from_proto
 
@@ -117,7 +117,7 @@ class DecodeServer(GrpcServer):
             security = Security.of(settings)
             prefill = PrefillClient(settings.prefill, settings.prefill_timeout_s, security).keys \
                 if settings.prefill else None
-            store = StoreClient(settings.store, timeout_s=settings.store_timeout_s, security=security)
+            store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=security)
             worker = DecodeWorker(model, tokenizer, store, prefill, page_cache_bytes=settings.page_cache_bytes)
         self.worker = worker
 

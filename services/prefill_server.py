@@ -11,7 +11,7 @@ from kvstore.errors import InvalidEntry
 from services.pb import prefill_pb2, prefill_pb2_grpc
 from services.server import GrpcServer, abort_with, serve_until_signal
 from services.settings import PrefillSettings
-from services.store_client import StoreClient
+from services.shards import open_store
 from services.transport import Security, tenant_for
 from services.wire import recipe_from_proto
 
@@ -77,7 +77,7 @@ class PrefillServer(GrpcServer):
             from workers.prefill import PrefillWorker
 
             model, tokenizer = load_model(settings.model)
-            store = StoreClient(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
+            store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
             worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens)
         self.worker = worker
 

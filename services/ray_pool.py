@@ -25,12 +25,12 @@ log = logging.getLogger("dkv.ray")
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class PrefillActor:
     def __init__(self, model: str, store: str, security=None):
-        from services.store_client import StoreClient
+        from services.shards import open_store
         from workers.model import load_model
         from workers.prefill import PrefillWorker
 
         loaded, tokenizer = load_model(model)
-        self.worker = PrefillWorker(loaded, tokenizer, StoreClient(store, timeout_s=120, security=security))
+        self.worker = PrefillWorker(loaded, tokenizer, open_store(store, timeout_s=120, security=security))
 
     def prefill(self, request: bytes) -> bytes:
         from services.prefill_server import prefill_ids, prefill_response
@@ -49,7 +49,7 @@ class PrefillActor:
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class DecodeActor:
     def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle", security=None):
-        from services.store_client import StoreClient
+        from services.shards import open_store
         from workers.decode_worker import DecodeWorker
         from workers.model import load_model
 
@@ -62,7 +62,7 @@ class DecodeActor:
                 request.SerializeToString()))).keys)
 
         loaded, tokenizer = load_model(model)
-        self.worker = DecodeWorker(loaded, tokenizer, StoreClient(store, timeout_s=120, security=security), recompute)
+        self.worker = DecodeWorker(loaded, tokenizer, open_store(store, timeout_s=120, security=security), recompute)
 
     def decode(self, request: bytes):
         """Streams serialized ``DecodeResponse`` messages: the tokens, then the stats."""

@@ -225,7 +225,8 @@ class PrefillSettings(ServerSettings):
     component: ClassVar[str] = "prefill"
 
     port: int = setting(50053, "gRPC port of the prefill worker.")
-    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port).")
+    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards, comma-separated: "
+                         "each entry lives on the shard its key picks (rendezvous hashing).")
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
     model: str = setting("smollm2-135m", "Model name (smollm2-135m) or a local model directory or .gguf file.")
     max_tokens: int = setting(0, "Longest context accepted; 0 = the model's maximum.")
@@ -242,7 +243,8 @@ class DecodeSettings(ServerSettings):
 
     component: ClassVar[str] = "decode"
     port: int = setting(50054, "gRPC port of the decode worker.")
-    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port).")
+    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards, comma-separated: "
+                         "each entry lives on the shard its key picks (rendezvous hashing).")
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
     prefill: str = setting("127.0.0.1:50053", "Address of a prefill worker (dns:///host:port balances over its "
                            "pods), to recompute missing entries; empty = a missing entry is NOT_FOUND.")

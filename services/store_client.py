@@ -76,6 +76,8 @@ class StoreClient:
         self._lookup = self.channel.unary_unary(f"/{SERVICE}/Lookup",
                                                 request_serializer=pb.LookupRequest.SerializeToString,
                                                 response_deserializer=pb.LookupResponse.FromString)
+        self._probe = self.channel.unary_unary(f"/{SERVICE}/Probe", request_serializer=pb.ProbeRequest.SerializeToString,
+                                               response_deserializer=pb.ProbeResponse.FromString)
         self._delete = self.channel.unary_unary(f"/{SERVICE}/Delete",
                                                 request_serializer=pb.DeleteRequest.SerializeToString,
                                                 response_deserializer=pb.DeleteResponse.FromString)
@@ -150,6 +152,12 @@ class StoreClient:
             return None
         return LookupReply([EntryKey.parse(k) for k in r.keys], r.cached_tokens, list(r.tiers), list(r.stored_bytes),
                            list(r.importance), list(r.kept_tokens_per_layer))
+
+    def probe(self, keys: Sequence[EntryKey | str]) -> list[store_pb2.ProbedEntry]:
+        """Whether the store holds each of ``keys`` (and where each one starts), in order."""
+        r = self._probe(store_pb2.ProbeRequest(keys=[str(k) for k in keys]), timeout=self.timeout_s,
+                        metadata=call_metadata(self.security))
+        return list(r.entries)
 
     def delete(self, key: EntryKey | str) -> bool:
         return self._delete(store_pb2.DeleteRequest(key=str(key)), timeout=self.timeout_s, metadata=call_metadata(self.security)).deleted

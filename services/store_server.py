@@ -31,6 +31,7 @@ from services.wire import frame_message, parse_frame_message, recipe_from_proto,
 log = logging.getLogger("dkv.store.server")
 
 SERVICE = "dkv.v1.KVStore"
+MAX_PROBE_KEYS = 1 << 16  # a 16M-token prompt in 256-token chunks
 STATUS = {
     InvalidEntry: grpc.StatusCode.INVALID_ARGUMENT,
     EntryTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -135,6 +136,24 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                                         tiers=found.tiers, stored_bytes=found.stored_bytes,
                                         importance=[h.importance for h in found.headers], kept_tokens_per_layer=kept)
 
+    async def Probe(self, request, context):
+        try:
+            if len(request.keys) > MAX_PROBE_KEYS:
+                raise InvalidEntry(f"{len(request.keys)} keys in one Probe; send at most {MAX_PROBE_KEYS}")
+            keys = [_parse_key(k) for k in request.keys]
+        except Exception as e:  # noqa: BLE001
+            await _abort(context, e)
+        reply = store_pb2.ProbeResponse()
+        for key in keys:
+            found = self.store.probe(key)
+            if found is None:
+                reply.entries.add(key=str(key), present=False)
+                continue
+            header, tier, nbytes = found
+            reply.entries.add(key=str(key), present=True, start=header.identity.start, tier=tier, stored_bytes=nbytes,
+                              importance=header.importance, kept_tokens_per_layer=header.kept_tokens_per_layer())
+        return reply
+
     async def Delete(self, request, context):
         try:
             deleted = await asyncio.to_thread(self.store.delete, _parse_key(request.key))
@@ -202,6 +221,9 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
         "Lookup": grpc.unary_unary_rpc_method_handler(
             servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
             response_serializer=pb.LookupResponse.SerializeToString),
+        "Probe": grpc.unary_unary_rpc_method_handler(
+            servicer.Probe, request_deserializer=pb.ProbeRequest.FromString,
+            response_serializer=pb.ProbeResponse.SerializeToString),
         "Delete": grpc.unary_unary_rpc_method_handler(
             servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
             response_serializer=pb.DeleteResponse.SerializeToString),

@@ -21,6 +21,9 @@ class InProcessServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        """Stop the server and its loop; a second call does nothing."""
+        if not self.thread.is_alive():
+            return
         self.call(self.server.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -122,6 +122,36 @@ class LookupResponse(_message.Message):
     kept_tokens_per_layer: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, hit: _Optional[bool] = ..., keys: _Optional[_Iterable[str]] = ..., cached_tokens: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ..., stored_bytes: _Optional[_Iterable[int]] = ..., importance: _Optional[_Iterable[float]] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class ProbeRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProbedEntry(_message.Message):
+    __slots__ = ("key", "present", "start", "tier", "stored_bytes", "importance", "kept_tokens_per_layer")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    KEPT_TOKENS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    present: bool
+    start: int
+    tier: str
+    stored_bytes: int
+    importance: float
+    kept_tokens_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, key: _Optional[str] = ..., present: _Optional[bool] = ..., start: _Optional[int] = ..., tier: _Optional[str] = ..., stored_bytes: _Optional[int] = ..., importance: _Optional[float] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ProbeResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[ProbedEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[ProbedEntry, _Mapping]]] = ...) -> None: ...
+
 class DeleteRequest(_message.Message):
     __slots__ = ("key",)
     KEY_FIELD_NUMBER: _ClassVar[int]

@@ -56,6 +56,11 @@ class KVStoreStub:
                 request_serializer=dkv_dot_v1_dot_store__pb2.LookupRequest.SerializeToString,
                 response_deserializer=dkv_dot_v1_dot_store__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/dkv.v1.KVStore/Probe',
+                request_serializer=dkv_dot_v1_dot_store__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=dkv_dot_v1_dot_store__pb2.ProbeResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/dkv.v1.KVStore/Delete',
                 request_serializer=dkv_dot_v1_dot_store__pb2.DeleteRequest.SerializeToString,
@@ -110,6 +115,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Which of the given keys this store holds, and where each one's tokens start: how a client of
+        several store shards finds a prefix whose chunk entries live on different shards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Delete(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -155,6 +168,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=dkv_dot_v1_dot_store__pb2.LookupRequest.FromString,
                     response_serializer=dkv_dot_v1_dot_store__pb2.LookupResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=dkv_dot_v1_dot_store__pb2.ProbeRequest.FromString,
+                    response_serializer=dkv_dot_v1_dot_store__pb2.ProbeResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -265,6 +283,33 @@ class KVStore:
             '/dkv.v1.KVStore/Lookup',
             dkv_dot_v1_dot_store__pb2.LookupRequest.SerializeToString,
             dkv_dot_v1_dot_store__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dkv.v1.KVStore/Probe',
+            dkv_dot_v1_dot_store__pb2.ProbeRequest.SerializeToString,
+            dkv_dot_v1_dot_store__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,7 @@ RPCS = {
     "Put": (KVSTORE, "su", store_pb2.Frame),
     "Get": (KVSTORE, "us", store_pb2.GetRequest),
     "Lookup": (KVSTORE, "uu", store_pb2.LookupRequest),
+    "Probe": (KVSTORE, "uu", store_pb2.ProbeRequest),
     "Delete": (KVSTORE, "uu", store_pb2.DeleteRequest),
     "Summaries": (KVSTORE, "us", store_pb2.GetRequest),
     "Select": (KVSTORE, "us", store_pb2.SelectRequest),

@@ -484,6 +484,10 @@ def test_store_shards_and_headless_service():
     assert store["DKV_STORE_CPU_BYTES"] == "8GiB"
     assert store["DKV_STORE_DEVICE_BYTES"] == str(4 << 30)  # not 4.294967296e+09
     assert S.parse_size(store["DKV_STORE_DEVICE_BYTES"]) == 4 << 30
+    # the workers list every shard by its stable name, in order (ShardedStoreClient places entries)
+    shards = ",".join(f"{FULL}-store-{i}.{FULL}-store-headless:50052" for i in range(3))
+    assert env_values(docs, "prefill")["DKV_PREFILL_STORE"] == env_values(docs, "decode")["DKV_DECODE_STORE"] == shards
+    assert S.load(S.PrefillSettings, {}, env={"DKV_PREFILL_STORE": shards}).store == shards
 
 
 def test_resources_and_gpu_limits(everything_docs, default_docs):

@@ -81,7 +81,18 @@ headless, and their addresses gRPC "dns:///" names: a channel resolves every rea
 calls round robin (connections are aged, so new pods get calls too).
 */}}
 {{- define "dkv.storeAddress" -}}
-{{- printf "%s-store:%d" (include "dkv.fullname" .) (int .Values.store.port) }}
+{{- $full := include "dkv.fullname" . }}
+{{- $port := int .Values.store.port }}
+{{- if gt (int .Values.store.shards) 1 }}
+{{- /* every shard by its stable name: the clients place each entry on one (rendezvous hashing) */}}
+{{- $shards := list }}
+{{- range $i := until (int .Values.store.shards) }}
+{{- $shards = append $shards (printf "%s-store-%d.%s-store-headless:%d" $full $i $full $port) }}
+{{- end }}
+{{- join "," $shards }}
+{{- else }}
+{{- printf "%s-store:%d" $full $port }}
+{{- end }}
 {{- end }}
 
 {{- define "dkv.prefillAddress" -}}

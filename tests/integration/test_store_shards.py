@@ -1,0 +1,97 @@
+"""Store shards behind one client (services.shards) with real store servers on loopback and the
+real SmolLM2 prefill worker: entries spread over the shards, a chunked prompt's entries found
+across them, and a lost shard that costs misses, never errors or wrong bytes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from kvstore import codec
+from kvstore.entry import Recipe
+from kvstore.synthetic import synthetic_entry
+from services.shards import ShardedStoreClient, open_store, owner
+from services.store_client import StoreClient
+from workers.prefill import PrefillWorker
+
+pytestmark = pytest.mark.timeout(300)
+
+TEXT = ("The committee met on Tuesday to review the budget for the new library. Members discussed the cost of "
+        "shelving, the hours of the reading room and a plan to lend laptops to students. ") * 8
+MORE = " In the end they agreed to open on Sundays and to buy more chairs for the reading room."
+RECIPE = Recipe(method="snapkv", ratio=0.5, chunk_size=32, chunked=True)
+
+
+@pytest.fixture
+def shards(store_service):
+    return [store_service() for _ in range(3)]
+
+
+def entries_per_shard(servers) -> list[int]:
+    counts = []
+    for server in servers:
+        with StoreClient(server.address) as client:
+            counts.append(client.stats().entries)
+    return counts
+
+
+def test_entries_live_on_the_shard_their_key_picks(shards):
+    addresses = ",".join(s.address for s in shards)
+    entries = [synthetic_entry(seq_len=32, num_layers=1, seed=i) for i in range(48)]
+    with open_store(addresses) as client:
+        assert isinstance(client, ShardedStoreClient)
+        for i, entry in enumerate(entries):
+            # both ways in: a decoded entry, and frames (the key read from the header frame)
+            reply = client.put(entry) if i % 2 else client.put_frames(codec.encode(entry))
+            assert reply.key == entry.key
+        counts = entries_per_shard(shards)
+        assert sum(counts) == 48 and min(counts) >= 3, counts  # ~16 each; fewer than 3: p < 1e-5
+        for entry in entries:
+            home = shards[owner(entry.key, client.addresses)]
+            with StoreClient(home.address) as direct:
+                assert direct.get_frames(entry.key) is not None  # on its owner, and only there
+            got = client.get(entry.key)
+            assert got is not None and got.key == entry.key
+            assert all((a.keys == b.keys).all() for a, b in zip(got.layers, entry.layers))
+        assert client.delete(entries[0].key) and client.get(entries[0].key) is None
+    with open_store(shards[0].address) as single:
+        assert isinstance(single, StoreClient)
+
+
+def test_a_chunked_prompt_is_found_across_shards_and_a_lost_shard_costs_only_misses(smollm2, shards):
+    model, tokenizer = smollm2
+    ids = tokenizer(TEXT).input_ids
+    longer = ids + tokenizer(MORE, add_special_tokens=False).input_ids
+    client = ShardedStoreClient([s.address for s in shards], timeout_s=120)
+    worker = PrefillWorker(model, tokenizer, client, max_tokens=2048)
+    try:
+        first = worker.prefill(ids, RECIPE)
+        chunks = len(first.keys)
+        assert chunks == -(-len(ids) // 32) >= 8
+        homes = [owner(k, client.addresses) for k in first.keys]
+        assert len(set(homes)) >= 2, homes  # the prompt's chunks are spread over shards
+        assert sum(entries_per_shard(shards)) == chunks
+
+        again = worker.prefill(ids, RECIPE)  # every chunk found on its shard: nothing recomputed
+        assert (again.cached_tokens, again.prefilled_tokens, list(again.keys)) == (len(ids), 0, list(first.keys))
+        grown = worker.prefill(longer, RECIPE)  # the whole chunks of the shorter prompt are reused
+        assert grown.cached_tokens == len(ids) // 32 * 32
+        assert list(grown.keys[: len(ids) // 32]) == list(first.keys[: len(ids) // 32])
+
+        found = client.lookup(model.dkv_fingerprint, RECIPE, longer)
+        assert found.cached_tokens == len(longer) and [str(k) for k in found.keys] == list(grown.keys)
+        assert len(found.kept_tokens_per_layer) == model.config.num_hidden_layers
+
+        lost = next(h for h in homes if h != homes[0])  # a shard without the first chunk: stopped
+        shards[lost].stop()
+        first_lost = next(i for i, k in enumerate(found.keys) if owner(k, client.addresses) == lost)
+        partial = client.lookup(model.dkv_fingerprint, RECIPE, longer)
+        assert first_lost >= 1 and partial.keys == found.keys[:first_lost] and partial.cached_tokens == first_lost * 32
+        orphan = next(e for e in (synthetic_entry(seq_len=32, num_layers=1, seed=s) for s in range(1000))
+                      if owner(e.key, client.addresses) == lost)
+        with pytest.raises(grpc.RpcError) as e:  # what the lost shard owns cannot be stored: a loud error
+            client.put(orphan)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert client.get(found.keys[0]) is not None  # the other shards still serve
+    finally:
+        client.close()
