@@ -28,11 +28,14 @@ entry stored in fp16 (its K/V plus positions, scores and page summaries). Dense 
 quantized entries count what they hold. For kvpress rows ``bytes_vs_fp16_kv`` is its kept
 fraction (a plain cache, no metadata).
 
-Prefill overhead: for the methods that capture an observation window, the median (of
-``repeats``) time of ``compress(method, 0.5)`` over the median of a plain
+Prefill overhead: for the methods that capture an observation window, the best (of ``repeats``)
+time of ``compress(method, 0.5)`` over the best of a plain
 ``model(ids, use_cache=True, logits_to_keep=1)`` on the ~2048-token context, minus 1, timed
 interleaved on ``threads`` torch threads before kvpress starts. The target uses process CPU
-time (immune to other processes on a shared machine); the wall-time ratio is reported beside it.
+time (other processes do not count in it); the wall-time ratio is reported beside it. The best
+of several runs, not the median: interference (caches, memory bandwidth, clock) only ever adds
+time, and on this 2-core machine one thread's CPU time for the same forward varied by 8%
+between runs, as much as the overhead being measured.
 
 ``run(...)`` returns the report (schema in ``main``'s help); ``main(args)`` prints it and
 writes ``<out>/img/quality.png`` and the ``quality`` section of ``<out>/benchmarks.md``.
@@ -47,7 +50,6 @@ import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -258,7 +260,7 @@ def evaluate(model, tokenizer, tasks: list[dict], cfg: Config, reference: dict |
 # ------------------------------------------------------------------------------------------- timing
 
 def time_prefill(model, contexts: list[list[int]], methods: list[str], repeats: int) -> dict:
-    """Median seconds of a plain forward and of ``compress(method, TIMING_RATIO)`` per context.
+    """Best seconds of a plain forward and of ``compress(method, TIMING_RATIO)`` per context.
 
     Each repeat runs the plain forward and every method once, in an order rotated per repeat (so
     no method always runs first or right after another). Both the wall time and the process CPU
@@ -293,11 +295,11 @@ def time_prefill(model, contexts: list[list[int]], methods: list[str], repeats: 
                 w[name].append(time.perf_counter() - t0)
                 c[name].append(time.process_time() - c0)
         for n in names:
-            wall[n].append(statistics.median(w[n]))
-            cpu[n].append(statistics.median(c[n]))
+            wall[n].append(min(w[n]))
+            cpu[n].append(min(c[n]))
         for m in methods:
-            split[m]["capture_s"].append(statistics.median(t["prefill_s"] for t in parts[m]))
-            split[m]["select_s"].append(statistics.median(t["compress_s"] for t in parts[m]))
+            split[m]["capture_s"].append(min(t["prefill_s"] for t in parts[m]))
+            split[m]["select_s"].append(min(t["compress_s"] for t in parts[m]))
     result = {"plain_s": _mean(wall["plain"]), "plain_cpu_s": _mean(cpu["plain"]),
               "contexts": [len(c) for c in contexts], "repeats": repeats, "threads": torch.get_num_threads(),
               "load_avg": _loadavg(), "methods": {}}
@@ -457,7 +459,7 @@ def _diff(a, b):
 # --------------------------------------------------------------------------------------------- run
 
 def run(quick: bool = False, peers: bool = True, progress: bool = True, threads: int = 1,
-        repeats: int = 3, model_name: str | None = None) -> dict:
+        repeats: int = 5, model_name: str | None = None) -> dict:
     """Run the benchmark and return the report (see ``main``); torch's thread count is restored after."""
     previous_threads = torch.get_num_threads()
     if threads > 0:
@@ -723,9 +725,7 @@ def markdown(report: dict, image: str | None) -> str:
                   f"the rest is metadata."]
     if report.get("timing"):
         t = report["timing"]
-        rerun = (" (timing phase re-run on its own after the main run, whose timing phase overlapped another "
-                 "benchmark)") if report.get("timing_rerun_s") else ""
-        lines += ["", f"Prefill timing{rerun} on {t['contexts']} tokens, median of {t['repeats']}, "
+        lines += ["", f"Prefill timing on {t['contexts']} tokens, best of {t['repeats']}, "
                   f"{t['threads']} thread(s), "
                   f"load average {t.get('load_avg')}: plain forward {t['plain_cpu_s']:.2f} s CPU ({t['plain_s']:.2f} s "
                   "wall); " + "; ".join(
