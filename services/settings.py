@@ -192,6 +192,8 @@ class StoreSettings(ServerSettings):
     cpu_bytes: int = setting(1 << 30, "Capacity of the host-memory tier; 0 disables it.", kind="size")
     redis_url: str = setting("", "Redis URL of the last tier (redis://host:port/db); empty disables it.")
     redis_bytes: int = setting(4 << 30, "Capacity the store may use in Redis.", kind="size")
+    redis_prefix: str = setting("dkv:", "Prefix of every key the store writes in Redis. Store shards that share a "
+                                "Redis need one each: a store counts, recovers and evicts only its own.")
     cpu_keep_fraction: float = setting(1.0, "Fraction of tokens an entry keeps when demoted into the host tier.")
     cpu_quant: str = setting("none", "Requantize entries demoted into the host tier.",
                              choices=("none", "int8", "int4", "mixed"))
@@ -214,6 +216,8 @@ class StoreSettings(ServerSettings):
         check_choice("policy", self.policy, ("value", "lru"))
         if self.redis_url and not re.match(r"^rediss?://", self.redis_url):
             raise SettingsError(f"setting redis_url = {self.redis_url!r} must start with redis:// or rediss://")
+        if not re.fullmatch(r"[A-Za-z0-9:._-]{1,128}", self.redis_prefix):
+            raise SettingsError(f"setting redis_prefix = {self.redis_prefix!r} must be 1-128 chars of [A-Za-z0-9:._-]")
         if not (self.device_bytes or self.cpu_bytes or self.redis_url):
             raise SettingsError("every tier is disabled: set device_bytes, cpu_bytes or redis_url")
 

@@ -53,7 +53,7 @@ def build_store(settings: StoreSettings) -> TieredStore:
         tiers.append(TierSpec(MemoryTier("cpu", settings.cpu_bytes, device="cpu", pin=True),
                               ShrinkRule(settings.cpu_keep_fraction, settings.cpu_quant)))
     if settings.redis_url:
-        tiers.append(TierSpec(RedisTier("redis", settings.redis_bytes, settings.redis_url),
+        tiers.append(TierSpec(RedisTier("redis", settings.redis_bytes, settings.redis_url, prefix=settings.redis_prefix),
                               ShrinkRule(settings.redis_keep_fraction, settings.redis_quant)))
     return TieredStore(tiers, make_policy(settings.policy), settings.max_entry_bytes)
 

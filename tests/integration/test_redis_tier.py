@@ -344,3 +344,25 @@ def test_concurrent_mixed_ops_keep_index_counter_and_data_consistent(tier, redis
     assert set(string_keys(client, "dkv:d:*")) == expected_data_keys  # nothing leaked
     assert string_keys(client, "dkv:m:*") and len(string_keys(client, "dkv:m:*")) == len(index)
     client.close()
+
+
+def test_stores_sharing_a_redis_under_their_own_prefixes_see_only_their_own_entries(redis_url):
+    """Store shards share one Redis, each under its own prefix (the chart sets dkv:<pod name>:): a
+    store counts, recovers after a restart and evicts only its own entries."""
+    from services.settings import StoreSettings
+    from services.store_server import build_store
+
+    def store(shard: str):
+        return build_store(StoreSettings(cpu_bytes=0, redis_url=redis_url, redis_bytes=CAP, redis_prefix=f"dkv:{shard}:"))
+
+    a = store("a")
+    entries = [synthetic_entry(seq_len=32, num_layers=1, seed=i) for i in range(3)]
+    for entry in entries:
+        a.put(codec.encode(entry))
+    assert a.stats().entries == 3
+    b = store("b")
+    assert b.stats().entries == 0 and b.stats().tiers[0].used_bytes == 0
+    assert all(b.probe(e.key) is None for e in entries)
+    again = store("a")  # a restarted shard recovers its own entries
+    assert again.stats().entries == 3 and all(again.probe(e.key) is not None for e in entries)
+    assert string_keys(raw(redis_url), "dkv:b:*") == [] and string_keys(raw(redis_url), "dkv:a:*")

@@ -422,13 +422,16 @@ def test_rendered_env_loads_into_the_settings(values):
         process_env = {}
         for name, entry in env(docs, component).items():
             if "valueFrom" in entry:
-                process_env[name] = secrets[entry["valueFrom"]["secretKeyRef"]["key"]]
-            else:
-                process_env[name] = entry["value"].replace("$(REDIS_PASSWORD)", process_env.get("REDIS_PASSWORD", ""))
+                source = entry["valueFrom"]
+                process_env[name] = secrets[source["secretKeyRef"]["key"]] if "secretKeyRef" in source \
+                    else {"metadata.name": f"{FULL}-{component}-0"}[source["fieldRef"]["fieldPath"]]
+            else:  # Kubernetes expands $(NAME) of the variables defined before
+                process_env[name] = re.sub(r"\$\((\w+)\)", lambda m: process_env.get(m.group(1), ""), entry["value"])
         loaded = S.load(cls, {}, env=process_env)
         assert loaded.host == "0.0.0.0" and loaded.port == PORTS[component]
         if component == "store":
             assert loaded.cpu_bytes == S.parse_size(process_env["DKV_STORE_CPU_BYTES"])
+            assert loaded.redis_prefix == f"dkv:{FULL}-store-0:"  # each shard its own keys in Redis
             if values and "deviceBytes" in values.get("store", {}):
                 assert (loaded.device_bytes, loaded.cpu_keep_fraction, loaded.grace_s) == (4 << 30, 0.25, 2.5)
 
