@@ -53,16 +53,27 @@ def longest_cached_prefix(
     a chunked recipe's entry, which only counts when the entries before it reach its start.
     Returns the chain of keys in order (one key for a whole-context entry), or None.
     """
-    hashes = chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe.recipe_id)
-    n = len(token_ids)
+    keys = chunk_keys(token_ids, recipe, model_fingerprint, tenant)
+    return longest_chain(keys, len(token_ids), recipe.chunk_size, start_of)
+
+
+def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fingerprint: str,
+               tenant: str) -> list[EntryKey]:
+    """The key an entry ending at each chunk boundary of ``token_ids`` (and at its end) has."""
+    return [EntryKey(tenant, model_fingerprint, recipe.recipe_id, h)
+            for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe.recipe_id)]
+
+
+def longest_chain(keys: list[EntryKey], n_tokens: int, chunk_size: int,
+                  start_of: Callable[[EntryKey], int | None]) -> tuple[list[EntryKey], int] | None:
+    """``longest_cached_prefix`` over the ``chunk_keys`` of an ``n_tokens`` prompt."""
     chains: dict[int, list[EntryKey]] = {0: []}
     best = None
-    for i, h in enumerate(hashes):
-        key = EntryKey(tenant, model_fingerprint, recipe.recipe_id, h)
+    for i, key in enumerate(keys):
         start = start_of(key)
         if start is None or start not in chains:
             continue
-        end = min((i + 1) * recipe.chunk_size, n)
+        end = min((i + 1) * chunk_size, n_tokens)
         chains[end] = chains[start] + [key]
         best = (chains[end], end)
     return best

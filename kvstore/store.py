@@ -255,14 +255,11 @@ class TieredStore:
         return stored.header, self.tiers[stored.stats.tier].tier.name, stored.stats.nbytes
 
     def _start_of(self, key: EntryKey) -> int | None:
-        stored = self._entries.get(key)
-        if stored is None or not self._healthy(stored.stats.tier):
-            return None
-        return stored.header.identity.start
+        found = self.probe(key)
+        return None if found is None else found[0].identity.start
 
     def contains(self, key: EntryKey) -> bool:
-        stored = self._entries.get(key)
-        return stored is not None and self._healthy(stored.stats.tier)
+        return self.probe(key) is not None
 
     def header(self, key: EntryKey) -> EntryHeader:
         stored = self._entries.get(key)

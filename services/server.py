@@ -190,8 +190,9 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and serve (inside the event loop that will run the server); returns the port."""
         self.health = health.aio.HealthServicer()
+        options = GRPC_OPTIONS + (WORKER_CONNECTION_AGE if self.stateless else [])
         self.server = grpc.aio.server(
-            options=GRPC_OPTIONS + (WORKER_CONNECTION_AGE if self.stateless else []), interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
+            options=options, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
         self.server.add_generic_rpc_handlers((self.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

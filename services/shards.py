@@ -26,7 +26,7 @@ import grpc
 
 from kvstore import codec
 from kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
-from kvstore.prefix import chain_hashes, longest_cached_prefix
+from kvstore.prefix import chunk_keys, longest_chain
 from services.store_client import LookupReply, LayerSummary, PutReply, StoreClient
 from services.transport import DEFAULT_TENANT, Security
 
@@ -119,17 +119,16 @@ class ShardedStoreClient:
                tenant: str = DEFAULT_TENANT) -> LookupReply | None:
         """The longest cached prefix of ``token_ids``, its chunk entries gathered from their shards."""
         tenant = tenant or DEFAULT_TENANT
-        keys = [EntryKey(tenant, model_fingerprint, recipe.recipe_id, h)
-                for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe.recipe_id)]
+        keys = chunk_keys(token_ids, recipe, model_fingerprint, tenant)
         by_shard: dict[int, list[EntryKey]] = {}
         for key in keys:
             by_shard.setdefault(owner(key, self.addresses), []).append(key)
-        probes = {i: self._pool.submit(self._probe, i, shard_keys) for i, shard_keys in by_shard.items()}
+        probes = [self._pool.submit(self._probe, i, shard_keys) for i, shard_keys in by_shard.items()]
         found = {}
-        for future in probes.values():
-            found.update(future.result())
-        chain = longest_cached_prefix(token_ids, recipe, model_fingerprint, tenant,
-                                      lambda key: found[key].start if key in found else None)
+        for probe in probes:
+            found.update(probe.result())
+        chain = longest_chain(keys, len(token_ids), recipe.chunk_size,
+                              lambda key: found[key].start if key in found else None)
         if chain is None:
             return None
         chain_keys, tokens = chain
