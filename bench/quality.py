@@ -97,7 +97,7 @@ def log(msg: str) -> None:
 
 def _stitch(entries):
     """One entry holding the chunk entries of a chunked recipe back to back (dense entries only)."""
-    from kvstore.entry import Identity, make_layer
+    from dkv.kvstore.entry import Identity, make_layer
 
     if len(entries) == 1:
         return entries[0]
@@ -131,7 +131,7 @@ def stored_bytes(entry) -> int:
 
 def make_entry(model, ids: torch.Tensor, cfg: Config):
     """(entry for decoding, stored bytes) of one context under ``cfg``."""
-    from workers.compression import compress, compress_chunks
+    from dkv.workers.compression import compress, compress_chunks
 
     if cfg.chunked:
         entries = compress_chunks(model, ids, cfg.method, cfg.ratio, quant=cfg.quant, merge=cfg.merge,
@@ -165,14 +165,14 @@ def bytes_breakdown(model, context_ids: list[int], method: str, ratio: float = 0
 
 
 def fp16_kv_bytes(model, n_tokens: int) -> int:
-    from workers.model import model_info
+    from dkv.workers.model import model_info
 
     info = model_info(model)
     return 2 * info.num_layers * info.num_kv_heads * n_tokens * info.head_dim * 2
 
 
 def run_retrieval(model, tokenizer, task: dict, cfg: Config) -> dict:
-    from workers.decode import generate
+    from dkv.workers.decode import generate
 
     ids = torch.tensor([task["context_ids"]])
     t0 = time.perf_counter()
@@ -202,7 +202,7 @@ def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, ref
         cache = entry.to_hf_cache()
         position_ids = torch.arange(len(context), len(context) + len(cont) - 1).unsqueeze(0)
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=cache, position_ids=position_ids,
+            out = model(input_ids=torch.tensor([cont[:-1]]), cache=cache, position_ids=position_ids,
                         use_cache=True)
         rows.append(out.logits[0].float())
     logits = torch.cat(rows, dim=0)  # row i predicts cont[i]
@@ -268,7 +268,7 @@ def time_prefill(model, contexts: list[list[int]], methods: list[str], repeats: 
     inflate (with one torch thread it equals the wall time of a quiet machine), and
     ``overhead_wall`` the wall time.
     """
-    from workers.compression import compress
+    from dkv.workers.compression import compress
 
     names = ["plain", *methods]
     wall: dict[str, list[float]] = {n: [] for n in names}  # per context: median
@@ -471,10 +471,10 @@ def run(quick: bool = False, peers: bool = True, progress: bool = True, threads:
 
 
 def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
-    from workers.compression import METHODS, make_method
-    from workers.model import DEFAULT_MODEL, cache_root, load_model
+    from dkv.workers.compression import METHODS, make_method
+    from dkv.workers.model import DEFAULT_MODEL, cache_root, load_model
 
-    from bench.quality_tasks import build_tasks
+    from dkv.bench.quality_tasks import build_tasks
 
     started = time.perf_counter()
     model_name = model_name or DEFAULT_MODEL

@@ -24,7 +24,7 @@ needle sits exactly where it was put and lengths are exact to a sentence. No cha
 135M model answers these plain-continuation prompts with the full cache (checked by
 ``dkv bench quality``, which drops a retrieval task the full cache fails and says how many).
 
-``build_tasks(tokenizer, quick=...)`` returns the list; ``python -m bench.quality_tasks`` prints a
+``build_tasks(tokenizer, quick=...)`` returns the list; ``python -m dkv.bench.quality_tasks`` prints a
 summary (``--json`` the tasks themselves).
 """
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the task file (kvpress_runner format)")
     args = parser.parse_args(argv)
-    from workers.model import DEFAULT_MODEL, cache_root, load_model
+    from dkv.workers.model import DEFAULT_MODEL, cache_root, load_model
 
     tokenizer = None
     path = cache_root() / DEFAULT_MODEL

@@ -28,20 +28,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 import numpy as np
 import redis
 
-from kvstore import codec
-from kvstore.redis_server import RedisServer, free_port, redis_server_available
-from kvstore.synthetic import synthetic_entry
-from services.cli import MALLOC_TUNING
-from services.store_client import StoreClient
-from services.server import GRPC_OPTIONS
+from dkv.kvstore import codec
+from dkv.kvstore.redis_server import RedisServer, free_port, redis_server_available
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.cli import MALLOC_TUNING
+from dkv.services.store_client import StoreClient
+from dkv.services.server import GRPC_OPTIONS
 
-ROOT = Path(__file__).resolve().parent.parent
 RAW_SERVICE = "dkv.bench.Raw"
 VARIANTS = {"full": 1.0, "keep20": 0.2, "keep10": 0.1}
 
@@ -67,13 +65,12 @@ def _gbps(nbytes: int, times: list[float]) -> float:
 # ----------------------------------------------------------------------------- processes
 
 def _spawn(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
 
 def _env(tuned: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNING}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["DKV_MALLOC_TUNING"] = "1" if tuned else "0"
     if tuned:
         env.update(MALLOC_TUNING)
@@ -135,7 +132,7 @@ def raw_server(port: int) -> None:
 
 def bench_store(frames_by_variant: dict[str, list[bytes]], repeats: int, tuned: bool) -> dict:
     port = free_port()
-    proc = _spawn(["-m", "services.cli", "store", "serve", "--port", str(port), "--cpu-bytes", "4GiB",
+    proc = _spawn(["-m", "dkv", "store", "serve", "--port", str(port), "--cpu-bytes", "4GiB",
                    "--log-level", "warning"], _env(tuned))
     address = f"127.0.0.1:{port}"
     try:
@@ -163,7 +160,7 @@ def bench_store(frames_by_variant: dict[str, list[bytes]], repeats: int, tuned: 
 
 def bench_raw_grpc(frames: list[bytes], repeats: int) -> dict:
     port = free_port()
-    proc = _spawn(["-m", "bench.store", "--raw-server", str(port)], _env(True))
+    proc = _spawn(["-m", "dkv.bench.store", "--raw-server", str(port)], _env(True))
     address = f"127.0.0.1:{port}"
     try:
         _wait_ready(address, proc)

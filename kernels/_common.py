@@ -1,5 +1,19 @@
 """What every kernel module shares: the optional Triton import, backend dispatch, argument checks.
 
+The kernels (each module: the ``@triton.jit`` kernel, its launcher and a torch reference):
+
+- ``sparse_attention.sparse_decode_attention``: one decode step attending only to each KV head's
+  selected slots (flash-decoding splits, grouped-query attention); ``combine_partials`` merges
+  results over disjoint slot sets by their log-sum-exps.
+- ``quant_attention.sparse_decode_attention_quant``: the same over packed int4/int8 K/V,
+  dequantized in the kernel.
+- ``page_scores.page_scores`` / ``top_pages``: Quest's per-page upper bound of ``q·k`` from page
+  min/max keys.
+
+Every public function takes ``backend="auto" | "triton" | "torch"``: ``auto`` launches Triton for
+CUDA tensors and runs the torch reference otherwise; ``triton`` also runs on CPU tensors under
+Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernel module was imported.
+
 Triton is optional: CPU-only torch wheels do not pull it in, and every public function still
 works there through its torch reference. Without Triton, ``jit`` leaves the kernel a plain
 Python function that is never called (modules use ``from __future__ import annotations``, so the

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import (
+from dkv.kernels._common import (
     DENSE_DTYPES, cdiv, check_backend, check_inner_contiguous, check_same_device, check_tensor, jit,
     next_pow2, tl, use_triton,
 )

@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from kernels._common import (
+from dkv.kernels._common import (
     DENSE_DTYPES, INTERPRET, cdiv, check_inner_contiguous, check_num_splits, check_same_device, check_tensor, jit,
     next_pow2, num_sms, tl, use_triton,
 )

@@ -33,8 +33,8 @@ from typing import Iterable
 import torch
 import xxhash
 
-from kvstore.entry import FORMAT_VERSION, CompressedKV, Identity, LayerKV, Recipe
-from kvstore.errors import CorruptEntry, EntryTooLarge, InvalidEntry
+from dkv.kvstore.entry import FORMAT_VERSION, CompressedKV, Identity, LayerKV, Recipe
+from dkv.kvstore.errors import CorruptEntry, EntryTooLarge, InvalidEntry
 
 MAGIC = b"DKVF"
 HEAD = struct.Struct("<4sHBB8sIIII")  # everything the checksum covers

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.errors import InvalidEntry
-from kvstore import quant
+from dkv.kvstore.errors import InvalidEntry
+from dkv.kvstore import quant
 
 FORMAT_VERSION = 1
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -329,7 +329,7 @@ class CompressedKV:
 
     def to_hf_cache(self):
         """A ``transformers`` cache the same model can continue from at position ``seq_len``."""
-        from workers.cache import to_hf_cache
+        from dkv.workers.cache import to_hf_cache
 
         return to_hf_cache(self)
 

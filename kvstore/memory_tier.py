@@ -13,8 +13,8 @@ import warnings
 
 import torch
 
-from kvstore.entry import EntryKey
-from kvstore.tier import Frames, StorageTier, frames_nbytes
+from dkv.kvstore.entry import EntryKey
+from dkv.kvstore.tier import Frames, StorageTier, frames_nbytes
 
 
 class MemoryTier(StorageTier):

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kvstore.entry import EntryKey
+from dkv.kvstore.entry import EntryKey
 
 
 @dataclass

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from kvstore.entry import EntryKey, Recipe
-from kvstore.errors import InvalidEntry
+from dkv.kvstore.entry import EntryKey, Recipe
+from dkv.kvstore.errors import InvalidEntry
 
 DIGEST_BYTES = 16
 

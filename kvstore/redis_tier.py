@@ -40,10 +40,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvstore.codec import FRAME_LIMIT
-from kvstore.entry import EntryKey
-from kvstore.errors import InvalidEntry, TierUnavailable
-from kvstore.tier import Frames, StorageTier
+from dkv.kvstore.codec import FRAME_LIMIT
+from dkv.kvstore.entry import EntryKey
+from dkv.kvstore.errors import InvalidEntry, TierUnavailable
+from dkv.kvstore.tier import Frames, StorageTier
 
 # Values of at most codec.MAX_FRAME_BYTES stay in jemalloc's 4 MiB size class (see kvstore.codec).
 MAX_VALUE_BYTES = FRAME_LIMIT

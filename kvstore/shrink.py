@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore import quant
-from kvstore.entry import CompressedKV, LayerKV, make_layer, quantize_layer
+from dkv.kvstore import quant
+from dkv.kvstore.entry import CompressedKV, LayerKV, make_layer, quantize_layer
 
 
 @dataclass(frozen=True)

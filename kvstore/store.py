@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvstore import codec
-from kvstore.codec import EntryHeader
-from kvstore.entry import CompressedKV, EntryKey, Recipe
-from kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, TierUnavailable
-from kvstore.policy import EntryStats, EvictionPolicy, ValuePolicy
-from kvstore.prefix import longest_cached_prefix
-from kvstore.shrink import ShrinkRule
-from kvstore.tier import Frames, StorageTier, frames_nbytes
+from dkv.kvstore import codec
+from dkv.kvstore.codec import EntryHeader
+from dkv.kvstore.entry import CompressedKV, EntryKey, Recipe
+from dkv.kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, TierUnavailable
+from dkv.kvstore.policy import EntryStats, EvictionPolicy, ValuePolicy
+from dkv.kvstore.prefix import longest_cached_prefix
+from dkv.kvstore.shrink import ShrinkRule
+from dkv.kvstore.tier import Frames, StorageTier, frames_nbytes
 
 log = logging.getLogger("dkv.store")
 DECODED_ENTRIES = 8

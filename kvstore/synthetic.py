@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kvstore import quant
-from kvstore.entry import CompressedKV, Identity, Recipe, make_layer, quantize_layer
-from kvstore.prefix import chain_hashes
+from dkv.kvstore import quant
+from dkv.kvstore.entry import CompressedKV, Identity, Recipe, make_layer, quantize_layer
+from dkv.kvstore.prefix import chain_hashes
 
 
 def synthetic_entry(

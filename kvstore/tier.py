@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
-from kvstore.entry import EntryKey
+from dkv.kvstore.entry import EntryKey
 
 Frames = Sequence[bytes | memoryview]
 

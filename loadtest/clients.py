@@ -30,7 +30,7 @@ def client_kwargs(cls) -> dict:
     if all(name in params for name in wanted):
         return wanted
     if "security" in params:
-        from services.transport import Security
+        from dkv.services.transport import Security
 
         return {"security": Security(**wanted)}
     names = ", ".join(ENV[n] for n in sorted(wanted))

@@ -1,4 +1,4 @@
-"""``python -m loadtest.cluster --info FILE``: ``dkv up`` on free loopback ports, for the load test.
+"""``python -m dkv.loadtest.cluster --info FILE``: ``dkv up`` on free loopback ports, for the load test.
 
 Starts ``services.up.Cluster`` (Redis when installed, the store, a prefill and a decode worker,
 the gateway), waits until every service answers its health check, then writes
@@ -26,7 +26,7 @@ class _Stop(BaseException):  # not swallowed by an `except Exception` in start-u
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.cluster", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dkv.loadtest.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("--info", required=True, help="file to write the addresses to once everything serves")
     parser.add_argument("--host", default="127.0.0.1", help="address the services listen on (default 127.0.0.1)")
     parser.add_argument("--cpu-bytes", default="64MiB", help="host-memory tier of the store (default 64MiB)")
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from kvstore.redis_server import free_port
-    from services.up import Cluster, UpOptions
+    from dkv.kvstore.redis_server import free_port
+    from dkv.services.up import Cluster, UpOptions
 
     levels = {f"DKV_{c}_LOG_LEVEL": args.log_level for c in ("STORE", "PREFILL", "DECODE", "GATEWAY")}
     options = UpOptions(host=args.host, port=free_port(args.host), model=args.model, cpu_bytes=args.cpu_bytes,

@@ -20,10 +20,10 @@ import math
 import random
 from collections.abc import Sequence
 
-from kvstore import codec
-from kvstore.entry import CompressedKV, Identity
-from kvstore.prefix import chain_hashes
-from kvstore.synthetic import synthetic_entry
+from dkv.kvstore import codec
+from dkv.kvstore.entry import CompressedKV, Identity
+from dkv.kvstore.prefix import chain_hashes
+from dkv.kvstore.synthetic import synthetic_entry
 
 MODEL_FINGERPRINT = "loadtest-synthetic"
 SHAPE = dict(num_layers=30, num_kv_heads=3, head_dim=64)  # SmolLM2-135M

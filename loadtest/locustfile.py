@@ -4,7 +4,7 @@
         --host 127.0.0.1:50051 --store 127.0.0.1:50052 --scenario mixed --p99-ms 60000 \
         --csv build/loadtest/dkv --html build/loadtest/report.html
 
-(``make loadtest`` / ``python -m loadtest.run`` start a ``dkv up`` on free ports and run this.)
+(``make loadtest`` / ``python -m dkv.loadtest.run`` start a ``dkv up`` on free ports and run this.)
 
 Users:
 
@@ -62,10 +62,10 @@ import grpc  # noqa: E402
 from locust import User, between, events, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from loadtest.clients import client_kwargs  # noqa: E402
-from loadtest.documents import make_documents  # noqa: E402
-from loadtest.grpc_locust import LocustInterceptor, intercepted, store_outcome  # noqa: E402
-from loadtest.summary import TTFT, format_summary, problems  # noqa: E402
+from dkv.loadtest.clients import client_kwargs  # noqa: E402
+from dkv.loadtest.documents import make_documents  # noqa: E402
+from dkv.loadtest.grpc_locust import LocustInterceptor, intercepted, store_outcome  # noqa: E402
+from dkv.loadtest.summary import TTFT, format_summary, problems  # noqa: E402
 
 log = logging.getLogger("dkv.loadtest")
 
@@ -130,7 +130,7 @@ def _address(host: str | None, default: str) -> str:
 
 
 def _store_client(address: str, intercept: bool = True):
-    from services.store_client import StoreClient
+    from dkv.services.store_client import StoreClient
 
     if not intercept:
         return StoreClient(address, timeout_s=CTX.options.call_timeout_s, **client_kwargs(StoreClient))
@@ -160,7 +160,7 @@ def _on_init(environment, **_kwargs) -> None:
 
 
 def _setup_store(options) -> None:
-    from loadtest.entries import EntryFactory, Zipf, key_space
+    from dkv.loadtest.entries import EntryFactory, Zipf, key_space
 
     if not options.store:
         raise ValueError("the store users need the store's address: --store HOST:PORT (or DKV_STORE)")
@@ -245,7 +245,7 @@ class _GenerateUser(User):
     wait_time = between(0.5, 2.0)
 
     def on_start(self) -> None:
-        from services.client import DkvClient
+        from dkv.services.client import DkvClient
 
         with intercepted(CTX.interceptor):
             self.client = DkvClient(_address(self.host, "127.0.0.1:50051"), timeout_s=CTX.options.call_timeout_s,

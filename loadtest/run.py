@@ -1,8 +1,8 @@
-"""``python -m loadtest.run``: start dkv on free loopback ports, run the locust load test against it, stop.
+"""``python -m dkv.loadtest.run``: start dkv on free loopback ports, run the locust load test against it, stop.
 
-    python -m loadtest.run --time 60s --users 3 --scenario mixed --p99-ms 120000   # what `make loadtest` runs
+    python -m dkv.loadtest.run --time 60s --users 3 --scenario mixed --p99-ms 120000   # what `make loadtest` runs
 
-1. Starts ``python -m loadtest.cluster`` (``dkv up`` through ``services.up.Cluster``: Redis when
+1. Starts ``python -m dkv.loadtest.cluster`` (``dkv up`` through ``services.up.Cluster``: Redis when
    installed, the store with small tiers so that eviction runs, a prefill and a decode worker, the
    gateway) with its log in ``OUT/dkv.log``, and waits until every service is healthy. With
    ``--host`` (and ``--store``) it starts nothing and tests that cluster instead.
@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 WARMUP_CONTEXT = ("Weather notes for a small harbour town: mornings are foggy in spring, the afternoons clear up, "
                   "and the wind turns west in the evening. ")
 
@@ -47,7 +46,7 @@ def timespan_s(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m dkv.loadtest.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--time", default=env("LOADTEST_TIME", "60s"), help="how long the load runs (locust --run-time)")
     p.add_argument("--users", type=int, default=int(env("LOADTEST_USERS", "3")), help="simulated users")
@@ -55,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", choices=("store", "generate", "mixed"), default=env("LOADTEST_SCENARIO", "mixed"))
     p.add_argument("--p99-ms", type=float, default=float(env("LOADTEST_P99_MS", "120000")),
                    help="fail when the p99 of any call name is above this")
-    p.add_argument("--out", default=str(ROOT / "build" / "loadtest"), help="folder of the CSV, HTML and log files")
+    p.add_argument("--out", default="build/loadtest", help="folder of the CSV, HTML and log files")
     p.add_argument("--stop-timeout", default="60s", help="at the end, how long users may finish their current call")
     p.add_argument("--host", default="", help="gateway of a running cluster: start nothing, test it")
     p.add_argument("--store", default="", help="KV store of that cluster (store users)")
@@ -85,11 +84,10 @@ def _start_cluster(args, out: Path) -> tuple[subprocess.Popen, dict, object]:
     info = out / "cluster.json"
     info.unlink(missing_ok=True)
     logfile = open(out / "dkv.log", "w")
-    cmd = [sys.executable, "-m", "loadtest.cluster", "--info", str(info), "--cpu-bytes", args.cpu_bytes,
+    cmd = [sys.executable, "-m", "dkv.loadtest.cluster", "--info", str(info), "--cpu-bytes", args.cpu_bytes,
            "--redis-bytes", args.redis_bytes, *(["--no-redis"] if args.no_redis else []),
            *(["--token", args.token] if args.token else [])]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
     print(f"starting dkv (log: {out / 'dkv.log'}) ...", flush=True)
     started = time.monotonic()
     while not info.exists():
@@ -116,8 +114,8 @@ def _stop_cluster(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 
 def _warm_up(gateway: str) -> None:
-    from loadtest.clients import client_kwargs
-    from services.client import DkvClient
+    from dkv.loadtest.clients import client_kwargs
+    from dkv.services.client import DkvClient
 
     started = time.perf_counter()
     with DkvClient(gateway, timeout_s=300, **client_kwargs(DkvClient)) as client:
@@ -126,7 +124,7 @@ def _warm_up(gateway: str) -> None:
 
 
 def locust_command(args, gateway: str, store: str, out: Path) -> list[str]:
-    return [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+    return [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
             "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.time,
             "--stop-timeout", args.stop_timeout, "--host", gateway, "--store", store, "--scenario", args.scenario,
             "--p99-ms", str(args.p99_ms), "--csv", str(out / "dkv"), "--html", str(out / "report.html"),
@@ -159,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             _warm_up(gateway)
         cmd = locust_command(args, gateway, store, out)
         print("running: " + " ".join(cmd[1:]), flush=True)
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        locust = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        locust = subprocess.Popen(cmd)
         try:
             code = locust.wait(run_s + stop_s + 300)
         except subprocess.TimeoutExpired:

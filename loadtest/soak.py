@@ -1,6 +1,6 @@
 """Chaos soak: kill and restart Redis, the store and the workers under load; every answer checked.
 
-    python -m loadtest.soak --duration 600 --faults redis,store,decode,prefill
+    python -m dkv.loadtest.soak --duration 600 --faults redis,store,decode,prefill
 
 Starts the system (``services.up.Cluster``), asks each prompt once before any fault to learn its
 golden answer (the cold-miss path, which the golden tests prove equal to a run without the
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import grpc
 from tqdm import tqdm
 
-from kvstore.redis_server import free_port
-from services.client import DkvClient
-from services.logs import setup_logging
-from services.up import Cluster, UpOptions
+from dkv.kvstore.redis_server import free_port
+from dkv.services.client import DkvClient
+from dkv.services.logs import setup_logging
+from dkv.services.up import Cluster, UpOptions
 
 log = logging.getLogger("dkv.soak")
 FAULTS = ("redis", "store", "decode", "prefill")
@@ -161,7 +161,7 @@ class Soak:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dkv.loadtest.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=600, help="seconds of load and faults (default 600)")
     p.add_argument("--interval", type=float, default=20, help="seconds between faults (default 20)")

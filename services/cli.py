@@ -24,8 +24,8 @@ import json
 import os
 import sys
 
-from services.logs import setup_logging
-from services.settings import (DecodeSettings, GatewaySettings, PrefillSettings, SettingsError, StoreSettings,
+from dkv.services.logs import setup_logging
+from dkv.services.settings import (DecodeSettings, GatewaySettings, PrefillSettings, SettingsError, StoreSettings,
                                add_arguments, describe, load)
 
 # glibc returns large blocks to the OS on free and maps fresh zeroed pages for the next one, so
@@ -45,11 +45,11 @@ def tune_malloc_and_reexec() -> None:
     if os.environ.get("DKV_MALLOC_TUNING", "1") == "0" or all(k in os.environ for k in MALLOC_TUNING):
         return
     env = {**os.environ, **MALLOC_TUNING}
-    os.execve(sys.executable, [sys.executable, "-m", "services.cli", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "dkv", *sys.argv[1:]], env)
 
 
 def _store_serve(args: argparse.Namespace) -> int:
-    from services.store_server import serve
+    from dkv.services.store_server import serve
 
     settings = load(StoreSettings, _settings_args(args, StoreSettings))
     setup_logging(settings.log_level, settings.log_format)
@@ -58,7 +58,7 @@ def _store_serve(args: argparse.Namespace) -> int:
 
 
 def _prefill_serve(args: argparse.Namespace) -> int:
-    from services.prefill_server import serve
+    from dkv.services.prefill_server import serve
 
     settings = load(PrefillSettings, _settings_args(args, PrefillSettings))
     setup_logging(settings.log_level, settings.log_format)
@@ -67,7 +67,7 @@ def _prefill_serve(args: argparse.Namespace) -> int:
 
 
 def _decode_serve(args: argparse.Namespace) -> int:
-    from services.decode_server import serve
+    from dkv.services.decode_server import serve
 
     settings = load(DecodeSettings, _settings_args(args, DecodeSettings))
     setup_logging(settings.log_level, settings.log_format)
@@ -76,7 +76,7 @@ def _decode_serve(args: argparse.Namespace) -> int:
 
 
 def _gateway_serve(args: argparse.Namespace) -> int:
-    from services.gateway_server import serve
+    from dkv.services.gateway_server import serve
 
     settings = load(GatewaySettings, _settings_args(args, GatewaySettings))
     setup_logging(settings.log_level, settings.log_format)
@@ -85,7 +85,7 @@ def _gateway_serve(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from services.up import UpOptions, run
+    from dkv.services.up import UpOptions, run
 
     setup_logging("info", "text")
     return run(UpOptions(host=args.host, port=args.port, model=args.model, device_bytes=args.device_bytes,
@@ -97,8 +97,8 @@ def _up(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from kvstore.entry import Recipe
-    from services.client import DkvClient
+    from dkv.kvstore.entry import Recipe
+    from dkv.services.client import DkvClient
 
     recipe = Recipe(method=args.method, ratio=args.ratio, quant=args.quant, chunk_size=args.chunk_size,
                     chunked=not args.whole)
@@ -116,9 +116,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _store_stats(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from services.store_client import StoreClient
+    from dkv.services.store_client import StoreClient
 
-    from services.transport import Security
+    from dkv.services.transport import Security
 
     with StoreClient(args.address, timeout_s=args.timeout, security=Security(args.token, args.tls_ca)) as client:
         print(json.dumps(MessageToDict(client.stats(), always_print_fields_with_no_presence=True), indent=2))
@@ -126,31 +126,31 @@ def _store_stats(args: argparse.Namespace) -> int:
 
 
 def _bench_store(args: argparse.Namespace) -> int:
-    from bench.store import main as bench_main
+    from dkv.bench.store import main as bench_main
 
     return bench_main(args)
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from bench.quality import main as bench_main
+    from dkv.bench.quality import main as bench_main
 
     return bench_main(args)
 
 
 def _bench_e2e(args: argparse.Namespace) -> int:
-    from bench.e2e import main as bench_main
+    from dkv.bench.e2e import main as bench_main
 
     return bench_main(args)
 
 
 def _bench_decode(args: argparse.Namespace) -> int:
-    from bench.decode import main as bench_main
+    from dkv.bench.decode import main as bench_main
 
     return bench_main(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from services.demo import main as demo_main
+    from dkv.services.demo import main as demo_main
 
     return demo_main(args)
 
@@ -322,6 +322,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The Python client of dkv: ``DkvClient(address).generate(context, query)`` and store access.
 
-    from services.client import DkvClient
+    from dkv.services.client import DkvClient
 
     with DkvClient("127.0.0.1:50051") as dkv:
         for item in dkv.generate(document, "Who signed the treaty?", chat_template=True):
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from kvstore.entry import Recipe
-from services.pb import gateway_pb2, gateway_pb2_grpc
-from services.shards import ShardedStoreClient, open_store
-from services.store_client import StoreClient
-from services.transport import Security, call_metadata, open_channel
-from services.wire import recipe_to_proto
+from dkv.kvstore.entry import Recipe
+from dkv.services.pb import gateway_pb2, gateway_pb2_grpc
+from dkv.services.shards import ShardedStoreClient, open_store
+from dkv.services.store_client import StoreClient
+from dkv.services.transport import Security, call_metadata, open_channel
+from dkv.services.wire import recipe_to_proto
 
 
 class DkvClient:

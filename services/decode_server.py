@@ -6,15 +6,15 @@ import logging
 
 import grpc
 
-from kvstore.entry import EntryKey
-from kvstore.errors import EntryNotFound, InvalidEntry
-from services.pb import decode_pb2, decode_pb2_grpc
-from services.prefill_client import PrefillClient
-from services.server import GrpcServer, abort_with, iterate_in_thread, serve_until_signal
-from services.settings import DecodeSettings
-from services.shards import open_store
-from services.transport import Security, tenant_for
-from services.wire import recipe_from_proto
+from dkv.kvstore.entry import EntryKey
+from dkv.kvstore.errors import EntryNotFound, InvalidEntry
+from dkv.services.pb import decode_pb2, decode_pb2_grpc
+from dkv.services.prefill_client import PrefillClient
+from dkv.services.server import GrpcServer, abort_with, iterate_in_thread, serve_until_signal
+from dkv.services.settings import DecodeSettings
+from dkv.services.shards import open_store
+from dkv.services.transport import Security, tenant_for
+from dkv.services.wire import recipe_from_proto
 
 log = logging.getLogger("dkv.decode.server")
 SERVICE = "dkv.v1.Decode"
@@ -27,7 +27,7 @@ STATUS = {
 
 def decode_job(request: decode_pb2.DecodeRequest, tokenizer):
     """The worker's job for a request (texts tokenized)."""
-    from workers.decode_worker import DecodeJob
+    from dkv.workers.decode_worker import DecodeJob
 
     context = request.WhichOneof("context")
     context_ids = None
@@ -49,7 +49,7 @@ def decode_job(request: decode_pb2.DecodeRequest, tokenizer):
 
 def decode_responses(worker, request: decode_pb2.DecodeRequest):
     """Run a request on ``worker``: a ``DecodeResponse`` per token (with the text it adds), then the stats."""
-    from workers.decode_worker import DecodeResult
+    from dkv.workers.decode_worker import DecodeResult
 
     job = decode_job(request, worker.tokenizer)
     worker.check(job)
@@ -110,8 +110,8 @@ class DecodeServer(GrpcServer):
     def __init__(self, settings: DecodeSettings, worker=None):
         super().__init__(settings)
         if worker is None:
-            from workers.decode_worker import DecodeWorker
-            from workers.model import load_model
+            from dkv.workers.decode_worker import DecodeWorker
+            from dkv.workers.model import load_model
 
             model, tokenizer = load_model(settings.model)
             security = Security.of(settings)

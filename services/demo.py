@@ -18,11 +18,11 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from kvstore.entry import Recipe
-from kvstore.redis_server import free_port
-from services.client import DkvClient
-from services.store_client import StoreClient
-from services.up import Cluster, UpOptions
+from dkv.kvstore.entry import Recipe
+from dkv.kvstore.redis_server import free_port
+from dkv.services.client import DkvClient
+from dkv.services.store_client import StoreClient
+from dkv.services.up import Cluster, UpOptions
 
 DOCUMENTS = {
     "memo": ("Internal memo, March 3. From: Dana Whitfield, head of operations. To: all warehouse staff. "

@@ -6,10 +6,10 @@ import logging
 
 import grpc
 
-from services.pb import decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
-from services.server import GrpcServer, abort_with, serve_until_signal
-from services.settings import GatewaySettings
-from services.transport import Security, call_metadata, open_channel, tenant_for
+from dkv.services.pb import decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
+from dkv.services.server import GrpcServer, abort_with, serve_until_signal
+from dkv.services.settings import GatewaySettings
+from dkv.services.transport import Security, call_metadata, open_channel, tenant_for
 
 log = logging.getLogger("dkv.gateway.server")
 SERVICE = "dkv.v1.Gateway"
@@ -94,8 +94,8 @@ class GatewayServer(GrpcServer):
         return await super().start()
 
     def _build(self):
-        from workers.gateway import Gateway, Router, Worker
-        from workers.model import load_tokenizer
+        from dkv.workers.gateway import Gateway, Router, Worker
+        from dkv.workers.model import load_tokenizer
 
         s = self.settings
         security = Security.of(s)

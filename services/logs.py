@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from services.transport import request_id
+from dkv.services.transport import request_id
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from kvstore.entry import Recipe
-from services.pb import prefill_pb2, prefill_pb2_grpc
-from services.transport import Security, call_metadata, open_channel
-from services.wire import recipe_to_proto
+from dkv.kvstore.entry import Recipe
+from dkv.services.pb import prefill_pb2, prefill_pb2_grpc
+from dkv.services.transport import Security, call_metadata, open_channel
+from dkv.services.wire import recipe_to_proto
 
 
 class PrefillClient:

@@ -7,13 +7,13 @@ import logging
 
 import grpc
 
-from kvstore.errors import InvalidEntry
-from services.pb import prefill_pb2, prefill_pb2_grpc
-from services.server import GrpcServer, abort_with, serve_until_signal
-from services.settings import PrefillSettings
-from services.shards import open_store
-from services.transport import Security, tenant_for
-from services.wire import recipe_from_proto
+from dkv.kvstore.errors import InvalidEntry
+from dkv.services.pb import prefill_pb2, prefill_pb2_grpc
+from dkv.services.server import GrpcServer, abort_with, serve_until_signal
+from dkv.services.settings import PrefillSettings
+from dkv.services.shards import open_store
+from dkv.services.transport import Security, tenant_for
+from dkv.services.wire import recipe_from_proto
 
 log = logging.getLogger("dkv.prefill.server")
 SERVICE = "dkv.v1.Prefill"
@@ -73,8 +73,8 @@ class PrefillServer(GrpcServer):
     def __init__(self, settings: PrefillSettings, worker=None):
         super().__init__(settings)
         if worker is None:
-            from workers.model import load_model
-            from workers.prefill import PrefillWorker
+            from dkv.workers.model import load_model
+            from dkv.workers.prefill import PrefillWorker
 
             model, tokenizer = load_model(settings.model)
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))

@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from services.pb import decode_pb2, prefill_pb2
+from dkv.services.pb import decode_pb2, prefill_pb2
 
 log = logging.getLogger("dkv.ray")
 
@@ -25,16 +25,16 @@ log = logging.getLogger("dkv.ray")
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class PrefillActor:
     def __init__(self, model: str, store: str, security=None):
-        from services.shards import open_store
-        from workers.model import load_model
-        from workers.prefill import PrefillWorker
+        from dkv.services.shards import open_store
+        from dkv.workers.model import load_model
+        from dkv.workers.prefill import PrefillWorker
 
         loaded, tokenizer = load_model(model)
         self.worker = PrefillWorker(loaded, tokenizer, open_store(store, timeout_s=120, security=security))
 
     def prefill(self, request: bytes) -> bytes:
-        from services.prefill_server import prefill_ids, prefill_response
-        from services.wire import recipe_from_proto
+        from dkv.services.prefill_server import prefill_ids, prefill_response
+        from dkv.services.wire import recipe_from_proto
 
         r = prefill_pb2.PrefillRequest.FromString(request)
         result = self.worker.prefill(prefill_ids(r, self.worker), recipe_from_proto(r.recipe), r.tenant or "default")
@@ -49,12 +49,12 @@ class PrefillActor:
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class DecodeActor:
     def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle", security=None):
-        from services.shards import open_store
-        from workers.decode_worker import DecodeWorker
-        from workers.model import load_model
+        from dkv.services.shards import open_store
+        from dkv.workers.decode_worker import DecodeWorker
+        from dkv.workers.model import load_model
 
         def recompute(context_ids, recipe, tenant):
-            from services.wire import recipe_to_proto
+            from dkv.services.wire import recipe_to_proto
 
             request = prefill_pb2.PrefillRequest(recipe=recipe_to_proto(recipe), tenant=tenant)
             request.token_ids.ids.extend(context_ids)
@@ -66,7 +66,7 @@ class DecodeActor:
 
     def decode(self, request: bytes):
         """Streams serialized ``DecodeResponse`` messages: the tokens, then the stats."""
-        from services.decode_server import decode_responses
+        from dkv.services.decode_server import decode_responses
 
         for reply in decode_responses(self.worker, decode_pb2.DecodeRequest.FromString(request)):
             yield reply.SerializeToString()

@@ -24,8 +24,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.metrics import Metrics
-from services.transport import (
+from dkv.services.metrics import Metrics
+from dkv.services.transport import (
     GRPC_OPTIONS, OPEN_SERVICES, WORKER_CONNECTION_AGE, Authenticator, PermissionDenied, allowed_tenant,
     new_request_id, request_id, server_credentials,
 )

@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from kvstore import codec
-from kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
-from kvstore.prefix import chunk_keys, longest_chain
-from services.store_client import LookupReply, LayerSummary, PutReply, StoreClient
-from services.transport import DEFAULT_TENANT, Security
+from dkv.kvstore import codec
+from dkv.kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
+from dkv.kvstore.prefix import chunk_keys, longest_chain
+from dkv.services.store_client import LookupReply, LayerSummary, PutReply, StoreClient
+from dkv.services.transport import DEFAULT_TENANT, Security
 
 log = logging.getLogger("dkv.store.shards")
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

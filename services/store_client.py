@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvstore import codec
+from dkv.kvstore import codec
 import torch
 
-from kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
-from kvstore.errors import CorruptEntry
-from services.pb import store_pb2
-from services.transport import Security, call_metadata, open_channel
-from services.store_server import SERVICE
-from services.wire import frame_message, parse_frame_message, recipe_to_proto, tensor_from_proto
+from dkv.kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
+from dkv.kvstore.errors import CorruptEntry
+from dkv.services.pb import store_pb2
+from dkv.services.transport import Security, call_metadata, open_channel
+from dkv.services.store_server import SERVICE
+from dkv.services.wire import frame_message, parse_frame_message, recipe_to_proto, tensor_from_proto
 
 log = logging.getLogger("dkv.store.client")
 MISS_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS)

@@ -13,20 +13,20 @@ import logging
 import grpc
 import torch
 
-from kvstore.codec import FrameAssembler
-from kvstore.entry import EntryKey
-from kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry, KVStoreError, TierUnavailable
-from kvstore.memory_tier import MemoryTier
-from kvstore.policy import make_policy
-from kvstore.redis_tier import RedisTier
-from kvstore.shrink import ShrinkRule
-from kvstore.store import TieredStore, TierSpec
-from services.pb import store_pb2, store_pb2_grpc
-from services.server import GRPC_OPTIONS, GrpcServer, abort_with, serve_until_signal
-from services.metrics import StoreCollector
-from services.settings import StoreSettings
-from services.transport import tenant_for
-from services.wire import frame_message, parse_frame_message, recipe_from_proto, tensor_to_proto
+from dkv.kvstore.codec import FrameAssembler
+from dkv.kvstore.entry import EntryKey
+from dkv.kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry, KVStoreError, TierUnavailable
+from dkv.kvstore.memory_tier import MemoryTier
+from dkv.kvstore.policy import make_policy
+from dkv.kvstore.redis_tier import RedisTier
+from dkv.kvstore.shrink import ShrinkRule
+from dkv.kvstore.store import TieredStore, TierSpec
+from dkv.services.pb import store_pb2, store_pb2_grpc
+from dkv.services.server import GRPC_OPTIONS, GrpcServer, abort_with, serve_until_signal
+from dkv.services.metrics import StoreCollector
+from dkv.services.settings import StoreSettings
+from dkv.services.transport import tenant_for
+from dkv.services.wire import frame_message, parse_frame_message, recipe_from_proto, tensor_to_proto
 
 log = logging.getLogger("dkv.store.server")
 

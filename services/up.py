@@ -20,15 +20,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvstore.redis_server import RedisServer, free_port, redis_server_available
+from dkv.kvstore.redis_server import RedisServer, free_port, redis_server_available
 
 log = logging.getLogger("dkv.up")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -85,7 +83,7 @@ class Cluster:
         else:
             log.warning("redis-server %s: the store runs without its Redis tier",
                         "disabled" if not o.redis else "not found on PATH (apt-get install redis-server)")
-        from workers.model import prepare_model
+        from dkv.workers.model import prepare_model
 
         prepare_model(o.model)  # convert once here, not in every worker at the same time
         ports = {name: free_port() for name in ("store", "prefill", "decode")}
@@ -110,14 +108,13 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self._args[name] = args
-        env = {**os.environ, **self.options.extra_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {**os.environ, **self.options.extra_env}
         if self.options.token:
             env[f"DKV_{name.upper()}_AUTH_TOKEN"] = self.options.token
         if self.options.metrics:
             self.metrics.setdefault(name, f"{self.options.host}:{free_port()}")
             args = [*args, "--metrics-port", self.metrics[name].rsplit(":", 1)[1]]
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--host", self.options.host], cwd=ROOT,
-                                env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "dkv", *args, "--host", self.options.host], env=env)
         self.processes = [(n, p) for n, p in self.processes if n != name] + [(name, proc)]
         log.info("started %s (pid %d) on %s%s", name, proc.pid, self.addresses[name],
                  f", metrics at http://{self.metrics[name]}/metrics" if name in self.metrics else "")
@@ -180,13 +177,13 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
     """The gateway in this process, over Ray actor pools, until SIGTERM or SIGINT."""
     import ray
 
-    from services.gateway_server import GatewayServer
-    from services.ray_pool import RayBackend, RoundRobin, start_pools
-    from services.server import serve_until_signal
-    from services.settings import GatewaySettings
-    from services.transport import Security
-    from workers.gateway import Gateway, Router, Worker
-    from workers.model import load_tokenizer
+    from dkv.services.gateway_server import GatewayServer
+    from dkv.services.ray_pool import RayBackend, RoundRobin, start_pools
+    from dkv.services.server import serve_until_signal
+    from dkv.services.settings import GatewaySettings
+    from dkv.services.transport import Security
+    from dkv.workers.gateway import Gateway, Router, Worker
+    from dkv.workers.model import load_tokenizer
 
     o = cluster.options
     ray.init(address=None if o.ray == "local" else o.ray, include_dashboard=False, log_to_driver=True,

@@ -11,10 +11,10 @@ import numpy as np
 
 import torch
 
-from kvstore.codec import DTYPE_NAMES, DTYPES
-from kvstore.entry import Recipe
-from kvstore.errors import InvalidEntry
-from services.pb import common_pb2, store_pb2
+from dkv.kvstore.codec import DTYPE_NAMES, DTYPES
+from dkv.kvstore.entry import Recipe
+from dkv.kvstore.errors import InvalidEntry
+from dkv.services.pb import common_pb2, store_pb2
 
 _FRAME_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
 

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from in_process import InProcessServer  # noqa: E402
-from kvstore.redis_server import RedisServer, redis_server_available  # noqa: E402
+from dkv.kvstore.redis_server import RedisServer, redis_server_available  # noqa: E402
 
 _SKIP_REASON = "redis-server not on PATH: apt-get install -y redis-server (make test installs it)"
 
@@ -66,8 +66,8 @@ def fresh_redis():
 @pytest.fixture
 def store_service():
     """Factory: ``store_service(settings=None, store=None)`` starts a store server on loopback."""
-    from services.settings import StoreSettings
-    from services.store_server import StoreServer
+    from dkv.services.settings import StoreSettings
+    from dkv.services.store_server import StoreServer
 
     started = []
 

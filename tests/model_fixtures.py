@@ -12,6 +12,6 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` for SmolLM2-135M-Instruct, float32 on CPU; shared, so do not modify it."""
-    from workers.model import load_model
+    from dkv.workers.model import load_model
 
     return load_model("smollm2-135m")

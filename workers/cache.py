@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvstore.entry import CompressedKV
+from dkv.kvstore.entry import CompressedKV
 
 ATTN_IMPLEMENTATION = "dkv"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from workers.cache import DkvCache
+from dkv.workers.cache import DkvCache
 
 COLSUM_BLOCK = 256
 
@@ -72,7 +72,7 @@ class _Recorder:
     def _hook(self, module, args, kwargs, output) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cos, sin = kwargs["position_embeddings"]
-        cache_layer = kwargs["past_key_values"].layers[module.layer_idx]
+        cache_layer = kwargs["cache"].layers[module.layer_idx]
         keys = cache_layer.keys  # [1, H_kv, T, D], including this pass's tokens
         valid = getattr(cache_layer, "valid", None)
         n = hidden.shape[1]
@@ -128,13 +128,13 @@ def prefill(model, input_ids: torch.Tensor, window: int = 0, colsum: bool = Fals
     start = past.get_seq_length() if past is not None else 0
     n = input_ids.shape[1]
     try:
-        out = model(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1,
+        out = model(input_ids=input_ids, cache=past, use_cache=True, logits_to_keep=1,
                     position_ids=torch.arange(start, start + n).unsqueeze(0))
     finally:
         recorder.close()
     cfg = model.config
     layers = []
-    for i, layer in enumerate(out.past_key_values.layers):
+    for i, layer in enumerate(out.cache.layers):
         t = layer.keys.shape[2]
         positions = getattr(layer, "positions", None)
         if positions is None:
@@ -145,4 +145,4 @@ def prefill(model, input_ids: torch.Tensor, window: int = 0, colsum: bool = Fals
         ))
     return Capture(layers=layers, num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
                    head_dim=layers[0].keys.shape[-1], start=start, seq_len=start + n,
-                   last_logits=out.logits[0, -1].float(), cache=out.past_key_values)
+                   last_logits=out.logits[0, -1].float(), cache=out.cache)

@@ -23,11 +23,11 @@ from typing import ClassVar
 
 import torch
 
-from kvstore import quant as kvquant
-from kvstore.entry import CompressedKV, Identity, LayerKV, Recipe, make_layer, quantize_layer
-from kvstore.prefix import chain_hashes
-from workers.cache import DkvCache, DkvLayer
-from workers.capture import Capture, LayerCapture, prefill
+from dkv.kvstore import quant as kvquant
+from dkv.kvstore.entry import CompressedKV, Identity, LayerKV, Recipe, make_layer, quantize_layer
+from dkv.kvstore.prefix import chain_hashes
+from dkv.workers.cache import DkvCache, DkvLayer
+from dkv.workers.capture import Capture, LayerCapture, prefill
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -198,7 +198,7 @@ def _recipe(method, ratio, budget, quant, merge, chunk_size, params) -> Recipe:
 
 def _past_cache(entries: list[CompressedKV], model) -> DkvCache:
     """One DkvCache holding the chunk entries ``entries`` back to back."""
-    from workers.cache import to_hf_cache
+    from dkv.workers.cache import to_hf_cache
 
     dtype = next(model.parameters()).dtype
     caches = [to_hf_cache(e, dtype=dtype) for e in entries]
@@ -222,7 +222,7 @@ def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: 
     fingerprint = getattr(model, "dkv_fingerprint", None)
     if fingerprint is None:
         raise ValueError("the model has no fingerprint: load it with workers.model.load_model, or call "
-                         "workers.model.model_fingerprint(model, tokenizer) once before compressing")
+                         "dkv.workers.model.model_fingerprint(model, tokenizer) once before compressing")
     method = make_method(recipe.method, **{k: v for k, v in recipe.params if k != "merge"})
     start = past.get_seq_length() if past is not None else 0
     new_ids = ids[:, start:]
@@ -246,7 +246,7 @@ def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: 
         keys = cap.keys[:, new]
         values = cap.values[:, new]
         if merge and keep < n:
-            from workers.merge import d2o_merge
+            from dkv.workers.merge import d2o_merge
 
             keys, values, tau = d2o_merge(keys, values, idx, tau)
         head_keys = [keys[h, idx[h]] for h in range(len(idx))]
@@ -281,4 +281,4 @@ def _attention_mass(cap: LayerCapture, num_kv_heads: int) -> torch.Tensor | None
     return None
 
 
-from workers import methods as _methods  # noqa: E402,F401  registers the methods
+from dkv.workers import methods as _methods  # noqa: E402,F401  registers the methods

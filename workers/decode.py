@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.sparse_attention import sparse_decode_attention
-from kvstore.entry import CompressedKV, page_counts
-from workers.cache import ATTN_IMPLEMENTATION, DkvCache, DkvLayer, to_hf_cache
-from workers.model import model_info
-from workers.paged import FetchStats, PageCache, RemoteEntry, paged_cache
-from workers.selection import Selection, SelectionCache, SlotView, make_selection
+from dkv.kernels.sparse_attention import sparse_decode_attention
+from dkv.kvstore.entry import CompressedKV, page_counts
+from dkv.workers.cache import ATTN_IMPLEMENTATION, DkvCache, DkvLayer, to_hf_cache
+from dkv.workers.model import model_info
+from dkv.workers.paged import FetchStats, PageCache, RemoteEntry, paged_cache
+from dkv.workers.selection import Selection, SelectionCache, SlotView, make_selection
 
 
 @dataclass
@@ -220,7 +220,7 @@ def _tokens(model, tokenizer, dkv: DkvCache, selected: list[float], query_ids, m
     stop = stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     started = time.perf_counter()
-    logits = model(input_ids=query_ids, past_key_values=dkv, use_cache=True, logits_to_keep=1).logits[0, -1]
+    logits = model(input_ids=query_ids, cache=dkv, use_cache=True, logits_to_keep=1).logits[0, -1]
     stats.query_seconds = time.perf_counter() - started
     on_step()
     for produced in range(1, max_new_tokens + 1):
@@ -230,7 +230,7 @@ def _tokens(model, tokenizer, dkv: DkvCache, selected: list[float], query_ids, m
             return
         step = time.perf_counter()
         selected.clear()
-        logits = model(input_ids=torch.tensor([[token]], device=query_ids.device), past_key_values=dkv,
+        logits = model(input_ids=torch.tensor([[token]], device=query_ids.device), cache=dkv,
                        use_cache=True).logits[0, -1]
         stats.seconds_per_token.append(time.perf_counter() - step)
         stats.selected_per_step.append(sum(selected) / max(len(selected), 1))

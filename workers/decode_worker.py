@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.entry import CompressedKV, EntryKey, Identity, Recipe, make_layer
-from kvstore.errors import EntryNotFound
-from workers.decode import DecodeStats, generate_remote, stream
-from workers.model import model_info
-from workers.paged import EntryLost, FetchStats
-from workers.selection import SELECTIONS
+from dkv.kvstore.entry import CompressedKV, EntryKey, Identity, Recipe, make_layer
+from dkv.kvstore.errors import EntryNotFound
+from dkv.workers.decode import DecodeStats, generate_remote, stream
+from dkv.workers.model import model_info
+from dkv.workers.paged import EntryLost, FetchStats
+from dkv.workers.selection import SELECTIONS
 
 log = logging.getLogger("dkv.decode")
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
+from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
 
 DEFAULT_RECIPE = dict(method="snapkv", ratio=0.5, chunk_size=256, chunked=True, quant="none")
 
@@ -82,7 +82,7 @@ class Gateway:
             query = encode(request.query_text) if query_kind == "query_text" else list(request.query_ids.ids)
         if not context or not query:
             raise ValueError("the context and the query must each have at least one token")
-        from workers.decode_worker import check_decoding  # refuse before prefilling: a refused request stores nothing
+        from dkv.workers.decode_worker import check_decoding  # refuse before prefilling: a refused request stores nothing
 
         check_decoding(request.selection or "dense", request.budget_fraction, 0.0, request.temperature,
                        request.top_p or 1.0)

@@ -29,8 +29,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from workers.capture import Capture, LayerCapture
-from workers.compression import Method, group_heads, register
+from dkv.workers.capture import Capture, LayerCapture
+from dkv.workers.compression import Method, group_heads, register
 
 INF = float("inf")
 

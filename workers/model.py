@@ -32,7 +32,7 @@ import torch
 # Never reach a model hub, whatever else the process does (set before transformers is imported).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from workers.cache import ATTN_IMPLEMENTATION  # noqa: E402  registers the "dkv" attention
+from dkv.workers.cache import ATTN_IMPLEMENTATION  # noqa: E402  registers the "dkv" attention
 
 logger = logging.getLogger("dkv.model")
 

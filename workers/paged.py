@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.page_scores import page_scores
-from kernels.sparse_attention import sparse_decode_attention
-from workers.cache import DkvCache, DkvLayer, _causal_tail
+from dkv.kernels.page_scores import page_scores
+from dkv.kernels.sparse_attention import sparse_decode_attention
+from dkv.workers.cache import DkvCache, DkvLayer, _causal_tail
 
 
 class EntryLost(RuntimeError):

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.entry import CompressedKV, Recipe
-from services.store_client import StoreClient
-from workers.compression import compress, compress_chunks, make_method
-from workers.model import model_info
+from dkv.kvstore.entry import CompressedKV, Recipe
+from dkv.services.store_client import StoreClient
+from dkv.workers.compression import compress, compress_chunks, make_method
+from dkv.workers.model import model_info
 
 log = logging.getLogger("dkv.prefill")
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from kernels.page_scores import page_scores
+from dkv.kernels.page_scores import page_scores
 
 SELECTIONS: dict[str, type["Selection"]] = {}
 

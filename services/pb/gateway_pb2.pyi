@@ -1,6 +1,6 @@
-from services.pb import common_pb2 as _common_pb2
-from services.pb import decode_pb2 as _decode_pb2
-from services.pb import prefill_pb2 as _prefill_pb2
+from dkv.services.pb import common_pb2 as _common_pb2
+from dkv.services.pb import decode_pb2 as _decode_pb2
+from dkv.services.pb import prefill_pb2 as _prefill_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

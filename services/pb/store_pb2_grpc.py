@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from services.pb import store_pb2 as dkv_dot_v1_dot_store__pb2
+from dkv.services.pb import store_pb2 as dkv_dot_v1_dot_store__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from bench import quality
-from bench.quality_tasks import PASSKEY_PLAN, build_tasks
+from dkv.bench import quality
+from dkv.bench.quality_tasks import PASSKEY_PLAN, build_tasks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -14,24 +14,24 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvstore import codec
-from kvstore.redis_server import free_port
-from kvstore.synthetic import synthetic_entry
-from services.pb import store_pb2
-from services.store_client import StoreClient
+from dkv.kvstore import codec
+from dkv.kvstore.redis_server import free_port
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.pb import store_pb2
+from dkv.services.store_client import StoreClient
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
 
 def dkv(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dkv", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=60, **kw)
 
 
 def start_store(*args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "store", "serve", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "dkv", "store", "serve", "--port", str(port), *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"127.0.0.1:{port}"
     with StoreClient(address) as client:

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from in_process import InProcessServer
-from kvstore.entry import Recipe
-from services.decode_server import DecodeServer
-from services.pb import decode_pb2, decode_pb2_grpc
-from services.prefill_client import PrefillClient
-from services.prefill_server import PrefillServer
-from services.settings import DecodeSettings, PrefillSettings
-from services.store_client import StoreClient
-from services.wire import recipe_to_proto
-from workers.decode_worker import DecodeWorker
-from workers.prefill import PrefillWorker
+from dkv.kvstore.entry import Recipe
+from dkv.services.decode_server import DecodeServer
+from dkv.services.pb import decode_pb2, decode_pb2_grpc
+from dkv.services.prefill_client import PrefillClient
+from dkv.services.prefill_server import PrefillServer
+from dkv.services.settings import DecodeSettings, PrefillSettings
+from dkv.services.store_client import StoreClient
+from dkv.services.wire import recipe_to_proto
+from dkv.workers.decode_worker import DecodeWorker
+from dkv.workers.prefill import PrefillWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.compression import compress
-from workers.decode import DecodeStats, generate
+from dkv.workers.compression import compress
+from dkv.workers.decode import DecodeStats, generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -15,9 +15,9 @@ import grpc
 import pytest
 import torch
 
-from kvstore.entry import Recipe
-from kvstore.redis_server import free_port
-from services.client import DkvClient
+from dkv.kvstore.entry import Recipe
+from dkv.kvstore.redis_server import free_port
+from dkv.services.client import DkvClient
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -30,7 +30,7 @@ DOCUMENT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Th
 @pytest.fixture(scope="module")
 def system():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port", str(port), "--token", TOKEN,
+    proc = subprocess.Popen([sys.executable, "-m", "dkv", "up", "--port", str(port), "--token", TOKEN,
                              "--metrics"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

@@ -1,7 +1,7 @@
 """The locust load test (``loadtest/``): its gRPC interceptor, and a 30-second smoke of ``make loadtest``.
 
 The interceptor tests run a store server in this process and check what would be reported to
-locust for each kind of call. The smoke runs ``python -m loadtest.run`` (``dkv up`` on free
+locust for each kind of call. The smoke runs ``python -m dkv.loadtest.run`` (``dkv up`` on free
 loopback ports, then locust headless, mixed scenario) as a subprocess and reads its CSV.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvstore import codec
-from kvstore.synthetic import synthetic_entry
-from loadtest.grpc_locust import LocustInterceptor, intercepted, store_outcome
-from services.store_client import StoreClient
+from dkv.kvstore import codec
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.loadtest.grpc_locust import LocustInterceptor, intercepted, store_outcome
+from dkv.services.store_client import StoreClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_interceptor_reports_failures(recorded_store):
 
 def test_interceptor_reports_unreachable_server():
     recorder = Recorder()
-    from kvstore.redis_server import free_port
+    from dkv.kvstore.redis_server import free_port
 
     with intercepted(LocustInterceptor(recorder.fire, store_outcome)):
         client = StoreClient(f"127.0.0.1:{free_port()}", timeout_s=2)
@@ -96,7 +96,7 @@ def test_interceptor_reports_unreachable_server():
 
 
 def test_summary_fails_on_failures_and_slow_p99():
-    from loadtest.summary import format_summary, problems
+    from dkv.loadtest.summary import format_summary, problems
 
     row = dict(type="grpc", requests=10, failures=0, rps=1.0, p50_ms=5.0, p95_ms=9.0, p99_ms=12.0, max_ms=12.0,
                avg_bytes=100.0)
@@ -126,7 +126,7 @@ def test_loadtest_smoke(tmp_path):
     worker (they were once dropped between Put and Get; see docs/benchmarks.md, "Load test").
     """
     out = tmp_path / "loadtest"
-    cmd = [sys.executable, "-m", "loadtest.run", "--time", "30s", "--users", "3", "--scenario", "mixed",
+    cmd = [sys.executable, "-m", "dkv.loadtest.run", "--time", "30s", "--users", "3", "--scenario", "mixed",
            "--p99-ms", "300000", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840)
     tail = (proc.stdout + proc.stderr)[-6000:]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.compression import METHODS, compress
+from dkv.workers.compression import METHODS, compress
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from workers.model import load_model
+    from dkv.workers.model import load_model
 
     return load_model("smollm2-135m")
 
@@ -81,7 +81,7 @@ def passkey(smollm2):
 
 def _answer(smollm2, ids, entry=None) -> tuple[torch.Tensor, str]:
     model, tok = smollm2
-    kwargs = {} if entry is None else {"past_key_values": entry.to_hf_cache()}
+    kwargs = {} if entry is None else {"cache": entry.to_hf_cache()}
     out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)[0, ids.shape[1]:]
     return out, tok.decode(out, skip_special_tokens=True)
 

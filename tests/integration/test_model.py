@@ -1,4 +1,4 @@
-"""workers.model against the real SmolLM2-135M-Instruct GGUF (no network, nothing downloaded).
+"""dkv.workers.model against the real SmolLM2-135M-Instruct GGUF (no network, nothing downloaded).
 
 The GGUF is converted exactly once in this module, into a temporary cache that every test here
 shares (``converted``); the conversion test then loads that cache again and compares.
@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from workers.model import (
+from dkv.workers.model import (
     MODELS,
     _source_matches,
     load_model,

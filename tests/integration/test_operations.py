@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvstore.redis_server import free_port
-from kvstore.synthetic import synthetic_entry
-from services.logs import JsonFormatter, RequestIdFilter
-from services.settings import StoreSettings
-from services.store_client import StoreClient
-from services.transport import Security, open_channel
+from dkv.kvstore.redis_server import free_port
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.logs import JsonFormatter, RequestIdFilter
+from dkv.services.settings import StoreSettings
+from dkv.services.store_client import StoreClient
+from dkv.services.transport import Security, open_channel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -183,7 +183,7 @@ def test_logs_are_json_lines_with_the_request_id(store_service, caplog):
 
 
 def test_bad_security_settings_say_what_to_fix(tmp_path):
-    from services.settings import SettingsError
+    from dkv.services.settings import SettingsError
 
     with pytest.raises(SettingsError, match="tls_cert and tls_key go together"):
         StoreSettings(tls_cert=str(tmp_path / "a.pem"))

@@ -6,12 +6,12 @@ import grpc
 import pytest
 import torch
 
-from kvstore.entry import page_counts, page_of_rows
-from kvstore.synthetic import synthetic_entry
-from services.store_client import StoreClient
-from workers.compression import compress
-from workers.decode import DecodeStats, generate_remote
-from workers.paged import EntryLost, FetchStats, PageCache
+from dkv.kvstore.entry import page_counts, page_of_rows
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.store_client import StoreClient
+from dkv.workers.compression import compress
+from dkv.workers.decode import DecodeStats, generate_remote
+from dkv.workers.paged import EntryLost, FetchStats, PageCache
 
 pytestmark = pytest.mark.timeout(600)
 

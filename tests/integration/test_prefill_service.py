@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from in_process import InProcessServer
-from kvstore.entry import Recipe
-from services.pb import prefill_pb2, prefill_pb2_grpc
-from services.prefill_server import PrefillServer
-from services.settings import PrefillSettings
-from services.store_client import StoreClient
-from services.wire import recipe_to_proto
-from workers.prefill import PrefillWorker
+from dkv.kvstore.entry import Recipe
+from dkv.services.pb import prefill_pb2, prefill_pb2_grpc
+from dkv.services.prefill_server import PrefillServer
+from dkv.services.settings import PrefillSettings
+from dkv.services.store_client import StoreClient
+from dkv.services.wire import recipe_to_proto
+from dkv.workers.prefill import PrefillWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -54,7 +54,7 @@ def test_full_recipe_entry_continues_like_plain_generation(services):
     question = tokenizer("\nWhat did the committee discuss?", add_special_tokens=False).input_ids
     full = torch.tensor([ids + question])
     plain = model.generate(full, max_new_tokens=12, do_sample=False)
-    cached = model.generate(full, past_key_values=entry.to_hf_cache(), max_new_tokens=12, do_sample=False)
+    cached = model.generate(full, cache=entry.to_hf_cache(), max_new_tokens=12, do_sample=False)
     assert cached[0].tolist() == plain[0].tolist()
     again = call(stub, Recipe(method="full"), text=TEXT)  # an exact hit: nothing prefilled
     assert (again.cached_tokens, again.prefilled_tokens, list(again.keys)) == (len(ids), 0, list(reply.keys))

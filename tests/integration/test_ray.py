@@ -8,11 +8,11 @@ import pytest
 import ray
 import torch
 
-from kvstore.entry import Recipe
-from services.pb import gateway_pb2
-from services.ray_pool import RayBackend, start_pools
-from services.wire import recipe_to_proto
-from workers.gateway import Gateway, Router, Worker
+from dkv.kvstore.entry import Recipe
+from dkv.services.pb import gateway_pb2
+from dkv.services.ray_pool import RayBackend, start_pools
+from dkv.services.wire import recipe_to_proto
+from dkv.workers.gateway import Gateway, Router, Worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -32,8 +32,8 @@ def pools(store_service_module):
 @pytest.fixture(scope="module")
 def store_service_module():
     from in_process import InProcessServer
-    from services.settings import StoreSettings
-    from services.store_server import StoreServer
+    from dkv.services.settings import StoreSettings
+    from dkv.services.store_server import StoreServer
 
     server = InProcessServer(StoreServer(StoreSettings(port=0, cpu_bytes=512 << 20)))
     yield server

@@ -9,13 +9,13 @@ import time
 import pytest
 import redis
 
-from kvstore import codec
-from kvstore.entry import EntryKey
-from kvstore.errors import TierUnavailable
-from kvstore.redis_server import RedisServer
-from kvstore.codec import MAX_FRAME_BYTES
-from kvstore.redis_tier import MAX_VALUE_BYTES, RedisTier
-from kvstore.synthetic import synthetic_entry
+from dkv.kvstore import codec
+from dkv.kvstore.entry import EntryKey
+from dkv.kvstore.errors import TierUnavailable
+from dkv.kvstore.redis_server import RedisServer
+from dkv.kvstore.codec import MAX_FRAME_BYTES
+from dkv.kvstore.redis_tier import MAX_VALUE_BYTES, RedisTier
+from dkv.kvstore.synthetic import synthetic_entry
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -237,7 +237,7 @@ def test_hung_redis_raises_within_socket_timeout(fresh_redis):
 
 
 def test_redis_never_started_raises_tier_unavailable():
-    from kvstore.redis_server import free_port
+    from dkv.kvstore.redis_server import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     tier = RedisTier("redis-none", CAP, url, socket_timeout_s=0.5)
@@ -349,8 +349,8 @@ def test_concurrent_mixed_ops_keep_index_counter_and_data_consistent(tier, redis
 def test_stores_sharing_a_redis_under_their_own_prefixes_see_only_their_own_entries(redis_url):
     """Store shards share one Redis, each under its own prefix (the chart sets dkv:<pod name>:): a
     store counts, recovers after a restart and evicts only its own entries."""
-    from services.settings import StoreSettings
-    from services.store_server import build_store
+    from dkv.services.settings import StoreSettings
+    from dkv.services.store_server import build_store
 
     def store(shard: str):
         return build_store(StoreSettings(cpu_bytes=0, redis_url=redis_url, redis_bytes=CAP, redis_prefix=f"dkv:{shard}:"))

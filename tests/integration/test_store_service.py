@@ -12,13 +12,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kvstore import codec
-from kvstore.entry import Recipe
-from kvstore.synthetic import synthetic_entry
-from services.pb import store_pb2
-from services.settings import StoreSettings
-from services.store_client import StoreClient
-from services.wire import _address
+from dkv.kvstore import codec
+from dkv.kvstore.entry import Recipe
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.pb import store_pb2
+from dkv.services.settings import StoreSettings
+from dkv.services.store_client import StoreClient
+from dkv.services.wire import _address
 
 pytestmark = pytest.mark.timeout(120)
 

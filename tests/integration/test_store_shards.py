@@ -7,12 +7,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from kvstore import codec
-from kvstore.entry import Recipe
-from kvstore.synthetic import synthetic_entry
-from services.shards import ShardedStoreClient, open_store, owner
-from services.store_client import StoreClient
-from workers.prefill import PrefillWorker
+from dkv.kvstore import codec
+from dkv.kvstore.entry import Recipe
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.shards import ShardedStoreClient, open_store, owner
+from dkv.services.store_client import StoreClient
+from dkv.workers.prefill import PrefillWorker
 
 pytestmark = pytest.mark.timeout(300)
 

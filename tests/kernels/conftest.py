@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import _common  # noqa: E402
+from dkv.kernels import _common  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

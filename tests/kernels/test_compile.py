@@ -12,19 +12,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from kernels import _common
+from dkv.kernels import _common
 
-ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent('''
     import importlib, inspect, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    sa, qa, ps = (importlib.import_module("kernels." + m) for m in ("sparse_attention", "quant_attention", "page_scores"))
+    sa, qa, ps = (importlib.import_module("dkv.kernels." + m) for m in ("sparse_attention", "quant_attention", "page_scores"))
 
     def build(kernel, types, consts, num_warps):
         names = list(inspect.signature(kernel.fn).parameters)
@@ -56,8 +54,7 @@ SCRIPT = textwrap.dedent('''
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=240)
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     if proc.returncode and last.startswith(("ImportError", "ModuleNotFoundError")):

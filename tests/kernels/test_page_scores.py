@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_cases import generator
-from kernels.page_scores import page_scores, top_pages
+from dkv.kernels.page_scores import page_scores, top_pages
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

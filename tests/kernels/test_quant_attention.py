@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kernel_cases import LSE_TOL, TOL, generator, selection
-from kernels.quant_attention import sparse_decode_attention_quant
-from kernels.sparse_attention import combine_partials, sparse_decode_attention
-from kvstore import quant
+from dkv.kernels.quant_attention import sparse_decode_attention_quant
+from dkv.kernels.sparse_attention import combine_partials, sparse_decode_attention
+from dkv.kvstore import quant
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

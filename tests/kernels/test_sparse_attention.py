@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kernel_cases import LSE_TOL, TOL, dense_attention, generator, selection
-from kernels import _common
-from kernels.sparse_attention import MAX_SPLITS, auto_num_splits, combine_partials, sparse_decode_attention
+from dkv.kernels import _common
+from dkv.kernels.sparse_attention import MAX_SPLITS, auto_num_splits, combine_partials, sparse_decode_attention
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

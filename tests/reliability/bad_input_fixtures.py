@@ -23,12 +23,12 @@ import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import strategies as st
 
-from kvstore import codec
-from kvstore.codec import FRAME_HEAD_BYTES, HEAD, KIND_DATA, KIND_HEADER, MAGIC
-from kvstore.entry import FORMAT_VERSION
-from kvstore.synthetic import synthetic_entry
-from services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, store_pb2
-from services.wire import frame_message
+from dkv.kvstore import codec
+from dkv.kvstore.codec import FRAME_HEAD_BYTES, HEAD, KIND_DATA, KIND_HEADER, MAGIC
+from dkv.kvstore.entry import FORMAT_VERSION
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, store_pb2
+from dkv.services.wire import frame_message
 
 SERVICE_TOKEN = "svc-token"
 TENANT_TOKENS = "acme=acme-token,beta=beta-token"

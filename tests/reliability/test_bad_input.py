@@ -46,22 +46,22 @@ from bad_input_fixtures import (
     temperatures, token_ids, uint32s, valid_recipes,
 )
 from in_process import InProcessServer
-from kvstore import codec
-from kvstore.codec import DTYPES, FRAME_HEAD_BYTES, FRAME_LIMIT, KIND_DATA, KIND_HEADER
-from kvstore.errors import InvalidEntry
-from kvstore.synthetic import synthetic_entry
-from services.decode_server import DecodeServer
-from services.gateway_server import GatewayServer
-from services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, store_pb2
-from services.prefill_client import PrefillClient
-from services.prefill_server import PrefillServer
-from services.settings import DecodeSettings, GatewaySettings, PrefillSettings, StoreSettings
-from services.store_client import StoreClient
-from services.store_server import StoreServer
-from services.transport import Security
-from services.wire import recipe_from_proto
-from workers.decode_worker import DecodeWorker
-from workers.prefill import PrefillWorker
+from dkv.kvstore import codec
+from dkv.kvstore.codec import DTYPES, FRAME_HEAD_BYTES, FRAME_LIMIT, KIND_DATA, KIND_HEADER
+from dkv.kvstore.errors import InvalidEntry
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.decode_server import DecodeServer
+from dkv.services.gateway_server import GatewayServer
+from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, store_pb2
+from dkv.services.prefill_client import PrefillClient
+from dkv.services.prefill_server import PrefillServer
+from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings, StoreSettings
+from dkv.services.store_client import StoreClient
+from dkv.services.store_server import StoreServer
+from dkv.services.transport import Security
+from dkv.services.wire import recipe_from_proto
+from dkv.workers.decode_worker import DecodeWorker
+from dkv.workers.prefill import PrefillWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -39,15 +39,15 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fault_proxy import FaultProxy
-from kvstore import codec
-from kvstore.redis_server import free_port
-from kvstore.synthetic import synthetic_entry
-from services.pb import store_pb2
-from services.settings import StoreSettings
-from services.store_client import StoreClient
-from services.store_server import SERVICE
-from services.transport import open_channel
-from services.wire import frame_message
+from dkv.kvstore import codec
+from dkv.kvstore.redis_server import free_port
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.pb import store_pb2
+from dkv.services.settings import StoreSettings
+from dkv.services.store_client import StoreClient
+from dkv.services.store_server import SERVICE
+from dkv.services.transport import open_channel
+from dkv.services.wire import frame_message
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -148,7 +148,7 @@ def health(address: str, timeout_s: float = 2.0):
 
 
 class StoreProcess:
-    """``python -m services.cli store serve --port P ARGS``, its log in ``log_path``."""
+    """``python -m dkv store serve --port P ARGS``, its log in ``log_path``."""
 
     def __init__(self, log_path: Path, *args: str):
         self.port = free_port()
@@ -161,7 +161,7 @@ class StoreProcess:
         """Start (again on the same port) and wait until health says SERVING."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "store", "serve", "--port", str(self.port),
+                [sys.executable, "-m", "dkv", "store", "serve", "--port", str(self.port),
                  "--log-format", "text", *self.args],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s

@@ -15,21 +15,21 @@ import pytest
 import torch
 
 from in_process import InProcessServer
-from kvstore.entry import Recipe
-from kvstore.shrink import ShrinkRule
-from kvstore.synthetic import synthetic_entry
-from services.client import DkvClient
-from services.decode_server import DecodeServer
-from services.gateway_server import GatewayServer
-from services.prefill_client import PrefillClient
-from services.prefill_server import PrefillServer
-from services.settings import DecodeSettings, GatewaySettings, PrefillSettings, StoreSettings
-from services.store_client import StoreClient
-from services.store_server import StoreServer, build_store
-from workers.compression import compress_chunks
-from workers.decode import generate
-from workers.decode_worker import DecodeWorker, merge_chunks
-from workers.prefill import PrefillWorker
+from dkv.kvstore.entry import Recipe
+from dkv.kvstore.shrink import ShrinkRule
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.client import DkvClient
+from dkv.services.decode_server import DecodeServer
+from dkv.services.gateway_server import GatewayServer
+from dkv.services.prefill_client import PrefillClient
+from dkv.services.prefill_server import PrefillServer
+from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings, StoreSettings
+from dkv.services.store_client import StoreClient
+from dkv.services.store_server import StoreServer, build_store
+from dkv.workers.compression import compress_chunks
+from dkv.workers.decode import generate
+from dkv.workers.decode_worker import DecodeWorker, merge_chunks
+from dkv.workers.prefill import PrefillWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 
@@ -182,7 +182,7 @@ def test_an_entry_of_another_model_is_never_used(cluster):
 
     worker = DecodeWorker(model, tokenizer, store_client)
     worker.model = OtherWeights()
-    from workers.decode_worker import DecodeJob
+    from dkv.workers.decode_worker import DecodeJob
 
     with pytest.raises(ValueError, match="was computed by model"):
         worker.check(DecodeJob(query_ids=[1, 2], keys=keys, max_new_tokens=1))

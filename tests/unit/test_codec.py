@@ -1,4 +1,4 @@
-"""kvstore.codec: entry <-> checksummed frames; exact round trips and detection of every defect."""
+"""dkv.kvstore.codec: entry <-> checksummed frames; exact round trips and detection of every defect."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore import codec
-from kvstore.entry import CompressedKV
-from kvstore.errors import CorruptEntry, EntryTooLarge, InvalidEntry
-from kvstore.synthetic import synthetic_entry
+from dkv.kvstore import codec
+from dkv.kvstore.entry import CompressedKV
+from dkv.kvstore.errors import CorruptEntry, EntryTooLarge, InvalidEntry
+from dkv.kvstore.synthetic import synthetic_entry
 
 SMALL_FRAME = 8192
 
@@ -82,7 +82,7 @@ def test_round_trip_odd_row_counts_and_empty_head():
     entry = _small()
     layer = entry.layers[0]
     n0 = int(layer.head_offsets[1])
-    from kvstore.entry import make_layer
+    from dkv.kvstore.entry import make_layer
 
     empty_head = make_layer(
         [layer.positions[:n0].long(), torch.empty(0, dtype=torch.long)],

@@ -1,4 +1,4 @@
-"""kvstore.entry: recipes, keys, identities, layer construction and entry validation."""
+"""dkv.kvstore.entry: recipes, keys, identities, layer construction and entry validation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from kvstore import quant
-from kvstore.entry import (
+from dkv.kvstore import quant
+from dkv.kvstore.entry import (
     CompressedKV,
     EntryKey,
     Identity,
@@ -24,8 +24,8 @@ from kvstore.entry import (
     quantize_layer,
     validate_entry,
 )
-from kvstore.errors import InvalidEntry
-from kvstore.synthetic import synthetic_entry
+from dkv.kvstore.errors import InvalidEntry
+from dkv.kvstore.synthetic import synthetic_entry
 
 # ---------------------------------------------------------------------------------------------
 # Recipe

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from helm_python import _native
 
-from services import settings as S
+from dkv.services import settings as S
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "dkv"

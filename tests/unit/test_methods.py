@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workers import methods as M
-from workers.capture import prefill
-from workers.compression import METHODS, compress, compress_chunks, group_heads, make_method
-from workers.merge import d2o_merge
+from dkv.workers import methods as M
+from dkv.workers.capture import prefill
+from dkv.workers.compression import METHODS, compress, compress_chunks, group_heads, make_method
+from dkv.workers.merge import d2o_merge
 
 N = 300  # context tokens: 0.75 keeps 75, above SnapKV's 64-token window
 VOCAB = 256
@@ -141,7 +141,7 @@ def test_method_matrix(model, ids, name, ratio, quant):
     assert_same_entry(entry, again)
 
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([[5, 17, 42]]), past_key_values=entry.to_hf_cache())
+        out = model(input_ids=torch.tensor([[5, 17, 42]]), cache=entry.to_hf_cache())
     assert out.logits.shape == (1, 3, VOCAB)
     assert bool(torch.isfinite(out.logits).all())
 

@@ -1,4 +1,4 @@
-"""kvstore.policy: ValuePolicy and LRUPolicy ranking, and victim selection."""
+"""dkv.kvstore.policy: ValuePolicy and LRUPolicy ranking, and victim selection."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from kvstore.entry import EntryKey
-from kvstore.policy import POLICIES, EntryStats, LRUPolicy, ValuePolicy, make_policy
+from dkv.kvstore.entry import EntryKey
+from dkv.kvstore.policy import POLICIES, EntryStats, LRUPolicy, ValuePolicy, make_policy
 
 NOW = 10_000.0
 

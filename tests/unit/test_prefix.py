@@ -1,4 +1,4 @@
-"""kvstore.prefix: chained chunk hashes and the longest-cached-prefix query."""
+"""dkv.kvstore.prefix: chained chunk hashes and the longest-cached-prefix query."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from kvstore.entry import EntryKey, Recipe
-from kvstore.errors import InvalidEntry
-from kvstore.prefix import DIGEST_BYTES, chain_hashes, longest_cached_prefix
+from dkv.kvstore.entry import EntryKey, Recipe
+from dkv.kvstore.errors import InvalidEntry
+from dkv.kvstore.prefix import DIGEST_BYTES, chain_hashes, longest_cached_prefix
 
 MODEL = "model-a"
 CHUNK = 8

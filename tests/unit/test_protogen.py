@@ -1,4 +1,4 @@
-"""services.protogen: the committed services/pb code is what proto/ generates, and --check notices drift."""
+"""dkv.services.protogen: the committed services/pb code is what proto/ generates, and --check notices drift."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from services import protogen
+from dkv.services import protogen
 
 
 def _digest(folder) -> dict[str, str]:
@@ -43,7 +43,7 @@ def test_generate_matches_committed_files(committed):
         assert (protogen.OUT_DIR / name).read_text() == text, name
     # imports point at services.pb, never at the proto package path
     assert "from dkv.v1 import" not in files["store_pb2.py"] + files["store_pb2_grpc.py"]
-    assert "from services.pb import common_pb2 as" in files["store_pb2.py"]
+    assert "from dkv.services.pb import common_pb2 as" in files["store_pb2.py"]
 
 
 def test_check_fails_when_a_proto_changes(committed, proto_copy, capsys):

@@ -1,11 +1,11 @@
-"""kvstore.quant: row-wise 2/4/8-bit packing with a bit width per row."""
+"""dkv.kvstore.quant: row-wise 2/4/8-bit packing with a bit width per row."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvstore import quant
+from dkv.kvstore import quant
 
 
 def _codes(bits: torch.Tensor, head_dim: int, seed: int = 0) -> torch.Tensor:

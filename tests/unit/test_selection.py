@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.selection import SelectionCache, SlotView, always_kept, make_selection, pack
+from dkv.workers.selection import SelectionCache, SlotView, always_kept, make_selection, pack
 
 H_KV, GROUPS, D, PAGE = 3, 3, 16, 8
 
@@ -101,7 +101,7 @@ def test_pages_selects_whole_pages_with_the_highest_bounds():
 def test_pages_bound_is_never_below_the_true_max_of_its_page():
     view = make_view()
     q = torch.randn(H_KV * GROUPS, D)
-    from kernels.page_scores import page_scores
+    from dkv.kernels.page_scores import page_scores
 
     bound = page_scores(q, view.page_min, view.page_max, view.num_pages)
     for h in range(H_KV):

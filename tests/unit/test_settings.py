@@ -1,4 +1,4 @@
-"""services.settings: sizes, precedence flag > env > YAML > default, and validation messages."""
+"""dkv.services.settings: sizes, precedence flag > env > YAML > default, and validation messages."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from services.settings import SettingsError, StoreSettings, add_arguments, describe, load, parse_size
+from dkv.services.settings import SettingsError, StoreSettings, add_arguments, describe, load, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [

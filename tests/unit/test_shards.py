@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from kvstore.entry import EntryKey
-from services.shards import owner, shard_addresses
+from dkv.kvstore.entry import EntryKey
+from dkv.services.shards import owner, shard_addresses
 
 KEYS = [EntryKey("default", "model", "recipe", f"{i:032x}") for i in range(3000)]
 SHARDS = [f"dkv-store-{i}.dkv-store-headless:50052" for i in range(3)]

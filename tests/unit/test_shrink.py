@@ -1,4 +1,4 @@
-"""kvstore.shrink: dropping tokens by stored score and requantizing, on the way to slower tiers."""
+"""dkv.kvstore.shrink: dropping tokens by stored score and requantizing, on the way to slower tiers."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from kvstore import codec
-from kvstore.entry import page_summaries
-from kvstore.shrink import ShrinkRule, drop_tokens, requantize
-from kvstore.synthetic import synthetic_entry
+from dkv.kvstore import codec
+from dkv.kvstore.entry import page_summaries
+from dkv.kvstore.shrink import ShrinkRule, drop_tokens, requantize
+from dkv.kvstore.synthetic import synthetic_entry
 
 
 def _entry(quant_scheme="none", **kw):

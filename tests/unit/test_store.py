@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore import codec
-from kvstore.entry import EntryKey, Recipe
-from kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry
-from kvstore.memory_tier import MemoryTier
-from kvstore.policy import LRUPolicy, ValuePolicy
-from kvstore.prefix import chain_hashes
-from kvstore.shrink import ShrinkRule
-from kvstore.store import TieredStore, TierSpec
-from kvstore.synthetic import synthetic_entry
+from dkv.kvstore import codec
+from dkv.kvstore.entry import EntryKey, Recipe
+from dkv.kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry
+from dkv.kvstore.memory_tier import MemoryTier
+from dkv.kvstore.policy import LRUPolicy, ValuePolicy
+from dkv.kvstore.prefix import chain_hashes
+from dkv.kvstore.shrink import ShrinkRule
+from dkv.kvstore.store import TieredStore, TierSpec
+from dkv.kvstore.synthetic import synthetic_entry
 
 
 class Clock:

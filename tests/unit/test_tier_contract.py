@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 
-from kvstore import codec
-from kvstore.entry import EntryKey
-from kvstore.memory_tier import MemoryTier
-from kvstore.synthetic import synthetic_entry
-from kvstore.tier import StorageTier
+from dkv.kvstore import codec
+from dkv.kvstore.entry import EntryKey
+from dkv.kvstore.memory_tier import MemoryTier
+from dkv.kvstore.synthetic import synthetic_entry
+from dkv.kvstore.tier import StorageTier
 
 CAPACITY = 1 << 30
 MiB = 1 << 20
@@ -26,7 +26,7 @@ def _make_tier(kind: str, request) -> StorageTier:
     if kind == "cpu":
         return MemoryTier("cpu", CAPACITY, device="cpu", pin=True)
     if kind == "redis":
-        from kvstore.redis_tier import RedisTier
+        from dkv.kvstore.redis_tier import RedisTier
 
         return RedisTier("redis", CAPACITY, request.getfixturevalue("redis_url"))
     raise AssertionError(kind)

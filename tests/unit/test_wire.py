@@ -1,4 +1,4 @@
-"""services.wire: hand-rolled Frame messages must be byte-compatible with protobuf."""
+"""dkv.services.wire: hand-rolled Frame messages must be byte-compatible with protobuf."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.entry import Recipe
-from kvstore.errors import InvalidEntry
-from services import wire
-from services.pb import common_pb2, store_pb2
+from dkv.kvstore.entry import Recipe
+from dkv.kvstore.errors import InvalidEntry
+from dkv.services import wire
+from dkv.services.pb import common_pb2, store_pb2
 
 
 def _varint(n: int) -> bytes:
