@@ -108,16 +108,21 @@ def _device_name(device: str) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-@torch.no_grad()
 def _teacher_forced(model, entry, continuation: list[int], first_logits: torch.Tensor, selection: str,
                     budget: int | None) -> tuple[float, list[int]]:
-    """Mean NLL of ``continuation`` and the argmax at each position, one decode step per token."""
-    from dkv.workers.decode import sparse_cache
+    """Mean NLL of ``continuation`` and the argmax at each position, one decode step per token (the
+    decode worker's batched decoder, fed the continuation instead of its own picks)."""
+    from dkv.workers.decode import generate
 
-    cache = sparse_cache(model, entry, selection, budget)
     rows = [first_logits]
-    for token in continuation[:-1]:
-        rows.append(model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1].float())
+    forced = iter(continuation[1:])
+
+    def feed(logits: torch.Tensor) -> int:
+        rows.append(logits.float())
+        return next(forced)
+
+    generate(model, None, entry, torch.tensor([continuation[:1]]), len(continuation) - 1, selection, budget,
+             stop_ids=set(), pick=feed)
     logits = torch.stack(rows)
     nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(continuation).unsqueeze(1)).squeeze(1)
     return float(nll.mean()), logits.argmax(-1).tolist()

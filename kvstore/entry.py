@@ -336,6 +336,15 @@ class CompressedKV:
     def replace(self, **changes) -> "CompressedKV":
         return dataclasses.replace(self, **changes)
 
+    def cast(self, dtype: torch.dtype) -> "CompressedKV":
+        """The entry with its dense K/V and page summaries in ``dtype`` (how the store keeps it);
+        quantized rows are left as they are. Rounding is monotonic, so page bounds still bound."""
+        layers = [dataclasses.replace(layer, page_min=layer.page_min.to(dtype), page_max=layer.page_max.to(dtype),
+                                      **({} if layer.quantized else
+                                         {"keys": layer.keys.to(dtype), "values": layer.values.to(dtype)}))
+                  for layer in self.layers]
+        return self.replace(layers=layers)
+
 
 def make_layer(
     positions: list[torch.Tensor],

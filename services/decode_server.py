@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
+import time
 
 import grpc
 
@@ -10,15 +13,17 @@ from dkv.kvstore.entry import EntryKey
 from dkv.kvstore.errors import EntryNotFound, InvalidEntry
 from dkv.services.pb import decode_pb2, decode_pb2_grpc
 from dkv.services.prefill_client import PrefillClient
-from dkv.services.server import GrpcServer, abort_with, iterate_in_thread, serve_until_signal
+from dkv.services.server import GrpcServer, abort_with, serve_until_signal
 from dkv.services.settings import DecodeSettings
 from dkv.services.shards import open_store
 from dkv.services.transport import Security, tenant_for
 from dkv.services.wire import recipe_from_proto
+from dkv.workers.engine import QueueFull
 
 log = logging.getLogger("dkv.decode.server")
 SERVICE = "dkv.v1.Decode"
 STATUS = {
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EntryNotFound: grpc.StatusCode.NOT_FOUND,
     InvalidEntry: grpc.StatusCode.INVALID_ARGUMENT,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -44,27 +49,34 @@ def decode_job(request: decode_pb2.DecodeRequest, tokenizer):
         selection=request.selection or "dense", budget=request.budget, budget_fraction=request.budget_fraction,
         selection_cache=request.selection_cache, paged=request.paged, max_new_tokens=request.max_new_tokens or 64,
         temperature=request.temperature, top_p=request.top_p or 1.0,
-        seed=request.seed if request.seed else None, tenant=request.tenant or "default")
+        seed=request.seed if request.seed else None, tenant=request.tenant or "default",
+        ignore_eos=request.ignore_eos)
+
+
+class Replies:
+    """The worker's results as ``DecodeResponse`` messages: a token with the text it completes, then the stats."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.produced, self.text = tokenizer, [], ""
+
+    def __call__(self, item) -> decode_pb2.DecodeResponse:
+        from dkv.workers.decode_worker import DecodeResult
+
+        if isinstance(item, DecodeResult):
+            return decode_pb2.DecodeResponse(stats=_stats(item, len(self.produced)))
+        self.produced.append(item)
+        full = self.tokenizer.decode(self.produced, skip_special_tokens=True)
+        piece = ""
+        if not full.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            piece, self.text = full[len(self.text):], full
+        return decode_pb2.DecodeResponse(token=decode_pb2.GeneratedToken(id=item, text=piece))
 
 
 def decode_responses(worker, request: decode_pb2.DecodeRequest):
-    """Run a request on ``worker``: a ``DecodeResponse`` per token (with the text it adds), then the stats."""
-    from dkv.workers.decode_worker import DecodeResult
-
-    job = decode_job(request, worker.tokenizer)
-    worker.check(job)
-    produced: list[int] = []
-    text = ""
-    for item in worker.run(job):
-        if isinstance(item, DecodeResult):
-            yield decode_pb2.DecodeResponse(stats=_stats(item, len(produced)))
-            return
-        produced.append(item)
-        full = worker.tokenizer.decode(produced, skip_special_tokens=True)
-        piece = ""
-        if not full.endswith("\ufffd"):  # wait until a multi-byte character is complete
-            piece, text = full[len(text):], full
-        yield decode_pb2.DecodeResponse(token=decode_pb2.GeneratedToken(id=item, text=piece))
+    """Run a request on ``worker``, blocking: its ``DecodeResponse`` messages (Ray actors use this)."""
+    replies = Replies(worker.tokenizer)
+    for item in worker.run(decode_job(request, worker.tokenizer)):
+        yield replies(item)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -73,23 +85,58 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.tokens = metrics.counter("dkv_decode_tokens", "Tokens generated.")
         self.speed = metrics.histogram("dkv_decode_tokens_per_second", "Decode speed of each request, after its "
                                        "first token.", (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+        self.inter_token = metrics.histogram(
+            "dkv_decode_inter_token_seconds", "Time between consecutive tokens of a stream (one batched step, "
+            "plus any streams joining in between).", (.005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        engine = worker.engine
+        metrics.gauge("dkv_decode_active_streams", "Streams decoding now (rows of the batch).", lambda: engine.active)
+        metrics.gauge("dkv_decode_queued_requests", "Requests admitted and waiting: being prepared (store reads, "
+                      "recompute) or waiting for a free row.", lambda: engine.queued)
 
-    async def Decode(self, request, context):
+    async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue = asyncio.Queue()
+
+        def sink(item) -> None:  # called from the model loop's thread
+            try:
+                loop.call_soon_threadsafe(results.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: the server stopped
+                pass
+
+        handle = None
         try:
             request.tenant = tenant_for(request.tenant)
             for key in request.keys:  # a tenant token reads only its tenant's entries
                 tenant_for(EntryKey.parse(key).tenant)
-            self.worker.check(decode_job(request, self.worker.tokenizer))  # refuse bad input before streaming
-            async for reply in iterate_in_thread(decode_responses(self.worker, request)):
-                if reply.HasField("token"):
-                    self.tokens.inc()
-                elif reply.stats.ms_per_token:
-                    self.speed.observe(1e3 / reply.stats.ms_per_token)
+            handle = await loop.run_in_executor(None, contextvars.copy_context().run, self._open, request, sink)
+            replies, last = Replies(self.worker.tokenizer), None
+            while True:
+                item = await results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                reply = await loop.run_in_executor(None, replies, item) if len(replies.produced) > 256 \
+                    else replies(item)  # long texts are re-decoded off the event loop
+                if reply.HasField("stats"):
+                    if reply.stats.ms_per_token:
+                        self.speed.observe(1e3 / reply.stats.ms_per_token)
+                    yield reply
+                    return
+                now = time.perf_counter()
+                if last is not None:
+                    self.inter_token.observe(now - last)
+                last = now
+                self.tokens.inc()
                 yield reply
         except grpc.RpcError as e:  # store or prefill failed: pass its status on
             await context.abort(e.code(), f"upstream: {e.details()}")
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             await abort_with(context, e, STATUS)
+        finally:
+            if handle is not None:  # the client went away, its deadline passed, or it finished: free the row
+                handle.cancel()
+
+    def _open(self, request: decode_pb2.DecodeRequest, sink):
+        return self.worker.open(decode_job(request, self.worker.tokenizer), sink)
 
 
 def _stats(result, new_tokens: int) -> decode_pb2.DecodeStats:
@@ -111,14 +158,16 @@ class DecodeServer(GrpcServer):
         super().__init__(settings)
         if worker is None:
             from dkv.workers.decode_worker import DecodeWorker
-            from dkv.workers.model import load_model
+            from dkv.workers.model import load_model, use_threads
 
+            use_threads(settings.threads)
             model, tokenizer = load_model(settings.model)
             security = Security.of(settings)
             prefill = PrefillClient(settings.prefill, settings.prefill_timeout_s, security).keys \
                 if settings.prefill else None
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=security)
-            worker = DecodeWorker(model, tokenizer, store, prefill, page_cache_bytes=settings.page_cache_bytes)
+            worker = DecodeWorker(model, tokenizer, store, prefill, page_cache_bytes=settings.page_cache_bytes,
+                                  max_active=settings.max_active_streams, max_queued=settings.max_queued_requests)
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:
@@ -132,6 +181,7 @@ class DecodeServer(GrpcServer):
         return f"decode (model {self.worker.model.dkv_fingerprint}, store {self.worker.store.address})"
 
     def close(self) -> None:
+        self.worker.close()
         self.worker.store.close()
 
 

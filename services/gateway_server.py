@@ -9,6 +9,7 @@ import grpc
 from dkv.services.pb import decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
 from dkv.services.server import GrpcServer, abort_with, serve_until_signal
 from dkv.services.settings import GatewaySettings
+from dkv.services.shards import open_store
 from dkv.services.transport import Security, call_metadata, open_channel, tenant_for
 
 log = logging.getLogger("dkv.gateway.server")
@@ -87,6 +88,7 @@ class GatewayServer(GrpcServer):
         super().__init__(settings)
         self.gateway = gateway
         self.backends = []
+        self.store = None
 
     async def start(self) -> int:
         if self.gateway is None:
@@ -103,8 +105,9 @@ class GatewayServer(GrpcServer):
         decoders = [GrpcBackend(None, address, s.timeout_s, security) for address in s.decode.split(",") if address]
         self.backends = [prefill, *decoders]
         tokenizer = load_tokenizer(s.model)
+        self.store = open_store(s.store, timeout_s=s.store_timeout_s, security=security) if s.store else None
         return Gateway(tokenizer, prefill, Router([Worker(a, b) for a, b in zip(s.decode.split(","), decoders)]),
-                       max_positions=s.max_positions)
+                       max_positions=s.max_positions, store=self.store)
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -117,7 +120,8 @@ class GatewayServer(GrpcServer):
         return f"gateway (prefill {self.settings.prefill}, decode {self.settings.decode})"
 
     def close(self) -> None:
-        pass
+        if self.store is not None:
+            self.store.close()
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
         await super().stop(grace_s, drain_delay_s)

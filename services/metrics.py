@@ -8,7 +8,9 @@ the gateway count tokens and time what their users wait for.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -33,6 +35,12 @@ class Metrics:
 
     def histogram(self, name: str, help: str, buckets, labels: tuple[str, ...] = ()) -> Histogram:
         return Histogram(name, help, labels, buckets=buckets, registry=self.registry)
+
+    def gauge(self, name: str, help: str, read: Callable[[], float]) -> Gauge:
+        """A gauge read at scrape time from ``read()``."""
+        gauge = Gauge(name, help, registry=self.registry)
+        gauge.set_function(read)
+        return gauge
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP; returns the port (``port`` 0 picks a free one)."""

@@ -73,12 +73,14 @@ class PrefillServer(GrpcServer):
     def __init__(self, settings: PrefillSettings, worker=None):
         super().__init__(settings)
         if worker is None:
-            from dkv.workers.model import load_model
+            from dkv.workers.model import load_model, use_threads
             from dkv.workers.prefill import PrefillWorker
 
+            use_threads(settings.threads)
             model, tokenizer = load_model(settings.model)
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
-            worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens)
+            worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens,
+                                   storage_dtype=settings.storage_dtype)
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:

@@ -46,7 +46,9 @@ class PrefillActor:
         return os.getpid()
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
+# a threaded actor: each call waits for its stream in its own thread while the worker's one model
+# loop decodes them all together (as many calls as the worker's default active + queued streams)
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16 + 64)
 class DecodeActor:
     def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle", security=None):
         from dkv.services.shards import open_store

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import inspect
 import logging
 import signal
@@ -253,31 +252,3 @@ def _short(message: str, limit: int = 1000) -> str:
     """A status message that fits gRPC's metadata limit (16 KiB) even when it quotes a huge value."""
     return message if len(message) <= limit else message[:limit] + f"... ({len(message) - limit} more characters)"
 
-
-async def iterate_in_thread(iterator):
-    """Run a blocking iterator in a worker thread; yield its items here as they come.
-
-    Exceptions raised by the iterator are re-raised here.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    def pump() -> None:
-        try:
-            for item in iterator:
-                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the event loop
-            loop.call_soon_threadsafe(queue.put_nowait, (done, e))
-            return
-        loop.call_soon_threadsafe(queue.put_nowait, (done, None))
-
-    task = loop.run_in_executor(None, contextvars.copy_context().run, pump)  # keeps the request id
-    while True:
-        item, error = await queue.get()
-        if item is done:
-            await task
-            if error is not None:
-                raise error
-            return
-        yield item

@@ -24,6 +24,9 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
           "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 
 
+STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
 class SettingsError(ValueError):
     """A setting has a value that is not allowed; the message says which and what to use."""
 
@@ -234,11 +237,18 @@ class PrefillSettings(ServerSettings):
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
     model: str = setting("smollm2-135m", "Model name (smollm2-135m) or a local model directory or .gguf file.")
     max_tokens: int = setting(0, "Longest context accepted; 0 = the model's maximum.")
+    threads: int = setting(0, "torch threads for the model; 0 = one per core (dkv up divides the cores among "
+                           "its workers).")
+    storage_dtype: str = setting("auto", "dtype of the K/V the store keeps for entries not quantized: float16, "
+                                 "bfloat16, float32, or auto (float16 for a float32 model, else the model's).",
+                                 choices=STORAGE_DTYPES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("max_tokens", self.max_tokens, 0, 1 << 24)
+        check_range("threads", self.threads, 0, 1024)
+        check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
 
 
 @dataclass
@@ -256,12 +266,21 @@ class DecodeSettings(ServerSettings):
     model: str = setting("smollm2-135m", "Model name (smollm2-135m) or a local model directory or .gguf file.")
     page_cache_bytes: int = setting(256 << 20, "Local page cache for paged decoding (device memory on a GPU).",
                                     kind="size")
+    threads: int = setting(0, "torch threads for the model loop; 0 = one per core (dkv up divides the cores "
+                           "among its workers).")
+    max_active_streams: int = setting(16, "Streams decoded together, one batched forward per step; more wait in "
+                                      "the queue.")
+    max_queued_requests: int = setting(64, "Requests that may wait for a free stream (or be reading the store) "
+                                       "beyond the active ones; more get RESOURCE_EXHAUSTED.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("prefill_timeout_s", self.prefill_timeout_s, 0.1, 3600)
         check_range("page_cache_bytes", self.page_cache_bytes, 1 << 20, 1 << 50)
+        check_range("threads", self.threads, 0, 1024)
+        check_range("max_active_streams", self.max_active_streams, 1, 4096)
+        check_range("max_queued_requests", self.max_queued_requests, 0, 1 << 20)
 
 
 @dataclass
@@ -277,10 +296,16 @@ class GatewaySettings(ServerSettings):
     model: str = setting("smollm2-135m", "Model whose tokenizer and chat template the gateway applies.")
     max_positions: int = setting(8192, "Longest context + query + new tokens accepted.")
     timeout_s: float = setting(600.0, "Deadline of each call to a worker, in seconds.")
+    store: str = setting("", "Address of the KV store (or its shards, comma-separated): a context it holds whole "
+                         "goes straight to decode (one Lookup, no Prefill call). Empty = every request goes through "
+                         "a prefill worker.")
+    store_timeout_s: float = setting(5.0, "Deadline of the gateway's store Lookup, in seconds; when it fails the "
+                                     "request goes through prefill.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.prefill or not self.decode:
             raise SettingsError("settings prefill and decode need worker addresses (host:port)")
+        check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("max_positions", self.max_positions, 1, 1 << 24)
         check_range("timeout_s", self.timeout_s, 0.1, 24 * 3600)

@@ -45,6 +45,19 @@ class UpOptions:
     decode_workers: int = 1
     token: str = ""  # every component requires this bearer token (and sends it to the others)
     metrics: bool = False  # serve /metrics of every component on a free port (``Cluster.metrics``)
+    prefill_threads: int = 0  # torch threads of the prefill worker; 0 = divided by worker_threads
+    decode_threads: int = 0
+
+
+def worker_threads(options: UpOptions) -> tuple[int, int]:
+    """(prefill, decode) torch threads: what the options say, else this machine's cores divided.
+
+    The decode loop runs whenever a stream is active, so it gets every core; prefill runs in bursts
+    (a miss), mostly while decode waits for it, so it gets every core too but leaves one to the
+    decode loop where there are more than two: on two cores the two overlap only while a miss is
+    prefilled beside running streams."""
+    cores = len(os.sched_getaffinity(0))
+    return (options.prefill_threads or (cores if cores <= 2 else cores - 1)), (options.decode_threads or cores)
 
 
 class Cluster:
@@ -95,12 +108,13 @@ class Cluster:
         if o.ray is not None:  # the workers and the gateway run in Ray and in this process instead
             self._wait_serving("store", time.monotonic() + o.ready_timeout_s)
             return
+        prefill_threads, decode_threads = worker_threads(o)
         self._spawn("prefill", ["prefill", "serve", "--port", str(ports["prefill"]), "--store", a["store"],
-                                "--model", o.model])
+                                "--model", o.model, "--threads", str(prefill_threads)])
         self._spawn("decode", ["decode", "serve", "--port", str(ports["decode"]), "--store", a["store"],
-                               "--prefill", a["prefill"], "--model", o.model])
+                               "--prefill", a["prefill"], "--model", o.model, "--threads", str(decode_threads)])
         self._spawn("gateway", ["gateway", "serve", "--port", str(ports["gateway"]), "--prefill", a["prefill"],
-                                "--decode", a["decode"], "--model", o.model])
+                                "--decode", a["decode"], "--model", o.model, "--store", a["store"]])
         deadline = time.monotonic() + o.ready_timeout_s
         for name, _ in self.processes:
             self._wait_serving(name, deadline)
@@ -109,6 +123,8 @@ class Cluster:
     def _spawn(self, name: str, args: list[str]) -> None:
         self._args[name] = args
         env = {**os.environ, **self.options.extra_env}
+        if name in ("store", "gateway"):  # no model there: torch's thread pools would only take cores from it
+            env.setdefault("OMP_NUM_THREADS", "1")
         if self.options.token:
             env[f"DKV_{name.upper()}_AUTH_TOKEN"] = self.options.token
         if self.options.metrics:

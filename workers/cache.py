@@ -105,6 +105,10 @@ def dkv_attention(module, query, key, value, attention_mask, scaling=None, dropo
 
     query ``[1, H_q, q, D]``, key/value ``[1, H_kv, T, D]``; returns ``[1, q, H_q, D]`` and None.
     """
+    batch = getattr(key, "dkv_batch", None)
+    if batch is not None:  # the rows of a continuous batch (workers.batch)
+        cache, layer_idx = batch
+        return cache.attend(layer_idx, query, key, value, scaling), None
     layer = getattr(key, "dkv_layer", None)
     q_len, t = query.shape[2], key.shape[2]
     if layer is not None and layer.sparse_attend is not None:

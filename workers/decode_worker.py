@@ -1,22 +1,30 @@
-"""The decode worker: resolve an entry, fall back to recompute on a miss, generate, report.
+"""The decode worker: resolve a request's entries, fall back to recompute on a miss, batch, report.
 
-``DecodeWorker.run`` is what the Decode gRPC service calls; it yields token ids as they come and
-then one ``DecodeResult``. One model decodes one request at a time (a lock).
+``DecodeWorker.open`` prepares a request in the caller's thread (checks it, takes a place in the
+engine's queue, finds its entries in the store: all chunks fetched at once, or recomputed
+through prefill when they are gone) and hands it to the worker's ``DecodeEngine``, whose one model
+loop decodes every stream together (``workers.engine``). Results reach the caller's ``sink`` as
+they come: each token id, then one ``DecodeResult``, or the exception that ended the request. The
+returned ``Handle`` cancels it (the stream leaves the batch at the next step). ``run`` is the same
+as a blocking iterator.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from dkv.kvstore.entry import CompressedKV, EntryKey, Identity, Recipe, make_layer
+from dkv.kvstore.entry import CompressedKV, EntryKey, Recipe
 from dkv.kvstore.errors import EntryNotFound
-from dkv.workers.decode import DecodeStats, generate_remote, stream
+from dkv.workers.decode import check_geometry, generate_remote, row_selection, stop_token_ids
+from dkv.workers.engine import DENSE_LAYERS, DecodeEngine, DecodeStats, Sampler, SoloStream, Stream
 from dkv.workers.model import model_info
 from dkv.workers.paged import EntryLost, FetchStats
 from dkv.workers.selection import SELECTIONS
@@ -40,6 +48,7 @@ class DecodeJob:
     top_p: float = 1.0
     seed: int | None = None
     tenant: str = "default"
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
 
 @dataclass
@@ -51,7 +60,10 @@ class DecodeResult:
     context_tokens: int
 
 
+FETCH_WINDOW = 8  # chunk entries read from the store side by side
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # below, logits / T overflow to inf
+
+Sink = Callable[["int | DecodeResult | BaseException"], None]
 
 
 def check_decoding(selection: str, budget_fraction: float, selection_cache: float, temperature: float,
@@ -70,14 +82,44 @@ def check_decoding(selection: str, budget_fraction: float, selection_cache: floa
         raise ValueError(f"top_p {top_p} must be in (0, 1]")
 
 
+class Handle:
+    """A request in the worker: ``cancel()`` ends it within one decode step (safe from any thread)."""
+
+    def __init__(self):
+        self._stream: Stream | SoloStream | None = None
+        self._lock = threading.Lock()
+        self.cancelled = False
+
+    def _attach(self, stream: Stream | SoloStream) -> None:
+        with self._lock:
+            self._stream = stream
+            if self.cancelled:
+                stream.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._stream is not None:
+                self._stream.cancel()
+
+
 class DecodeWorker:
-    def __init__(self, model, tokenizer, store, prefill=None, page_cache_bytes: int = 256 << 20):
+    def __init__(self, model, tokenizer, store, prefill=None, page_cache_bytes: int = 256 << 20,
+                 max_active: int = 16, max_queued: int = 64, dense_layers: int = DENSE_LAYERS):
         """``store``: a ``StoreClient``; ``prefill``: a callable ``(context_ids, recipe, tenant) -> keys``
-        used to recompute a missing entry (None: a miss is NOT_FOUND)."""
+        used to recompute a missing entry (None: a miss is NOT_FOUND). ``max_active`` streams decode
+        together; ``max_queued`` more may wait (RESOURCE_EXHAUSTED beyond)."""
         self.model, self.tokenizer, self.store, self.prefill = model, tokenizer, store, prefill
         self.info = model_info(model)
         self.page_cache_bytes = page_cache_bytes
-        self._lock = threading.Lock()
+        self.stop_ids = frozenset(stop_token_ids(model, tokenizer))
+        self.engine = DecodeEngine(model, max_active, max_queued, dense_layers)
+        # chunk fetches and the recompute of an entry lost mid-way: blocking I/O, never in the model loop
+        self._io = ThreadPoolExecutor(max_workers=FETCH_WINDOW, thread_name_prefix="dkv-decode-io")
+
+    def close(self) -> None:
+        self.engine.close()
+        self._io.shutdown(wait=False, cancel_futures=True)
 
     def check(self, job: DecodeJob) -> None:
         """Raise ``ValueError`` saying what is wrong (INVALID_ARGUMENT)."""
@@ -101,63 +143,131 @@ class DecodeWorker:
         if job.context_ids is not None and job.recipe is None:
             raise ValueError("a context needs its recipe")
 
-    def run(self, job: DecodeJob) -> Iterator[int | DecodeResult]:
-        """Yield the generated token ids, then one ``DecodeResult``.
-
-        A missing entry is recomputed through ``prefill`` when the job carries its context; if
-        it goes missing in the middle of a paged generation, the tokens already yielded are
-        generated again (the same, for the same entry and selection) and skipped.
-        """
+    def open(self, job: DecodeJob, sink: Sink) -> Handle:
+        """Prepare ``job`` (blocking: store reads, maybe a recompute) and start decoding it; results
+        go to ``sink`` (see the module docstring). Raises what makes the request fail before its
+        first token: ``ValueError``, ``QueueFull``, ``EntryNotFound``, gRPC errors of the store."""
         self.check(job)
-        started = time.perf_counter()
-        keys, prefilled = (list(job.keys), False) if job.keys else self._resolve(job)
-        sent = []
-        with self._lock:
-            for attempt in range(2):
-                stats, fetch = DecodeStats(), FetchStats()
-                try:
-                    tokens, context_tokens, fetch_ms = self._start(keys, job, stats, fetch, started)
-                    for i, token in enumerate(tokens):
-                        if i < len(sent):
-                            if token != sent[i]:
-                                log.warning("recomputed entry continued differently at token %d", i)
-                            continue
-                        sent.append(token)
-                        yield token
-                    break
-                except (EntryLost, EntryNotFound) as lost:
-                    if attempt or job.context_ids is None:
-                        raise EntryNotFound(f"{lost}; send the context and its recipe to have it recomputed") from lost
-                    log.info("entry missing (%s): recomputing it through prefill", lost)
-                    keys, prefilled = self.prefill(job.context_ids, job.recipe, job.tenant), True
-        yield DecodeResult(stats, fetch.tiers, fetch_ms, prefilled, context_tokens)
+        self.engine.admit()
+        handle = Handle()
+        try:
+            self._start(job, handle, sink, time.perf_counter())
+        except BaseException:
+            self.engine.release()
+            raise
+        return handle
 
-    def _start(self, keys: list[str], job: DecodeJob, stats: DecodeStats, fetch: FetchStats, started: float):
-        """(token iterator, context tokens, fetch ms) for the entries ``keys``."""
-        query = torch.tensor([job.query_ids])
-        if job.paged:
-            if len(keys) != 1:
-                raise ValueError("paged decoding reads one entry; this context has one entry per chunk")
-            tokens = generate_remote(self.model, self.tokenizer, self.store, keys[0], query, job.max_new_tokens,
-                                     job.budget, page_cache_bytes=self.page_cache_bytes, temperature=job.temperature,
-                                     top_p=job.top_p, seed=job.seed, stats=stats, fetch=fetch)
-            self._check_length(fetch.context_tokens, job)
-            return tokens, fetch.context_tokens, (time.perf_counter() - started) * 1e3
-        entries = []
-        for key in keys:
-            fetched = self.store.get_with_tier(key)
-            if fetched is None:
-                raise EntryNotFound(f"the store has no entry {key}")
-            entry, tier, nbytes = fetched
-            fetch.tiers[tier] = fetch.tiers.get(tier, 0) + nbytes
-            entries.append(entry)
-        entry = entries[0] if len(entries) == 1 else merge_chunks(entries)
-        self._check_length(entry.seq_len, job)
+    def run(self, job: DecodeJob) -> Iterator[int | DecodeResult]:
+        """``open`` as a blocking iterator: the token ids, then one ``DecodeResult``. Closing the
+        iterator early cancels the request."""
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        handle = self.open(job, results.put)
+        try:
+            while True:
+                item = results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, DecodeResult):
+                    return
+        finally:
+            handle.cancel()
+
+    # ------------------------------------------------------------------ preparation
+
+    def _start(self, job: DecodeJob, handle: Handle, sink: Sink, started: float, sent: list[int] | None = None,
+               recompute: bool = False) -> None:
+        """Resolve and fetch ``job``'s entries, then submit its stream. ``sent``: tokens already
+        handed out by an attempt that lost its entry (regenerated, checked and skipped)."""
+        keys, prefilled = (list(job.keys), False) if job.keys and not recompute else self._resolve(job, recompute)
+        fetch = FetchStats()
+        sent = sent if sent is not None else []
+        stats = DecodeStats()
+        for attempt in range(2):
+            try:
+                if job.paged:
+                    stream, context_tokens = self._paged_stream(job, keys, stats, fetch)
+                else:
+                    entries = self._fetch(keys, fetch)
+                    context_tokens = entries[-1].seq_len
+                    self._check_length(context_tokens, job)
+                    stream = self._stream(job, entries, stats)
+                break
+            except (EntryLost, EntryNotFound) as lost:
+                if attempt or job.context_ids is None or self.prefill is None:
+                    raise EntryNotFound(f"{lost}; send the context and its recipe to have it recomputed") from lost
+                log.info("entry missing (%s): recomputing it through prefill", lost)
+                keys, prefilled = self.prefill(job.context_ids, job.recipe, job.tenant), True
         fetch_ms = (time.perf_counter() - started) * 1e3
-        tokens = stream(self.model, self.tokenizer, entry, query, job.max_new_tokens, job.selection,
-                        job.budget or None, temperature=job.temperature, top_p=job.top_p, seed=job.seed,
-                        stats=stats, budget_fraction=job.budget_fraction, selection_cache=job.selection_cache)
-        return tokens, entry.seq_len, fetch_ms
+        produced = [0]
+
+        def on_token(token: int) -> None:
+            produced[0] += 1
+            if produced[0] <= len(sent):  # a retry regenerating what was already handed out
+                if token != sent[produced[0] - 1]:
+                    log.warning("recomputed entry continued differently at token %d", produced[0] - 1)
+                return
+            sent.append(token)
+            sink(token)
+
+        def on_end(error: BaseException | None) -> None:
+            if error is None:
+                sink(DecodeResult(stats, fetch.tiers, fetch_ms, prefilled, context_tokens))
+            elif isinstance(error, EntryLost) and not recompute and job.context_ids is not None and self.prefill:
+                log.info("entry lost while decoding (%s): recomputing it through prefill", error)
+                self._io.submit(self._retry, job, handle, sink, started, sent)
+            else:
+                sink(error)
+
+        stream.on_token, stream.on_end = on_token, on_end
+        handle._attach(stream)
+        self.engine.submit(stream)
+
+    def _retry(self, job: DecodeJob, handle: Handle, sink: Sink, started: float, sent: list[int]) -> None:
+        try:
+            self.engine.admit()
+            try:
+                self._start(job, handle, sink, started, sent, recompute=True)
+            except BaseException:
+                self.engine.release()
+                raise
+        except Exception as e:  # noqa: BLE001 - handed to the request
+            sink(e)
+
+    def _stream(self, job: DecodeJob, entries: list[CompressedKV], stats: DecodeStats) -> Stream:
+        first = entries[0]
+        check_geometry(self.model, first.num_layers, first.num_kv_heads, first.head_dim, str(first.key))
+        return Stream(entries, list(job.query_ids), job.max_new_tokens, on_token=_unset, on_end=_unset,
+                      pick=Sampler(job.temperature, job.top_p, job.seed),
+                      stop_ids=frozenset() if job.ignore_eos else self.stop_ids,
+                      selection=row_selection(job.selection, first.page_size, job.budget, job.budget_fraction,
+                                              job.selection_cache),
+                      stats=stats)
+
+    def _paged_stream(self, job: DecodeJob, keys: list[str], stats: DecodeStats,
+                      fetch: FetchStats) -> tuple[SoloStream, int]:
+        if len(keys) != 1:
+            raise ValueError("paged decoding reads one entry; this context has one entry per chunk")
+        tokens = generate_remote(self.model, self.tokenizer, self.store, keys[0], torch.tensor([job.query_ids]),
+                                 job.max_new_tokens, job.budget, page_cache_bytes=self.page_cache_bytes,
+                                 temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                                 stop_ids=set() if job.ignore_eos else set(self.stop_ids), stats=stats, fetch=fetch)
+        self._check_length(fetch.context_tokens, job)
+        return SoloStream(tokens, on_token=_unset, on_end=_unset), fetch.context_tokens
+
+    def _fetch(self, keys: list[str], fetch: FetchStats) -> list[CompressedKV]:
+        """Every entry of ``keys`` (a chunked context has one per chunk), ``FETCH_WINDOW`` at a time
+        side by side; the first miss ends it."""
+        entries = []
+        for start in range(0, len(keys), FETCH_WINDOW):
+            window = keys[start:start + FETCH_WINDOW]
+            for key, got in zip(window, self._io.map(self.store.get_with_tier, window)):
+                if got is None:
+                    raise EntryNotFound(f"the store has no entry {key}")
+                entry, tier, nbytes = got
+                fetch.tiers[tier] = fetch.tiers.get(tier, 0) + nbytes
+                entries.append(entry)
+        return entries
 
     def _check_length(self, seq_len: int, job: DecodeJob) -> None:
         total = seq_len + len(job.query_ids) + job.max_new_tokens
@@ -165,33 +275,16 @@ class DecodeWorker:
             raise ValueError(f"context {seq_len} + query {len(job.query_ids)} + max_new_tokens {job.max_new_tokens} "
                              f"= {total} tokens is more than the model's {self.info.max_positions}")
 
-    def _resolve(self, job: DecodeJob) -> tuple[list[str], bool]:
+    def _resolve(self, job: DecodeJob, recompute: bool) -> tuple[list[str], bool]:
         """(keys of the context, whether they were prefilled now): the store's if it has them all."""
-        found = self.store.lookup(self.model.dkv_fingerprint, job.recipe, job.context_ids, job.tenant)
-        if found is not None and found.cached_tokens == len(job.context_ids):
-            return [str(k) for k in found.keys], False
+        if not recompute:
+            found = self.store.lookup(self.model.dkv_fingerprint, job.recipe, job.context_ids, job.tenant)
+            if found is not None and found.cached_tokens == len(job.context_ids):
+                return [str(k) for k in found.keys], False
         if self.prefill is None:
             raise EntryNotFound("the context is not cached and this worker has no prefill service to compute it")
         return self.prefill(job.context_ids, job.recipe, job.tenant), True
 
 
-def merge_chunks(entries: list[CompressedKV]) -> CompressedKV:
-    """The chunk entries of a chunked recipe as one dense entry (rows of each head in order)."""
-    first, last = entries[0], entries[-1]
-    layers = []
-    for parts in zip(*(e.layers for e in entries)):
-        positions, keys, values, scores = [], [], [], []
-        dense = [p.dequantized(first.page_size, torch.float32) for p in parts]
-        for h in range(first.num_kv_heads):
-            rows = [(p, k, v) for p, (k, v) in zip(parts, dense)]
-            spans = [(int(p.head_offsets[h]), int(p.head_offsets[h + 1])) for p, _, _ in rows]
-            positions.append(torch.cat([p.positions[a:b].long() for (p, _, _), (a, b) in zip(rows, spans)]))
-            keys.append(torch.cat([k[a:b] for (_, k, _), (a, b) in zip(rows, spans)]))
-            values.append(torch.cat([v[a:b] for (_, _, v), (a, b) in zip(rows, spans)]))
-            scores.append(torch.cat([p.scores[a:b] for (p, _, _), (a, b) in zip(rows, spans)]))
-        layers.append(make_layer(positions, keys, values, scores, first.page_size))
-    ident = last.identity
-    identity = Identity(ident.model_fingerprint, ident.recipe, ident.chunk_hashes, ident.seq_len, ident.tenant, start=0)
-    weights = [e.seq_len - e.identity.start for e in entries]
-    importance = sum(w * e.importance for w, e in zip(weights, entries)) / sum(weights)
-    return CompressedKV(identity, layers, first.num_kv_heads, first.head_dim, first.page_size, importance)
+def _unset(*_) -> None:
+    raise RuntimeError("a stream's handlers are set before it is submitted")

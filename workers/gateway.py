@@ -1,10 +1,16 @@
 """The gateway's work: turn a Generate request into Prefill and Decode calls, and account for it.
 
 Per request: tokenize (optionally inside the chat template, split so the context is a stable
-token prefix across turns), have a prefill worker resolve the context (it reuses the longest
-cached prefix and prefills only the rest), choose a decode worker (``Router``: fewest requests in
-flight, then the one that last decoded this context, whose page cache may still hold it),
-stream its tokens, stop at stop strings, and report time to first token, cache use and bytes.
+token prefix across turns), look the context up in the store (a full hit goes straight to a
+decode worker: one Lookup, no Prefill call), else have a prefill worker resolve it (it reuses the
+longest cached prefix and prefills only the rest), choose a decode worker (``Router``: fewest
+requests in flight, i.e. the shortest queue, then the one that last decoded this context, whose
+page cache may still hold it), stream its tokens, stop at stop strings (which cancels the stream
+on the worker), and report time to first token, cache use and bytes.
+
+The store lookup needs the model's fingerprint and its uncompressed bytes per token; the gateway
+runs no model, so it learns both from its first Prefill reply (until then every request goes
+through prefill, and a reply with another fingerprint, after a model change, replaces them).
 
 Workers are reached through ``Backend`` objects with one contract, the dkv.v1 Prefill and Decode
 messages: ``GrpcBackend`` calls them over gRPC; ``services.ray_pool`` calls Ray actors instead.
@@ -12,11 +18,19 @@ messages: ``GrpcBackend`` calls them over gRPC; ``services.ray_pool`` calls Ray 
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import grpc
+
 from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
+from dkv.services.wire import recipe_from_proto
+
+log = logging.getLogger("dkv.gateway")
 
 DEFAULT_RECIPE = dict(method="snapkv", ratio=0.5, chunk_size=256, chunked=True, quant="none")
 
@@ -63,9 +77,13 @@ def split_chat(tokenizer, context: str, query: str) -> tuple[list[int], list[int
 
 
 class Gateway:
-    def __init__(self, tokenizer, prefill, router: Router, max_positions: int):
-        """``prefill``: a backend with ``async def prefill(PrefillRequest) -> PrefillResponse``."""
+    def __init__(self, tokenizer, prefill, router: Router, max_positions: int, store=None):
+        """``prefill``: a backend with ``async def prefill(PrefillRequest) -> PrefillResponse``;
+        ``store``: a store client whose ``lookup`` answers full hits without prefill (None: always prefill)."""
         self.tokenizer, self.prefill, self.router, self.max_positions = tokenizer, prefill, router, max_positions
+        self.store = store
+        self.model_fingerprint = ""  # learnt from prefill replies
+        self.full_bytes_per_token = 0.0
 
     def tokens(self, request: gateway_pb2.GenerateRequest) -> tuple[list[int], list[int]]:
         """(context ids, query ids); raises ValueError for a request that cannot be served."""
@@ -97,14 +115,20 @@ class Gateway:
         started = time.perf_counter()
         context, query = self.tokens(request)
         recipe = request.recipe if request.HasField("recipe") else common_pb2.Recipe(**DEFAULT_RECIPE)
-        prefill_request = prefill_pb2.PrefillRequest(recipe=recipe, tenant=request.tenant)
-        prefill_request.token_ids.ids.extend(context)
-        prefilled = await self.prefill.prefill(prefill_request)
+        prefilled = await self._cached(context, recipe, request.tenant)
+        if prefilled is None:
+            prefill_request = prefill_pb2.PrefillRequest(recipe=recipe, tenant=request.tenant)
+            prefill_request.token_ids.ids.extend(context)
+            prefilled = await self.prefill.prefill(prefill_request)
+            if prefilled.context_tokens:
+                self.model_fingerprint = prefilled.model_fingerprint
+                self.full_bytes_per_token = prefilled.full_bytes / prefilled.context_tokens
         prefill_ms = (time.perf_counter() - started) * 1e3
         decode_request = decode_pb2.DecodeRequest(
             keys=prefilled.keys, recipe=recipe, selection=request.selection or "dense", budget=request.budget,
             budget_fraction=request.budget_fraction, max_new_tokens=request.max_new_tokens or 64,
-            temperature=request.temperature, top_p=request.top_p or 1.0, seed=request.seed, tenant=request.tenant)
+            temperature=request.temperature, top_p=request.top_p or 1.0, seed=request.seed, tenant=request.tenant,
+            ignore_eos=request.ignore_eos)
         decode_request.context_ids.ids.extend(context)  # lets the worker recompute a lost entry
         decode_request.query_ids.ids.extend(query)
         worker = self.router.pick(prefilled.keys[0])
@@ -148,6 +172,28 @@ class Gateway:
             stats.decode.CopyFrom(decode_stats)
             stats.bytes_fetched_by_tier.update(decode_stats.bytes_fetched_by_tier)
         yield gateway_pb2.GenerateResponse(stats=stats)
+
+
+    async def _cached(self, context: list[int], recipe, tenant: str) -> prefill_pb2.PrefillResponse | None:
+        """A prefill reply made from one store Lookup when every entry of ``context`` is cached, else None."""
+        if self.store is None or not self.model_fingerprint:
+            return None
+        fingerprint = self.model_fingerprint
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(
+                None, contextvars.copy_context().run, self.store.lookup, fingerprint, recipe_from_proto(recipe),
+                context, tenant or "default")
+        except grpc.RpcError as e:  # the prefill worker looks again, and knows what to do when the store is down
+            log.warning("store lookup failed (%s): going through prefill", e.code())
+            return None
+        if found is None or found.cached_tokens != len(context):
+            return None
+        return prefill_pb2.PrefillResponse(
+            keys=[str(k) for k in found.keys], model_fingerprint=fingerprint, context_tokens=len(context),
+            cached_tokens=len(context), prefilled_tokens=0, stored_bytes=sum(found.stored_bytes),
+            full_bytes=round(self.full_bytes_per_token * len(context)),
+            kept_tokens_per_layer=found.kept_tokens_per_layer,
+            importance=sum(found.importance) / max(len(found.importance), 1))
 
 
 def _first_stop(text: str, stops, start: int) -> int | None:

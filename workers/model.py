@@ -109,6 +109,17 @@ def model_info(model) -> ModelInfo:
     )
 
 
+def use_threads(threads: int) -> None:
+    """torch's threads for this process's model: ``threads``, or one per CPU this process may run
+    on when 0. One model loop per process; its inter-op pool gets one thread (nothing here runs ops
+    side by side)."""
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only before the first parallel op; a process that already ran one keeps its pool
+        pass
+
+
 def cache_root() -> Path:
     """Where converted models and weight hashes are kept: ``$DKV_MODEL_CACHE`` or ``~/.cache/dkv/models``."""
     return Path(os.environ.get("DKV_MODEL_CACHE") or Path.home() / ".cache" / "dkv" / "models").expanduser()

@@ -36,8 +36,14 @@ class PrefillResult:
 
 
 class PrefillWorker:
-    def __init__(self, model, tokenizer, store: StoreClient, max_tokens: int | None = None):
+    def __init__(self, model, tokenizer, store: StoreClient, max_tokens: int | None = None,
+                 storage_dtype: str = "auto"):
+        """``storage_dtype``: the dtype entries are stored in (``auto``: float16 for a float32 model,
+        else the model's own): halves a float32 model's bytes in the store and on the wire."""
         self.model, self.tokenizer, self.store = model, tokenizer, store
+        model_dtype = next(model.parameters()).dtype
+        self.storage_dtype = (torch.float16 if model_dtype == torch.float32 else model_dtype) \
+            if storage_dtype == "auto" else getattr(torch, storage_dtype)
         self.info = model_info(model)
         self.max_tokens = min(max_tokens or self.info.max_positions, self.info.max_positions)
         self.fingerprint = model.dkv_fingerprint
@@ -78,6 +84,7 @@ class PrefillWorker:
                 cached = []
                 entries = [compress(self.model, ids, **kwargs)]
         t["store"] = time.perf_counter()
+        entries = cached + [e.cast(self.storage_dtype) for e in entries[len(cached):]]
         new = entries[len(cached):]
         stored = sum(self.store.put(e).stored_bytes for e in new)
         stored += sum(e.nbytes for e in cached)

@@ -1,7 +1,8 @@
 """Decode-time selection: per step, layer and KV head, which cached slots the query attends to.
 
-Every method returns ``(indices [H_kv, S] int32, lengths [H_kv] int32)``: the slots of each KV
-head to attend (padding beyond ``lengths``), always including the sink tokens (the first
+Every method answers ``keep(q, view)``: ``[H_kv, T]`` bool, the slots each KV head attends (the
+batched decoder masks attention with it), or ``select(q, view)``: the same packed as ``(indices
+[H_kv, S] int32, lengths [H_kv] int32)`` for the sparse kernels; always including the sink tokens (the first
 ``sink`` positions) and the recent slots (everything appended since the entry, plus the last
 ``recent`` of the entry), as TokenSelect and Quest do. The methods:
 
@@ -19,6 +20,7 @@ cached tokens (``budget_fraction``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -55,7 +57,7 @@ class SlotView:
 
 
 @dataclass
-class Selection:
+class Selection(ABC):
     """Base: ``budget`` tokens per KV head (0 = use ``budget_fraction``; both 0 = everything)."""
 
     name: ClassVar[str] = ""
@@ -78,9 +80,13 @@ class Selection:
             return max(1, round(self.budget_fraction * view.entry_slots))
         return view.keys.shape[1]
 
+    @abstractmethod
+    def keep(self, q: torch.Tensor, view: SlotView) -> torch.Tensor:
+        """q ``[H_q, D]`` (this step's query) -> ``[H_kv, T]`` bool: the slots each KV head attends."""
+
     def select(self, q: torch.Tensor, view: SlotView) -> tuple[torch.Tensor, torch.Tensor]:
-        """q ``[H_q, D]`` (this step's query) -> (indices ``[H_kv, S]`` int32, lengths ``[H_kv]`` int32)."""
-        raise NotImplementedError
+        """q ``[H_q, D]`` -> (indices ``[H_kv, S]`` int32, lengths ``[H_kv]`` int32), for the sparse kernels."""
+        return pack(self.keep(q, view))
 
 
 def always_kept(view: SlotView, sink: int, recent: int) -> torch.Tensor:
@@ -120,8 +126,8 @@ def _top(score: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, budget: i
 class Dense(Selection):
     name: ClassVar[str] = "dense"
 
-    def select(self, q, view):
-        return pack(view.valid)
+    def keep(self, q, view):
+        return view.valid
 
 
 @register
@@ -131,7 +137,7 @@ class TopK(Selection):
 
     name: ClassVar[str] = "topk"
 
-    def select(self, q, view):
+    def keep(self, q, view):
         h_kv = view.keys.shape[0]
         groups = q.shape[0] // h_kv
         logits = torch.einsum("gd,gtd->gt", q.float(),
@@ -139,7 +145,7 @@ class TopK(Selection):
         logits = logits.masked_fill(~view.valid.repeat_interleave(groups, dim=0), float("-inf"))
         vote = torch.softmax(logits, dim=1).view(h_kv, groups, -1).sum(1)  # [H_kv, T]
         keep = always_kept(view, self.sink, self.recent)
-        return pack(_top(vote, keep, view.valid, self.tokens(view)))
+        return _top(vote, keep, view.valid, self.tokens(view))
 
 
 @register
@@ -149,7 +155,7 @@ class Pages(Selection):
 
     name: ClassVar[str] = "pages"
 
-    def select(self, q, view):
+    def keep(self, q, view):
         if view.page_min is None:
             raise ValueError("selection 'pages' needs the entry's page summaries")
         bound = page_scores(q, view.page_min, view.page_max, view.num_pages)  # [H_kv, P]
@@ -161,8 +167,7 @@ class Pages(Selection):
         chosen.scatter_(1, top.indices, torch.isfinite(top.values))
         in_page = torch.gather(chosen, 1, slot_page.clamp(max=bound.shape[1] - 1).expand(len(chosen), t))
         in_page &= torch.arange(t) < view.entry_slots
-        keep = always_kept(view, self.sink, self.recent) | (in_page & view.valid)
-        return pack(keep)
+        return always_kept(view, self.sink, self.recent) | (in_page & view.valid)
 
 
 @dataclass
@@ -171,34 +176,27 @@ class SelectionCache:
 
     inner: Selection
     threshold: float = 0.9
-    _last: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = field(default_factory=dict, repr=False)
+    _last: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     hits: int = 0
     misses: int = 0
 
-    def select(self, layer: int, q: torch.Tensor, view: SlotView) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep(self, layer: int, q: torch.Tensor, view: SlotView) -> torch.Tensor:
+        """``inner.keep`` for layer ``layer``, or its last answer (plus every slot appended since)."""
         mean_q = q.float().mean(0)
         last = self._last.get(layer)
-        t = view.keys.shape[1]
         if last is not None and torch.cosine_similarity(mean_q, last[0], dim=0) >= self.threshold:
             self.hits += 1
-            indices, lengths, prev_t = last[1], last[2], last[3]
-            if t > prev_t:  # slots appended since the choice was made: always attended
-                indices, lengths = _append_slots(indices, lengths, prev_t, t)
-            return indices, lengths
+            previous = last[1]
+            keep = view.valid.clone()  # slots appended since the choice was made: always attended
+            keep[:, : previous.shape[1]] = previous
+            return keep
         self.misses += 1
-        indices, lengths = self.inner.select(q, view)
-        self._last[layer] = (mean_q, indices, lengths, t)
-        return indices, lengths
+        keep = self.inner.keep(q, view)
+        self._last[layer] = (mean_q, keep)
+        return keep
 
-
-def _append_slots(indices: torch.Tensor, lengths: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add slots ``start..end-1`` right after each head's valid indices."""
-    n_new = end - start
-    out = torch.zeros(indices.shape[0], indices.shape[1] + n_new, dtype=torch.int32)
-    out[:, : indices.shape[1]] = indices
-    cols = lengths.long().unsqueeze(1) + torch.arange(n_new)
-    out.scatter_(1, cols, torch.arange(start, end, dtype=torch.int32).expand(len(indices), n_new))
-    return out, lengths + n_new
+    def select(self, layer: int, q: torch.Tensor, view: SlotView) -> tuple[torch.Tensor, torch.Tensor]:
+        return pack(self.keep(layer, q, view))
 
 
 def make_selection(name: str, budget: int = 0, budget_fraction: float = 0.0, **params) -> Selection:

@@ -26,7 +26,7 @@ from dkv.services.pb import common_pb2 as dkv_dot_v1_dot_common__pb2
 from dkv.services.pb import prefill_pb2 as dkv_dot_v1_dot_prefill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64kv/v1/decode.proto\x12\x06\x64kv.v1\x1a\x13\x64kv/v1/common.proto\x1a\x14\x64kv/v1/prefill.proto\"\x8d\x03\n\rDecodeRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x16\n\x0c\x63ontext_text\x18\x02 \x01(\tH\x00\x12\'\n\x0b\x63ontext_ids\x18\x03 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x00\x12\x1e\n\x06recipe\x18\x04 \x01(\x0b\x32\x0e.dkv.v1.Recipe\x12\x14\n\nquery_text\x18\x05 \x01(\tH\x01\x12%\n\tquery_ids\x18\x06 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x01\x12\x11\n\tselection\x18\x07 \x01(\t\x12\x0e\n\x06\x62udget\x18\x08 \x01(\r\x12\x17\n\x0f\x62udget_fraction\x18\t \x01(\x01\x12\x17\n\x0fselection_cache\x18\n \x01(\x01\x12\r\n\x05paged\x18\x0b \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x0c \x01(\r\x12\x13\n\x0btemperature\x18\r \x01(\x01\x12\r\n\x05top_p\x18\x0e \x01(\x01\x12\x0c\n\x04seed\x18\x0f \x01(\x04\x12\x0e\n\x06tenant\x18\x10 \x01(\tB\t\n\x07\x63ontextB\x07\n\x05query\"*\n\x0eGeneratedToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xde\x02\n\x0b\x44\x65\x63odeStats\x12\x12\n\nnew_tokens\x18\x01 \x01(\r\x12\x1e\n\x16mean_selected_per_step\x18\x02 \x01(\x01\x12\x14\n\x0c\x63\x61\x63hed_slots\x18\x03 \x01(\r\x12\x19\n\x11selected_per_step\x18\x04 \x03(\x02\x12J\n\x15\x62ytes_fetched_by_tier\x18\x05 \x03(\x0b\x32+.dkv.v1.DecodeStats.BytesFetchedByTierEntry\x12\x10\n\x08\x66\x65tch_ms\x18\x06 \x01(\x01\x12\x10\n\x08query_ms\x18\x07 \x01(\x01\x12\x14\n\x0cms_per_token\x18\x08 \x01(\x01\x12\x11\n\tprefilled\x18\t \x01(\x08\x12\x16\n\x0e\x63ontext_tokens\x18\n \x01(\r\x1a\x39\n\x17\x42ytesFetchedByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"g\n\x0e\x44\x65\x63odeResponse\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x16.dkv.v1.GeneratedTokenH\x00\x12$\n\x05stats\x18\x02 \x01(\x0b\x32\x13.dkv.v1.DecodeStatsH\x00\x42\x06\n\x04kind2C\n\x06\x44\x65\x63ode\x12\x39\n\x06\x44\x65\x63ode\x12\x15.dkv.v1.DecodeRequest\x1a\x16.dkv.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64kv/v1/decode.proto\x12\x06\x64kv.v1\x1a\x13\x64kv/v1/common.proto\x1a\x14\x64kv/v1/prefill.proto\"\xa1\x03\n\rDecodeRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x16\n\x0c\x63ontext_text\x18\x02 \x01(\tH\x00\x12\'\n\x0b\x63ontext_ids\x18\x03 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x00\x12\x1e\n\x06recipe\x18\x04 \x01(\x0b\x32\x0e.dkv.v1.Recipe\x12\x14\n\nquery_text\x18\x05 \x01(\tH\x01\x12%\n\tquery_ids\x18\x06 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x01\x12\x11\n\tselection\x18\x07 \x01(\t\x12\x0e\n\x06\x62udget\x18\x08 \x01(\r\x12\x17\n\x0f\x62udget_fraction\x18\t \x01(\x01\x12\x17\n\x0fselection_cache\x18\n \x01(\x01\x12\r\n\x05paged\x18\x0b \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x0c \x01(\r\x12\x13\n\x0btemperature\x18\r \x01(\x01\x12\r\n\x05top_p\x18\x0e \x01(\x01\x12\x0c\n\x04seed\x18\x0f \x01(\x04\x12\x0e\n\x06tenant\x18\x10 \x01(\t\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x42\t\n\x07\x63ontextB\x07\n\x05query\"*\n\x0eGeneratedToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xde\x02\n\x0b\x44\x65\x63odeStats\x12\x12\n\nnew_tokens\x18\x01 \x01(\r\x12\x1e\n\x16mean_selected_per_step\x18\x02 \x01(\x01\x12\x14\n\x0c\x63\x61\x63hed_slots\x18\x03 \x01(\r\x12\x19\n\x11selected_per_step\x18\x04 \x03(\x02\x12J\n\x15\x62ytes_fetched_by_tier\x18\x05 \x03(\x0b\x32+.dkv.v1.DecodeStats.BytesFetchedByTierEntry\x12\x10\n\x08\x66\x65tch_ms\x18\x06 \x01(\x01\x12\x10\n\x08query_ms\x18\x07 \x01(\x01\x12\x14\n\x0cms_per_token\x18\x08 \x01(\x01\x12\x11\n\tprefilled\x18\t \x01(\x08\x12\x16\n\x0e\x63ontext_tokens\x18\n \x01(\r\x1a\x39\n\x17\x42ytesFetchedByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"g\n\x0e\x44\x65\x63odeResponse\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x16.dkv.v1.GeneratedTokenH\x00\x12$\n\x05stats\x18\x02 \x01(\x0b\x32\x13.dkv.v1.DecodeStatsH\x00\x42\x06\n\x04kind2C\n\x06\x44\x65\x63ode\x12\x39\n\x06\x44\x65\x63ode\x12\x15.dkv.v1.DecodeRequest\x1a\x16.dkv.v1.DecodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODESTATS_BYTESFETCHEDBYTIERENTRY']._loaded_options = None
   _globals['_DECODESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_options = b'8\001'
   _globals['_DECODEREQUEST']._serialized_start=75
-  _globals['_DECODEREQUEST']._serialized_end=472
-  _globals['_GENERATEDTOKEN']._serialized_start=474
-  _globals['_GENERATEDTOKEN']._serialized_end=516
-  _globals['_DECODESTATS']._serialized_start=519
-  _globals['_DECODESTATS']._serialized_end=869
-  _globals['_DECODESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_start=812
-  _globals['_DECODESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_end=869
-  _globals['_DECODERESPONSE']._serialized_start=871
-  _globals['_DECODERESPONSE']._serialized_end=974
-  _globals['_DECODE']._serialized_start=976
-  _globals['_DECODE']._serialized_end=1043
+  _globals['_DECODEREQUEST']._serialized_end=492
+  _globals['_GENERATEDTOKEN']._serialized_start=494
+  _globals['_GENERATEDTOKEN']._serialized_end=536
+  _globals['_DECODESTATS']._serialized_start=539
+  _globals['_DECODESTATS']._serialized_end=889
+  _globals['_DECODESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_start=832
+  _globals['_DECODESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_end=889
+  _globals['_DECODERESPONSE']._serialized_start=891
+  _globals['_DECODERESPONSE']._serialized_end=994
+  _globals['_DECODE']._serialized_start=996
+  _globals['_DECODE']._serialized_end=1063
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("keys", "context_text", "context_ids", "recipe", "query_text", "query_ids", "selection", "budget", "budget_fraction", "selection_cache", "paged", "max_new_tokens", "temperature", "top_p", "seed", "tenant")
+    __slots__ = ("keys", "context_text", "context_ids", "recipe", "query_text", "query_ids", "selection", "budget", "budget_fraction", "selection_cache", "paged", "max_new_tokens", "temperature", "top_p", "seed", "tenant", "ignore_eos")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TEXT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class DecodeRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     context_text: str
     context_ids: _prefill_pb2.TokenIds
@@ -42,7 +43,8 @@ class DecodeRequest(_message.Message):
     top_p: float
     seed: int
     tenant: str
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., context_text: _Optional[str] = ..., context_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., query_text: _Optional[str] = ..., query_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., selection: _Optional[str] = ..., budget: _Optional[int] = ..., budget_fraction: _Optional[float] = ..., selection_cache: _Optional[float] = ..., paged: _Optional[bool] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    ignore_eos: bool
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., context_text: _Optional[str] = ..., context_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., query_text: _Optional[str] = ..., query_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., selection: _Optional[str] = ..., budget: _Optional[int] = ..., budget_fraction: _Optional[float] = ..., selection_cache: _Optional[float] = ..., paged: _Optional[bool] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GeneratedToken(_message.Message):
     __slots__ = ("id", "text")

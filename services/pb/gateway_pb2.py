@@ -27,7 +27,7 @@ from dkv.services.pb import decode_pb2 as dkv_dot_v1_dot_decode__pb2
 from dkv.services.pb import prefill_pb2 as dkv_dot_v1_dot_prefill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64kv/v1/gateway.proto\x12\x06\x64kv.v1\x1a\x13\x64kv/v1/common.proto\x1a\x13\x64kv/v1/decode.proto\x1a\x14\x64kv/v1/prefill.proto\"\xfe\x02\n\x0fGenerateRequest\x12\x16\n\x0c\x63ontext_text\x18\x01 \x01(\tH\x00\x12\'\n\x0b\x63ontext_ids\x18\x02 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x00\x12\x14\n\nquery_text\x18\x03 \x01(\tH\x01\x12%\n\tquery_ids\x18\x04 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x01\x12\x15\n\rchat_template\x18\x05 \x01(\x08\x12\x1e\n\x06recipe\x18\x06 \x01(\x0b\x32\x0e.dkv.v1.Recipe\x12\x11\n\tselection\x18\x07 \x01(\t\x12\x0e\n\x06\x62udget\x18\x08 \x01(\r\x12\x17\n\x0f\x62udget_fraction\x18\t \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\n \x01(\r\x12\x13\n\x0btemperature\x18\x0b \x01(\x01\x12\r\n\x05top_p\x18\x0c \x01(\x01\x12\x0c\n\x04seed\x18\r \x01(\x04\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\tB\t\n\x07\x63ontextB\x07\n\x05query\"\xd2\x03\n\rGenerateStats\x12\x11\n\tcache_hit\x18\x01 \x01(\x08\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x03 \x01(\r\x12\x18\n\x10prefilled_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x65ntry_bytes\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompression_ratio\x18\x06 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x12\n\nnew_tokens\x18\t \x01(\r\x12L\n\x15\x62ytes_fetched_by_tier\x18\n \x03(\x0b\x32-.dkv.v1.GenerateStats.BytesFetchedByTierEntry\x12\x12\n\nprefill_ms\x18\x0b \x01(\x01\x12\x15\n\rdecode_worker\x18\x0c \x01(\t\x12\x15\n\rfinish_reason\x18\r \x01(\t\x12#\n\x06\x64\x65\x63ode\x18\x0e \x01(\x0b\x32\x13.dkv.v1.DecodeStats\x1a\x39\n\x17\x42ytesFetchedByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"k\n\x10GenerateResponse\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x16.dkv.v1.GeneratedTokenH\x00\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x15.dkv.v1.GenerateStatsH\x00\x42\x06\n\x04kind2J\n\x07Gateway\x12?\n\x08Generate\x12\x17.dkv.v1.GenerateRequest\x1a\x18.dkv.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64kv/v1/gateway.proto\x12\x06\x64kv.v1\x1a\x13\x64kv/v1/common.proto\x1a\x13\x64kv/v1/decode.proto\x1a\x14\x64kv/v1/prefill.proto\"\x92\x03\n\x0fGenerateRequest\x12\x16\n\x0c\x63ontext_text\x18\x01 \x01(\tH\x00\x12\'\n\x0b\x63ontext_ids\x18\x02 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x00\x12\x14\n\nquery_text\x18\x03 \x01(\tH\x01\x12%\n\tquery_ids\x18\x04 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x01\x12\x15\n\rchat_template\x18\x05 \x01(\x08\x12\x1e\n\x06recipe\x18\x06 \x01(\x0b\x32\x0e.dkv.v1.Recipe\x12\x11\n\tselection\x18\x07 \x01(\t\x12\x0e\n\x06\x62udget\x18\x08 \x01(\r\x12\x17\n\x0f\x62udget_fraction\x18\t \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\n \x01(\r\x12\x13\n\x0btemperature\x18\x0b \x01(\x01\x12\r\n\x05top_p\x18\x0c \x01(\x01\x12\x0c\n\x04seed\x18\r \x01(\x04\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x42\t\n\x07\x63ontextB\x07\n\x05query\"\xd2\x03\n\rGenerateStats\x12\x11\n\tcache_hit\x18\x01 \x01(\x08\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x03 \x01(\r\x12\x18\n\x10prefilled_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x65ntry_bytes\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompression_ratio\x18\x06 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x12\n\nnew_tokens\x18\t \x01(\r\x12L\n\x15\x62ytes_fetched_by_tier\x18\n \x03(\x0b\x32-.dkv.v1.GenerateStats.BytesFetchedByTierEntry\x12\x12\n\nprefill_ms\x18\x0b \x01(\x01\x12\x15\n\rdecode_worker\x18\x0c \x01(\t\x12\x15\n\rfinish_reason\x18\r \x01(\t\x12#\n\x06\x64\x65\x63ode\x18\x0e \x01(\x0b\x32\x13.dkv.v1.DecodeStats\x1a\x39\n\x17\x42ytesFetchedByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"k\n\x10GenerateResponse\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x16.dkv.v1.GeneratedTokenH\x00\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x15.dkv.v1.GenerateStatsH\x00\x42\x06\n\x04kind2J\n\x07Gateway\x12?\n\x08Generate\x12\x17.dkv.v1.GenerateRequest\x1a\x18.dkv.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESTATS_BYTESFETCHEDBYTIERENTRY']._loaded_options = None
   _globals['_GENERATESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=97
-  _globals['_GENERATEREQUEST']._serialized_end=479
-  _globals['_GENERATESTATS']._serialized_start=482
-  _globals['_GENERATESTATS']._serialized_end=948
-  _globals['_GENERATESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_start=891
-  _globals['_GENERATESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_end=948
-  _globals['_GENERATERESPONSE']._serialized_start=950
-  _globals['_GENERATERESPONSE']._serialized_end=1057
-  _globals['_GATEWAY']._serialized_start=1059
-  _globals['_GATEWAY']._serialized_end=1133
+  _globals['_GENERATEREQUEST']._serialized_end=499
+  _globals['_GENERATESTATS']._serialized_start=502
+  _globals['_GENERATESTATS']._serialized_end=968
+  _globals['_GENERATESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_start=911
+  _globals['_GENERATESTATS_BYTESFETCHEDBYTIERENTRY']._serialized_end=968
+  _globals['_GENERATERESPONSE']._serialized_start=970
+  _globals['_GENERATERESPONSE']._serialized_end=1077
+  _globals['_GATEWAY']._serialized_start=1079
+  _globals['_GATEWAY']._serialized_end=1153
 # @@protoc_insertion_point(module_scope)

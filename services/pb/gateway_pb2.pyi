@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("context_text", "context_ids", "query_text", "query_ids", "chat_template", "recipe", "selection", "budget", "budget_fraction", "max_new_tokens", "temperature", "top_p", "seed", "stop", "tenant")
+    __slots__ = ("context_text", "context_ids", "query_text", "query_ids", "chat_template", "recipe", "selection", "budget", "budget_fraction", "max_new_tokens", "temperature", "top_p", "seed", "stop", "tenant", "ignore_eos")
     CONTEXT_TEXT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_IDS_FIELD_NUMBER: _ClassVar[int]
     QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     context_text: str
     context_ids: _prefill_pb2.TokenIds
     query_text: str
@@ -41,7 +42,8 @@ class GenerateRequest(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     tenant: str
-    def __init__(self, context_text: _Optional[str] = ..., context_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., query_text: _Optional[str] = ..., query_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., chat_template: _Optional[bool] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., selection: _Optional[str] = ..., budget: _Optional[int] = ..., budget_fraction: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tenant: _Optional[str] = ...) -> None: ...
+    ignore_eos: bool
+    def __init__(self, context_text: _Optional[str] = ..., context_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., query_text: _Optional[str] = ..., query_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., chat_template: _Optional[bool] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., selection: _Optional[str] = ..., budget: _Optional[int] = ..., budget_fraction: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tenant: _Optional[str] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
     __slots__ = ("cache_hit", "context_tokens", "cached_prefix_tokens", "prefilled_tokens", "entry_bytes", "compression_ratio", "ttft_ms", "tokens_per_second", "new_tokens", "bytes_fetched_by_tier", "prefill_ms", "decode_worker", "finish_reason", "decode")

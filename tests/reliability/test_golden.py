@@ -28,7 +28,7 @@ from dkv.services.store_client import StoreClient
 from dkv.services.store_server import StoreServer, build_store
 from dkv.workers.compression import compress_chunks
 from dkv.workers.decode import generate
-from dkv.workers.decode_worker import DecodeWorker, merge_chunks
+from dkv.workers.decode_worker import DecodeWorker
 from dkv.workers.prefill import PrefillWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 MB = 1 << 20
 REDIS_SHRINK = ShrinkRule(keep_fraction=0.5, quant="int8")
 NEW_TOKENS = 8
+STORAGE_DTYPE = torch.float16  # the prefill worker's default for this float32 model (storage_dtype auto)
 STORY = ("Mara kept bees on the hill above Tollan. Each spring she carried the hives down to the orchards, and "
          "each autumn she sold the honey in the market by the river. Her brother Ivo mended the boats. ")
 CASES = [  # (recipe, selection, budget)
@@ -82,10 +83,10 @@ def fresh(model, tokenizer, context: list[int], query: list[int], recipe: Recipe
     """The answer of a local run: compress the context now, decode from it, no store."""
     entries = compress_chunks(model, torch.tensor([context]), recipe.method, recipe.ratio,
                               chunk_size=recipe.chunk_size, **dict(recipe.params))
+    entries = [e.cast(STORAGE_DTYPE) for e in entries]  # as the prefill worker stores them
     if shrink is not None:
         entries = [shrink.apply(e) for e in entries]
-    entry = entries[0] if len(entries) == 1 else merge_chunks(entries)
-    tokens = generate(model, tokenizer, entry, torch.tensor([query]), NEW_TOKENS, selection, budget or None)
+    tokens = generate(model, tokenizer, entries, torch.tensor([query]), NEW_TOKENS, selection, budget or None)
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 

@@ -38,7 +38,8 @@ VALID_ENV = {c: {S.env_name(cls, f.name) for f in dataclasses.fields(cls)} for c
 NOT_SETTINGS = {"DKV_MODEL_CACHE": ROOT / "workers" / "model.py"}
 PORTS = {"store": 50052, "prefill": 50053, "decode": 50054, "gateway": 50051}
 # Addresses the chart derives from the Services (unless overridden).
-WIRING = {"DKV_PREFILL_STORE", "DKV_DECODE_STORE", "DKV_DECODE_PREFILL", "DKV_GATEWAY_PREFILL", "DKV_GATEWAY_DECODE"}
+WIRING = {"DKV_PREFILL_STORE", "DKV_DECODE_STORE", "DKV_DECODE_PREFILL", "DKV_GATEWAY_PREFILL", "DKV_GATEWAY_DECODE",
+          "DKV_GATEWAY_STORE"}
 STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                    "app.kubernetes.io/managed-by", "helm.sh/chart")
 
@@ -242,7 +243,7 @@ def _sentinel(chart, path, default):
     if isinstance(default, (int, float)):
         candidates = [default + 1, default / 2 or 0.5, 0.5, 7]
     else:
-        candidates = ["7MiB", "3GiB", "debug", "text", "lru", "int8", "cpu", "tinyllama"]
+        candidates = ["7MiB", "3GiB", "debug", "text", "lru", "int8", "cpu", "tinyllama", "bfloat16"]
     for value in candidates:
         if value == default:
             continue
