@@ -73,6 +73,7 @@ class BatchCache(Cache):
         self.valid = [torch.zeros(0, h, 0, dtype=torch.bool, device=self.device) for _ in range(n)]
         self.positions = [torch.zeros(0, h, 0, dtype=torch.int32, device=self.device) for _ in range(n)]
         self.entry_slots = torch.zeros(n, 0, dtype=torch.long)  # [L, R]
+        self.padded = torch.zeros(n, 0, dtype=torch.bool)  # [L, R] the row's heads keep different counts
         self.appended = torch.zeros(0, dtype=torch.long)  # [R] tokens written after the entry
         self.seq_len = torch.zeros(0, dtype=torch.long)  # [R] position of the next token
         self.selections: list[RowSelection | None] = []
@@ -103,6 +104,7 @@ class BatchCache(Cache):
         if new_rows != cap_rows:
             grow = new_rows - cap_rows
             self.entry_slots = torch.cat([self.entry_slots, torch.zeros(self.num_layers, grow, dtype=torch.long)], 1)
+            self.padded = torch.cat([self.padded, torch.zeros(self.num_layers, grow, dtype=torch.bool)], 1)
             self.appended = torch.cat([self.appended, torch.zeros(grow, dtype=torch.long)])
             self.seq_len = torch.cat([self.seq_len, torch.zeros(grow, dtype=torch.long)])
             self.selections.extend([None] * grow)
@@ -150,6 +152,7 @@ class BatchCache(Cache):
                     valid[h, s:s + b - a] = True
                 start += part.head_counts()
         self.entry_slots[:, row] = torch.tensor(slots)
+        self.padded[:, row] = torch.tensor([bool(len(c)) and int(c.min()) < int(c.max()) for c in counts])
         self.appended[row] = 0
         self.seq_len[row] = entries[-1].seq_len
         if selection is not None:
@@ -189,7 +192,9 @@ class BatchCache(Cache):
                 used = self.used(layer, last)
                 for pool in (self.keys, self.values, self.valid, self.positions):
                     pool[layer][row, :, :used] = pool[layer][last, :, :used]
+                self.valid[layer][row, :, used:] = False  # what the row's old stream wrote further on
             self.entry_slots[:, row] = self.entry_slots[:, last]
+            self.padded[:, row] = self.padded[:, last]
             self.appended[row], self.seq_len[row] = self.appended[last], self.seq_len[last]
             self.selections[row] = self.selections[last]
         self.selections[last] = None
@@ -199,12 +204,20 @@ class BatchCache(Cache):
 
     def cover(self, first: int, count: int, q_len: int) -> torch.Tensor:
         """The next forward runs ``q_len`` new tokens on each of rows ``first..first+count-1``;
-        returns their ``position_ids`` ``[count, q_len]``."""
+        returns their ``position_ids`` ``[count, q_len]``. What every layer's ``update`` and
+        ``attend`` share is worked out here, once a step."""
         self.first, self.count, self.q_len = first, count, q_len
-        for sel in self.selections[first:first + count]:
+        rows = slice(first, first + count)
+        for sel in self.selections[rows]:
             if sel is not None:
                 sel.selected.clear()
-        return self.seq_len[first:first + count, None] + torch.arange(q_len)
+        self._row_index = torch.arange(first, first + count).unsqueeze(1).expand(count, q_len)
+        self._offsets = self.appended[rows, None] + torch.arange(q_len)  # [count, q] after each row's entry
+        starts = self.entry_slots[:, rows] + self.appended[rows]  # [L, count]
+        self._ends = (starts.amax(1) + q_len).tolist()
+        # no mask is needed where no covered row pads its heads and all of them end together
+        self._masked = (self.padded[:, rows].any(1) | (starts.amin(1) != starts.amax(1))).tolist()
+        return self.seq_len[rows, None] + torch.arange(q_len)
 
     def advance(self) -> None:
         """After the forward: the covered rows hold their new tokens."""
@@ -217,18 +230,15 @@ class BatchCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the covered rows' new K/V ``[count, H_kv, q_len, D]``; return the pool up to the
         longest covered row, tagged so ``attend`` masks it."""
-        first, count, q = self.first, self.count, self.q_len
-        rows = torch.arange(first, first + count)
-        start = self.entry_slots[layer_idx, first:first + count] + self.appended[first:first + count]  # [count]
-        cols = start.unsqueeze(1) + torch.arange(q)  # [count, q]
-        r = rows.unsqueeze(1).expand(count, q)
-        # pool[r, :, c] for index tensors r, c [count, q] is [count, q, H_kv, D]
+        first, count = self.first, self.count
+        r = self._row_index
+        cols = self.entry_slots[layer_idx, first:first + count, None] + self._offsets  # [count, q]
+        # pool[r, :, c] for index tensors r, c [count, q] is [count, q, H_kv, D]. Positions of
+        # appended slots are never read: selection keeps every appended slot whatever its position.
         self.keys[layer_idx][r, :, cols] = key_states.transpose(1, 2).to(self.dtype)
         self.values[layer_idx][r, :, cols] = value_states.transpose(1, 2).to(self.dtype)
         self.valid[layer_idx][r, :, cols] = True
-        self.positions[layer_idx][r, :, cols] = (self.seq_len[first:first + count, None]
-                                                 + torch.arange(q)).to(torch.int32).unsqueeze(-1)
-        end = int(start.max()) + q
+        end = self._ends[layer_idx]
         keys = self.keys[layer_idx][first:first + count, :, :end]
         keys.dkv_batch = (self, layer_idx)  # read by workers.cache.dkv_attention
         return keys, self.values[layer_idx][first:first + count, :, :end]
@@ -243,21 +253,24 @@ class BatchCache(Cache):
         """query ``[count, H_q, q, D]`` over the covered rows -> ``[count, q, H_q, D]``."""
         count, h_q, q, d = query.shape
         end = keys.shape[2]
-        mask = self.valid[layer][self.first:self.first + count, :, :end]  # [count, H_kv, T]
-        if q == 1 and layer >= self.dense_layers:
-            mask = self._select(layer, query, mask)
+        valid = self.valid[layer][self.first:self.first + count, :, :end]  # [count, H_kv, T]
         if q == 1:
+            mask = self._select(layer, query, valid) if layer >= self.dense_layers else None
+            if mask is None and self._masked[layer]:
+                mask = valid
             grouped = query.reshape(count, self.num_kv_heads, h_q // self.num_kv_heads, d)
-            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask.unsqueeze(2), scale=scaling)
+            out = F.scaled_dot_product_attention(grouped, keys, values, scale=scaling,
+                                                 attn_mask=None if mask is None else mask.unsqueeze(2))
             return out.reshape(count, 1, h_q, d)
         slot = torch.arange(end)
         causal = slot.unsqueeze(0) <= (end - q + torch.arange(q)).unsqueeze(1)  # [q, T]: new tokens see what is before
-        full = (mask.unsqueeze(2) & causal).repeat_interleave(h_q // self.num_kv_heads, dim=1)  # [count, H_q, q, T]
+        full = (valid.unsqueeze(2) & causal).repeat_interleave(h_q // self.num_kv_heads, dim=1)  # [count, H_q, q, T]
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=full, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
 
-    def _select(self, layer: int, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The valid mask narrowed, for the covered rows with a selection, to the slots it picks."""
+    def _select(self, layer: int, query: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        """``valid`` narrowed, for the covered rows with a selection, to the slots it keeps; None
+        when no covered row has one."""
         narrowed = None
         for i, sel in enumerate(self.selections[self.first:self.first + self.count]):
             if sel is None:
@@ -272,10 +285,10 @@ class BatchCache(Cache):
             keep = sel.selector.keep(layer, q, view) if isinstance(sel.selector, SelectionCache) \
                 else sel.selector.keep(q, view)
             if narrowed is None:
-                narrowed = mask.clone()
+                narrowed = valid.clone()
             narrowed[i, :, :used] = keep
             sel.selected.append(float(keep.sum(1).float().mean()))
-        return mask if narrowed is None else narrowed
+        return narrowed
 
 
 def _align(n: int) -> int:
