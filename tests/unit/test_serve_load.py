@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -150,3 +152,34 @@ def test_imports_only_the_standard_library():
                for alias in node.names}
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert modules and modules <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)
+
+
+RUNNER = Path(__file__).parents[2] / "bench" / "vllm_runner.py"
+
+
+@pytest.mark.parametrize("change, args, message", [
+    ({"max_new_tokens": 0}, [], "max_new_tokens"),
+    ({}, ["--kv-cache-gib", "0"], "kv-cache-gib"),
+    ({}, ["--threads", "4096"], "--threads 4096"),
+])
+def test_the_vllm_runner_refuses_bad_input_before_starting_vllm(tmp_path, change, args, message):
+    """Checked with dkv's interpreter, which has no vllm: the runner must stop before importing it."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    workload_file = tmp_path / "workload.json"
+    workload_file.write_text(json.dumps(workload(**change)))
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, str(RUNNER), "--model-dir", str(model_dir), "--workload",
+                           str(workload_file), "--out", str(out), *args], capture_output=True, text=True, timeout=60)
+    # 2: argparse's error, not a failed import of vllm (1)
+    assert done.returncode == 2 and message in done.stderr and not out.exists()
+
+
+def test_the_vllm_runner_wants_a_model_folder(tmp_path):
+    workload_file = tmp_path / "workload.json"
+    workload_file.write_text(json.dumps(workload()))
+    done = subprocess.run([sys.executable, str(RUNNER), "--model-dir", str(tmp_path), "--workload",
+                           str(workload_file), "--out", str(tmp_path / "r.json")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "holds no config.json" in done.stderr
