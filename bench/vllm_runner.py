@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import itertools
 import json
 import os
@@ -116,9 +115,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--threads {threads}: this process may use {len(cores)} cores ({cores})")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores[-threads:])
     result = asyncio.run(serve(str(Path(args.model_dir).expanduser()), workload, args.kv_cache_gib))
-    # the engine, shut down already, is only unreachable now; collected at interpreter exit instead,
-    # its __del__ shuts down again after the modules it calls are gone and prints a TypeError
-    gc.collect()
     result["threads"] = threads
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {args.out}")
