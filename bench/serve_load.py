@@ -181,7 +181,8 @@ async def run_workload(generate: Generate, workload: dict, log: Log = print) -> 
         phase = await _concurrent(generate, pairs, clients, workload["requests_per_client"], new)
         result["concurrency"][str(clients)] = phase
         log(f"{clients} clients: {phase['aggregate_tokens_per_s']:.1f} tokens/s, itl p50 "
-            f"{phase['itl_ms']['p50']:.0f} ms p99 {phase['itl_ms']['p99']:.0f} ms, ttft p50 {phase['ttft_ms']['p50']:.0f} ms")
+            f"{phase['itl_ms']['p50']:.0f} ms p99 {phase['itl_ms']['p99']:.0f} ms, "
+            f"ttft p50 {phase['ttft_ms']['p50']:.0f} ms")
     capacity = workload.get("capacity")
     if capacity is not None:
         prompts = [c + capacity["query"] for c in capacity["contexts"]]

