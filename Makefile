@@ -73,7 +73,7 @@ bench: setup redis-server
 	mkdir -p bench/out
 	$(BIN)/dkv bench store --json | tee bench/out/store.json
 	$(BIN)/dkv bench decode --json | tee bench/out/decode.json
-	$(BIN)/dkv bench e2e --json | tee bench/out/e2e.json
+	$(BIN)/dkv bench serve --json --plot docs/serve.png | tee bench/out/serve.json
 	$(BIN)/dkv bench quality --json | tee bench/out/quality.json
 
 # locust against a dkv started on free loopback ports (loadtest/run.py); CSV, HTML report and log in

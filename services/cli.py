@@ -9,6 +9,7 @@
     dkv generate "context" "query" [--method snapkv --ratio 0.5 --selection pages --budget 256]
     dkv bench store [--json]
     dkv bench quality [--json] [--quick] [--no-peers] [--out DIR]
+    dkv bench decode|serve [--json]
     dkv demo
     dkv config show store
 
@@ -137,8 +138,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def _bench_e2e(args: argparse.Namespace) -> int:
-    from dkv.bench.e2e import main as bench_main
+def _bench_serve(args: argparse.Namespace) -> int:
+    from dkv.bench.serve import main as bench_main
 
     return bench_main(args)
 
@@ -277,13 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     bquality.add_argument("--threads", type=int, default=1, help="torch threads of dkv and of the kvpress runner")
     bquality.set_defaults(func=_bench_quality)
 
-    be2e = bench.add_parser("e2e", help="time to first token (miss vs hit), tokens per second, concurrency",
-                            description="Start dkv (dkv up) and measure, at 1K and 4K tokens of context, time to "
-                            "first token on a miss and on a hit, tokens per second with dense and sparse selection, "
-                            "and throughput with 4 concurrent clients.")
-    be2e.add_argument("--json", action="store_true", help="print only the JSON result")
-    be2e.add_argument("--repeats", type=int, default=3, help="fresh contexts per size (medians are reported)")
-    be2e.set_defaults(func=_bench_e2e)
+    bserve = bench.add_parser("serve", help="serving side by side with transformers and vLLM CPU: TTFT, tokens/s, "
+                              "clients", description="Serve the same token ids with plain transformers, vLLM's CPU "
+                              "build (when make bench-peers built it) and dkv up: time to first token on a miss and "
+                              "a hit, single-stream tokens per second, aggregate tokens per second and inter-token "
+                              "latency at 1, 4, 8 and 16 clients; optionally the capacity scenario. Prints JSON; the "
+                              "ratios to the serving targets are under 'targets'.")
+    from dkv.bench.serve import add_arguments as serve_arguments
+
+    serve_arguments(bserve)
+    bserve.set_defaults(func=_bench_serve)
     bdec = bench.add_parser("decode", help="sparse vs dense decode attention; selection quality at small budgets",
                             description="Attention time per decode step, sparse vs dense, at 4K/16K/64K tokens for "
                             "the SmolLM2 and a Llama-8B shape (Triton on a GPU, torch on a CPU), the kernel's share "

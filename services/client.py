@@ -47,16 +47,18 @@ class DkvClient:
     def generate(self, context: str | Sequence[int], query: str | Sequence[int], *, chat_template: bool = False,
                  recipe: Recipe | None = None, selection: str = "dense", budget: int = 0,
                  budget_fraction: float = 0.0, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop: Sequence[str] = (), tenant: str = "") -> Iterator[str | gateway_pb2.GenerateStats]:
+                 seed: int = 0, stop: Sequence[str] = (), tenant: str = "",
+                 ignore_eos: bool = False) -> Iterator[str | gateway_pb2.GenerateStats]:
         """Yield the generated text piece by piece, then the ``GenerateStats``.
 
         ``context``/``query`` are texts or token ids. ``recipe`` defaults to the gateway's (chunked
-        SnapKV keeping half of the tokens). Raises ``grpc.RpcError`` with the server's status.
+        SnapKV keeping half of the tokens). ``ignore_eos``: generate exactly ``max_new_tokens``
+        (benchmarks). Raises ``grpc.RpcError`` with the server's status.
         """
         request = gateway_pb2.GenerateRequest(
             chat_template=chat_template, selection=selection, budget=budget, budget_fraction=budget_fraction,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
-            tenant=tenant)
+            tenant=tenant, ignore_eos=ignore_eos)
         if isinstance(context, str):
             request.context_text = context
         else:

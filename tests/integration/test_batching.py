@@ -230,3 +230,74 @@ def test_a_request_that_fails_before_its_first_token_gives_back_its_place(decode
             next(stub.Decode(long_request(missing, query), timeout=60))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert worker.engine.queued == 0 and worker.engine.active == 0
+
+
+def test_a_deadline_that_passes_frees_the_row(decode_service, streams):
+    stub, worker, store = decode_service
+    entries, query, _ = streams[0]
+    key = str(store.put(entries[0]).key)
+    request = long_request(key, query)
+    request.max_new_tokens = 4000  # far more than a second of decoding
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in stub.Decode(request, timeout=1.0):
+            pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while worker.engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.engine.active == 0
+
+
+@pytest.fixture
+def gateway(smollm2, store_service):
+    """Store, prefill, decode and gateway in this process; the gateway looks contexts up first."""
+    from dkv.services.client import DkvClient
+    from dkv.services.gateway_server import GatewayServer
+    from dkv.services.prefill_client import PrefillClient
+    from dkv.services.prefill_server import PrefillServer
+    from dkv.services.settings import GatewaySettings, PrefillSettings
+    from dkv.workers.prefill import PrefillWorker
+
+    model, tokenizer = smollm2
+    store = store_service()
+    prefill_worker = PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120))
+    prefill = InProcessServer(PrefillServer(PrefillSettings(port=0), prefill_worker))
+    recompute = PrefillClient(prefill.address)
+    worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), recompute.keys)
+    decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
+    front = InProcessServer(GatewayServer(GatewaySettings(port=0, prefill=prefill.address, decode=decode.address,
+                                                          store=store.address)))
+
+    def prefill_calls() -> float:
+        return sum(s.value for m in prefill.server.metrics.rpc_duration.collect() for s in m.samples
+                   if s.name.endswith("_count") and s.labels["method"] == "Prefill")
+
+    with DkvClient(front.address) as client:
+        yield client, worker, tokenizer, prefill_calls
+    for server in (front, decode, prefill):
+        server.stop()
+    recompute.close()
+
+
+def test_a_stop_string_ends_the_stream_on_the_worker_too(gateway):
+    client, worker, tokenizer, _ = gateway
+    context = TEXT[:600]
+    answer, stats = client.ask(context, "Who kept bees, and where?", chat_template=True, max_new_tokens=400,
+                               ignore_eos=True, stop=["e"])
+    assert stats.finish_reason == "stop_string" and stats.new_tokens < 400, (answer, stats)
+    deadline = time.monotonic() + 10
+    while worker.engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.engine.active == 0
+
+
+def test_a_full_hit_goes_straight_to_decode(gateway):
+    client, _, _, prefill_calls = gateway
+    context = TEXT[:900]
+    first, stats = client.ask(context, "\nWho sold the honey?", max_new_tokens=8)
+    assert not stats.cache_hit
+    calls = prefill_calls()
+    again, stats = client.ask(context, "\nWho sold the honey?", max_new_tokens=8)
+    assert stats.cache_hit and again == first
+    assert prefill_calls() == calls  # the hit was answered from one store Lookup
+    assert stats.context_tokens > 0 and stats.entry_bytes > 0 and stats.compression_ratio > 1
