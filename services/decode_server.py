@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -88,6 +89,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.inter_token = metrics.histogram(
             "dkv_decode_inter_token_seconds", "Time between consecutive tokens of a stream (one batched step, "
             "plus any streams joining in between).", (.005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        # requests being prepared (store reads, recompute through prefill): blocking, one thread each
+        self._prepare = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dkv-decode-prepare")
         engine = worker.engine
         metrics.gauge("dkv_decode_active_streams", "Streams decoding now (rows of the batch).", lambda: engine.active)
         metrics.gauge("dkv_decode_queued_requests", "Requests admitted and waiting: being prepared (store reads, "
@@ -108,7 +111,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             request.tenant = tenant_for(request.tenant)
             for key in request.keys:  # a tenant token reads only its tenant's entries
                 tenant_for(EntryKey.parse(key).tenant)
-            handle = await loop.run_in_executor(None, contextvars.copy_context().run, self._open, request, sink)
+            opening = self._prepare.submit(contextvars.copy_context().run, self._open, request, sink)
+            try:
+                handle = await asyncio.wrap_future(opening)
+            except asyncio.CancelledError:  # gone while its entries were read: cancel it once it starts
+                opening.add_done_callback(lambda f: f.exception() is None and f.result().cancel())
+                raise
             replies, last = Replies(self.worker.tokenizer), None
             while True:
                 item = await results.get()
