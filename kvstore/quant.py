@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dkv.kvstore.recipe import SCHEMES  # noqa: F401  quant.SCHEMES: the schemes' bit widths
+from dkv.kvstore.recipe import SCHEMES  # recipe quant scheme -> (bits of important tokens, bits of the rest)
 
 BITS = (2, 4, 8)
 MIXED_HIGH_FRACTION = 0.6  # ZipCache: the top 60% by saliency at 4 bits, the bottom 40% at 2

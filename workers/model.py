@@ -39,7 +39,6 @@ from dkv.workers.cache import ATTN_IMPLEMENTATION  # noqa: E402  registers the "
 from dkv.workers.model_source import (  # noqa: E402
     DTYPES,
     MODELS,
-    SUPPORTED_MODEL_TYPES,
     ModelError,
     ModelSource,
     resolve_model,
@@ -464,10 +463,7 @@ def _tokenizer_hash(tokenizer) -> str:
 
 __all__ = [
     "DEFAULT_MODEL",
-    "MODELS",
-    "ModelError",
     "ModelInfo",
-    "SUPPORTED_MODEL_TYPES",
     "cache_root",
     "load_model",
     "load_tokenizer",

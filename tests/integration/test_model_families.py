@@ -27,7 +27,8 @@ from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import PrefillSettings
 from dkv.workers.compression import compress
 from dkv.workers.decode import generate
-from dkv.workers.model import ModelError, load_model, model_info
+from dkv.workers.model import load_model, model_info
+from dkv.workers.model_source import ModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
