@@ -95,10 +95,9 @@ def _up(args: argparse.Namespace) -> int:
 
     setup_logging("info", "text")
     return run(UpOptions(host=args.host, port=args.port, model=args.model, device=args.device, dtype=args.dtype,
-                         device_bytes=args.device_bytes,
-                         cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes, redis=not args.no_redis,
-                         ray=args.ray, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
-                         token=args.token, metrics=args.metrics))
+                         device_bytes=args.device_bytes, cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes,
+                         redis=not args.no_redis, ray=args.ray, prefill_workers=args.prefill_workers,
+                         decode_workers=args.decode_workers, token=args.token, metrics=args.metrics))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -233,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default smollm2-135m)")
     up.add_argument("--device", default="auto", help="torch device of the workers' models: auto (the first CUDA GPU "
                     "if there is one, else cpu), cpu, cuda, cuda:N (default auto)")
-    up.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="precision of the workers' weights: "
-                    "auto is float32 on cpu, bfloat16 (or float16) on a GPU (default auto)")
+    up.add_argument("--dtype", default="auto", help=f"precision of the workers' weights: {', '.join(DTYPES)}, or "
+                    "auto: float32 on cpu, bfloat16 (or float16) on a GPU (default auto)")
     up.add_argument("--cpu-bytes", default="2GiB", help="host-memory tier of the store")
     up.add_argument("--device-bytes", default="0", help="device-memory tier of the store (GPU when present)")
     up.add_argument("--redis-bytes", default="4GiB", help="what the store may use in Redis")

@@ -170,10 +170,11 @@ def check_port_free(host: str, port: int) -> None:
     share the port silently; a plain bind refuses both cases up front."""
     if not port:
         return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    bare = host.strip("[]")  # grpc writes IPv6 addresses in brackets
+    with socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
+            probe.bind((bare, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror}); stop what holds the port or "
