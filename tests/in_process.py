@@ -33,15 +33,16 @@ class InProcessServer:
 @contextlib.contextmanager
 def serving(model: str, store_address: str):
     """Prefill, decode and gateway servers that load ``model`` themselves from their settings (CPU,
-    float32), as ``dkv <component> serve --model`` does, over the store at ``store_address``.
-    Yields the gateway's address."""
+    float32, entries stored in float32: the full recipe is then exact), as ``dkv <component> serve
+    --model`` does, over the store at ``store_address``. Yields the gateway's address."""
     from dkv.services.decode_server import DecodeServer
     from dkv.services.gateway_server import GatewayServer
     from dkv.services.prefill_server import PrefillServer
     from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
 
     where = {"model": model, "device": "cpu", "dtype": "float32"}
-    servers = [InProcessServer(PrefillServer(PrefillSettings(port=0, store=store_address, **where)))]
+    servers = [InProcessServer(PrefillServer(PrefillSettings(port=0, store=store_address, storage_dtype="float32",
+                                                             **where)))]
     try:
         servers.append(InProcessServer(DecodeServer(DecodeSettings(port=0, store=store_address,
                                                                    prefill=servers[0].address, **where))))
