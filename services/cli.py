@@ -15,19 +15,25 @@
 
 Every ``serve`` flag also reads from a ``DKV_<COMPONENT>_*`` environment variable and from the YAML
 file given by ``--config``; ``dkv config show`` prints the effective values.
+
+Failures a user fixes without reading code (a bad setting or model, a port in use, a server that
+cannot be reached, a package that is not installed) end with one line on stderr and a non-zero
+exit; ``dkv --debug ...`` (or ``DKV_DEBUG=1``) shows their traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import sys
 
 from dkv.services.logs import setup_logging
 from dkv.services.settings import (DecodeSettings, GatewaySettings, PrefillSettings, SettingsError, StoreSettings,
-                               add_arguments, describe, load)
+                                   add_arguments, describe, load)
+from dkv.workers.model_source import DTYPES, FORMS, ModelError
 
 # glibc returns large blocks to the OS on free and maps fresh zeroed pages for the next one, so
 # every 4 MiB frame pays its page faults again. Keeping the heap (see docs/benchmarks.md) makes
@@ -89,16 +95,16 @@ def _up(args: argparse.Namespace) -> int:
     from dkv.services.up import UpOptions, run
 
     setup_logging("info", "text")
-    return run(UpOptions(host=args.host, port=args.port, model=args.model, device_bytes=args.device_bytes,
-                         cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes, redis=not args.no_redis,
-                         ray=args.ray, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
-                         token=args.token, metrics=args.metrics))
+    return run(UpOptions(host=args.host, port=args.port, model=args.model, device=args.device, dtype=args.dtype,
+                         device_bytes=args.device_bytes, cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes,
+                         redis=not args.no_redis, ray=args.ray, prefill_workers=args.prefill_workers,
+                         decode_workers=args.decode_workers, token=args.token, metrics=args.metrics))
 
 
 def _generate(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from dkv.kvstore.entry import Recipe
+    from dkv.kvstore.recipe import Recipe
     from dkv.services.client import DkvClient
 
     recipe = Recipe(method=args.method, ratio=args.ratio, quant=args.quant, chunk_size=args.chunk_size,
@@ -179,6 +185,8 @@ def _client_security_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dkv", description="dkv: a disaggregated, compressed KV-cache store "
                                      "for LLM inference.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("DKV_DEBUG", "") not in ("", "0"),
+                        help="show the traceback of a failure instead of one line (env DKV_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     store = sub.add_parser("store", help="run or inspect the KV store service").add_subparsers(dest="action", required=True)
@@ -221,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the gateway as child processes; print the gateway address; stop them all on Ctrl-C.")
     up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on")
-    up.add_argument("--model", default="smollm2-135m", help="model of the workers")
+    up.add_argument("--model", default="smollm2-135m", help=f"model of the workers and the gateway: {FORMS} "
+                    "(default smollm2-135m)")
+    up.add_argument("--device", default="auto", help="torch device of the workers' models: auto (the first CUDA GPU "
+                    "if there is one, else cpu), cpu, cuda, cuda:N (default auto)")
+    up.add_argument("--dtype", default="auto", help=f"precision of the workers' weights: {', '.join(DTYPES)}, or "
+                    "auto: float32 on cpu, bfloat16 (or float16) on a GPU (default auto)")
     up.add_argument("--cpu-bytes", default="2GiB", help="host-memory tier of the store")
     up.add_argument("--device-bytes", default="0", help="device-memory tier of the store (GPU when present)")
     up.add_argument("--redis-bytes", default="4GiB", help="what the store may use in Redis")
@@ -314,15 +327,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) for a failure the user can fix from one line; None for anything else."""
+    if isinstance(error, (SettingsError, ModelError)):
+        return str(error), 2
+    if isinstance(error, ChildProcessError):  # dkv up: a component died while starting (its log says why)
+        return str(error), 1
+    if isinstance(error, OSError) and error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+        return error.strerror, 1
+    if isinstance(error, ModuleNotFoundError) and error.name and error.name.partition(".")[0] != "dkv":
+        return (f"{error.name} is not installed, and this command needs it: pip install 'dkv[server]' for the store, "
+                "the workers and dkv up, 'dkv[bench]' for benchmarks and the demo's plot"), 1
+    import grpc
+
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        code, details = error.code(), error.details()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return f"cannot reach the server: {details}; is dkv running there? (check --address)", 1
+        return f"the server answered {code.name}: {details}", 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         tune_malloc_and_reexec()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SettingsError as e:
-        print(f"dkv: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        failure = None if args.debug else one_line(e)
+        if failure is None:
+            raise
+        message, code = failure
+        print(f"dkv: {' '.join(message.split())}", file=sys.stderr)
+        return code
 

@@ -11,18 +11,25 @@
 
 Clients that bring their own KV caches use ``dkv.store(address)`` (a ``StoreClient``, or a
 ``ShardedStoreClient`` for comma-separated shard addresses, with the same token and TLS).
+
+``DkvClient`` is also ``dkv.Client``. This module imports neither torch nor anything of the
+server side, so it works with the light install (``pip install dkv``); ``store()`` moves tensors
+and needs torch (``pip install 'dkv[server]'``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from dkv.kvstore.entry import Recipe
+from dkv.kvstore.recipe import Recipe
 from dkv.services.pb import gateway_pb2, gateway_pb2_grpc
-from dkv.services.shards import ShardedStoreClient, open_store
-from dkv.services.store_client import StoreClient
 from dkv.services.transport import Security, call_metadata, open_channel
 from dkv.services.wire import recipe_to_proto
+
+if TYPE_CHECKING:
+    from dkv.services.shards import ShardedStoreClient
+    from dkv.services.store_client import StoreClient
 
 
 class DkvClient:
@@ -88,4 +95,6 @@ class DkvClient:
     def store(self, address: str = "127.0.0.1:50052", timeout_s: float = 60.0) -> StoreClient | ShardedStoreClient:
         """Direct access to a KV store (or its shards: comma-separated addresses) with this client's
         token and TLS, for clients that bring their own KV caches."""
+        from dkv.services.shards import open_store
+
         return open_store(address, timeout_s=timeout_s, security=self.security)

@@ -77,7 +77,7 @@ class PrefillServer(GrpcServer):
             from dkv.workers.prefill import PrefillWorker
 
             use_threads(settings.threads)
-            model, tokenizer = load_model(settings.model)
+            model, tokenizer = load_model(settings.model, settings.dtype, settings.device)
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
             worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens,
                                    storage_dtype=settings.storage_dtype)

@@ -3,8 +3,9 @@
 ``dkv up --ray [ADDRESS]`` keeps the store (a gRPC service, with Redis) and the gateway, but runs
 the prefill and decode workers as Ray actors: on the Ray cluster at ``ADDRESS``, or on a local
 Ray it starts. Each actor holds one model and one worker (``workers.prefill.PrefillWorker``,
-``workers.decode_worker.DecodeWorker``); it asks Ray for a GPU when the cluster has GPUs, and
-Ray restarts it if it dies (``max_restarts``). The gateway talks to actors through ``RayBackend``
+``workers.decode_worker.DecodeWorker``) on the device its ``device`` setting names (see
+``actor_placement``: ``cuda`` asks Ray for one GPU per actor, ``auto`` does when the cluster has
+enough), and Ray restarts it if it dies (``max_restarts``). The gateway talks to actors through ``RayBackend``
 with the very messages it sends over gRPC (``dkv.v1.PrefillRequest``, ``DecodeRequest``, ...,
 serialized), so routing, stop strings and stats are the same code as without Ray.
 """
@@ -18,18 +19,19 @@ import time
 import ray
 
 from dkv.services.pb import decode_pb2, prefill_pb2
+from dkv.services.settings import SettingsError
 
 log = logging.getLogger("dkv.ray")
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class PrefillActor:
-    def __init__(self, model: str, store: str, security=None):
+    def __init__(self, model: str, store: str, security=None, device: str = "cpu", dtype: str = "auto"):
         from dkv.services.shards import open_store
         from dkv.workers.model import load_model
         from dkv.workers.prefill import PrefillWorker
 
-        loaded, tokenizer = load_model(model)
+        loaded, tokenizer = load_model(model, dtype, device)
         self.worker = PrefillWorker(loaded, tokenizer, open_store(store, timeout_s=120, security=security))
 
     def prefill(self, request: bytes) -> bytes:
@@ -50,7 +52,8 @@ class PrefillActor:
 # loop decodes them all together (as many calls as the worker's default active + queued streams)
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16 + 64)
 class DecodeActor:
-    def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle", security=None):
+    def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle", security=None, device: str = "cpu",
+                 dtype: str = "auto"):
         from dkv.services.shards import open_store
         from dkv.workers.decode_worker import DecodeWorker
         from dkv.workers.model import load_model
@@ -63,7 +66,7 @@ class DecodeActor:
             return list(prefill_pb2.PrefillResponse.FromString(ray.get(prefill.prefill.remote(
                 request.SerializeToString()))).keys)
 
-        loaded, tokenizer = load_model(model)
+        loaded, tokenizer = load_model(model, dtype, device)
         self.worker = DecodeWorker(loaded, tokenizer, open_store(store, timeout_s=120, security=security), recompute)
 
     def decode(self, request: bytes):
@@ -142,16 +145,36 @@ class RoundRobin:
         pass
 
 
-def start_pools(model: str, store: str, prefill_workers: int = 1, decode_workers: int = 1, security=None):
-    """(prefill actors, decode actors) on the connected Ray cluster; GPUs requested when it has some.
+def actor_placement(device: str, actors: int, cluster_gpus: float) -> tuple[int, str]:
+    """(GPUs Ray gives each worker actor, the torch device the actor loads its model on).
+
+    ``cuda`` asks for one GPU per actor (Ray makes it the actor's only visible GPU, so the model
+    goes to ``cuda``) and is refused when the cluster has fewer GPUs than actors; ``cpu`` asks for
+    none; ``auto`` asks for one when the cluster has enough for every actor. ``cuda:N`` is refused:
+    Ray, not the setting, picks each actor's GPU.
+    """
+    if device.startswith("cuda:"):
+        raise SettingsError(f"setting device = {device!r}: with Ray use cuda (Ray assigns each actor its GPU) or cpu")
+    if device == "cuda" and cluster_gpus < actors:
+        raise SettingsError(f"setting device = 'cuda' asks for one GPU for each of the {actors} worker actors, but "
+                            f"the Ray cluster has {cluster_gpus:g}; use fewer workers, device cpu, or device auto")
+    gpus = int(device == "cuda" or (device == "auto" and cluster_gpus >= actors))
+    return gpus, "cuda" if gpus else "cpu"
+
+
+def start_pools(model: str, store: str, prefill_workers: int = 1, decode_workers: int = 1, security=None,
+                device: str = "auto", dtype: str = "auto"):
+    """(prefill actors, decode actors) on the connected Ray cluster, placed by ``actor_placement``.
 
     ``security`` (a ``services.transport.Security``) is what the actors present to the store."""
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= prefill_workers + decode_workers else 0
-    prefill = [PrefillActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, security)
+    gpus, actor_device = actor_placement(device, prefill_workers + decode_workers,
+                                         ray.cluster_resources().get("GPU", 0))
+    prefill = [PrefillActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, security, actor_device, dtype)
                for _ in range(prefill_workers)]
     decode = [DecodeActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, prefill[i % len(prefill)],
-                                                                         security)
+                                                                         security, actor_device, dtype)
               for i in range(decode_workers)]
     ray.get([a.pid.remote() for a in prefill + decode])  # wait until every model is loaded
-    log.info("ray pools ready: %d prefill and %d decode actors (%s GPU each)", prefill_workers, decode_workers, gpus)
+    log.info("ray pools ready: %d prefill and %d decode actors on %s (%s GPU each)", prefill_workers, decode_workers,
+             actor_device, gpus)
     return prefill, decode

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import inspect
 import logging
 import signal
+import socket
 import time
 
 import grpc
@@ -161,6 +163,26 @@ def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """``OSError`` (EADDRINUSE, EADDRNOTAVAIL) saying what to do when ``host:port`` cannot be listened on.
+
+    grpc would log its own multi-line error first, and a second dkv server with SO_REUSEPORT would
+    share the port silently; a plain bind refuses both cases up front."""
+    if not port:
+        return
+    bare = host.strip("[]")  # grpc writes IPv6 addresses in brackets
+    with socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bare, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror}); stop what holds the port or "
+                              "choose another (--port)") from None
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {host}:{port} ({e.strerror}); listen on an address "
+                          "of this machine (--host)") from None
+
+
 class GrpcServer:
     """Subclasses set ``service_name`` and implement ``handlers()``; ``close()`` frees resources.
 
@@ -189,7 +211,8 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and serve (inside the event loop that will run the server); returns the port."""
         self.health = health.aio.HealthServicer()
-        options = GRPC_OPTIONS + (WORKER_CONNECTION_AGE if self.stateless else [])
+        # No SO_REUSEPORT: a second server on a taken port must fail, not share it with the first.
+        options = GRPC_OPTIONS + [("grpc.so_reuseport", 0)] + (WORKER_CONNECTION_AGE if self.stateless else [])
         self.server = grpc.aio.server(
             options=options, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
         self.server.add_generic_rpc_handlers((self.handlers(),))
@@ -198,12 +221,16 @@ class GrpcServer:
         reflection.enable_server_reflection([self.service_name, health_name, reflection.SERVICE_NAME], self.server)
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = server_credentials(self.settings)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        check_port_free(self.settings.host, self.settings.port)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind": taken since check_port_free
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}: is the port in use?")
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {address}; stop what holds the port or choose another")
         await self.server.start()
         for name in ("", self.service_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Mapping
 
 import yaml
 
+from dkv.workers.model_source import DTYPES, FORMS
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
           "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
@@ -119,6 +121,11 @@ def check_choice(name: str, value: Any, choices) -> None:
         raise SettingsError(f"setting {name} = {value!r} is not allowed; use one of {sorted(choices)}")
 
 
+def check_device(name: str, value: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise SettingsError(f"setting {name} = {value!r} is not allowed; use auto, cpu, cuda or cuda:N")
+
+
 def check_range(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
         raise SettingsError(f"setting {name} = {value!r} must be between {lo} and {hi}")
@@ -210,8 +217,7 @@ class StoreSettings(ServerSettings):
         super().__post_init__()
         for name in ("device_bytes", "cpu_bytes", "redis_bytes", "max_entry_bytes"):
             check_range(name, getattr(self, name), 0, 1 << 50)
-        if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
-            raise SettingsError(f"setting device = {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+        check_device("device", self.device)
         for name in ("cpu_keep_fraction", "redis_keep_fraction"):
             check_range(name, getattr(self, name), 0.01, 1.0)
         for name in ("cpu_quant", "redis_quant"):
@@ -226,7 +232,25 @@ class StoreSettings(ServerSettings):
 
 
 @dataclass
-class PrefillSettings(ServerSettings):
+class WorkerSettings(ServerSettings):
+    """What the prefill and decode workers share: their model and where it runs."""
+
+    component: ClassVar[str] = "worker"
+
+    model: str = setting("smollm2-135m", f"Model: {FORMS}.")
+    device: str = setting("auto", "Torch device of the model: auto (the first CUDA GPU if there is one, else cpu), "
+                          "cpu, cuda, cuda:N. cuda when no GPU is there is refused at start.")
+    dtype: str = setting("auto", "Precision of the model's weights and KV: auto (float32 on cpu; bfloat16 on a GPU "
+                         "that has it, else float16).", choices=("auto", *DTYPES))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_device("device", self.device)
+        check_choice("dtype", self.dtype, ("auto", *DTYPES))
+
+
+@dataclass
+class PrefillSettings(WorkerSettings):
     """A prefill worker (``dkv prefill serve``)."""
 
     component: ClassVar[str] = "prefill"
@@ -235,7 +259,6 @@ class PrefillSettings(ServerSettings):
     store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards, comma-separated: "
                          "each entry lives on the shard its key picks (rendezvous hashing).")
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
-    model: str = setting("smollm2-135m", "Model name (smollm2-135m) or a local model directory or .gguf file.")
     max_tokens: int = setting(0, "Longest context accepted; 0 = the model's maximum.")
     threads: int = setting(0, "torch threads for the model; 0 = one per core (dkv up divides the cores among "
                            "its workers).")
@@ -252,7 +275,7 @@ class PrefillSettings(ServerSettings):
 
 
 @dataclass
-class DecodeSettings(ServerSettings):
+class DecodeSettings(WorkerSettings):
     """A decode worker (``dkv decode serve``)."""
 
     component: ClassVar[str] = "decode"
@@ -263,7 +286,6 @@ class DecodeSettings(ServerSettings):
     prefill: str = setting("127.0.0.1:50053", "Address of a prefill worker (dns:///host:port balances over its "
                            "pods), to recompute missing entries; empty = a missing entry is NOT_FOUND.")
     prefill_timeout_s: float = setting(600.0, "Deadline of a recompute through the prefill worker, in seconds.")
-    model: str = setting("smollm2-135m", "Model name (smollm2-135m) or a local model directory or .gguf file.")
     page_cache_bytes: int = setting(256 << 20, "Local page cache for paged decoding (device memory on a GPU).",
                                     kind="size")
     threads: int = setting(0, "torch threads for the model loop; 0 = one per core (dkv up divides the cores "
@@ -293,7 +315,7 @@ class GatewaySettings(ServerSettings):
                            "send calls round robin over every address the name resolves to (a headless Service).")
     decode: str = setting("127.0.0.1:50054", "Addresses of the decode workers, comma-separated; requests go to the "
                           "least loaded. A dns:///host:port address is balanced call by call over its pods.")
-    model: str = setting("smollm2-135m", "Model whose tokenizer and chat template the gateway applies.")
+    model: str = setting("smollm2-135m", f"Model whose tokenizer and chat template the gateway applies: {FORMS}.")
     max_positions: int = setting(8192, "Longest context + query + new tokens accepted.")
     timeout_s: float = setting(600.0, "Deadline of each call to a worker, in seconds.")
     store: str = setting("", "Address of the KV store (or its shards, comma-separated): a context it holds whole "

@@ -4,6 +4,10 @@ With ``--ray [ADDRESS]`` the prefill and decode workers run as Ray actors instea
 at ADDRESS, or a local Ray), and the gateway in this process dispatches to them
 (``services.ray_pool``).
 
+Before it starts anything it checks what would otherwise fail in every child at once: the model
+(``workers.model_source.resolve_model``), the workers' device and dtype, and the gateway's port;
+then it converts a GGUF model once (``workers.model.prepare_model``) so the workers only load it.
+
 Starts a redis-server on a free port when one is installed (the store's last tier; without it
 the Redis tier is off and the log says so), then ``dkv store serve``, ``dkv prefill serve``,
 ``dkv decode serve`` and ``dkv gateway serve``, each waited for until its health check answers
@@ -25,6 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dkv.kvstore.redis_server import RedisServer, free_port, redis_server_available
+from dkv.services.server import check_port_free
 
 log = logging.getLogger("dkv.up")
 
@@ -34,6 +39,8 @@ class UpOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     model: str = "smollm2-135m"
+    device: str = "auto"  # of the workers' models (WorkerSettings.device)
+    dtype: str = "auto"  # of the workers' models (WorkerSettings.dtype)
     device_bytes: str = "0"
     cpu_bytes: str = "2GiB"
     redis_bytes: str = "4GiB"
@@ -86,7 +93,23 @@ class Cluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def check(self) -> None:
+        """Raise ``ModelError``, ``SettingsError`` or ``OSError`` (port in use) for what would stop the system
+        from starting, before anything has started."""
+        from dkv.services.settings import WorkerSettings
+        from dkv.workers.model_source import resolve_model
+
+        o = self.options
+        resolve_model(o.model)
+        WorkerSettings(model=o.model, device=o.device, dtype=o.dtype)  # SettingsError for a malformed one
+        check_port_free(o.host, o.port)
+        if o.ray is None:  # the workers run on this machine: the GPU asked for must be here
+            from dkv.workers.model import resolve_device
+
+            resolve_device(o.device)
+
     def start(self) -> None:
+        self.check()
         o = self.options
         redis_args: list[str] = []
         if o.redis and redis_server_available():
@@ -109,10 +132,11 @@ class Cluster:
             self._wait_serving("store", time.monotonic() + o.ready_timeout_s)
             return
         prefill_threads, decode_threads = worker_threads(o)
-        self._spawn("prefill", ["prefill", "serve", "--port", str(ports["prefill"]), "--store", a["store"],
-                                "--model", o.model, "--threads", str(prefill_threads)])
+        where = ["--model", o.model, "--device", o.device, "--dtype", o.dtype]
+        self._spawn("prefill", ["prefill", "serve", "--port", str(ports["prefill"]), "--store", a["store"], *where,
+                                "--threads", str(prefill_threads)])
         self._spawn("decode", ["decode", "serve", "--port", str(ports["decode"]), "--store", a["store"],
-                               "--prefill", a["prefill"], "--model", o.model, "--threads", str(decode_threads)])
+                               "--prefill", a["prefill"], *where, "--threads", str(decode_threads)])
         self._spawn("gateway", ["gateway", "serve", "--port", str(ports["gateway"]), "--prefill", a["prefill"],
                                 "--decode", a["decode"], "--model", o.model, "--store", a["store"]])
         deadline = time.monotonic() + o.ready_timeout_s
@@ -141,7 +165,8 @@ class Cluster:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode} before it was serving; see its log above")
+                    raise ChildProcessError(f"{name} exited with code {proc.returncode} before it was serving; "
+                                            "its log is above")
                 try:
                     if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
                             health_pb2.HealthCheckResponse.SERVING:
@@ -171,6 +196,8 @@ class Cluster:
         self._wait_serving(name, time.monotonic() + self.options.ready_timeout_s)
 
     def stop(self, grace_s: float = 15.0) -> None:
+        if not self.processes and self.redis is None:
+            return  # nothing was started (a check failed first)
         for name, proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -206,7 +233,7 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
              **({"num_cpus": max(2, o.prefill_workers + o.decode_workers)} if o.ray == "local" else {}))
     try:
         prefill, decode = start_pools(o.model, cluster.addresses["store"], o.prefill_workers, o.decode_workers,
-                                      Security(token=o.token))
+                                      Security(token=o.token), o.device, o.dtype)
         router = Router([Worker(f"ray-decode-{i}", RayBackend(actor)) for i, actor in enumerate(decode)])
         settings = GatewaySettings(host=o.host, port=o.port, prefill="ray", decode="ray", model=o.model,
                                    auth_token=o.token)

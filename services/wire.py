@@ -3,18 +3,23 @@
 Put and Get carry ``dkv.v1.Frame`` messages (one ``bytes data = 1`` field). They are encoded and
 parsed here without protobuf objects, which would copy every 4 MiB payload two more times; the
 bytes on the wire are exactly the ``Frame`` message, so any protobuf client interoperates.
+
+Only the tensor helpers need torch, and they import it themselves: the client imports this
+module for recipes where torch is not installed (``pip install dkv``).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-import torch
-
-from dkv.kvstore.codec import DTYPE_NAMES, DTYPES
-from dkv.kvstore.entry import Recipe
 from dkv.kvstore.errors import InvalidEntry
+from dkv.kvstore.recipe import Recipe
 from dkv.services.pb import common_pb2, store_pb2
+
+if TYPE_CHECKING:
+    import torch
 
 _FRAME_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
 
@@ -109,6 +114,10 @@ def recipe_from_proto(msg: common_pb2.Recipe) -> Recipe:
 
 
 def tensor_to_proto(t: torch.Tensor) -> store_pb2.Tensor:
+    import torch
+
+    from dkv.kvstore.codec import DTYPE_NAMES
+
     flat = t.detach().cpu().contiguous()
     return store_pb2.Tensor(dtype=DTYPE_NAMES[flat.dtype], shape=list(flat.shape),
                             data=flat.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -116,6 +125,10 @@ def tensor_to_proto(t: torch.Tensor) -> store_pb2.Tensor:
 
 def tensor_from_proto(msg: store_pb2.Tensor) -> torch.Tensor:
     """Raises ``InvalidEntry`` when the dtype is unknown or the bytes do not match the shape."""
+    import torch
+
+    from dkv.kvstore.codec import DTYPES
+
     if msg.dtype not in DTYPES:
         raise InvalidEntry(f"tensor dtype {msg.dtype!r} is not one of {sorted(DTYPES)}")
     dtype = DTYPES[msg.dtype]

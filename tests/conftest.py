@@ -82,4 +82,4 @@ def store_service():
         running.stop()
 
 
-from model_fixtures import smollm2  # noqa: E402,F401  the real model, shared by the session
+from model_fixtures import random_models, smollm2  # noqa: E402,F401  models shared by the session

