@@ -169,7 +169,7 @@ class DecodeServer(GrpcServer):
             from dkv.workers.model import load_model, use_threads
 
             use_threads(settings.threads)
-            model, tokenizer = load_model(settings.model)
+            model, tokenizer = load_model(settings.model, settings.dtype, settings.device)
             security = Security.of(settings)
             prefill = PrefillClient(settings.prefill, settings.prefill_timeout_s, security).keys \
                 if settings.prefill else None

@@ -30,8 +30,9 @@ DOCUMENT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Th
 @pytest.fixture(scope="module")
 def system():
     port = free_port()
+    # the answers are compared with this process's CPU float32 model, also on a machine with a GPU
     proc = subprocess.Popen([sys.executable, "-m", "dkv", "up", "--port", str(port), "--token", TOKEN,
-                             "--metrics"], cwd=ROOT,
+                             "--metrics", "--device", "cpu", "--dtype", "float32"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 600
