@@ -304,8 +304,8 @@ class FrameAssembler:
     """
 
     def __init__(self, max_entry_bytes: int | None = None, on_header=None):
-        """``on_header(header)`` runs once the header is parsed, before any size check or data
-        frame: a caller refuses a stream (tenant, quota, memory) before reading what it carries."""
+        """``on_header(header, header_frame)`` runs once the header is parsed, before any size check
+        or data frame: a caller refuses a stream (tenant, quota, memory) before reading what it carries."""
         self.max_entry_bytes = max_entry_bytes
         self.on_header = on_header
         self.header: EntryHeader | None = None
@@ -317,7 +317,7 @@ class FrameAssembler:
         if self.header is None:
             self.header = parse_header(frame)
             if self.on_header is not None:
-                self.on_header(self.header)
+                self.on_header(self.header, frame)
             if self.max_entry_bytes is not None and self.header.data_bytes > self.max_entry_bytes:
                 raise EntryTooLarge(f"entry of {self.header.data_bytes} bytes is over the limit of "
                                     f"{self.max_entry_bytes} bytes")

@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 import json
 import secrets
-import urllib.parse
 from collections.abc import Iterable
 
 import redis
@@ -54,6 +53,7 @@ from dkv.kvstore.codec import FRAME_LIMIT
 from dkv.kvstore.entry import EntryKey
 from dkv.kvstore.errors import CorruptEntry, InvalidEntry, TierUnavailable
 from dkv.kvstore.mac import EntryMac
+from dkv.kvstore.redis_url import redact_url
 from dkv.kvstore.tier import Frames, StorageTier
 
 # Values of at most codec.MAX_FRAME_BYTES stay in jemalloc's 4 MiB size class (see kvstore.codec).
@@ -185,21 +185,6 @@ return total
 """
 
 SCAN_BATCH = 1000  # keys per SCAN step and per script call of an audit: each Redis command stays short
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password masked, for error messages, logs and ``dkv config show``."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def _redis_call(what: str):
@@ -512,4 +497,4 @@ class RedisTier(StorageTier):
         return f"RedisTier({self.name!r}, {redact_url(self.url)}, prefix={self.prefix!r})"
 
 
-__all__ = ["RedisTier", "MAX_VALUE_BYTES", "redact_url"]
+__all__ = ["RedisTier", "MAX_VALUE_BYTES"]

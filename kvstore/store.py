@@ -240,8 +240,8 @@ class TieredStore:
                     raise self._unplaceable(stored.stats)
                 stored = batch.new = self._entries[key]
             if stored in batch.failed:
-                raise TierUnavailable(f"tier {self.tiers[placed].tier.name} failed while the entry was written to "
-                                      "it and no faster tier had room; retry later")
+                raise TierUnavailable(f"no tier could take the entry: tier {self.tiers[placed].tier.name} failed while "
+                                      "it was written there and no faster tier had room; retry later")
         except Exception as e:
             self.count_rejected(tenant, e)
             raise
@@ -254,8 +254,8 @@ class TieredStore:
         """Raise ``EntryTooLarge`` or ``OverQuota`` when an entry of ``size`` bytes could never be
         stored, whatever is evicted: cheap enough to ask before its data arrives."""
         if size > self.max_entry_bytes:
-            raise EntryTooLarge(f"entry of {size} bytes is over the store's limit of {self.max_entry_bytes} "
-                                "bytes: compress it more (higher ratio, quantization) or raise max_entry_bytes")
+            raise EntryTooLarge(f"entry of {size} bytes is over the limit of {self.max_entry_bytes} bytes "
+                                "(max_entry_bytes): compress it more (higher ratio, quantization) or raise the limit")
         if all(size > spec.tier.capacity_bytes for spec in self.tiers):
             largest = max(spec.tier.capacity_bytes for spec in self.tiers)
             raise EntryTooLarge(f"entry of {size} bytes is larger than every tier (largest: {largest} bytes): "

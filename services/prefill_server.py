@@ -78,7 +78,8 @@ class PrefillServer(GrpcServer):
 
             model, tokenizer = load_model(settings.model)
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
-            worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens)
+            worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens,
+                                   min_chunk_size=settings.min_chunk_size)
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:

@@ -184,13 +184,17 @@ class GrpcServer:
         """One line for the start-up log."""
         return self.service_name
 
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Server options beside ``GRPC_OPTIONS``: stateless workers age their connections."""
+        return WORKER_CONNECTION_AGE if self.stateless else []
+
     def close(self) -> None:
         """Called once the server has stopped."""
 
     async def start(self) -> int:
         """Bind and serve (inside the event loop that will run the server); returns the port."""
         self.health = health.aio.HealthServicer()
-        options = GRPC_OPTIONS + (WORKER_CONNECTION_AGE if self.stateless else [])
+        options = GRPC_OPTIONS + self.grpc_options()
         self.server = grpc.aio.server(
             options=options, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
         self.server.add_generic_rpc_handlers((self.handlers(),))
