@@ -60,8 +60,9 @@ def longest_cached_prefix(
 def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fingerprint: str,
                tenant: str) -> list[EntryKey]:
     """The key an entry ending at each chunk boundary of ``token_ids`` (and at its end) has."""
-    return [EntryKey(tenant, model_fingerprint, recipe.recipe_id, h)
-            for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe.recipe_id)]
+    recipe_id = recipe.recipe_id  # a JSON dump and a hash: once, not once per chunk
+    return [EntryKey(tenant, model_fingerprint, recipe_id, h)
+            for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe_id)]
 
 
 def longest_chain(keys: list[EntryKey], n_tokens: int, chunk_size: int,

@@ -19,11 +19,12 @@ really holds (Redis may evict entries behind the store's back).
 
 Quotas. A ``TierSpec`` may cap the bytes one tenant holds in its tier. A tenant over its quota
 in a tier makes room there from its own entries (demoting them, by the same value rule as for
-everyone); in the last tier it may drop its own entries, except those still waiting for their
-first read: a tenant writing faster than it reads gets ``OverQuota`` (RESOURCE_EXHAUSTED)
-instead of pushing out what it wrote a moment ago. The eviction value of an entry is computed
+everyone; the last tier drops them), never from those still waiting for their first read: its
+new entry goes to a slower tier instead, and a tenant writing faster than it reads gets
+``OverQuota`` (RESOURCE_EXHAUSTED) rather than push out what it wrote a moment ago. The eviction value of an entry is computed
 from what the store can check: kept tokens of its own tensor table, and a cap on the recompute
-cost any header may claim per stored byte, so no header can buy a place in the fast tiers.
+cost any header may claim per stored byte (``MAX_CLAIMED_COMPRESSION``), so no header can buy a
+place in the fast tiers.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ from dkv.kvstore.tier import Frames, StorageTier, frames_nbytes
 
 log = logging.getLogger("dkv.store")
 DECODED_ENTRIES = 8
-# The most token-layers of prefill an entry may claim to save per stored byte: about what SmolLM2's
-# KV (3 heads x 64 dims) costs at 4 bits with 1/64 of its tokens kept. Real models' KV is wider, so
-# honest entries stay under it; a header claiming 65536 tokens x 4096 layers in a few KB gains no
-# more value per byte than that.
-MAX_TOKEN_LAYERS_PER_BYTE = 1 / 3
+# The most recompute cost an entry may claim per stored byte, as the compression it claims: the
+# fp16 K and V of the tokens and layers it says it covers (4 bytes per KV dim) over its bytes. An
+# int4 entry keeping 1/16 of its tokens is 64x; past that a header's seq_len buys no more value, so
+# one claiming 65536 tokens in a few KB ranks with honest, well-compressed entries, not 10^5 above.
+MAX_CLAIMED_COMPRESSION = 64
 DEFAULT_TENANT = "default"  # whom a Put is counted against before its header could be read
 
 
@@ -552,13 +553,14 @@ class TieredStore:
     # ---------------------------------------------------------------- placement
 
     def _new_stats(self, header: EntryHeader, size: int) -> EntryStats:
-        """What the policy ranks the entry by, from what the store can check: layers that hold
-        rows in its tensor table, and tokens capped by ``MAX_TOKEN_LAYERS_PER_BYTE``."""
+        """What the policy ranks the entry by, from what the store can check: the layers that hold
+        rows in its tensor table, and tokens capped by ``MAX_CLAIMED_COMPRESSION``."""
         layers = max(1, sum(1 for rows in header.kept_tokens_per_layer() if rows))
-        tokens = min(header.identity.seq_len, max(1, int(size * MAX_TOKEN_LAYERS_PER_BYTE / layers)))
+        width = header.num_kv_heads * header.head_dim
+        tokens = min(header.identity.seq_len, max(1, MAX_CLAIMED_COMPRESSION * size // (4 * layers * width)))
         importance = header.importance if 0.0 <= header.importance <= 1.0 else 0.0  # (NaN too)
         return EntryStats(key=header.key, nbytes=size, importance=importance, seq_len=tokens, num_layers=layers,
-                          last_access=self.clock())
+                          kv_width=width, last_access=self.clock())
 
     def _place(self, stored: _Stored, frames: list, start: int, stop: int, shrink: bool) -> int | None:
         """Index the entry in the first tier of [start, stop) that takes it; its index, or None.
@@ -607,12 +609,10 @@ class TieredStore:
                      if s.stats.tier == i and s.stats.key != incoming.key and s.stats.key not in self._moving]
         victims: list[EntryStats] = []
         over = self._tenant_used[i][tenant] + incoming.nbytes - spec.tenant_quota if spec.tenant_quota else 0
-        if over > 0:
+        if over > 0:  # room from the tenant's own entries, except those still waiting for their first read
             own = [s for s in residents if s.key.tenant == tenant]
-            if last:  # a tenant never pushes out its own entries still waiting for their first read
-                unread = self._protected(own, spec.tenant_quota, now)
-                own = [s for s in own if s.key not in unread]
-            victims = self.policy.choose_victims(own, over, now)
+            unread = self._protected(own, spec.tenant_quota, now)
+            victims = self.policy.choose_victims([s for s in own if s.key not in unread], over, now)
             if victims is None:
                 return None
         need = self._used[i] - sum(v.nbytes for v in victims) + incoming.nbytes - spec.tier.capacity_bytes

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -56,6 +57,20 @@ class Busy(Exception):
 
 class IdleStream(Exception):
     """A Put stream sent nothing for ``put_idle_timeout_s``: DEADLINE_EXCEEDED."""
+
+
+class Oversized:
+    """A request too large to be within the bounds, left unparsed: parsing 4M token ids takes ~16 MB
+    and tens of ms on the event loop before any check could run."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+
+# Besides the token ids (at most 5 bytes each) or keys, a request holds a tenant, a model
+# fingerprint and a recipe: well under this.
+REQUEST_OVERHEAD_BYTES = 64 << 10
+MAX_KEY_BYTES = 4 * 129 + 8  # four key parts of at most 128 characters, separators, field tags
 
 
 STATUS = {
@@ -120,6 +135,16 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     def max_probe_keys(self) -> int:
         """A Probe asks for a prompt's chunk keys: as many as a Lookup may hash."""
         return -(-self.settings.max_lookup_tokens // self.settings.min_chunk_size)
+
+    def lookup_request(self, data: bytes) -> store_pb2.LookupRequest | Oversized:
+        if len(data) > 5 * self.settings.max_lookup_tokens + REQUEST_OVERHEAD_BYTES:
+            return Oversized(len(data))
+        return store_pb2.LookupRequest.FromString(data)
+
+    def probe_request(self, data: bytes) -> store_pb2.ProbeRequest | Oversized:
+        if len(data) > MAX_KEY_BYTES * self.max_probe_keys + REQUEST_OVERHEAD_BYTES:
+            return Oversized(len(data))
+        return store_pb2.ProbeRequest.FromString(data)
 
     async def Put(self, request_iterator, context):
         outcome = await self._put(request_iterator)
@@ -192,6 +217,9 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
 
     async def Lookup(self, request, context):
         try:
+            if isinstance(request, Oversized):
+                raise InvalidEntry(f"a Lookup of {request.nbytes} bytes holds more token ids than this store takes "
+                                   f"({self.settings.max_lookup_tokens}, max_lookup_tokens): send a shorter prefix")
             recipe = recipe_from_proto(request.recipe)
             tokens = len(request.token_ids)
             if not tokens:
@@ -222,9 +250,10 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
 
     async def Probe(self, request, context):
         try:
-            if len(request.keys) > self.max_probe_keys:
-                raise InvalidEntry(f"{len(request.keys)} keys in one Probe; send at most {self.max_probe_keys} (a "
-                                   "prompt of max_lookup_tokens in chunks of min_chunk_size)")
+            if isinstance(request, Oversized) or len(request.keys) > self.max_probe_keys:
+                keys = "more" if isinstance(request, Oversized) else len(request.keys)
+                raise InvalidEntry(f"{keys} keys in one Probe; send at most {self.max_probe_keys} (a prompt of "
+                                   "max_lookup_tokens in chunks of min_chunk_size)")
             return await asyncio.to_thread(self._probe, request.keys)
         except Exception as e:  # noqa: BLE001
             await _abort(context, e)
@@ -331,10 +360,10 @@ def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
         "Get": grpc.unary_stream_rpc_method_handler(
             servicer.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=frame_message),
         "Lookup": grpc.unary_unary_rpc_method_handler(
-            servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
+            servicer.Lookup, request_deserializer=servicer.lookup_request,
             response_serializer=pb.LookupResponse.SerializeToString),
         "Probe": grpc.unary_unary_rpc_method_handler(
-            servicer.Probe, request_deserializer=pb.ProbeRequest.FromString,
+            servicer.Probe, request_deserializer=servicer.probe_request,
             response_serializer=pb.ProbeResponse.SerializeToString),
         "Delete": grpc.unary_unary_rpc_method_handler(
             servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
@@ -421,4 +450,7 @@ async def serve(settings: StoreSettings) -> None:
     # The store's tensor work (validation, shrinking) is small per call; torch's OpenMP workers
     # spinning beside gRPC's threads made Put 1.6x slower on 2 cores (docs/benchmarks.md).
     torch.set_num_threads(1)
+    # A store thread hashing a long prompt holds the GIL; the event loop (health checks, every
+    # other call) takes it back within 1 ms instead of Python's default 5 ms, each time it needs it.
+    sys.setswitchinterval(0.001)
     await serve_until_signal(StoreServer(settings))
