@@ -78,7 +78,8 @@ class StorageTier(ABC):
 
     def audit(self) -> dict[EntryKey, int]:
         """Repair the tier's own bookkeeping (index, byte counter) against what it really holds, and
-        return the bytes of each entry it holds. In-process tiers are exact: they only report."""
+        return the bytes of each entry it holds. In-process tiers are exact: they only report (this
+        default reads every entry; tiers override it with something cheaper)."""
         return {key: frames_nbytes(self.get(key) or ()) for key in self.keys()}
 
     def close(self) -> None:

@@ -160,3 +160,19 @@ def test_describe_masks_secrets():
     d = describe(StoreSettings(auth_token="s3cret", tenant_tokens="acme=t1"))
     assert d["auth_token"] == d["tenant_tokens"] == "***" and "s3cret" not in str(d)
     assert describe(StoreSettings())["auth_token"] == ""
+
+
+def test_describe_masks_the_cluster_secret_and_the_password_in_redis_url():
+    d = describe(StoreSettings(cluster_secret="mac-key-1", redis_url="redis://:pw-8812@redis.ns.svc:6379/0"))
+    assert d["cluster_secret"] == "***" and d["redis_url"] == "redis://:***@redis.ns.svc:6379/0"
+    assert "pw-8812" not in str(d) and "mac-key-1" not in str(d)
+    assert describe(StoreSettings(redis_url="redis://user:pw@h:1/2"))["redis_url"] == "redis://user:***@h:1/2"
+    assert describe(StoreSettings(redis_url="redis://h:6379/0"))["redis_url"] == "redis://h:6379/0"  # nothing to mask
+
+
+def test_the_put_budget_must_hold_the_largest_entry():
+    with pytest.raises(SettingsError, match="put_bytes_in_flight .* below max_entry_bytes"):
+        StoreSettings(max_entry_bytes=1 << 30, put_bytes_in_flight=512 << 20)
+    assert StoreSettings(max_entry_bytes=256 << 20, put_bytes_in_flight=512 << 20).put_bytes_in_flight == 512 << 20
+    with pytest.raises(SettingsError, match="max_lookup_tokens"):
+        StoreSettings(min_chunk_size=64, max_lookup_tokens=32)  # not even one chunk
