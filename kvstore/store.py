@@ -295,9 +295,10 @@ class TieredStore:
                 header, frames = codec.check_frames(frames)
                 if header.key != key:
                     raise CorruptEntry(f"tier {tier.name} returned the frames of {header.key} for {key}")
-        except TierUnavailable as e:
+        except TierUnavailable as e:  # a miss for now; the entry is likely still there once the tier is back
             self._mark_down(tier_index, e)
-            frames = None
+            self._count(key.tenant, "misses")
+            raise EntryNotFound(f"no entry {key} for now: tier {tier.name} is failing") from e
         except (CorruptEntry, ValueError) as e:
             self._count(key.tenant, "checksum_failures")
             log.warning("entry %s failed its check in tier %s and was deleted: %s", key, tier.name, e)
