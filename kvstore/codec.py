@@ -188,6 +188,11 @@ def encode(entry: CompressedKV, max_frame_bytes: int = MAX_FRAME_BYTES) -> list[
     return frames
 
 
+def stored_nbytes(header: EntryHeader, header_frame: bytes | memoryview) -> int:
+    """Bytes of all the frames of the entry whose header frame is ``header_frame``."""
+    return len(header_frame) + header.data_bytes + FRAME_HEAD_BYTES * (header.total_frames - 1)
+
+
 def parse_frame(frame: bytes | memoryview) -> Frame:
     """Check one frame's head and checksum; raise ``CorruptEntry`` if anything is off."""
     view = memoryview(frame).cast("B")
@@ -298,8 +303,11 @@ class FrameAssembler:
     frames once all arrived. Nothing is decoded into tensors here.
     """
 
-    def __init__(self, max_entry_bytes: int | None = None):
+    def __init__(self, max_entry_bytes: int | None = None, on_header=None):
+        """``on_header(header, header_frame)`` runs once the header is parsed, before any size check
+        or data frame: a caller refuses a stream (tenant, quota, memory) before reading what it carries."""
         self.max_entry_bytes = max_entry_bytes
+        self.on_header = on_header
         self.header: EntryHeader | None = None
         self.frames: list[bytes] = []
         self.data_received = 0
@@ -308,6 +316,8 @@ class FrameAssembler:
     def add(self, frame: bytes) -> None:
         if self.header is None:
             self.header = parse_header(frame)
+            if self.on_header is not None:
+                self.on_header(self.header, frame)
             if self.max_entry_bytes is not None and self.header.data_bytes > self.max_entry_bytes:
                 raise EntryTooLarge(f"entry of {self.header.data_bytes} bytes is over the limit of "
                                     f"{self.max_entry_bytes} bytes")

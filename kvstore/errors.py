@@ -13,8 +13,12 @@ class EntryTooLarge(KVStoreError):
     """Over the size limit or larger than every tier: RESOURCE_EXHAUSTED."""
 
 
+class OverQuota(KVStoreError):
+    """A tenant's entry does not fit its quota in any tier: RESOURCE_EXHAUSTED."""
+
+
 class CorruptEntry(KVStoreError):
-    """A checksum, sequence or framing check failed: DATA_LOSS on read, INVALID_ARGUMENT on write."""
+    """A checksum, MAC, sequence or framing check failed: DATA_LOSS on read, INVALID_ARGUMENT on write."""
 
 
 class EntryNotFound(KVStoreError):

@@ -1,7 +1,8 @@
 """Eviction policies: they rank entries and choose victims; they never touch storage.
 
 ``ValuePolicy`` is dkv's default: value = importance kept × expected reuse × recompute cost ÷ bytes,
-with reuse = (1 + hits) × 2^(-age / half_life) and recompute cost = original tokens × layers.
+with reuse = (1 + hits) × 2^(-age / half_life) and recompute cost = original tokens × layers × KV
+width (KV heads × head dim: what prefilling a token costs in a layer, and what its K and V weigh).
 ``LRUPolicy`` is the baseline every other store uses (value = last access time).
 """
 
@@ -26,6 +27,7 @@ class EntryStats:
     hits: int = 0
     last_access: float = 0.0
     tier: int = 0
+    kv_width: int = 1  # KV heads x head dim
 
 
 class EvictionPolicy(ABC):
@@ -66,7 +68,7 @@ class ValuePolicy(EvictionPolicy):
     def value(self, entry: EntryStats, now: float) -> float:
         age = max(0.0, now - entry.last_access)
         reuse = (1 + entry.hits) * 2.0 ** (-age / self.half_life_s)
-        cost = entry.seq_len * entry.num_layers
+        cost = entry.seq_len * entry.num_layers * entry.kv_width
         return entry.importance * reuse * cost / max(entry.nbytes, 1)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dkv.kvstore.entry import EntryKey, Recipe
+from dkv.kvstore.entry import EntryKey, Identity, Recipe
 from dkv.kvstore.errors import InvalidEntry
 
 DIGEST_BYTES = 16
@@ -60,8 +60,9 @@ def longest_cached_prefix(
 def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fingerprint: str,
                tenant: str) -> list[EntryKey]:
     """The key an entry ending at each chunk boundary of ``token_ids`` (and at its end) has."""
-    return [EntryKey(tenant, model_fingerprint, recipe.recipe_id, h)
-            for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe.recipe_id)]
+    recipe_id = recipe.recipe_id  # a JSON dump and a hash: once, not once per chunk
+    return [EntryKey(tenant, model_fingerprint, recipe_id, h)
+            for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe_id)]
 
 
 def longest_chain(keys: list[EntryKey], n_tokens: int, chunk_size: int,
@@ -77,3 +78,30 @@ def longest_chain(keys: list[EntryKey], n_tokens: int, chunk_size: int,
         chains[end] = chains[start] + [key]
         best = (chains[end], end)
     return best
+
+
+def check_chain(identities: Sequence[Identity]) -> None:
+    """Raise ``ValueError`` unless these entries, in this order, are the chunks of one context.
+
+    They must share the model, recipe and tenant; the first starts at 0; each starts where the
+    one before ends (no gap, no overlap); and each one's chained chunk hashes extend the previous
+    one's, so they hold the chunks of the same tokens, not equally long spans of other prompts.
+    One entry of a whole context (start 0) is a chain of one.
+    """
+    if not identities:
+        raise ValueError("no entries: a context needs at least one")
+    first = identities[0]
+    if first.start != 0:
+        raise ValueError(f"the first entry starts at token {first.start}, not 0: the chunks before it are missing "
+                         "or the keys are out of order")
+    for i, (before, ident) in enumerate(zip(identities, identities[1:]), start=1):
+        for part in ("model_fingerprint", "recipe", "tenant"):
+            if getattr(ident, part) != getattr(first, part):
+                raise ValueError(f"entry {i} has another {part} than entry 0: chunks of one context share the model, "
+                                 "recipe and tenant")
+        if ident.start != before.seq_len:
+            raise ValueError(f"entry {i} covers tokens [{ident.start}, {ident.seq_len}) but entry {i - 1} ends at "
+                             f"{before.seq_len}: chunk keys must be consecutive, in order, without gaps")
+        if ident.chunk_hashes[:len(before.chunk_hashes)] != before.chunk_hashes:
+            raise ValueError(f"entry {i} is a chunk of other tokens than entry {i - 1}: its chained hashes do not "
+                             f"extend entry {i - 1}'s")

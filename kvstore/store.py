@@ -1,4 +1,4 @@
-"""The tiered store: placement, promotion, demotion with graded shrinking, lookup, stats.
+"""The tiered store: placement, promotion, demotion with graded shrinking, quotas, lookup, stats.
 
 Tiers are ordered fastest first (device, host, Redis). A new entry goes to the fastest tier that
 has room, or can make room by demoting entries the policy values less than the new one; demoted
@@ -7,14 +7,34 @@ turn; the last tier drops its victims. A hit in a slower tier promotes the entry
 re-checks every frame, and a failed check deletes the entry and reports ``CorruptEntry``: the
 store may lose entries, it never returns wrong bytes. A tier that fails (Redis down, full) is
 skipped for ``retry_after_s`` and the store keeps serving from the others.
+
+Locking. One lock guards the index and the byte accounting; the store never holds it across the
+I/O of a ``remote`` tier (Redis), so a Redis that hangs slows only the calls that need Redis,
+never a read from host memory. Decisions are taken under the lock (which entries move where, who
+is evicted), each tier's bytes counted there at once, and in-process tiers written there too;
+the Redis writes and removals those decisions imply run after the lock is released. An entry on
+its way into Redis is indexed at once and read from the frames in hand until its write lands; if
+the write fails, it is dropped (an eviction). ``audit`` reconciles the index with what each tier
+really holds (Redis may evict entries behind the store's back).
+
+Quotas. A ``TierSpec`` may cap the bytes one tenant holds in its tier. A tenant over its quota
+in a tier makes room there from its own entries (demoting them, by the same value rule as for
+everyone; the last tier drops them), never from those still waiting for their first read: its
+new entry goes to a slower tier instead, and a tenant writing faster than it reads gets
+``OverQuota`` (RESOURCE_EXHAUSTED) rather than push out what it wrote a moment ago. The eviction value of an entry is computed
+from what the store can check: kept tokens of its own tensor table, and a cap on the recompute
+cost any header may claim per stored byte (``MAX_CLAIMED_COMPRESSION``), so no header can buy a
+place in the fast tiers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +43,7 @@ import numpy as np
 from dkv.kvstore import codec
 from dkv.kvstore.codec import EntryHeader
 from dkv.kvstore.entry import CompressedKV, EntryKey, Recipe
-from dkv.kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, TierUnavailable
+from dkv.kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, OverQuota, TierUnavailable
 from dkv.kvstore.policy import EntryStats, EvictionPolicy, ValuePolicy
 from dkv.kvstore.prefix import longest_cached_prefix
 from dkv.kvstore.shrink import ShrinkRule
@@ -31,20 +51,63 @@ from dkv.kvstore.tier import Frames, StorageTier, frames_nbytes
 
 log = logging.getLogger("dkv.store")
 DECODED_ENTRIES = 8
+# The most recompute cost an entry may claim per stored byte, as the compression it claims: the
+# fp16 K and V of the tokens and layers it says it covers (4 bytes per KV dim) over its bytes. An
+# int4 entry keeping 1/16 of its tokens is 64x; past that a header's seq_len buys no more value, so
+# one claiming 65536 tokens in a few KB ranks with honest, well-compressed entries, not 10^5 above.
+MAX_CLAIMED_COMPRESSION = 64
+DEFAULT_TENANT = "default"  # whom a Put is counted against before its header could be read
 
 
 @dataclass
 class TierSpec:
-    """A tier and what happens to entries that enter it from a faster tier."""
+    """A tier, what happens to entries that enter it from a faster tier, and how much of it one
+    tenant may hold (``tenant_quota`` bytes; 0 = no quota)."""
 
     tier: StorageTier
     shrink: ShrinkRule = field(default_factory=ShrinkRule)
+    tenant_quota: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tenant_quota < 0:
+            raise ValueError(f"tier {self.tier.name}: tenant_quota {self.tenant_quota} must be >= 0 (0 = none)")
+
+
+@dataclass(eq=False)
+class _Stored:
+    """One indexed entry (compared by identity: a moved or replaced entry is a new object)."""
+
+    stats: EntryStats
+    header: EntryHeader
+    seq: int = 0  # when it was indexed (the store's counter): an audit leaves newer entries alone
 
 
 @dataclass
-class _Stored:
-    stats: EntryStats
-    header: EntryHeader
+class _Batch:
+    """Remote-tier I/O decided under the lock, run after it is released, in order."""
+
+    ops: list = field(default_factory=list)  # ("put", i, stored, frames) or ("remove", i, key)
+    new: _Stored | None = None  # the entry a Put places (its failed write is the Put's, not an eviction)
+    failed: list = field(default_factory=list)  # the _Stored whose remote write failed
+
+
+@dataclass
+class Counters:
+    """What happened to one tenant's entries (the store's totals are their sums)."""
+
+    hits: list[int]  # per tier
+    misses: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    checksum_failures: int = 0
+    puts: int = 0
+    rejected_puts: int = 0
+    over_quota: int = 0
+    lost: int = 0  # gone from a tier behind the store's back (Redis eviction, a flush)
+
+    NAMES = ("misses", "evictions", "demotions", "promotions", "checksum_failures", "puts", "rejected_puts",
+             "over_quota", "lost")
 
 
 @dataclass
@@ -80,10 +143,13 @@ class TierStatus:
     healthy: bool
     hits: int
     errors: int
+    quota_bytes: int  # what one tenant may hold here; 0 = no quota
 
 
 @dataclass
 class StoreStats:
+    """The store's numbers, or (``tenant`` set) one tenant's: its entries, bytes, hits, puts."""
+
     tiers: list[TierStatus]
     entries: int
     hits: int
@@ -94,6 +160,10 @@ class StoreStats:
     checksum_failures: int
     puts: int
     rejected_puts: int
+    over_quota: int
+    lost: int
+    tenant: str | None = None
+    tenants: list["StoreStats"] = field(default_factory=list)  # each tenant's, in the store-wide view
 
 
 class TieredStore:
@@ -115,6 +185,10 @@ class TieredStore:
         names = [spec.tier.name for spec in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
+        remote = [spec.tier.remote for spec in tiers]
+        if remote != sorted(remote):
+            raise ValueError(f"remote tiers must come after every in-process tier, got {names}: entries are "
+                             "demoted out of a tier without reading it over the network under the store's lock")
         self.tiers = list(tiers)
         self.policy = policy or ValuePolicy()
         self.max_entry_bytes = max_entry_bytes
@@ -122,16 +196,22 @@ class TieredStore:
         self.clock = clock
         self.protect_unread_s = protect_unread_s
         self._entries: dict[EntryKey, _Stored] = {}
+        # entries being written to a remote tier, readable from the frames in hand until it lands
+        self._moving: dict[EntryKey, tuple[_Stored, list]] = {}
         # decoded entries (zero-copy views of verified frames) for Summaries/Select, which read
         # one layer per decode step: a few, most recently used last
         self._decoded: OrderedDict[EntryKey, tuple[bytes, CompressedKV]] = OrderedDict()
         self._lock = threading.RLock()
-        self._down_until = [0.0] * len(self.tiers)
-        self._tier_hits = [0] * len(self.tiers)
-        self._tier_errors = [0] * len(self.tiers)
-        self.misses = self.evictions = self.demotions = self.promotions = 0
-        self.checksum_failures = self.puts = self.rejected_puts = 0
-        self._recover()
+        self._batch: _Batch | None = None
+        self._seq = 0
+        n = len(self.tiers)
+        self._used = [0] * n
+        self._tenant_used = [Counter() for _ in range(n)]
+        self._tenant_entries = [Counter() for _ in range(n)]
+        self._counters: defaultdict[str, Counters] = defaultdict(lambda: Counters(hits=[0] * n))
+        self._down_until = [0.0] * n
+        self._tier_errors = [0] * n
+        self.audit(adopt=True)
 
     # ---------------------------------------------------------------- public API
 
@@ -139,38 +219,58 @@ class TieredStore:
         """Verify and store an entry given as codec frames; the key comes from its header.
 
         Raises ``InvalidEntry`` / ``CorruptEntry`` for bad input, ``EntryTooLarge`` if it fits
-        no tier, ``TierUnavailable`` if every tier that could hold it is failing. Nothing is
-        stored unless every check passed.
+        no tier, ``OverQuota`` if it fits none within its tenant's quota, ``TierUnavailable`` if
+        every tier that could hold it is failing. Nothing is stored unless every check passed.
         """
+        tenant = header.identity.tenant if header is not None else DEFAULT_TENANT
         try:
             if header is None:
                 header, frames = codec.check_frames(frames, self.max_entry_bytes)
+                tenant = header.identity.tenant
             size = frames_nbytes(frames)
-            if size > self.max_entry_bytes:
-                raise EntryTooLarge(f"entry of {size} bytes is over the store's limit of {self.max_entry_bytes} "
-                                    "bytes: compress it more (higher ratio, quantization) or raise max_entry_bytes")
+            self.check_admissible(header, size)
             codec.decode_checked(header, frames)  # every shape, dtype and value; raises InvalidEntry
-        except Exception:
-            self.rejected_puts += 1
+            key = header.key
+            stored = _Stored(self._new_stats(header, size), header)
+            with self._critical() as batch:
+                replaced = key in self._entries
+                if replaced:
+                    self._remove(key)
+                placed = self._place(stored, list(frames), 0, len(self.tiers), True)
+                if placed is None:
+                    raise self._unplaceable(stored.stats)
+                stored = batch.new = self._entries[key]
+            if stored in batch.failed:
+                raise TierUnavailable(f"no tier could take the entry: tier {self.tiers[placed].tier.name} failed while "
+                                      "it was written there and no faster tier had room; retry later")
+        except Exception as e:
+            self.count_rejected(tenant, e)
             raise
-        key = header.key
-        with self._lock:
-            replaced = key in self._entries
-            if replaced:
-                self._remove(key)
-            placed = self._place(header, list(frames), self._new_stats(header, size), 0, len(self.tiers), True)
-            if placed is None:
-                self.rejected_puts += 1
-                self._raise_unplaceable(size)
-            self.puts += 1
-            stored = self._entries[key]
-            log.info("put %s: %d bytes in tier %s%s", key, stored.stats.nbytes, self.tiers[placed].tier.name,
-                     " (replaced)" if replaced else "")
-            return PutResult(key, self.tiers[placed].tier.name, stored.stats.nbytes, replaced)
+        self._count(tenant, "puts")
+        log.info("put %s: %d bytes in tier %s%s", key, stored.stats.nbytes, self.tiers[placed].tier.name,
+                 " (replaced)" if replaced else "")
+        return PutResult(key, self.tiers[placed].tier.name, stored.stats.nbytes, replaced)
 
-    def count_rejected(self) -> None:
-        """Count a Put refused before it reached ``put`` (e.g. a broken frame stream)."""
-        self.rejected_puts += 1
+    def check_admissible(self, header: EntryHeader, size: int) -> None:
+        """Raise ``EntryTooLarge`` or ``OverQuota`` when an entry of ``size`` bytes could never be
+        stored, whatever is evicted: cheap enough to ask before its data arrives."""
+        if size > self.max_entry_bytes:
+            raise EntryTooLarge(f"entry of {size} bytes is over the limit of {self.max_entry_bytes} bytes "
+                                "(max_entry_bytes): compress it more (higher ratio, quantization) or raise the limit")
+        if all(size > spec.tier.capacity_bytes for spec in self.tiers):
+            largest = max(spec.tier.capacity_bytes for spec in self.tiers)
+            raise EntryTooLarge(f"entry of {size} bytes is larger than every tier (largest: {largest} bytes): "
+                                "compress it more or give a tier more capacity")
+        if all(size > min(spec.tier.capacity_bytes, spec.tenant_quota or spec.tier.capacity_bytes)
+               for spec in self.tiers):
+            raise OverQuota(f"entry of {size} bytes is larger than tenant {header.identity.tenant!r}'s quota in "
+                            f"every tier ({self._quotas()}): compress it more or ask for a larger quota")
+
+    def count_rejected(self, tenant: str, error: Exception) -> None:
+        """Count a Put of ``tenant`` refused with ``error`` (here, or before it reached ``put``)."""
+        self._count(tenant, "rejected_puts")
+        if isinstance(error, OverQuota):
+            self._count(tenant, "over_quota")
 
     def get(self, key: EntryKey) -> GetResult:
         """The verified frames of ``key``; promotes it on a hit in a slower tier.
@@ -180,39 +280,45 @@ class TieredStore:
         """
         with self._lock:
             stored = self._entries.get(key)
-            tier_index = stored.stats.tier if stored else -1
-        if stored is None or not self._healthy(tier_index):
-            self.misses += 1
+            moving = self._moving.get(key)
+        if stored is None or not self._healthy(stored.stats.tier):
+            self._count(key.tenant, "misses")
             raise EntryNotFound(f"no entry {key}")
+        tier_index = stored.stats.tier
         tier = self.tiers[tier_index].tier
         try:
-            frames = tier.get(key)
-        except TierUnavailable as e:
+            if moving is not None and moving[0] is stored:
+                frames = moving[1]  # on its way into this tier: the frames in hand
+            else:
+                frames = tier.get(key)
+            if frames is not None:
+                header, frames = codec.check_frames(frames)
+                if header.key != key:
+                    raise CorruptEntry(f"tier {tier.name} returned the frames of {header.key} for {key}")
+        except TierUnavailable as e:  # a miss for now; the entry is likely still there once the tier is back
             self._mark_down(tier_index, e)
-            frames = None
-        if frames is None:
-            with self._lock:
-                if self._entries.get(key) is stored:
-                    del self._entries[key]
-            self.misses += 1
-            raise EntryNotFound(f"no entry {key} (lost from tier {tier.name})")
-        try:
-            header, frames = codec.check_frames(frames)
-            if header.key != key:
-                raise CorruptEntry(f"tier {tier.name} returned the frames of {header.key} for {key}")
+            self._count(key.tenant, "misses")
+            raise EntryNotFound(f"no entry {key} for now: tier {tier.name} is failing") from e
         except (CorruptEntry, ValueError) as e:
-            self.checksum_failures += 1
+            self._count(key.tenant, "checksum_failures")
             log.warning("entry %s failed its check in tier %s and was deleted: %s", key, tier.name, e)
-            with self._lock:
+            with self._critical():
                 if self._entries.get(key) is stored:
                     self._remove(key)
             raise CorruptEntry(f"entry {key} was corrupted in tier {tier.name} and has been deleted; "
                                f"recompute it ({e})") from e
-        with self._lock:
-            self._tier_hits[tier_index] += 1
+        if frames is None:
+            with self._critical():
+                if self._entries.get(key) is stored:
+                    self._unindex(stored)
+                    self._count(key.tenant, "lost")
+            self._count(key.tenant, "misses")
+            raise EntryNotFound(f"no entry {key} (lost from tier {tier.name})")
+        with self._critical():
+            self._counters[key.tenant].hits[tier_index] += 1
             stored.stats.hits += 1
             stored.stats.last_access = self.clock()
-            if tier_index > 0 and self._entries.get(key) is stored:
+            if tier_index > 0 and self._entries.get(key) is stored and key not in self._moving:
                 self._promote(stored, frames)
         return GetResult(header, frames, tier.name)
 
@@ -272,97 +378,261 @@ class TieredStore:
         return self.tiers[stored.stats.tier].tier.name if stored else None
 
     def delete(self, key: EntryKey) -> bool:
-        with self._lock:
+        with self._critical():
             if key not in self._entries:
                 return False
             self._remove(key)
             return True
 
-    def stats(self) -> StoreStats:
+    def stats(self, tenant: str | None = None) -> StoreStats:
+        """Every tier's state and the counters: the store's (``tenant`` None, with each tenant's in
+        ``tenants``), or one tenant's own entries, bytes and counters."""
         with self._lock:
-            counts = [0] * len(self.tiers)
-            for stored in self._entries.values():
-                counts[stored.stats.tier] += 1
-            tiers = []
-            for i, spec in enumerate(self.tiers):
-                try:
-                    used = spec.tier.used_bytes() if self._healthy(i) else 0
-                except TierUnavailable as e:
-                    self._mark_down(i, e)
-                    used = 0
-                tiers.append(TierStatus(spec.tier.name, counts[i], used, spec.tier.capacity_bytes,
-                                        self._healthy(i), self._tier_hits[i], self._tier_errors[i]))
-            return StoreStats(tiers, len(self._entries), sum(self._tier_hits), self.misses, self.evictions,
-                              self.demotions, self.promotions, self.checksum_failures, self.puts, self.rejected_puts)
+            if tenant is not None:
+                return self._stats_of([tenant], tenant)
+            tenants = sorted(set(self._counters) | {t for c in self._tenant_entries for t in c})
+            view = self._stats_of(tenants, None)
+            view.tenants = [self._stats_of([t], t) for t in tenants]
+            return view
+
+    def _stats_of(self, tenants: list[str], scope: str | None) -> StoreStats:
+        counters = [self._counters[t] for t in tenants if t in self._counters]
+        tiers = []
+        for i, spec in enumerate(self.tiers):
+            entries = sum(self._tenant_entries[i][t] for t in tenants)
+            used = sum(self._tenant_used[i][t] for t in tenants)
+            tiers.append(TierStatus(spec.tier.name, entries, used, spec.tier.capacity_bytes, self._healthy(i),
+                                    sum(c.hits[i] for c in counters), self._tier_errors[i], spec.tenant_quota))
+        totals = {name: sum(getattr(c, name) for c in counters) for name in Counters.NAMES}
+        return StoreStats(tiers, sum(t.entries for t in tiers), sum(t.hits for t in tiers), tenant=scope, **totals)
+
+    def audit(self, adopt: bool = False) -> dict[str, int]:
+        """Reconcile the index with what each tier really holds; returns what changed.
+
+        Each tier first repairs its own bookkeeping (``StorageTier.audit``). Entries the index
+        places in a tier that no longer holds them are dropped (``lost``). Entries a tier holds
+        that the index does not know are ``adopt``-ed (at start: what outlived a restart) or
+        removed (later: what a removal that failed while the tier was down left behind).
+        """
+        changes = {"lost": 0, "adopted": 0, "removed": 0}
+        for i, spec in enumerate(self.tiers):
+            with self._lock:
+                since, moving = self._seq, set(self._moving)
+            try:
+                held = spec.tier.audit()
+            except TierUnavailable as e:
+                self._mark_down(i, e)
+                continue
+            with self._critical():
+                for key, stored in list(self._entries.items()):
+                    if (stored.stats.tier == i and key not in held and stored.seq <= since
+                            and key not in moving and key not in self._moving):
+                        self._unindex(stored)
+                        self._count(key.tenant, "lost")
+                        changes["lost"] += 1
+                # held here, but indexed nowhere or in another tier (a removal that failed left it)
+                unknown = [key for key in held if key not in self._entries or self._entries[key].stats.tier != i]
+                if not adopt:
+                    for key in unknown:
+                        self._drop_from(i, key)
+            if adopt:
+                changes["adopted"] += self._adopt(i, unknown)
+            elif unknown:
+                changes["removed"] += len(unknown)
+                log.info("tier %s: removed %d entries the index no longer names", spec.tier.name, len(unknown))
+        if changes["lost"]:
+            log.warning("audit: %d entries were gone from their tier (evicted or flushed behind the store's back)",
+                        changes["lost"])
+        return changes
 
     def close(self) -> None:
         for spec in self.tiers:
             spec.tier.close()
 
+    # ---------------------------------------------------------------- locking and remote I/O
+
+    @contextlib.contextmanager
+    def _critical(self):
+        """The lock, then (released) the remote-tier I/O decided under it. Not re-entrant."""
+        batch = _Batch()
+        try:
+            with self._lock:
+                self._batch = batch
+                try:
+                    yield batch
+                finally:
+                    self._batch = None
+        finally:
+            self._run(batch)
+
+    def _run(self, batch: _Batch) -> None:
+        for op, i, *args in batch.ops:
+            tier = self.tiers[i].tier
+            if op == "remove":
+                if not self._healthy(i):
+                    continue  # left behind, like a removal that fails: the next audit removes it
+                try:
+                    tier.remove(args[0])
+                except TierUnavailable as e:
+                    self._mark_down(i, e)
+                continue
+            stored, frames = args
+            key = stored.stats.key
+            try:
+                if not self._healthy(i):
+                    raise TierUnavailable(f"tier {tier.name} is being skipped after a failure")
+                tier.put(key, frames)
+            except TierUnavailable as e:
+                if self._healthy(i):
+                    self._mark_down(i, e)
+                batch.failed.append(stored)
+                with self._lock:
+                    self._done_moving(key, stored)
+                    if self._entries.get(key) is stored:
+                        self._unindex(stored)
+                        if stored is not batch.new:  # a demotion that could not land
+                            self._count(key.tenant, "evictions")
+                continue
+            with self._lock:
+                self._done_moving(key, stored)
+                current = self._entries.get(key)
+                # removed or replaced while it was written: take it back out, unless a newer write
+                # of the same key went to this tier (and replaced it there)
+                stale = current is not stored and (current is None or current.stats.tier != i)
+            if stale:
+                try:
+                    tier.remove(key)
+                except TierUnavailable as e:
+                    self._mark_down(i, e)
+
+    def _done_moving(self, key: EntryKey, stored: _Stored) -> None:
+        if key in self._moving and self._moving[key][0] is stored:
+            del self._moving[key]
+
+    def _drop_from(self, i: int, key: EntryKey) -> None:
+        """Remove ``key`` from tier ``i``: now for an in-process tier, after the lock for a remote one."""
+        tier = self.tiers[i].tier
+        if tier.remote:
+            self._batch.ops.append(("remove", i, key))
+            return
+        try:
+            tier.remove(key)
+        except TierUnavailable as e:
+            self._mark_down(i, e)
+
+    # ---------------------------------------------------------------- index and accounting
+
+    def _index(self, stored: _Stored) -> None:
+        key, i, n = stored.stats.key, stored.stats.tier, stored.stats.nbytes
+        self._seq += 1
+        stored.seq = self._seq
+        self._entries[key] = stored
+        self._used[i] += n
+        self._tenant_used[i][key.tenant] += n
+        self._tenant_entries[i][key.tenant] += 1
+
+    def _unindex(self, stored: _Stored) -> None:
+        key, i, n = stored.stats.key, stored.stats.tier, stored.stats.nbytes
+        if self._entries.get(key) is not stored:
+            return
+        del self._entries[key]
+        self._decoded.pop(key, None)
+        self._used[i] -= n
+        self._tenant_used[i][key.tenant] -= n
+        self._tenant_entries[i][key.tenant] -= 1
+        if not self._tenant_entries[i][key.tenant]:
+            del self._tenant_used[i][key.tenant], self._tenant_entries[i][key.tenant]
+
+    def _count(self, tenant: str, name: str, n: int = 1) -> None:
+        with self._lock:
+            counters = self._counters[tenant]
+            setattr(counters, name, getattr(counters, name) + n)
+
+    def _quotas(self) -> str:
+        return ", ".join(f"{s.tier.name} {s.tenant_quota or 'none'}" for s in self.tiers)
+
     # ---------------------------------------------------------------- placement
 
     def _new_stats(self, header: EntryHeader, size: int) -> EntryStats:
-        return EntryStats(key=header.key, nbytes=size, importance=header.importance,
-                          seq_len=header.identity.seq_len, num_layers=header.num_layers, last_access=self.clock())
+        """What the policy ranks the entry by, from what the store can check: the layers that hold
+        rows in its tensor table, and tokens capped by ``MAX_CLAIMED_COMPRESSION``."""
+        layers = max(1, sum(1 for rows in header.kept_tokens_per_layer() if rows))
+        width = header.num_kv_heads * header.head_dim
+        tokens = min(header.identity.seq_len, max(1, MAX_CLAIMED_COMPRESSION * size // (4 * layers * width)))
+        importance = header.importance if 0.0 <= header.importance <= 1.0 else 0.0  # (NaN too)
+        return EntryStats(key=header.key, nbytes=size, importance=importance, seq_len=tokens, num_layers=layers,
+                          kv_width=width, last_access=self.clock())
 
-    def _place(self, header: EntryHeader, frames: list, stats: EntryStats, start: int, stop: int,
-               shrink: bool) -> int | None:
-        """Put the entry in the first tier of [start, stop) that takes it; its index, or None.
+    def _place(self, stored: _Stored, frames: list, start: int, stop: int, shrink: bool) -> int | None:
+        """Index the entry in the first tier of [start, stop) that takes it; its index, or None.
 
         ``shrink`` applies each tier's ShrinkRule on the way (new puts and demotions, not
         promotions). Must hold the lock.
         """
-        key = header.key
+        key, header, stats = stored.stats.key, stored.header, stored.stats
         for i in range(start, stop):
             spec = self.tiers[i]
             if not self._healthy(i):
                 continue
             if shrink and i > 0 and not spec.shrink.is_noop:
                 header, frames = _shrunk(frames, spec.shrink)
-                stats.nbytes, stats.importance = frames_nbytes(frames), header.importance
+                stats = dataclasses.replace(stats, nbytes=frames_nbytes(frames), importance=header.importance)
             if stats.nbytes > spec.tier.capacity_bytes:
                 continue
-            try:
-                # the last healthy tier admits whatever fits; a faster one only what is worth more
-                last = stop == len(self.tiers) and not any(self._healthy(j) for j in range(i + 1, stop))
-                victims = self._make_room(i, stats, last)
-                if victims is None:
-                    continue
-                spec.tier.put(key, frames)
-            except TierUnavailable as e:
-                self._mark_down(i, e)
+            # the last healthy tier admits whatever fits; a faster one only what is worth more
+            last = stop == len(self.tiers) and not any(self._healthy(j) for j in range(i + 1, stop))
+            if self._make_room(i, stats, last) is None:
                 continue
-            stats.tier = i
-            self._entries[key] = _Stored(stats, header)
+            placed = _Stored(dataclasses.replace(stats, tier=i), header)
+            if spec.tier.remote:
+                self._moving[key] = (placed, frames)
+                self._batch.ops.append(("put", i, placed, frames))
+            else:
+                try:
+                    spec.tier.put(key, frames)
+                except TierUnavailable as e:
+                    self._mark_down(i, e)
+                    continue
+            self._index(placed)
             return i
         return None
 
     def _make_room(self, i: int, incoming: EntryStats, last: bool) -> list[EntryStats] | None:
-        """Demote the least valuable entries of tier ``i`` until ``incoming`` fits.
+        """Demote the least valuable entries of tier ``i`` until ``incoming`` fits, its tenant's
+        quota included.
 
         Returns the victims, or None when the tier cannot or should not take ``incoming``: not
         enough bytes to free, or (above the last tier) the victims are worth more than it.
         """
-        tier = self.tiers[i].tier
-        need = tier.used_bytes() + incoming.nbytes - tier.capacity_bytes
-        if need <= 0:
-            return []
+        spec, tenant = self.tiers[i], incoming.key.tenant
         now = self.clock()
-        residents = [s.stats for s in self._entries.values() if s.stats.tier == i and s.stats.key != incoming.key]
-        victims = None
-        if last:  # victims leave the store: spare the newest entries still waiting for their first read
-            protected = self._protected(residents, tier.capacity_bytes // 2, now)
-            victims = self.policy.choose_victims([s for s in residents if s.key not in protected], need, now)
-        if victims is None:
-            victims = self.policy.choose_victims(residents, need, now)
-        if victims is None:
-            return None
+        residents = [s.stats for s in self._entries.values()
+                     if s.stats.tier == i and s.stats.key != incoming.key and s.stats.key not in self._moving]
+        victims: list[EntryStats] = []
+        over = self._tenant_used[i][tenant] + incoming.nbytes - spec.tenant_quota if spec.tenant_quota else 0
+        if over > 0:  # room from the tenant's own entries, except those still waiting for their first read
+            own = [s for s in residents if s.key.tenant == tenant]
+            unread = self._protected(own, spec.tenant_quota, now)
+            victims = self.policy.choose_victims([s for s in own if s.key not in unread], over, now)
+            if victims is None:
+                return None
+        need = self._used[i] - sum(v.nbytes for v in victims) + incoming.nbytes - spec.tier.capacity_bytes
+        if need > 0:
+            chosen = {v.key for v in victims}
+            others = [s for s in residents if s.key not in chosen]
+            more = None
+            if last:  # victims leave the store: spare the newest entries still waiting for their first read
+                protected = self._protected(others, spec.tier.capacity_bytes // 2, now)
+                more = self.policy.choose_victims([s for s in others if s.key not in protected], need, now)
+            if more is None:
+                more = self.policy.choose_victims(others, need, now)
+            if more is None:
+                return None
+            victims += more
         if not last and victims and self.policy.value(incoming, now) < max(self.policy.value(v, now) for v in victims):
             return None
         for victim in victims:
             self._demote(victim, i)
-        if tier.used_bytes() + incoming.nbytes > tier.capacity_bytes:
-            return None  # the tier's own accounting disagrees (e.g. a shared Redis filled up)
         return victims
 
     def _protected(self, residents: list[EntryStats], budget: int, now: float) -> set[EntryKey]:
@@ -380,56 +650,55 @@ class TieredStore:
     def _demote(self, victim: EntryStats, i: int) -> None:
         """Move ``victim`` from tier ``i`` to a slower tier, or drop it from the last."""
         stored = self._entries[victim.key]
+        self._unindex(stored)
         tier = self.tiers[i].tier
         placed = None
-        if i + 1 < len(self.tiers):
+        if i + 1 < len(self.tiers) and not tier.remote:
             try:
                 frames = tier.get(victim.key)
             except TierUnavailable as e:
                 self._mark_down(i, e)
                 frames = None
             if frames is not None:
-                placed = self._place(stored.header, list(frames), victim, i + 1, len(self.tiers), True)
-        try:
-            tier.remove(victim.key)
-        except TierUnavailable as e:
-            self._mark_down(i, e)
+                placed = self._place(stored, list(frames), i + 1, len(self.tiers), True)
+        self._drop_from(i, victim.key)
         if placed is None:
-            self._entries.pop(victim.key, None)
-            self.evictions += 1
+            self._count(victim.key.tenant, "evictions")
             log.debug("evicted %s from tier %s", victim.key, tier.name)
         else:
-            self.demotions += 1
+            self._count(victim.key.tenant, "demotions")
             log.debug("demoted %s from tier %s to %s", victim.key, tier.name, self.tiers[placed].tier.name)
 
     def _promote(self, stored: _Stored, frames: list) -> None:
         src = stored.stats.tier
-        stats = EntryStats(**{**stored.stats.__dict__})
-        placed = self._place(stored.header, frames, stats, 0, src, False)
+        self._unindex(stored)
+        placed = self._place(stored, frames, 0, src, False)
         if placed is None:
+            self._index(stored)
             return
-        try:
-            self.tiers[src].tier.remove(stats.key)
-        except TierUnavailable as e:
-            self._mark_down(src, e)
-        self.promotions += 1
-        log.debug("promoted %s from tier %s to %s", stats.key, self.tiers[src].tier.name, self.tiers[placed].tier.name)
+        self._drop_from(src, stored.stats.key)
+        self._count(stored.stats.key.tenant, "promotions")
+        log.debug("promoted %s from tier %s to %s", stored.stats.key, self.tiers[src].tier.name,
+                  self.tiers[placed].tier.name)
 
     def _remove(self, key: EntryKey) -> None:
-        self._decoded.pop(key, None)
-        stored = self._entries.pop(key)
-        try:
-            self.tiers[stored.stats.tier].tier.remove(key)
-        except TierUnavailable as e:
-            self._mark_down(stored.stats.tier, e)
+        stored = self._entries[key]
+        self._unindex(stored)
+        self._moving.pop(key, None)  # a write still under way takes itself back out when it lands
+        self._drop_from(stored.stats.tier, key)
 
-    def _raise_unplaceable(self, size: int) -> None:
-        if all(size > spec.tier.capacity_bytes for spec in self.tiers):
-            largest = max(spec.tier.capacity_bytes for spec in self.tiers)
-            raise EntryTooLarge(f"entry of {size} bytes is larger than every tier (largest: {largest} bytes): "
-                                "compress it more or give a tier more capacity")
-        raise TierUnavailable("no tier could take the entry: the tiers large enough for it are failing or full "
-                              "of entries being written; retry later")
+    def _unplaceable(self, stats: EntryStats) -> Exception:
+        """Why no tier took an entry that passed ``check_admissible``."""
+        tenant = stats.key.tenant
+        usable = [(i, s) for i, s in enumerate(self.tiers) if self._healthy(i) and stats.nbytes <= s.tier.capacity_bytes]
+        if usable and all(s.tenant_quota and self._tenant_used[i][tenant] + stats.nbytes > s.tenant_quota
+                          for i, s in usable):
+            held = ", ".join(f"{s.tier.name} {self._tenant_used[i][tenant]} of {s.tenant_quota}" for i, s in usable)
+            return OverQuota(f"tenant {tenant!r} is at its quota (bytes held: {held}) and its entries that could make "
+                             f"room are still waiting for their first read: read or delete them, or retry in "
+                             f"{self.protect_unread_s:.0f} s")
+        return TierUnavailable("no tier could take the entry: the tiers large enough for it are failing or full "
+                               "of entries being written; retry later")
 
     # ---------------------------------------------------------------- health and recovery
 
@@ -441,31 +710,33 @@ class TieredStore:
         self._tier_errors[i] += 1
         log.warning("tier %s failed; skipping it for %.1fs: %s", self.tiers[i].tier.name, self.retry_after_s, error)
 
-    def _recover(self) -> None:
-        """Index entries that outlived a restart (Redis); unreadable ones are removed."""
-        for i, spec in enumerate(self.tiers):
-            try:
-                keys = spec.tier.keys()
-                for key in keys:
-                    frame = spec.tier.header_frame(key)
-                    try:
-                        header = codec.parse_header(frame) if frame is not None else None
-                    except (CorruptEntry, ValueError) as e:
-                        log.warning("dropping unreadable entry %s in tier %s: %s", key, spec.tier.name, e)
-                        header = None
-                    if header is None or header.key != key:
-                        spec.tier.remove(key)
-                        continue
-                    size = len(frame) + header.data_bytes + codec.FRAME_HEAD_BYTES * (header.total_frames - 1)
-                    stats = self._new_stats(header, size)
-                    stats.tier = i
-                    self._entries.setdefault(key, _Stored(stats, header))
-            except TierUnavailable as e:
-                self._mark_down(i, e)
-                continue
-            recovered = sum(1 for s in self._entries.values() if s.stats.tier == i)
-            if recovered:
-                log.info("tier %s: %d entries recovered", spec.tier.name, recovered)
+    def _adopt(self, i: int, keys: list[EntryKey]) -> int:
+        """Index entries of tier ``i`` that outlived a restart, from their headers; unreadable ones
+        are removed. (Their MAC, when the tier keeps one, is checked on their first read.)"""
+        tier = self.tiers[i].tier
+        adopted = 0
+        try:
+            for key in keys:
+                frame = tier.header_frame(key)
+                try:
+                    header = codec.parse_header(frame) if frame is not None else None
+                except (CorruptEntry, ValueError) as e:
+                    log.warning("dropping unreadable entry %s in tier %s: %s", key, tier.name, e)
+                    header = None
+                if header is None or header.key != key:
+                    tier.remove(key)
+                    continue
+                stored = _Stored(self._new_stats(header, codec.stored_nbytes(header, frame)), header)
+                stored.stats.tier = i
+                with self._lock:
+                    if key not in self._entries:
+                        self._index(stored)
+                        adopted += 1
+        except TierUnavailable as e:
+            self._mark_down(i, e)
+        if adopted:
+            log.info("tier %s: %d entries recovered", tier.name, adopted)
+        return adopted
 
 
 def _shrunk(frames: list, rule: ShrinkRule) -> tuple[EntryHeader, list]:

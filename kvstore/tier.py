@@ -8,6 +8,11 @@ bytes up to a capacity, and say how much they hold.
 Call order: ``put`` only after the store made room (``used_bytes() + size <= capacity``);
 ``get`` returns None for a miss; ``remove`` is idempotent; ``close`` last.
 Failures of the backing system raise ``TierUnavailable``.
+
+A ``remote`` tier (Redis) is reached over the network: the store never calls it while holding its
+lock, and asks it now and then to ``audit`` its own bookkeeping against what it really holds (a
+remote system may lose entries behind the store's back). In-process tiers are exact by
+construction.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ def frames_nbytes(frames: Frames) -> int:
 
 class StorageTier(ABC):
     """One level of the hierarchy (device memory, host memory, Redis)."""
+
+    remote = False
 
     def __init__(self, name: str, capacity_bytes: int):
         if capacity_bytes < 0:
@@ -68,6 +75,12 @@ class StorageTier(ABC):
                 break
             n += 1
         return n
+
+    def audit(self) -> dict[EntryKey, int]:
+        """Repair the tier's own bookkeeping (index, byte counter) against what it really holds, and
+        return the bytes of each entry it holds. In-process tiers are exact: they only report (this
+        default reads every entry; tiers override it with something cheaper)."""
+        return {key: frames_nbytes(self.get(key) or ()) for key in self.keys()}
 
     def close(self) -> None:
         """Release connections and memory."""

@@ -78,6 +78,22 @@ class StoreCollector:
             hits.add_metric([tier.name], tier.hits)
             errors.add_metric([tier.name], tier.errors)
         yield from (used, capacity, entries, healthy, hits, errors)
+        tenant_used = GaugeMetricFamily("dkv_store_tenant_used_bytes", "Bytes of one tenant's entries, per tier.",
+                                        labels=["tenant", "tier"])
+        tenant_entries = GaugeMetricFamily("dkv_store_tenant_entries", "One tenant's entries, per tier.",
+                                           labels=["tenant", "tier"])
+        quota = GaugeMetricFamily("dkv_store_tenant_quota_bytes", "Bytes one tenant may hold, per tier (0: no quota).",
+                                  labels=["tier"])
+        over_quota = CounterMetricFamily("dkv_store_tenant_over_quota", "Puts refused because the tenant was at its "
+                                         "quota (RESOURCE_EXHAUSTED).", labels=["tenant"])
+        for tier in stats.tiers:
+            quota.add_metric([tier.name], tier.quota_bytes)
+        for view in stats.tenants:
+            for tier in view.tiers:
+                tenant_used.add_metric([view.tenant, tier.name], tier.used_bytes)
+                tenant_entries.add_metric([view.tenant, tier.name], tier.entries)
+            over_quota.add_metric([view.tenant], view.over_quota)
+        yield from (tenant_used, tenant_entries, quota, over_quota)
         for name, value, help in (
                 ("misses", stats.misses, "Gets of an entry no tier holds."),
                 ("evictions", stats.evictions, "Entries dropped from the last tier to make room."),
@@ -86,5 +102,7 @@ class StoreCollector:
                 ("checksum_failures", stats.checksum_failures,
                  "Entries whose bytes failed their checksum: served as a miss and deleted."),
                 ("puts", stats.puts, "Entries stored."),
-                ("rejected_puts", stats.rejected_puts, "Puts refused (invalid, too large, no room).")):
+                ("rejected_puts", stats.rejected_puts, "Puts refused (invalid, too large, over quota, no room)."),
+                ("lost", stats.lost, "Entries a tier lost behind the store's back (Redis eviction or flush), found "
+                 "by a read or an audit.")):
             yield CounterMetricFamily(f"dkv_store_{name}", help, value=value)

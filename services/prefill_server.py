@@ -80,7 +80,7 @@ class PrefillServer(GrpcServer):
             model, tokenizer = load_model(settings.model, settings.dtype, settings.device)
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
             worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens,
-                                   storage_dtype=settings.storage_dtype)
+                                   storage_dtype=settings.storage_dtype, min_chunk_size=settings.min_chunk_size)
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:

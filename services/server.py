@@ -205,6 +205,10 @@ class GrpcServer:
         """One line for the start-up log."""
         return self.service_name
 
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Server options beside ``GRPC_OPTIONS``: stateless workers age their connections."""
+        return WORKER_CONNECTION_AGE if self.stateless else []
+
     def close(self) -> None:
         """Called once the server has stopped."""
 
@@ -212,7 +216,7 @@ class GrpcServer:
         """Bind and serve (inside the event loop that will run the server); returns the port."""
         self.health = health.aio.HealthServicer()
         # No SO_REUSEPORT: a second server on a taken port must fail, not share it with the first.
-        options = GRPC_OPTIONS + [("grpc.so_reuseport", 0)] + (WORKER_CONNECTION_AGE if self.stateless else [])
+        options = GRPC_OPTIONS + [("grpc.so_reuseport", 0)] + self.grpc_options()
         self.server = grpc.aio.server(
             options=options, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
         self.server.add_generic_rpc_handlers((self.handlers(),))

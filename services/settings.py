@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Mapping
 import yaml
 
 from dkv.workers.model_source import DTYPES, FORMS
+from dkv.kvstore.redis_url import redact_url
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -131,7 +132,8 @@ def check_range(name: str, value: float, lo: float, hi: float) -> None:
         raise SettingsError(f"setting {name} = {value!r} must be between {lo} and {hi}")
 
 
-SECRETS = ("auth_token", "tenant_tokens")
+SECRETS = ("auth_token", "tenant_tokens", "cluster_secret")
+URLS = ("redis_url",)  # settings whose password, if the URL has one, is masked
 
 
 def describe(settings) -> dict:
@@ -140,6 +142,9 @@ def describe(settings) -> dict:
     for name in SECRETS:
         if values.get(name):
             values[name] = "***"
+    for name in URLS:
+        if values.get(name):
+            values[name] = redact_url(values[name])
     return values
 
 
@@ -212,11 +217,51 @@ class StoreSettings(ServerSettings):
     policy: str = setting("value", "Eviction policy: value (importance x reuse x cost / bytes) or lru.",
                           choices=("value", "lru"))
     max_entry_bytes: int = setting(1 << 30, "Largest entry accepted.", kind="size")
+    tenant_device_bytes: int = setting(0, "Quota: bytes one tenant may hold in the device tier (its new entries push "
+                                       "its own older ones down); 0 = no quota.", kind="size")
+    tenant_cpu_bytes: int = setting(0, "Quota: bytes one tenant may hold in the host tier; 0 = no quota.", kind="size")
+    tenant_redis_bytes: int = setting(0, "Quota: bytes one tenant may hold in Redis. A tenant over its quota in every "
+                                      "tier whose entries there are still unread gets RESOURCE_EXHAUSTED; 0 = no quota.",
+                                      kind="size")
+    cluster_secret: str = setting("", "Secret shared by the cluster's stores: every entry written to Redis carries a "
+                                  "keyed MAC (BLAKE2b) of its frames and every read checks it, so entries written into "
+                                  "Redis by anyone else are never served. Empty = no MAC (the store says so at start).")
+    audit_interval_s: float = setting(60.0, "Seconds between audits that reconcile the index with what Redis really "
+                                      "holds (entries, index and byte counter Redis evicted or lost).")
+    min_chunk_size: int = setting(16, "Smallest recipe chunk_size a Lookup may ask for: the store hashes the prompt "
+                                  "chunk by chunk, so the work per token grows as chunks shrink.")
+    max_lookup_tokens: int = setting(1 << 17, "Most token ids in one Lookup; a Probe may send as many keys as such a "
+                                     "prompt has chunks of min_chunk_size.")
+    max_put_streams: int = setting(64, "Put streams received at once; more get RESOURCE_EXHAUSTED.")
+    put_bytes_in_flight: int = setting(1 << 30, "Memory for Puts being received: each takes its entry's full size "
+                                       "(from its header) until it is stored or refused; a Put that does not fit gets "
+                                       "RESOURCE_EXHAUSTED. At least max_entry_bytes.", kind="size")
+    put_idle_timeout_s: float = setting(30.0, "A Put stream that sends no frame for this long is aborted "
+                                        "(DEADLINE_EXCEEDED) and what it sent is freed.")
+    keepalive_s: float = setting(30.0, "Seconds between the server's HTTP/2 pings on a connection with calls open; a "
+                                 "client that does not answer within keepalive_timeout_s is dropped, and its calls "
+                                 "with it. 0 = no pings.")
+    keepalive_timeout_s: float = setting(10.0, "Seconds a client has to answer a keepalive ping.")
+    max_connection_age_s: float = setting(0.0, "Close each client connection after this long (calls in flight get "
+                                          "grace_s to finish; clients reconnect). 0 = never.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("device_bytes", "cpu_bytes", "redis_bytes", "max_entry_bytes"):
+        for name in ("device_bytes", "cpu_bytes", "redis_bytes", "max_entry_bytes", "tenant_device_bytes",
+                     "tenant_cpu_bytes", "tenant_redis_bytes", "put_bytes_in_flight"):
             check_range(name, getattr(self, name), 0, 1 << 50)
+        if self.put_bytes_in_flight < self.max_entry_bytes:
+            raise SettingsError(f"setting put_bytes_in_flight = {self.put_bytes_in_flight} is below max_entry_bytes = "
+                                f"{self.max_entry_bytes}: an entry of the largest size could never be received; raise "
+                                "it or lower max_entry_bytes")
+        check_range("audit_interval_s", self.audit_interval_s, 1, 24 * 3600)
+        check_range("min_chunk_size", self.min_chunk_size, 1, 1 << 16)
+        check_range("max_lookup_tokens", self.max_lookup_tokens, self.min_chunk_size, 1 << 24)
+        check_range("max_put_streams", self.max_put_streams, 1, 1 << 16)
+        check_range("put_idle_timeout_s", self.put_idle_timeout_s, 0.1, 3600)
+        check_range("keepalive_s", self.keepalive_s, 0, 24 * 3600)
+        check_range("keepalive_timeout_s", self.keepalive_timeout_s, 0.1, 3600)
+        check_range("max_connection_age_s", self.max_connection_age_s, 0, 30 * 24 * 3600)
         check_device("device", self.device)
         for name in ("cpu_keep_fraction", "redis_keep_fraction"):
             check_range(name, getattr(self, name), 0.01, 1.0)
@@ -265,6 +310,8 @@ class PrefillSettings(WorkerSettings):
     storage_dtype: str = setting("auto", "dtype of the K/V the store keeps for entries not quantized: float16, "
                                  "bfloat16, float32, or auto (float16 for a float32 model, else the model's).",
                                  choices=STORAGE_DTYPES)
+    min_chunk_size: int = setting(16, "Smallest recipe chunk_size accepted: a chunked recipe stores one entry per "
+                                  "chunk, so chunk_size 1 would make one entry per token.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -272,6 +319,7 @@ class PrefillSettings(WorkerSettings):
         check_range("max_tokens", self.max_tokens, 0, 1 << 24)
         check_range("threads", self.threads, 0, 1024)
         check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        check_range("min_chunk_size", self.min_chunk_size, 1, 1 << 16)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Python client of the KV store (used by the CLI, the tests, the benchmarks and the workers).
 
 Every call carries a deadline (``timeout_s``). A miss is ``None``, and so is an entry that
-failed its checksum on the server (DATA_LOSS: the server deleted it) or on the way here: callers
-recompute. Other failures raise ``grpc.RpcError`` with the server's status and message.
+failed its checksum on the server (DATA_LOSS: the server deleted it) or on the way here, an entry
+whose key is not the one asked for (a proxy or a bug swapped replies), and Summaries or Select
+replies that fail their checksum (which covers the key asked for): callers recompute. Other
+failures raise ``grpc.RpcError`` with the server's status and message.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from dkv.kvstore.errors import CorruptEntry
 from dkv.services.pb import store_pb2
 from dkv.services.transport import Security, call_metadata, open_channel
 from dkv.services.store_server import SERVICE
-from dkv.services.wire import frame_message, parse_frame_message, recipe_to_proto, tensor_from_proto
+from dkv.services.wire import (
+    frame_message, pages_checksum, parse_frame_message, recipe_to_proto, summary_checksum, tensor_from_proto,
+)
 
 log = logging.getLogger("dkv.store.client")
 MISS_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS)
@@ -138,10 +142,14 @@ class StoreClient:
             return None
         frames, tier = fetched
         try:
-            return codec.decode(frames), tier, sum(len(f) for f in frames)
+            entry = codec.decode(frames)
         except CorruptEntry as e:
             log.warning("entry %s failed its check on arrival: %s", key, e)
             return None
+        if str(entry.key) != str(key):
+            log.warning("asked the store for entry %s and received %s: treated as a miss", key, entry.key)
+            return None
+        return entry, tier, sum(len(f) for f in frames)
 
     def lookup(self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int],
                tenant: str = "default") -> LookupReply | None:
@@ -170,6 +178,9 @@ class StoreClient:
             if e.code() in MISS_CODES:
                 return None
             raise
+        if any(r.checksum != summary_checksum(str(key), r) for r in replies):
+            log.warning("summaries of %s failed their checksum on arrival: treated as a miss", key)
+            return None
         return [LayerSummary(r.layer, tensor_from_proto(r.head_counts), tensor_from_proto(r.page_min),
                              tensor_from_proto(r.page_max), r.seq_len, r.num_kv_heads, r.head_dim, r.page_size)
                 for r in replies]
@@ -184,6 +195,9 @@ class StoreClient:
             if e.code() in MISS_CODES:
                 return None
             raise
+        if any(r.checksum != pages_checksum(str(key), r) for r in replies):
+            log.warning("pages of %s failed their checksum on arrival: treated as a miss", key)
+            return None
         parts = [LayerKV(**{n: tensor_from_proto(t) for n, t in r.tensors.items()}) for r in replies]
         nbytes = sum(r.ByteSize() for r in replies)
         return parts, nbytes, replies[0].tier if replies else ""

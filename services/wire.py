@@ -4,12 +4,18 @@ Put and Get carry ``dkv.v1.Frame`` messages (one ``bytes data = 1`` field). They
 parsed here without protobuf objects, which would copy every 4 MiB payload two more times; the
 bytes on the wire are exactly the ``Frame`` message, so any protobuf client interoperates.
 
+Summaries and Select replies carry an xxh3-64 checksum of the key the client asked for and of
+every field, walked in a fixed order (so any client can compute it, whatever its protobuf library
+does with map order): little-endian u64 lengths before strings and bytes, u32 scalars, and each
+tensor as name, dtype, shape (u64 each) and data.
+
 Only the tensor helpers need torch, and they import it themselves: the client imports this
 module for recipes where torch is not installed (``pip install dkv``).
 """
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -141,3 +147,43 @@ def tensor_from_proto(msg: store_pb2.Tensor) -> torch.Tensor:
     if numel == 0:
         return torch.empty(tuple(msg.shape), dtype=dtype)
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))
+
+
+def _text(h, text: str) -> None:
+    data = text.encode()
+    h.update(struct.pack("<Q", len(data)))
+    h.update(data)
+
+
+def _tensor_digest(h, name: str, t: store_pb2.Tensor) -> None:
+    _text(h, name)
+    _text(h, t.dtype)
+    h.update(struct.pack(f"<Q{len(t.shape)}q", len(t.shape), *t.shape))
+    h.update(struct.pack("<Q", len(t.data)))
+    h.update(t.data)
+
+
+def summary_checksum(key: str, s: store_pb2.LayerSummary) -> int:
+    """The checksum of a ``LayerSummary`` sent for ``key`` (see the module docstring)."""
+    import xxhash  # not needed by the light client (recipes only)
+
+    h = xxhash.xxh3_64()
+    _text(h, key)
+    h.update(struct.pack("<6I", s.layer, s.seq_len, s.num_layers, s.num_kv_heads, s.head_dim, s.page_size))
+    for name in ("head_counts", "page_min", "page_max"):
+        _tensor_digest(h, name, getattr(s, name))
+    return h.intdigest()
+
+
+def pages_checksum(key: str, p: store_pb2.LayerPages) -> int:
+    """The checksum of a ``LayerPages`` sent for ``key`` (see the module docstring)."""
+    import xxhash  # not needed by the light client (recipes only)
+
+    h = xxhash.xxh3_64()
+    _text(h, key)
+    h.update(struct.pack(f"<IQ{len(p.pages)}I", p.layer, len(p.pages), *p.pages))
+    _text(h, p.tier)
+    h.update(struct.pack("<Q", len(p.tensors)))
+    for name in sorted(p.tensors):
+        _tensor_digest(h, name, p.tensors[name])
+    return h.intdigest()

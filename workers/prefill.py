@@ -37,15 +37,18 @@ class PrefillResult:
 
 class PrefillWorker:
     def __init__(self, model, tokenizer, store: StoreClient, max_tokens: int | None = None,
-                 storage_dtype: str = "auto"):
+                 storage_dtype: str = "auto", min_chunk_size: int = 16):
         """``storage_dtype``: the dtype entries are stored in (``auto``: float16 for a float32 model,
-        else the model's own): halves a float32 model's bytes in the store and on the wire."""
+        else the model's own): halves a float32 model's bytes in the store and on the wire.
+        ``min_chunk_size``: the smallest recipe chunk_size accepted (a chunked recipe stores one
+        entry per chunk: the client would otherwise choose how many entries a request makes)."""
         self.model, self.tokenizer, self.store = model, tokenizer, store
         model_dtype = next(model.parameters()).dtype
         self.storage_dtype = (torch.float16 if model_dtype == torch.float32 else model_dtype) \
             if storage_dtype == "auto" else getattr(torch, storage_dtype)
         self.info = model_info(model)
         self.max_tokens = min(max_tokens or self.info.max_positions, self.info.max_positions)
+        self.min_chunk_size = min_chunk_size
         self.fingerprint = model.dkv_fingerprint
         self._lock = threading.Lock()
 
@@ -61,6 +64,9 @@ class PrefillWorker:
         bad = [t for t in token_ids if not 0 <= t < self.info.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})")
+        if recipe.chunk_size < self.min_chunk_size:
+            raise ValueError(f"recipe chunk_size {recipe.chunk_size} is below this worker's min_chunk_size "
+                             f"{self.min_chunk_size}: use larger chunks")
         make_method(recipe.method, **_method_params(recipe))
 
     def prefill(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> PrefillResult:

@@ -18,7 +18,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LayerSummary(_message.Message):
-    __slots__ = ("layer", "head_counts", "page_min", "page_max", "seq_len", "num_layers", "num_kv_heads", "head_dim", "page_size")
+    __slots__ = ("layer", "head_counts", "page_min", "page_max", "seq_len", "num_layers", "num_kv_heads", "head_dim", "page_size", "checksum")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HEAD_COUNTS_FIELD_NUMBER: _ClassVar[int]
     PAGE_MIN_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class LayerSummary(_message.Message):
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     layer: int
     head_counts: Tensor
     page_min: Tensor
@@ -37,7 +38,8 @@ class LayerSummary(_message.Message):
     num_kv_heads: int
     head_dim: int
     page_size: int
-    def __init__(self, layer: _Optional[int] = ..., head_counts: _Optional[_Union[Tensor, _Mapping]] = ..., page_min: _Optional[_Union[Tensor, _Mapping]] = ..., page_max: _Optional[_Union[Tensor, _Mapping]] = ..., seq_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+    checksum: int
+    def __init__(self, layer: _Optional[int] = ..., head_counts: _Optional[_Union[Tensor, _Mapping]] = ..., page_min: _Optional[_Union[Tensor, _Mapping]] = ..., page_max: _Optional[_Union[Tensor, _Mapping]] = ..., seq_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., page_size: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class SelectRequest(_message.Message):
     __slots__ = ("key", "layer", "pages")
@@ -50,7 +52,7 @@ class SelectRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., layer: _Optional[int] = ..., pages: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LayerPages(_message.Message):
-    __slots__ = ("layer", "pages", "tensors", "tier")
+    __slots__ = ("layer", "pages", "tensors", "tier", "checksum")
     class TensorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,11 +64,13 @@ class LayerPages(_message.Message):
     PAGES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     layer: int
     pages: _containers.RepeatedScalarFieldContainer[int]
     tensors: _containers.MessageMap[str, Tensor]
     tier: str
-    def __init__(self, layer: _Optional[int] = ..., pages: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Mapping[str, Tensor]] = ..., tier: _Optional[str] = ...) -> None: ...
+    checksum: int
+    def __init__(self, layer: _Optional[int] = ..., pages: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Mapping[str, Tensor]] = ..., tier: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("data",)
@@ -169,7 +173,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "entries", "used_bytes", "capacity_bytes", "healthy", "hits", "errors")
+    __slots__ = ("name", "entries", "used_bytes", "capacity_bytes", "healthy", "hits", "errors", "quota_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +181,7 @@ class TierStats(_message.Message):
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     entries: int
     used_bytes: int
@@ -184,10 +189,11 @@ class TierStats(_message.Message):
     healthy: bool
     hits: int
     errors: int
-    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., hits: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
+    quota_bytes: int
+    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., hits: _Optional[int] = ..., errors: _Optional[int] = ..., quota_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "entries", "hits", "misses", "evictions", "demotions", "promotions", "checksum_failures", "puts", "rejected_puts")
+    __slots__ = ("tiers", "entries", "hits", "misses", "evictions", "demotions", "promotions", "checksum_failures", "puts", "rejected_puts", "over_quota", "lost", "tenant", "tenants")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +204,10 @@ class StatsResponse(_message.Message):
     CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
     PUTS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_PUTS_FIELD_NUMBER: _ClassVar[int]
+    OVER_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     entries: int
     hits: int
@@ -208,4 +218,8 @@ class StatsResponse(_message.Message):
     checksum_failures: int
     puts: int
     rejected_puts: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., puts: _Optional[int] = ..., rejected_puts: _Optional[int] = ...) -> None: ...
+    over_quota: int
+    lost: int
+    tenant: str
+    tenants: _containers.RepeatedCompositeFieldContainer[StatsResponse]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., puts: _Optional[int] = ..., rejected_puts: _Optional[int] = ..., over_quota: _Optional[int] = ..., lost: _Optional[int] = ..., tenant: _Optional[str] = ..., tenants: _Optional[_Iterable[_Union[StatsResponse, _Mapping]]] = ...) -> None: ...

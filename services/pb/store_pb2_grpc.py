@@ -30,9 +30,12 @@ class KVStoreStub:
 
     An entry travels as codec frames (kvstore/codec.py): a header frame, then data frames of at
     most 4 MiB, each with its own checksum. Status codes: INVALID_ARGUMENT (bad frames, shapes,
-    dtypes, NaN/Inf, malformed key), NOT_FOUND (miss), RESOURCE_EXHAUSTED (entry too large for the
-    limit or for every tier), DATA_LOSS (a stored entry failed its checksum; it was deleted),
-    UNAVAILABLE (every tier that could take the entry is failing).
+    dtypes, NaN/Inf, malformed key, a request over the store's per-request bounds), NOT_FOUND
+    (miss), RESOURCE_EXHAUSTED (entry too large for the limit or for every tier, over the tenant's
+    quota, too many Puts or bytes being received at once), DEADLINE_EXCEEDED (a Put stream idle for
+    put_idle_timeout_s), PERMISSION_DENIED (another tenant's entry), DATA_LOSS (a stored entry
+    failed its checksum or MAC; it was deleted), UNAVAILABLE (every tier that could take the entry
+    is failing).
     """
 
     def __init__(self, channel):
@@ -88,14 +91,18 @@ class KVStoreServicer:
 
     An entry travels as codec frames (kvstore/codec.py): a header frame, then data frames of at
     most 4 MiB, each with its own checksum. Status codes: INVALID_ARGUMENT (bad frames, shapes,
-    dtypes, NaN/Inf, malformed key), NOT_FOUND (miss), RESOURCE_EXHAUSTED (entry too large for the
-    limit or for every tier), DATA_LOSS (a stored entry failed its checksum; it was deleted),
-    UNAVAILABLE (every tier that could take the entry is failing).
+    dtypes, NaN/Inf, malformed key, a request over the store's per-request bounds), NOT_FOUND
+    (miss), RESOURCE_EXHAUSTED (entry too large for the limit or for every tier, over the tenant's
+    quota, too many Puts or bytes being received at once), DEADLINE_EXCEEDED (a Put stream idle for
+    put_idle_timeout_s), PERMISSION_DENIED (another tenant's entry), DATA_LOSS (a stored entry
+    failed its checksum or MAC; it was deleted), UNAVAILABLE (every tier that could take the entry
+    is failing).
     """
 
     def Put(self, request_iterator, context):
         """Client stream: the header frame, then every data frame in order. The key is derived from
-        the header, so it always matches the content.
+        the header, so it always matches the content. The header's tenant, size and quota are
+        checked before any data frame is read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,7 +116,8 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Lookup(self, request, context):
-        """Longest cached prefix of the given tokens for a tenant, model and recipe.
+        """Longest cached prefix of the given tokens for a tenant, model and recipe (at most
+        max_lookup_tokens tokens, recipe chunk_size at least min_chunk_size).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,7 +138,8 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The store's tiers and counters; to a tenant's token, only that tenant's.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -207,9 +216,12 @@ class KVStore:
 
     An entry travels as codec frames (kvstore/codec.py): a header frame, then data frames of at
     most 4 MiB, each with its own checksum. Status codes: INVALID_ARGUMENT (bad frames, shapes,
-    dtypes, NaN/Inf, malformed key), NOT_FOUND (miss), RESOURCE_EXHAUSTED (entry too large for the
-    limit or for every tier), DATA_LOSS (a stored entry failed its checksum; it was deleted),
-    UNAVAILABLE (every tier that could take the entry is failing).
+    dtypes, NaN/Inf, malformed key, a request over the store's per-request bounds), NOT_FOUND
+    (miss), RESOURCE_EXHAUSTED (entry too large for the limit or for every tier, over the tenant's
+    quota, too many Puts or bytes being received at once), DEADLINE_EXCEEDED (a Put stream idle for
+    put_idle_timeout_s), PERMISSION_DENIED (another tenant's entry), DATA_LOSS (a stored entry
+    failed its checksum or MAC; it was deleted), UNAVAILABLE (every tier that could take the entry
+    is failing).
     """
 
     @staticmethod

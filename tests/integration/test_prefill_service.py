@@ -110,3 +110,17 @@ def test_a_ratio_outside_the_range_is_invalid_argument(services):
     with pytest.raises(grpc.RpcError) as info:
         stub.Prefill(request, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ratio 1.5" in info.value.details()
+
+
+def test_a_chunk_size_below_the_worker_s_minimum_is_invalid_and_stores_nothing(services):
+    """chunk_size is the client's choice, and a chunked recipe stores one entry per chunk: 1 would
+    make one entry per token. The worker's min_chunk_size (16 by default) bounds it."""
+    stub, store, tokenizer, _ = services
+    before = store.stats().entries
+    for chunk_size in (1, 15):
+        with pytest.raises(grpc.RpcError) as info:
+            call(stub, Recipe(method="snapkv", ratio=0.5, chunk_size=chunk_size, chunked=True), text=TEXT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"chunk_size {chunk_size} is below this worker's min_chunk_size 16" in info.value.details()
+    assert store.stats().entries == before
+    assert call(stub, Recipe(method="snapkv", ratio=0.5, chunk_size=16, chunked=True), ids=list(range(40))).keys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -366,3 +367,70 @@ def test_stores_sharing_a_redis_under_their_own_prefixes_see_only_their_own_entr
     again = store("a")  # a restarted shard recovers its own entries
     assert again.stats().entries == 3 and all(again.probe(e.key) is not None for e in entries)
     assert string_keys(raw(redis_url), "dkv:b:*") == [] and string_keys(raw(redis_url), "dkv:a:*")
+
+
+# --- drift: what Redis loses behind the store's back, and what the audit repairs --------------------
+
+
+def layout(client: redis.Redis) -> dict:
+    """The tier's bookkeeping as Redis holds it."""
+    return {"index": {k.decode(): int(v) for k, v in client.hgetall("dkv:index").items()},
+            "versions": {k.decode(): v.decode() for k, v in client.hgetall("dkv:versions").items()},
+            "used": int(client.get("dkv:used") or 0),
+            "manifests": sorted(k.decode()[len("dkv:m:"):] for k in client.scan_iter(match="dkv:m:*")),
+            "data": len(string_keys(client, "dkv:d:*"))}
+
+
+def test_a_missing_manifest_is_a_miss_that_frees_the_entry_s_accounting_and_data_keys(tier, redis_url):
+    client = raw(redis_url)
+    tier.put(key(1), [b"a" * 100, b"b" * 50])
+    tier.put(key(2), [b"c" * 10])
+    version, _ = layout(client)["versions"][str(key(1))].split(":")
+    client.delete(f"dkv:m:{key(1)}")  # what maxmemory eviction does to a manifest
+    assert tier.get(key(1)) is None
+    state = layout(client)
+    assert state["index"] == {str(key(2)): 10} and state["used"] == 10 and list(state["versions"]) == [str(key(2))]
+    assert state["data"] == 1 and not string_keys(client, f"dkv:d:{key(1)}:{version}:*")
+    assert tier.audit() == {key(2): 10}  # nothing left to repair
+    client.close()
+
+
+def test_the_audit_rebuilds_index_versions_and_counter_and_collects_orphaned_data_keys(tier, redis_url):
+    client = raw(redis_url)
+    for i in range(6):
+        tier.put(key(i), [bytes([i]) * (100 + i), b"x" * 7])
+    client.delete(f"dkv:m:{key(0)}", f"dkv:m:{key(1)}")  # manifests evicted ...
+    client.delete("dkv:index", "dkv:used", "dkv:versions")  # ... then the bookkeeping itself
+    tier.put(key(9), [b"new" * 10])  # written after: the index and counter start again from it
+    client.set("dkv:d:t/model/recipe/h7:0123456789abcdef:0", b"orphan")  # persisted, never published
+    client.set("dkv:d:t/model/recipe/h8:0123456789abcdef:0", b"staging", px=60_000)  # a write under way
+    held = tier.audit()
+    expected = {key(i): 100 + i + 7 for i in range(2, 6)} | {key(9): 30}
+    assert held == expected
+    state = layout(client)
+    assert state["index"] == {str(k): n for k, n in expected.items()} and state["used"] == sum(expected.values())
+    assert sorted(state["versions"]) == sorted(map(str, expected)) and state["manifests"] == sorted(map(str, expected))
+    # the data keys of the two lost entries and the orphan are gone; the staging key is left to expire
+    assert state["data"] == 4 * 2 + 1 + 1 and client.exists("dkv:d:t/model/recipe/h8:0123456789abcdef:0")
+    assert tier.used_bytes() == sum(expected.values()) and sorted(tier.keys()) == sorted(expected)
+    client.close()
+
+
+def test_with_a_cluster_secret_an_entry_written_without_it_is_corrupt_never_served(redis_url):
+    from dkv.kvstore.errors import CorruptEntry
+    from dkv.kvstore.mac import EntryMac
+
+    signed = RedisTier("redis", CAP, redis_url, mac=EntryMac("cluster secret"))
+    frames = [b"header", b"data" * 100]
+    signed.put(key(1), frames)
+    assert [bytes(f) for f in signed.get(key(1))] == frames
+    manifest = raw(redis_url).get(f"dkv:m:{key(1)}")
+    assert len(json.loads(manifest)["mac"]) == 64
+    # whoever can write to Redis but lacks the secret: no MAC, or another secret's
+    for forger in (RedisTier("redis", CAP, redis_url), RedisTier("redis", CAP, redis_url, mac=EntryMac("guess"))):
+        forger.put(key(1), [b"header", b"forged" * 100])
+        assert [bytes(f) for f in forger.get(key(1))] == [b"header", b"forged" * 100]  # its own checks pass
+        with pytest.raises(CorruptEntry, match="MAC"):
+            signed.get(key(1))
+        forger.close()
+    signed.close()

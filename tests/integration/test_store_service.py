@@ -211,3 +211,26 @@ def test_concurrent_clients_never_see_torn_entries(store_service):
     for t in threads:
         t.join(60)
     assert not errors
+
+
+def test_keepalive_and_connection_age_reach_the_grpc_server():
+    from dkv.services.store_server import StoreServer
+
+    options = dict(StoreServer(StoreSettings(port=0, cpu_bytes=1 << 20, keepalive_s=20, keepalive_timeout_s=5,
+                                             max_connection_age_s=600, grace_s=7)).grpc_options())
+    assert options == {"grpc.keepalive_time_ms": 20_000, "grpc.keepalive_timeout_ms": 5_000,
+                       "grpc.http2.max_pings_without_data": 0, "grpc.max_connection_age_ms": 600_000,
+                       "grpc.max_connection_age_grace_ms": 7_000}
+    assert StoreServer(StoreSettings(port=0, cpu_bytes=1 << 20, keepalive_s=0)).grpc_options() == []
+
+
+def test_a_store_with_redis_says_at_start_whether_its_entries_are_signed(redis_url, caplog):
+    from dkv.services.store_server import StoreServer
+
+    caplog.set_level("INFO", logger="dkv.store.server")
+    StoreServer(StoreSettings(port=0, cpu_bytes=1 << 20, redis_url=redis_url)).close()
+    assert any(r.levelname == "WARNING" and "no cluster_secret" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    StoreServer(StoreSettings(port=0, cpu_bytes=1 << 20, redis_url=redis_url, cluster_secret="s")).close()
+    assert [r.getMessage() for r in caplog.records] == ["entries in Redis carry a keyed MAC (cluster_secret); reads "
+                                                        "check it"]

@@ -48,7 +48,7 @@ from bad_input_fixtures import (
 from in_process import InProcessServer
 from dkv.kvstore import codec
 from dkv.kvstore.codec import DTYPES, FRAME_HEAD_BYTES, FRAME_LIMIT, KIND_DATA, KIND_HEADER
-from dkv.kvstore.errors import InvalidEntry
+from dkv.kvstore.errors import InvalidEntry, KVStoreError
 from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.decode_server import DecodeServer
 from dkv.services.gateway_server import GatewayServer
@@ -59,7 +59,7 @@ from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettin
 from dkv.services.store_client import StoreClient
 from dkv.services.store_server import StoreServer
 from dkv.services.transport import Security
-from dkv.services.wire import recipe_from_proto
+from dkv.services.wire import parse_frame_message, recipe_from_proto
 from dkv.workers.decode_worker import DecodeWorker
 from dkv.workers.prefill import PrefillWorker
 
@@ -88,11 +88,12 @@ class System:
         self.servers, self.channels = [], {}
         auth = dict(auth_token=SERVICE_TOKEN, tenant_tokens=TENANT_TOKENS)
         security = Security(SERVICE_TOKEN)
+        # chunks of 8 tokens (below the default min_chunk_size of 16) keep the model's work small
         self.store = self._start(StoreServer(StoreSettings(port=0, cpu_bytes=1 << 30, max_entry_bytes=64 << 20,
-                                                           **auth)))
+                                                           min_chunk_size=8, **auth)))
         self.prefill = self._start(PrefillServer(PrefillSettings(port=0, **auth), PrefillWorker(
             model, tokenizer, StoreClient(self.store.address, timeout_s=60, security=security),
-            max_tokens=PREFILL_MAX_TOKENS)))
+            max_tokens=PREFILL_MAX_TOKENS, min_chunk_size=8)))
         self.prefill_client = PrefillClient(self.prefill.address, 120, security)
         self.decode = self._start(DecodeServer(DecodeSettings(port=0, **auth), DecodeWorker(
             model, tokenizer, StoreClient(self.store.address, timeout_s=60, security=security),
@@ -283,7 +284,12 @@ def test_random_bytes_are_refused_cleanly(system, rpc, data):
         truncated = st.integers(0, len(valid[last]) - 1).map(lambda cut: valid[:last] + [valid[last][:cut]])
         msgs = data.draw(st.one_of(st.lists(random, min_size=1, max_size=4), truncated), "messages")
         outcome = system.call(rpc, msgs, auth)
-        assert_sane(outcome, expected=UNAUTH if auth not in GOOD_AUTH else {C.INVALID_ARGUMENT})
+        # the header's tenant is checked before any data frame is read: a whole header of another
+        # tenant's entry is PERMISSION_DENIED, however the stream goes on
+        tenant = header_tenant(msgs)
+        foreign = auth in GOOD_AUTH and tenant is not None and not tenant_allows(auth, tenant)
+        expected = {C.PERMISSION_DENIED} if foreign else {C.INVALID_ARGUMENT}
+        assert_sane(outcome, expected=UNAUTH if auth not in GOOD_AUTH else expected)
         return
     truncated = st.integers(0, max(0, len(valid) - 1)).map(lambda cut: valid[:cut])
     payload = data.draw(st.one_of(random, truncated), "payload")
@@ -426,6 +432,15 @@ def put_streams(draw):
     return kind, t, messages(frames), exact
 
 
+def header_tenant(msgs: list[bytes]) -> str | None:
+    """The tenant of the stream's first frame when it is a valid header (what the store checks first)."""
+    first = parse_frame_message(msgs[0]) if msgs else None
+    try:
+        return codec.parse_header(first).identity.tenant if first is not None else None
+    except KVStoreError:
+        return None
+
+
 @examples(160)
 @given(stream=put_streams(), auth=auths())
 def test_put_of_hostile_frames(system, stream, auth):
@@ -434,10 +449,12 @@ def test_put_of_hostile_frames(system, stream, auth):
     kind, template, msgs, exact = stream
     before = system.stats()
     outcome = system.call("Put", msgs, auth)
+    tenant = header_tenant(msgs)
     if auth not in GOOD_AUTH:
         expected = UNAUTH
-    elif (exact == OK or kind == "tensor_nan") and not tenant_allows(auth, template.tenant):
-        expected = {C.PERMISSION_DENIED}  # frames that assemble: the tenant is checked before the content
+    elif tenant is not None and not tenant_allows(auth, tenant):
+        # the header's tenant is checked as soon as the header arrives, before any data frame
+        expected = {C.PERMISSION_DENIED}
     elif exact is not None:
         expected = {exact}
     else:
@@ -815,8 +832,9 @@ TARGETED = [
      "'acme'"),
     ("Probe", lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY, "a/b"]).SerializeToString(), "acme",
      C.INVALID_ARGUMENT, "tenant/model_fingerprint/recipe_id/prefix_hash"),
-    ("Probe", lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY] * 65537).SerializeToString(), "acme",
-     C.INVALID_ARGUMENT, "at most 65536"),
+    # max_lookup_tokens (131072) in chunks of this system's min_chunk_size (8)
+    ("Probe", lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY] * 16385).SerializeToString(), "acme",
+     C.INVALID_ARGUMENT, "at most 16384"),
     ("Put", lambda s: [b"\x12\x03abc"], "acme", C.INVALID_ARGUMENT, "shorter than the 40-byte frame head"),
     ("Put", lambda s: [b"\xff"], "acme", C.INVALID_ARGUMENT, "not a dkv.v1.Frame"),
     ("Put", lambda s: [], "acme", C.INVALID_ARGUMENT, "no frames received"),
@@ -895,7 +913,8 @@ def test_enormous_repeated_fields_under_the_limit(system, rpc):
         "Get": lambda: store_pb2.GetRequest(key="acme/" + "/".join(["m"] * 1_000_000)),
     }[rpc]().SerializeToString()
     assert 1 << 20 < len(big) < MAX_MESSAGE
-    expected = {"Lookup": OK, "Select": C.INVALID_ARGUMENT, "Prefill": C.INVALID_ARGUMENT, "Decode": C.NOT_FOUND,
+    # Lookup: over max_lookup_tokens (131072), refused before any hashing
+    expected = {"Lookup": C.INVALID_ARGUMENT, "Select": C.INVALID_ARGUMENT, "Prefill": C.INVALID_ARGUMENT, "Decode": C.NOT_FOUND,
                 "Generate": OK, "Get": C.INVALID_ARGUMENT}[rpc]
     outcome = system.call(rpc, big, "acme")
     assert_sane(outcome, expected={expected})

@@ -9,8 +9,8 @@ test until the chart follows).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-import functools
 import json
 import re
 import shutil
@@ -19,14 +19,13 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 import yaml
-from helm_python import _native
 
 from dkv.services import settings as S
+from helm_chart import (
+    CHART, FULL, NAMESPACE, RELEASE, container, env, env_values, of_kind, one, pod_env, render, render_raw, workload,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "dkv"
-RELEASE, NAMESPACE = "rel", "ml"
-FULL = f"{RELEASE}-dkv"
 SERVICE_MONITOR = "monitoring.coreos.com/v1/ServiceMonitor"
 
 SETTINGS = {"store": S.StoreSettings, "prefill": S.PrefillSettings, "decode": S.DecodeSettings,
@@ -53,70 +52,6 @@ EVERYTHING_ON = {
     "tls": {"enabled": True, "existingSecret": "dkv-tls", "mutual": True},
     "networkPolicy": {"enabled": False},
 }
-
-
-# --- rendering ------------------------------------------------------------------------------------
-
-
-def render_raw(values: dict | None = None, *, chart_dir: Path = CHART, api_versions: tuple[str, ...] = ()):
-    """Template path -> rendered text. ``api_versions`` are what `helm template --api-versions` adds
-    to .Capabilities; Chart.render (0.2.x) has no argument for them, the library's render options
-    do, so this calls the library with the loaded chart directly."""
-    opts: dict = {"name": RELEASE, "namespace": NAMESPACE}
-    if api_versions:
-        opts["api_versions"] = list(api_versions)
-    with helm.Chart.load(chart_dir) as chart:
-        raw = _native.call_string("helm_render", chart._raw(),
-                                  None if values is None else json.dumps(values), json.dumps(opts))
-    return json.loads(raw)
-
-
-# yaml.safe_load_all, with libyaml's parser when PyYAML has it (same safe loader, ~10x faster).
-safe_load_all = functools.partial(yaml.load_all, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-
-
-def render(values: dict | None = None, **kw) -> list[dict]:
-    """Every rendered Kubernetes document, parsed."""
-    docs = []
-    for path, text in sorted(render_raw(values, **kw).items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in safe_load_all(text):
-            if doc is not None:
-                assert isinstance(doc, dict) and doc.get("kind") and doc.get("apiVersion"), (path, doc)
-                docs.append(doc)
-    return docs
-
-
-def of_kind(docs, kind):
-    return [d for d in docs if d["kind"] == kind]
-
-
-def one(docs, kind, name):
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
-    return found[0]
-
-
-def workload(docs, component):
-    kind = "StatefulSet" if component == "store" else "Deployment"
-    return one(docs, kind, f"{FULL}-{component}")
-
-
-def container(docs, component):
-    (c,) = workload(docs, component)["spec"]["template"]["spec"]["containers"]
-    return c
-
-
-def env(docs, component) -> dict[str, dict]:
-    entries = container(docs, component)["env"]
-    names = [e["name"] for e in entries]
-    assert len(names) == len(set(names)), f"{component}: duplicate env {names}"
-    return {e["name"]: e for e in entries}
-
-
-def env_values(docs, component) -> dict[str, str]:
-    return {k: e["value"] for k, e in env(docs, component).items() if "value" in e}
 
 
 @pytest.fixture(scope="module")
@@ -304,14 +239,15 @@ def test_each_mapped_value_sets_its_env_var(default_docs):
 def test_default_render_kinds_and_names(default_docs):
     kinds = sorted({d["kind"] for d in default_docs})
     assert kinds == sorted({"StatefulSet", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
-                            "ConfigMap", "ServiceAccount"})
+                            "ConfigMap", "ServiceAccount", "Secret"})
     assert [d["metadata"]["name"] for d in of_kind(default_docs, "StatefulSet")] == [f"{FULL}-store"]
     assert sorted(d["metadata"]["name"] for d in of_kind(default_docs, "Deployment")) == [
         f"{FULL}-{c}" for c in ("decode", "gateway", "prefill", "redis")]
     assert sorted(d["metadata"]["name"] for d in of_kind(default_docs, "Service")) == sorted(
         [f"{FULL}-{c}" for c in ("store", "prefill", "decode", "gateway", "redis")] + [f"{FULL}-store-headless"])
     assert sorted(d["metadata"]["name"] for d in of_kind(default_docs, "PodDisruptionBudget")) == sorted(
-        f"{FULL}-{c}" for c in COMPONENTS)
+        f"{FULL}-{c}" for c in (*COMPONENTS, "redis"))
+    assert sorted(d["metadata"]["name"] for d in of_kind(default_docs, "Secret")) == [f"{FULL}-auth", f"{FULL}-redis"]
     for d in default_docs:
         assert d["metadata"]["namespace"] == NAMESPACE, d["metadata"]["name"]
     assert not of_kind(default_docs, "ServiceMonitor")
@@ -417,17 +353,11 @@ def test_the_chart_sets_every_setting(everything_docs):
 def test_rendered_env_loads_into_the_settings(values):
     """What the chart renders is what dkv accepts: each container's env, given to settings.load
     as the process would see it (Secrets filled in), builds that component's settings."""
-    secrets = {"token": "service-token", "tenants": "acme=acme-token", "password": "pw"}
+    secrets = {"token": "service-token", "tenants": "acme=acme-token", "password": "pw",
+               "cluster-secret": "cluster-secret-value", "redis-password": "redis-pw"}
     docs = render(values)
     for component, cls in SETTINGS.items():
-        process_env = {}
-        for name, entry in env(docs, component).items():
-            if "valueFrom" in entry:
-                source = entry["valueFrom"]
-                process_env[name] = secrets[source["secretKeyRef"]["key"]] if "secretKeyRef" in source \
-                    else {"metadata.name": f"{FULL}-{component}-0"}[source["fieldRef"]["fieldPath"]]
-            else:  # Kubernetes expands $(NAME) of the variables defined before
-                process_env[name] = re.sub(r"\$\((\w+)\)", lambda m: process_env.get(m.group(1), ""), entry["value"])
+        process_env = pod_env(docs, component, secrets)
         loaded = S.load(cls, {}, env=process_env)
         assert loaded.host == "0.0.0.0" and loaded.port == PORTS[component]
         if component == "store":
@@ -459,7 +389,7 @@ def test_worker_services_are_headless_so_clients_balance_calls(default_docs):
     assert "clusterIP" not in one(default_docs, "Service", f"{FULL}-gateway")["spec"]
     assert "clusterIP" not in one(default_docs, "Service", f"{FULL}-store")["spec"]  # shards are separate caches
     store = env_values(default_docs, "store")
-    assert store["DKV_STORE_REDIS_URL"] == f"redis://{FULL}-redis:6379/0"
+    assert store["DKV_STORE_REDIS_URL"] == f"redis://:$(REDIS_PASSWORD)@{FULL}-redis:6379/0"
     assert one(default_docs, "Service", f"{FULL}-redis")["spec"]["ports"][0]["port"] == 6379
 
 
@@ -544,6 +474,79 @@ def test_redis_in_chart(default_docs):
     assert "10gb" in custom["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def secret_data(docs, name) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in one(docs, "Secret", name)["data"].items()}
+
+
+def test_auth_is_on_by_default_with_a_generated_token_and_cluster_secret(default_docs):
+    data = secret_data(default_docs, f"{FULL}-auth")
+    assert set(data) == {"token", "cluster-secret"}
+    assert len(data["token"]) == 48 and data["token"].isalnum() and len(data["cluster-secret"]) == 64
+    for component in COMPONENTS:
+        assert env(default_docs, component)[f"DKV_{component.upper()}_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{FULL}-auth", "key": "token"}
+    assert env(default_docs, "store")["DKV_STORE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{FULL}-auth", "key": "cluster-secret", "optional": True}
+    notes = render_raw()["dkv/templates/NOTES.txt"]
+    assert f"get secret {FULL}-auth -o jsonpath='{{.data.token}}' | base64 -d" in notes
+    assert "generated by this chart" in notes and "TLS is off" in notes and "signed with the cluster secret" in notes
+    # another render (a fresh install: no Secret to look up) draws other values
+    assert secret_data(render(), f"{FULL}-auth")["token"] != data["token"]
+
+
+def test_auth_off_or_from_an_existing_secret():
+    docs = render({"auth": {"enabled": False}})
+    for component in COMPONENTS:
+        assert f"DKV_{component.upper()}_AUTH_TOKEN" not in env(docs, component)
+    assert "No authentication (auth.enabled is false)" in render_raw({"auth": {"enabled": False}})["dkv/templates/NOTES.txt"]
+    assert env(docs, "store")["DKV_STORE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == f"{FULL}-auth"
+    docs = render({"auth": {"existingSecret": "mine", "clusterSecretKey": ""}})
+    assert not [s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == f"{FULL}-auth"]
+    assert env(docs, "gateway")["DKV_GATEWAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "token"}
+    assert "DKV_STORE_CLUSTER_SECRET" not in env(docs, "store")
+
+
+def test_in_chart_redis_requires_a_password_from_a_secret(default_docs):
+    password = secret_data(default_docs, f"{FULL}-redis")
+    assert set(password) == {"redis-password"} and password["redis-password"].isalnum()
+    (c,) = one(default_docs, "Deployment", f"{FULL}-redis")["spec"]["template"]["spec"]["containers"]
+    ref = {"name": f"{FULL}-redis", "key": "redis-password"}
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]} == {"REDIS_PASSWORD": ref, "REDISCLI_AUTH": ref}
+    assert c["args"][c["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert c["readinessProbe"]["exec"]["command"][0] == "redis-cli"  # authenticates with REDISCLI_AUTH
+    store = container(default_docs, "store")["env"]
+    names = [e["name"] for e in store]
+    assert names.index("REDIS_PASSWORD") < names.index("DKV_STORE_REDIS_URL")
+    assert store[names.index("REDIS_PASSWORD")]["valueFrom"]["secretKeyRef"] == ref
+    pdb = one(default_docs, "PodDisruptionBudget", f"{FULL}-redis")
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    docs = render({"redis": {"existingSecret": "redis-own", "passwordKey": "pw", "maxmemoryPolicy": "noeviction",
+                             "pdb": {"minAvailable": 1}}})
+    assert not of_kind(docs, "Secret") or all(s["metadata"]["name"] != f"{FULL}-redis" for s in of_kind(docs, "Secret"))
+    assert env(docs, "store")["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-own", "key": "pw"}
+    args = one(docs, "Deployment", f"{FULL}-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert one(docs, "PodDisruptionBudget", f"{FULL}-redis")["spec"]["minAvailable"] == 1
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_tmp_has_a_size_limit(default_docs, component):
+    volumes = {v["name"]: v for v in workload(default_docs, component)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    volumes = {v["name"]: v for v in workload(render({"tmpSizeLimit": ""}), component)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {}
+
+
+def test_the_store_s_memory_budget_fits_its_pod(default_docs):
+    """Host tier + Puts being received + ~0.5 GiB of process within the memory limit, and the largest
+    entry can be received at all (the store refuses settings where it could not)."""
+    store = env_values(default_docs, "store")
+    limit = S.parse_size(container(default_docs, "store")["resources"]["limits"]["memory"])
+    cpu, in_flight = S.parse_size(store["DKV_STORE_CPU_BYTES"]), S.parse_size(store["DKV_STORE_PUT_BYTES_IN_FLIGHT"])
+    assert cpu + in_flight + (512 << 20) <= limit
+    assert S.parse_size(store["DKV_STORE_MAX_ENTRY_BYTES"]) <= in_flight
+
+
 def test_external_redis_with_password(everything_docs):
     assert not [d for d in everything_docs if d["metadata"]["name"] == f"{FULL}-redis"]
     entries = container(everything_docs, "store")["env"]
@@ -596,7 +599,9 @@ def test_tls_without_mutual_and_missing_secret():
         e = env(docs, component)
         assert f"DKV_{component.upper()}_TLS_CA" not in e  # servers do not ask for client certificates
         assert e["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"]["value"] == "/etc/dkv/tls/ca.crt"
-        assert f"DKV_{component.upper()}_AUTH_TOKEN" not in e
+        # auth is on by default, with the token the chart generated
+        assert e[f"DKV_{component.upper()}_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{FULL}-auth", "key": "token"}
     with pytest.raises(helm.HelmRenderError, match="tls.existingSecret"):
         render({"tls": {"enabled": True}})
 
@@ -618,7 +623,9 @@ def test_network_policies(default_docs):
         policy = policies[f"{FULL}-{component}"]
         assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
         (metrics,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
-        assert "from" not in metrics  # metricsFrom empty: anyone may scrape
+        # by default only Prometheus pods (any namespace) may scrape
+        assert metrics["from"] == [{"namespaceSelector": {},
+                                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
 
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tools"}}}
     scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}

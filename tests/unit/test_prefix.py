@@ -7,9 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from dkv.kvstore.entry import EntryKey, Recipe
+from dkv.kvstore.entry import EntryKey, Identity, Recipe
 from dkv.kvstore.errors import InvalidEntry
-from dkv.kvstore.prefix import DIGEST_BYTES, chain_hashes, longest_cached_prefix
+from dkv.kvstore.prefix import DIGEST_BYTES, chain_hashes, check_chain, longest_cached_prefix
 
 MODEL = "model-a"
 CHUNK = 8
@@ -237,3 +237,51 @@ def test_a_chunk_whose_predecessors_are_gone_is_not_a_prefix():
     store.put(prompt[:16], recipe=chunked, start=8)
     store.put(prompt[:24], recipe=chunked, start=16)
     assert longest_cached_prefix(prompt, chunked, MODEL, "t", store.start_of) is None
+
+
+# --- check_chain: the chunk entries a decode worker is given form one context, in order -------------
+
+CHUNKED = Recipe(method="snapkv", ratio=0.5, chunk_size=CHUNK, chunked=True)
+
+
+def _chunk_identities(tokens: list[int], recipe: Recipe = CHUNKED, tenant: str = "acme", model: str = MODEL):
+    """The identities of the chunk entries a chunked recipe stores for ``tokens``."""
+    hashes = chain_hashes(tokens, recipe.chunk_size, model, recipe.recipe_id)
+    out = []
+    for c, start in enumerate(range(0, len(tokens), recipe.chunk_size)):
+        end = min(start + recipe.chunk_size, len(tokens))
+        out.append(Identity(model, recipe, tuple(hashes[:c + 1]), end, tenant, start))
+    return out
+
+
+def test_a_context_s_chunks_in_order_chain():
+    chunks = _chunk_identities(_tokens(30))
+    assert len(chunks) == 4
+    check_chain(chunks)
+    check_chain(chunks[:2])  # a prefix of them too
+    whole = Identity(MODEL, Recipe(), tuple(chain_hashes(_tokens(30), 256, MODEL, Recipe().recipe_id)), 30)
+    check_chain([whole])
+
+
+@pytest.mark.parametrize("reorder, words", [
+    (lambda c: [c[1], c[0], c[2]], "starts at token 8, not 0"),
+    (lambda c: [c[0], c[2], c[1]], "consecutive, in order, without gaps"),
+    (lambda c: [c[0], c[2]], "consecutive, in order, without gaps"),  # a chunk left out
+    (lambda c: [c[0], c[1], c[1]], "consecutive"),  # one twice
+    (lambda c: c[1:], "not 0"),  # the first left out
+    (lambda c: [], "no entries"),
+])
+def test_chunks_out_of_order_missing_or_repeated_are_refused(reorder, words):
+    with pytest.raises(ValueError, match=words):
+        check_chain(reorder(_chunk_identities(_tokens(24))))
+
+
+def test_chunks_of_another_prompt_tenant_model_or_recipe_are_refused():
+    mine, other = _chunk_identities(_tokens(24, seed=1)), _chunk_identities(_tokens(24, seed=2))
+    with pytest.raises(ValueError, match="chunk of other tokens"):
+        check_chain([mine[0], other[1], other[2]])  # same spans, another prompt's tokens
+    for part, kwargs in (("tenant", {"tenant": "beta"}), ("model_fingerprint", {"model": "model-b"}),
+                         ("recipe", {"recipe": Recipe(method="snapkv", ratio=0.25, chunk_size=CHUNK, chunked=True)})):
+        foreign = _chunk_identities(_tokens(24, seed=1), **kwargs)
+        with pytest.raises(ValueError, match=f"another {part}"):
+            check_chain([mine[0], foreign[1]])

@@ -187,3 +187,19 @@ def test_ray_actor_placement_follows_the_device_setting():
         actor_placement("cuda", 3, cluster_gpus=2)
     with pytest.raises(SettingsError, match="Ray assigns each actor its GPU"):
         actor_placement("cuda:1", 1, cluster_gpus=2)
+
+
+def test_describe_masks_the_cluster_secret_and_the_password_in_redis_url():
+    d = describe(StoreSettings(cluster_secret="mac-key-1", redis_url="redis://:pw-8812@redis.ns.svc:6379/0"))
+    assert d["cluster_secret"] == "***" and d["redis_url"] == "redis://:***@redis.ns.svc:6379/0"
+    assert "pw-8812" not in str(d) and "mac-key-1" not in str(d)
+    assert describe(StoreSettings(redis_url="redis://user:pw@h:1/2"))["redis_url"] == "redis://user:***@h:1/2"
+    assert describe(StoreSettings(redis_url="redis://h:6379/0"))["redis_url"] == "redis://h:6379/0"  # nothing to mask
+
+
+def test_the_put_budget_must_hold_the_largest_entry():
+    with pytest.raises(SettingsError, match="put_bytes_in_flight .* below max_entry_bytes"):
+        StoreSettings(max_entry_bytes=1 << 30, put_bytes_in_flight=512 << 20)
+    assert StoreSettings(max_entry_bytes=256 << 20, put_bytes_in_flight=512 << 20).put_bytes_in_flight == 512 << 20
+    with pytest.raises(SettingsError, match="max_lookup_tokens"):
+        StoreSettings(min_chunk_size=64, max_lookup_tokens=32)  # not even one chunk

@@ -7,12 +7,12 @@ import torch
 
 from dkv.kvstore import codec
 from dkv.kvstore.entry import EntryKey, Recipe
-from dkv.kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry
+from dkv.kvstore.errors import CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry, OverQuota
 from dkv.kvstore.memory_tier import MemoryTier
 from dkv.kvstore.policy import LRUPolicy, ValuePolicy
 from dkv.kvstore.prefix import chain_hashes
 from dkv.kvstore.shrink import ShrinkRule
-from dkv.kvstore.store import TieredStore, TierSpec
+from dkv.kvstore.store import MAX_CLAIMED_COMPRESSION, TieredStore, TierSpec
 from dkv.kvstore.synthetic import synthetic_entry
 
 
@@ -239,3 +239,86 @@ def test_a_put_that_fails_a_check_leaves_the_store_as_it_was():
         store.put(broken)
     assert store.stats().entries == 1 and store.contains(kept)
     assert store.tiers[0].tier.used_bytes() == sum(map(len, frames_of(1)))
+
+
+# --- quotas, values from what the store can check, audits --------------------------------------------
+
+
+def tenant_frames(tenant: str, seed: int, **kw) -> list[bytes]:
+    return frames_of(seed, tenant=tenant, **kw)
+
+
+def test_a_tenant_over_its_quota_goes_down_the_tiers_and_is_refused_when_its_entries_are_unread():
+    clock = Clock()
+    specs = [TierSpec(MemoryTier("device", 10 * ENTRY_BYTES), tenant_quota=2 * ENTRY_BYTES),
+             TierSpec(MemoryTier("cpu", 10 * ENTRY_BYTES), tenant_quota=3 * ENTRY_BYTES)]
+    store = TieredStore(specs, ValuePolicy(), clock=clock)
+    keys = []
+    for i in range(5):
+        clock.now += 1
+        keys.append(store.put(tenant_frames("acme", i)).key)
+    # acme's quota in the fast tier is full of entries nobody read yet: its next ones go down
+    assert [store.tier_of(k) for k in keys] == ["device", "device", "cpu", "cpu", "cpu"]
+    clock.now += 1
+    with pytest.raises(OverQuota, match="tenant 'acme' is at its quota"):
+        store.put(tenant_frames("acme", 5))
+    assert all(store.contains(k) for k in keys)
+    other = store.put(tenant_frames("beta", 6))  # another tenant is not held back
+    assert other.tier == "device"
+    store.get(keys[2])  # read once: now it may make room for acme's next entry
+    clock.now += 1
+    assert store.put(tenant_frames("acme", 7)).tier == "cpu"
+    assert not store.contains(keys[2]) and sum(store.contains(k) for k in keys) == 4
+    clock.now += store.protect_unread_s  # a minute on, unread entries are ranked like any other
+    assert store.put(tenant_frames("acme", 8)).tier == "device"
+    stats = store.stats("acme")
+    assert stats.tenant == "acme" and stats.over_quota == 1 and stats.rejected_puts == 1 and stats.puts == 7
+    assert [t.entries for t in stats.tiers] == [2, 3]
+    assert [t.quota_bytes for t in stats.tiers] == [2 * ENTRY_BYTES, 3 * ENTRY_BYTES]
+    assert all(0 < t.used_bytes <= t.quota_bytes for t in stats.tiers)
+    everyone = store.stats()
+    assert [v.tenant for v in everyone.tenants] == ["acme", "beta"]
+    assert everyone.entries == 6 and everyone.puts == 8 and everyone.tenants[1].entries == 1
+
+
+def test_an_entry_larger_than_its_tenant_s_quota_everywhere_is_refused_before_anything_moves():
+    store = TieredStore([TierSpec(MemoryTier("cpu", 10 * ENTRY_BYTES), tenant_quota=ENTRY_BYTES // 2)])
+    with pytest.raises(OverQuota, match="larger than tenant 'default'"):
+        store.put(frames_of(1))
+    assert store.stats().over_quota == 1 and store.stats().entries == 0
+
+
+def test_an_entry_s_value_comes_from_what_the_store_can_check_not_from_its_claims():
+    """A tiny entry claiming a long context (1 token kept of 65536 per layer, one narrow head) may
+    rank at most MAX_CLAIMED_COMPRESSION times a dense entry of the same bytes; as claimed, its
+    value would be thousands of times that."""
+    store = make_store(100 * ENTRY_BYTES)
+    hostile = synthetic_entry(seq_len=65536, keep_fraction=1 / 65536, num_layers=16, num_kv_heads=1, head_dim=4,
+                              page_size=16, seed=1)
+    honest = synthetic_entry(seq_len=128, seed=2)  # fp16, every token kept: compression 1
+    values = {}
+    for name, entry in (("hostile", hostile), ("honest", honest)):
+        frames = codec.encode(entry)
+        key = store.put(frames).key
+        header, size = store.header(key), sum(map(len, frames))
+        stats = store._entries[key].stats
+        claimed = header.identity.seq_len * header.num_layers * header.num_kv_heads * header.head_dim / size
+        values[name] = (store.policy.value(stats, stats.last_access), claimed)
+    (hostile_value, hostile_claim), (honest_value, honest_claim) = values["hostile"], values["honest"]
+    assert hostile_claim / honest_claim > 1000  # what the header says
+    assert hostile_value / honest_value <= MAX_CLAIMED_COMPRESSION * 1.1  # what the store believes
+    assert honest_value == pytest.approx(honest_claim)  # an honest entry is ranked as it says
+
+
+def test_an_audit_drops_entries_a_tier_lost_and_removes_what_no_index_names():
+    store = make_store(10 * ENTRY_BYTES)
+    tier = store.tiers[0].tier
+    kept, lost = store.put(frames_of(1)).key, store.put(frames_of(2)).key
+    tier.remove(lost)  # gone behind the store's back
+    stray = synthetic_entry(seq_len=64, seed=3)
+    tier.put(stray.key, codec.encode(stray))  # held, but indexed nowhere
+    assert store.audit() == {"lost": 1, "adopted": 0, "removed": 1}
+    assert store.contains(kept) and not store.contains(lost) and not tier.contains(stray.key)
+    assert store.stats().lost == 1 and store.stats().tiers[0].used_bytes == tier.used_bytes()
+    with pytest.raises(EntryNotFound):
+        store.get(lost)

@@ -215,3 +215,13 @@ def test_close_releases_and_is_idempotent(tier):
     tier.put(key(1), [os.urandom(128)])
     assert tier.close() is None
     tier.close()  # second close: no error
+
+
+def test_audit_reports_the_bytes_of_every_entry_held(tier):
+    assert tier.audit() == {}
+    frames = {key(i): entry_frames(seed=i, seq_len=32 + i) for i in range(3)}
+    for k, f in frames.items():
+        tier.put(k, f)
+    tier.remove(key(1))
+    assert tier.audit() == {k: nbytes(f) for k, f in frames.items() if k != key(1)}
+    assert tier.used_bytes() == sum(tier.audit().values())

@@ -213,3 +213,38 @@ def test_recipe_from_empty_proto_is_default():
 def test_recipe_from_bad_proto_names_field(fields, name):
     with pytest.raises(InvalidEntry, match=f"recipe {name}"):
         wire.recipe_from_proto(common_pb2.Recipe(**fields))
+
+
+# --- Summaries and Select checksums ------------------------------------------------------------------
+
+def _summary() -> store_pb2.LayerSummary:
+    t = store_pb2.Tensor(dtype="float16", shape=[2, 4], data=bytes(range(16)))
+    return store_pb2.LayerSummary(layer=3, head_counts=store_pb2.Tensor(dtype="int32", shape=[1], data=b"\x05\0\0\0"),
+                                  page_min=t, page_max=t, seq_len=40, num_layers=30, num_kv_heads=1, head_dim=4,
+                                  page_size=16)
+
+
+def _pages(order) -> store_pb2.LayerPages:
+    reply = store_pb2.LayerPages(layer=1, pages=[0, 2], tier="cpu")
+    for name in order:
+        reply.tensors[name].CopyFrom(store_pb2.Tensor(dtype="uint8", shape=[len(name)], data=name.encode()))
+    return reply
+
+
+def test_summary_and_pages_checksums_cover_the_key_and_every_field():
+    base = wire.summary_checksum("t/m/r/h", _summary())
+    assert wire.summary_checksum("t/m/r/h", _summary()) == base
+    assert wire.summary_checksum("t/m/r/other", _summary()) != base  # a reply for another key
+    for change in (lambda s: setattr(s, "layer", 4), lambda s: setattr(s, "seq_len", 41),
+                   lambda s: setattr(s, "page_size", 8), lambda s: s.page_max.shape.__setitem__(0, 4),
+                   lambda s: setattr(s.page_min, "data", bytes(16)), lambda s: setattr(s.head_counts, "dtype", "uint8")):
+        changed = _summary()
+        change(changed)
+        assert wire.summary_checksum("t/m/r/h", changed) != base
+    pages = wire.pages_checksum("k", _pages(["keys", "values", "positions"]))
+    assert wire.pages_checksum("k", _pages(["positions", "values", "keys"])) == pages  # map order does not count
+    for other in (_pages(["keys", "values"]), _pages(["keys", "values", "positions", "scores"])):
+        assert wire.pages_checksum("k", other) != pages
+    swapped = _pages(["keys", "values", "positions"])
+    swapped.tier, swapped.pages[1] = "redis", 3
+    assert wire.pages_checksum("k", swapped) != pages and wire.pages_checksum("k2", _pages(["keys"])) != pages

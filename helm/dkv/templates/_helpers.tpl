@@ -108,6 +108,36 @@ calls round robin (connections are aged, so new pods get calls too).
 {{- end }}
 
 {{/*
+The Secret with the service token (and tenant tokens, cluster secret): the given one, or the
+chart's (secrets.yaml).
+*/}}
+{{- define "dkv.authSecret" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-auth" (include "dkv.fullname" .)) }}
+{{- end }}
+
+{{/*
+The Secret and key holding the Redis password, as (dict "name" "key"); empty name = no password
+(an external Redis without existingSecret).
+*/}}
+{{- define "dkv.redisPassword" -}}
+{{- if .Values.redis.enabled }}
+{{- dict "name" (.Values.redis.existingSecret | default (printf "%s-redis" (include "dkv.fullname" .))) "key" .Values.redis.passwordKey | toJson }}
+{{- else }}
+{{- dict "name" .Values.externalRedis.existingSecret "key" .Values.externalRedis.passwordKey | toJson }}
+{{- end }}
+{{- end }}
+
+{{/*
+A random Secret value that survives upgrades: the one already in the cluster (lookup; empty
+under `helm template`), or a new one. Call with (dict "root" $ "name" secretName "key" key "length" n).
+*/}}
+{{- define "dkv.randomSecretValue" -}}
+{{- $old := lookup "v1" "Secret" .root.Release.Namespace .name }}
+{{- $data := dig "data" (dict) ($old | default (dict)) }}
+{{- get $data .key | default (randAlphaNum .length | b64enc) }}
+{{- end }}
+
+{{/*
 Whether a size is zero ("0", "0GiB", 0).
 */}}
 {{- define "dkv.isZeroSize" -}}
@@ -162,14 +192,14 @@ terminationGracePeriodSeconds of a component: the value, or ceil(drainDelayS + g
 {{- end }}
 
 {{/*
-The store's Redis URL ("" without a Redis tier). With an external Redis password the URL
-references $(REDIS_PASSWORD), which Kubernetes expands from the env var defined before it.
+The store's Redis URL ("" without a Redis tier). With a password (always for the in-chart Redis)
+the URL references $(REDIS_PASSWORD), which Kubernetes expands from the env var defined before it.
 */}}
 {{- define "dkv.redisUrl" -}}
 {{- $v := .Values }}
 {{- if $v.store.redisTier }}
 {{- if $v.redis.enabled }}
-{{- printf "redis://%s:%d/0" (include "dkv.redisHost" .) (int $v.redis.port) }}
+{{- printf "redis://:$(REDIS_PASSWORD)@%s:%d/0" (include "dkv.redisHost" .) (int $v.redis.port) }}
 {{- else if $v.externalRedis.existingSecret }}
 {{- $parts := splitn "://" 2 $v.externalRedis.url }}
 {{- printf "%s://:$(REDIS_PASSWORD)@%s" $parts._0 $parts._1 }}
@@ -202,17 +232,17 @@ The settings every dkv server has (ServerSettings), as env vars. Call with
 - name: {{ $p }}METRICS_PORT
   value: {{ include "dkv.scalar" $v.metricsPort | quote }}
 {{- with $root.Values.auth }}
-{{- if .existingSecret }}
+{{- if .enabled }}
 - name: {{ $p }}AUTH_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ .existingSecret }}
+      name: {{ include "dkv.authSecret" $root }}
       key: {{ .tokenKey }}
 {{- if .tenantTokensKey }}
 - name: {{ $p }}TENANT_TOKENS
   valueFrom:
     secretKeyRef:
-      name: {{ .existingSecret }}
+      name: {{ include "dkv.authSecret" $root }}
       key: {{ .tenantTokensKey }}
 {{- end }}
 {{- end }}

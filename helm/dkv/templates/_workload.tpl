@@ -99,7 +99,12 @@ spec:
         {{- end }}
   volumes:
     - name: tmp
+      {{- if $root.Values.tmpSizeLimit }}
+      emptyDir:
+        sizeLimit: {{ $root.Values.tmpSizeLimit }}
+      {{- else }}
       emptyDir: {}
+      {{- end }}
     {{- if .modelCache }}
     - name: cache
       {{- if $root.Values.modelCache.existingClaim }}
