@@ -23,6 +23,7 @@ import torch
 
 from dkv.kvstore.entry import CompressedKV, EntryKey, Recipe
 from dkv.kvstore.errors import EntryNotFound
+from dkv.kvstore.prefix import check_chain
 from dkv.workers.decode import check_geometry, generate_remote, row_selection, stop_token_ids
 from dkv.workers.engine import DENSE_LAYERS, DecodeEngine, DecodeStats, Sampler, SoloStream, Stream
 from dkv.workers.model import model_info
@@ -267,6 +268,7 @@ class DecodeWorker:
                 entry, tier, nbytes = got
                 fetch.tiers[tier] = fetch.tiers.get(tier, 0) + nbytes
                 entries.append(entry)
+        check_chain([e.identity for e in entries])  # the chunks of one context, in order (ValueError)
         return entries
 
     def _check_length(self, seq_len: int, job: DecodeJob) -> None:

@@ -301,3 +301,21 @@ def test_a_full_hit_goes_straight_to_decode(gateway):
     assert stats.cache_hit and again == first
     assert prefill_calls() == calls  # the hit was answered from one store Lookup
     assert stats.context_tokens > 0 and stats.entry_bytes > 0 and stats.compression_ratio > 1
+
+
+def test_chunk_keys_out_of_order_are_invalid_argument(decode_service, smollm2):
+    stub, worker, store = decode_service
+    model, tokenizer = smollm2
+    ids = tokenizer(TEXT).input_ids[:300]
+    chunks = compress_chunks(model, torch.tensor([ids]), "snapkv", 0.5, chunk_size=128)
+    keys = [str(store.put(e).key) for e in chunks]
+    for wrong in (keys[::-1], keys[1:], [keys[0], keys[2]]):
+        request = decode_pb2.DecodeRequest(keys=wrong, max_new_tokens=2)
+        request.query_ids.ids.extend([42])
+        with pytest.raises(grpc.RpcError) as e:
+            next(stub.Decode(request, timeout=60))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "entry" in e.value.details()
+    request = decode_pb2.DecodeRequest(keys=keys, max_new_tokens=2)  # in order: served
+    request.query_ids.ids.extend([42])
+    assert next(stub.Decode(request, timeout=60)).HasField("token")
+    assert worker.engine.queued == 0
