@@ -95,7 +95,7 @@ class Transformers:
     def __init__(self):
         from dkv.workers.model import load_model
 
-        self.model, _ = load_model(attn_implementation="sdpa")
+        self.model, _ = load_model(attn_implementation="sdpa", pack_linear=False)  # plain transformers
         self.prefixes: dict[tuple[int, ...], object] = {}
         self.lock = threading.Lock()
 

@@ -175,7 +175,9 @@ class DecodeServer(GrpcServer):
                 if settings.prefill else None
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=security)
             worker = DecodeWorker(model, tokenizer, store, prefill, page_cache_bytes=settings.page_cache_bytes,
-                                  max_active=settings.max_active_streams, max_queued=settings.max_queued_requests)
+                                  max_active=settings.max_active_streams, max_queued=settings.max_queued_requests,
+                                  entry_cache_bytes=settings.entry_cache_bytes,
+                                  entry_cache_ttl_s=settings.entry_cache_ttl_s)
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:

@@ -342,6 +342,10 @@ class DecodeSettings(WorkerSettings):
                                       "the queue.")
     max_queued_requests: int = setting(64, "Requests that may wait for a free stream (or be reading the store) "
                                        "beyond the active ones; more get RESOURCE_EXHAUSTED.")
+    entry_cache_bytes: int = setting(1 << 30, "Entries kept in this worker after decoding from them: a context "
+                                     "asked again skips the store (0 = none).", kind="size")
+    entry_cache_ttl_s: float = setting(300.0, "Longest time an entry stays in the worker's cache (an entry deleted "
+                                       "from the store is not served after that).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -351,6 +355,8 @@ class DecodeSettings(WorkerSettings):
         check_range("threads", self.threads, 0, 1024)
         check_range("max_active_streams", self.max_active_streams, 1, 4096)
         check_range("max_queued_requests", self.max_queued_requests, 0, 1 << 20)
+        check_range("entry_cache_bytes", self.entry_cache_bytes, 0, 1 << 50)
+        check_range("entry_cache_ttl_s", self.entry_cache_ttl_s, 0.1, 30 * 24 * 3600)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dkv.workers.batch import RowSelection
 from dkv.workers.cache import ATTN_IMPLEMENTATION, DkvCache
 from dkv.workers.engine import DENSE_LAYERS, Batch, DecodeStats, Sampler, Stream
 from dkv.workers.model import model_info
-from dkv.workers.paged import FetchStats, PageCache, RemoteEntry, paged_cache
+from dkv.workers.paged import FetchStats, RemoteEntry, page_cache, paged_cache
 from dkv.workers.selection import Dense, SelectionCache, make_selection
 
 
@@ -113,7 +113,7 @@ def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     param = next(model.parameters())
-    entry = RemoteEntry(store, key, param.dtype, param.device, PageCache(page_cache_bytes), fetch)
+    entry = RemoteEntry(store, key, param.dtype, param.device, page_cache(page_cache_bytes), fetch)
     check_geometry(model, len(entry.layers), entry.num_kv_heads, entry.head_dim, key)
     recorder: list[float] = []
     dkv = paged_cache(entry, budget, recorder)

@@ -20,12 +20,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-
 from dkv.kvstore.entry import CompressedKV, EntryKey, Recipe
 from dkv.kvstore.errors import EntryNotFound
 from dkv.kvstore.prefix import check_chain
-from dkv.workers.decode import check_geometry, generate_remote, row_selection, stop_token_ids
-from dkv.workers.engine import DENSE_LAYERS, DecodeEngine, DecodeStats, Sampler, SoloStream, Stream
+from dkv.workers.decode import (
+    check_geometry,
+    generate_remote,
+    row_selection,
+    stop_token_ids,
+)
+from dkv.workers.engine import (
+    DENSE_LAYERS,
+    DecodeEngine,
+    DecodeStats,
+    Sampler,
+    SoloStream,
+    Stream,
+)
+from dkv.workers.lru import BytesLRU
 from dkv.workers.model import model_info
 from dkv.workers.paged import EntryLost, FetchStats
 from dkv.workers.selection import SELECTIONS
@@ -62,6 +74,7 @@ class DecodeResult:
 
 
 FETCH_WINDOW = 8  # chunk entries read from the store side by side
+LOCAL_TIER = "worker"  # bytes_fetched_by_tier's name for entries this worker still held
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # below, logits / T overflow to inf
 
 Sink = Callable[["int | DecodeResult | BaseException"], None]
@@ -106,13 +119,17 @@ class Handle:
 
 class DecodeWorker:
     def __init__(self, model, tokenizer, store, prefill=None, page_cache_bytes: int = 256 << 20,
-                 max_active: int = 16, max_queued: int = 64, dense_layers: int = DENSE_LAYERS):
+                 max_active: int = 16, max_queued: int = 64, dense_layers: int = DENSE_LAYERS,
+                 entry_cache_bytes: int = 1 << 30, entry_cache_ttl_s: float = 300.0):
         """``store``: a ``StoreClient``; ``prefill``: a callable ``(context_ids, recipe, tenant) -> keys``
         used to recompute a missing entry (None: a miss is NOT_FOUND). ``max_active`` streams decode
-        together; ``max_queued`` more may wait (RESOURCE_EXHAUSTED beyond)."""
+        together; ``max_queued`` more may wait (RESOURCE_EXHAUSTED beyond). The entries it decoded
+        from stay in a local cache of ``entry_cache_bytes`` for ``entry_cache_ttl_s``: a context
+        asked again (the gateway sends it back here) skips the store."""
         self.model, self.tokenizer, self.store, self.prefill = model, tokenizer, store, prefill
         self.info = model_info(model)
         self.page_cache_bytes = page_cache_bytes
+        self.entries: BytesLRU[CompressedKV] = BytesLRU(entry_cache_bytes, lambda e: e.nbytes, entry_cache_ttl_s)
         self.stop_ids = frozenset(stop_token_ids(model, tokenizer))
         self.engine = DecodeEngine(model, max_active, max_queued, dense_layers)
         # chunk fetches and the recompute of an entry lost mid-way: blocking I/O, never in the model loop
@@ -257,18 +274,27 @@ class DecodeWorker:
         return SoloStream(tokens, on_token=_unset, on_end=_unset), fetch.context_tokens
 
     def _fetch(self, keys: list[str], fetch: FetchStats) -> list[CompressedKV]:
-        """Every entry of ``keys`` (a chunked context has one per chunk), ``FETCH_WINDOW`` at a time
-        side by side; the first miss ends it."""
+        """Every entry of ``keys`` (a chunked context has one per chunk): from the local cache, else
+        from the store, ``FETCH_WINDOW`` at a time side by side; the first miss ends it."""
         entries = []
         for start in range(0, len(keys), FETCH_WINDOW):
             window = keys[start:start + FETCH_WINDOW]
-            for key, got in zip(window, self._io.map(self.store.get_with_tier, window)):
-                if got is None:
-                    raise EntryNotFound(f"the store has no entry {key}")
-                entry, tier, nbytes = got
-                fetch.tiers[tier] = fetch.tiers.get(tier, 0) + nbytes
+            local = [self.entries.get(key) for key in window]
+            missing = [key for key, entry in zip(window, local) if entry is None]
+            fetched = dict(zip(missing, self._io.map(self.store.get_with_tier, missing)))
+            for key, entry in zip(window, local):
+                if entry is not None:
+                    fetch.tiers[LOCAL_TIER] = fetch.tiers.get(LOCAL_TIER, 0) + entry.nbytes
+                else:
+                    got = fetched[key]
+                    if got is None:
+                        raise EntryNotFound(f"the store has no entry {key}")
+                    entry, tier, nbytes = got
+                    fetch.tiers[tier] = fetch.tiers.get(tier, 0) + nbytes
                 entries.append(entry)
         check_chain([e.identity for e in entries])  # the chunks of one context, in order (ValueError)
+        for key, entry in zip(keys, entries):
+            self.entries.put(key, entry)
         return entries
 
     def _check_length(self, seq_len: int, job: DecodeJob) -> None:

@@ -5,7 +5,7 @@ and KV head, the elementwise min/max of K). At every step and layer it ranks the
 Quest upper bound of ``q·k`` (``kernels.page_scores``; for a multi-token step the mean query, as
 TokenSelect does), always adds each head's first page (attention sinks) and last page (the most
 recent entry tokens), fetches the pages it lacks with ``StoreClient.select`` into a bounded LRU
-``PageCache``, and attends over those rows plus every token appended since (the query and the
+page cache (``page_cache``), and attends over those rows plus every token appended since (the query and the
 generated tokens, kept locally). Bytes moved per step grow with the budget, not the context.
 
 If the store no longer has the entry mid-way (evicted, lost), ``EntryLost`` is raised; the caller
@@ -14,7 +14,6 @@ recomputes the entry through the prefill service and decodes again.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from dkv.kernels.page_scores import page_scores
 from dkv.kernels.sparse_attention import sparse_decode_attention
 from dkv.workers.cache import DkvCache, DkvLayer, _causal_tail
+from dkv.workers.lru import BytesLRU
 
 
 class EntryLost(RuntimeError):
@@ -39,40 +39,16 @@ class FetchStats:
     cache_misses: int = 0
 
 
-class PageCache:
-    """The worker's local copy of fetched pages, bounded in bytes, least recently used out first.
-
-    Holds ``(layer, page) -> (head, K [n, D], V [n, D])`` dequantized to the model's dtype on the
-    model's device (device memory on a GPU).
-    """
-
-    def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self.used = 0
-        self._pages: OrderedDict[tuple[int, int], tuple[int, torch.Tensor, torch.Tensor]] = OrderedDict()
-
-    def get(self, layer: int, page: int):
-        item = self._pages.get((layer, page))
-        if item is not None:
-            self._pages.move_to_end((layer, page))
-        return item
-
-    def put(self, layer: int, page: int, head: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        size = keys.numel() * keys.element_size() * 2
-        old = self._pages.pop((layer, page), None)
-        if old is not None:
-            self.used -= old[1].numel() * old[1].element_size() * 2
-        self._pages[(layer, page)] = (head, keys, values)
-        self.used += size
-        while self.used > self.capacity_bytes and len(self._pages) > 1:
-            _, (_, k, _) = self._pages.popitem(last=False)
-            self.used -= k.numel() * k.element_size() * 2
+def page_cache(capacity_bytes: int) -> BytesLRU:
+    """The worker's local copy of fetched pages: ``(layer, page) -> (head, K [n, D], V [n, D])``
+    dequantized to the model's dtype on the model's device (device memory on a GPU)."""
+    return BytesLRU(capacity_bytes, lambda item: item[1].numel() * item[1].element_size() * 2)
 
 
 class RemoteEntry:
     """An entry read page by page through a ``StoreClient``."""
 
-    def __init__(self, client, key: str, dtype: torch.dtype, device, cache: PageCache, stats: FetchStats):
+    def __init__(self, client, key: str, dtype: torch.dtype, device, cache: BytesLRU, stats: FetchStats):
         summaries = client.summaries(key)
         if summaries is None:
             raise EntryLost(f"the store has no entry {key}")
@@ -90,7 +66,7 @@ class RemoteEntry:
         """``page -> (head, K, V)`` for ``pages`` of ``layer``: local ones from the cache, the rest from the store."""
         found, missing = {}, []
         for page in pages:
-            item = self.cache.get(layer, page)
+            item = self.cache.get((layer, page))
             if item is None:
                 missing.append(page)
             else:
@@ -122,7 +98,7 @@ class RemoteEntry:
                 rows = min(self.page_size, end - row)
                 assert info.page_head[page] == head, "pages came back out of order"
                 item = (head, k[row:row + rows].to(self.device), v[row:row + rows].to(self.device))
-                self.cache.put(layer, page, *item)
+                self.cache.put((layer, page), item)
                 found[page] = item
                 row += rows
 

@@ -319,3 +319,22 @@ def test_chunk_keys_out_of_order_are_invalid_argument(decode_service, smollm2):
     request.query_ids.ids.extend([42])
     assert next(stub.Decode(request, timeout=60)).HasField("token")
     assert worker.engine.queued == 0
+
+
+def test_an_entry_decoded_once_is_served_from_the_worker_the_next_time(decode_service, streams):
+    stub, worker, store = decode_service
+    entries, query, _ = streams[0]
+    key = str(store.put(entries[0]).key)
+
+    def tiers() -> dict:
+        request = decode_pb2.DecodeRequest(keys=[key], max_new_tokens=2)
+        request.query_ids.ids.extend(query)
+        *tokens, last = list(stub.Decode(request, timeout=120))
+        return dict(last.stats.bytes_fetched_by_tier), [t.token.id for t in tokens]
+
+    first, tokens = tiers()
+    assert set(first) == {"cpu"}
+    again, same = tiers()
+    assert set(again) == {"worker"} and again["worker"] == entries[0].nbytes and same == tokens
+    assert store.delete(key)  # gone from the store: the worker still decodes from its copy
+    assert tiers()[0] == again

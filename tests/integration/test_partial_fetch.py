@@ -11,7 +11,7 @@ from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.store_client import StoreClient
 from dkv.workers.compression import compress
 from dkv.workers.decode import DecodeStats, generate_remote
-from dkv.workers.paged import EntryLost, FetchStats, PageCache
+from dkv.workers.paged import EntryLost, FetchStats, page_cache
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -56,11 +56,11 @@ def test_select_rejects_bad_layers_and_pages_and_misses_cleanly(store_service):
 
 
 def test_page_cache_stays_within_its_bytes():
-    cache = PageCache(capacity_bytes=10_000)
+    cache = page_cache(capacity_bytes=10_000)
     for page in range(50):
-        cache.put(0, page, 0, torch.zeros(16, 16), torch.zeros(16, 16))
+        cache.put((0, page), (0, torch.zeros(16, 16), torch.zeros(16, 16)))
         assert cache.used <= 10_000
-    assert cache.get(0, 49) is not None and cache.get(0, 0) is None
+    assert cache.get((0, 49)) is not None and cache.get((0, 0)) is None
 
 
 @pytest.mark.slow
