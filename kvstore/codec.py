@@ -28,7 +28,7 @@ import json
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import xxhash
@@ -354,6 +354,23 @@ def check_frames(frames: Iterable[bytes], max_entry_bytes: int | None = None) ->
     for f in frames:
         asm.add(f)
     return asm.finish()
+
+
+def entries_of(frames: Iterable[bytes | memoryview]) -> Iterator[list]:
+    """The frames of several entries sent one after another, one list per entry (a header frame,
+    sequence 0, starts the next); each list is for ``decode``, which checks it."""
+    group: list = []
+    for frame in frames:
+        view = memoryview(frame).cast("B")
+        if len(view) < FRAME_HEAD_BYTES:
+            raise CorruptEntry(f"frame of {len(view)} bytes is shorter than the {FRAME_HEAD_BYTES}-byte frame head")
+        seq = HEAD.unpack_from(view)[5]
+        if seq == 0 and group:
+            yield group
+            group = []
+        group.append(frame)
+    if group:
+        yield group
 
 
 def decode(frames: Iterable[bytes]) -> CompressedKV:

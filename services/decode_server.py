@@ -93,6 +93,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._prepare = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dkv-decode-prepare")
         engine = worker.engine
         metrics.gauge("dkv_decode_active_streams", "Streams decoding now (rows of the batch).", lambda: engine.active)
+        metrics.gauge("dkv_decode_degraded", "1 while the store cannot give this worker entries (it asks the "
+                      "prefill worker for them instead); the log says why.", lambda: float(worker.degraded.active))
         metrics.gauge("dkv_decode_queued_requests", "Requests admitted and waiting: being prepared (store reads, "
                       "recompute) or waiting for a free row.", lambda: engine.queued)
 
@@ -171,8 +173,7 @@ class DecodeServer(GrpcServer):
             use_threads(settings.threads)
             model, tokenizer = load_model(settings.model, settings.dtype, settings.device)
             security = Security.of(settings)
-            prefill = PrefillClient(settings.prefill, settings.prefill_timeout_s, security).keys \
-                if settings.prefill else None
+            prefill = PrefillClient(settings.prefill, settings.prefill_timeout_s, security) if settings.prefill else None
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=security)
             worker = DecodeWorker(model, tokenizer, store, prefill, page_cache_bytes=settings.page_cache_bytes,
                                   max_active=settings.max_active_streams, max_queued=settings.max_queued_requests,

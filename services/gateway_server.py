@@ -59,6 +59,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ("cache",))
         self.tokens = metrics.counter("dkv_gateway_tokens", "Tokens of requests, by kind (context, generated).",
                                       ("kind",))
+        self.not_stored = metrics.counter("dkv_gateway_not_cached", "Requests answered without their context "
+                                          "being stored (the store was down, full or refusing).")
+        metrics.gauge("dkv_gateway_degraded", "1 while the gateway's store lookups fail (requests go through "
+                      "prefill, answered all the same); the log says why.",
+                      lambda: float(self.gateway.degraded.active))
 
     async def Generate(self, request, context):
         try:
@@ -78,6 +83,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.ttft.labels(cache).observe(stats.ttft_ms / 1e3)
         self.tokens.labels("context").inc(stats.context_tokens)
         self.tokens.labels("generated").inc(stats.new_tokens)
+        if not stats.cache_stored:
+            self.not_stored.inc()
 
 
 class GatewayServer(GrpcServer):

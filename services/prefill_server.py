@@ -7,17 +7,19 @@ import logging
 
 import grpc
 
-from dkv.kvstore.errors import InvalidEntry
+from dkv.kvstore import codec
+from dkv.kvstore.errors import EntryNotFound, InvalidEntry
 from dkv.services.pb import prefill_pb2, prefill_pb2_grpc
 from dkv.services.server import GrpcServer, abort_with, serve_until_signal
 from dkv.services.settings import PrefillSettings
 from dkv.services.shards import open_store
 from dkv.services.transport import Security, tenant_for
-from dkv.services.wire import recipe_from_proto
+from dkv.services.wire import frame_message, recipe_from_proto
 
 log = logging.getLogger("dkv.prefill.server")
 SERVICE = "dkv.v1.Prefill"
 STATUS = {
+    EntryNotFound: grpc.StatusCode.NOT_FOUND,
     InvalidEntry: grpc.StatusCode.INVALID_ARGUMENT,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,
 }
@@ -37,6 +39,7 @@ def prefill_response(result) -> prefill_pb2.PrefillResponse:
         cached_tokens=result.cached_tokens, prefilled_tokens=result.prefilled_tokens,
         stored_bytes=result.stored_bytes, full_bytes=result.full_bytes,
         kept_tokens_per_layer=result.kept_tokens_per_layer, importance=result.importance,
+        cache_stored=result.cache_stored, not_stored_reason=result.not_stored_reason,
         timings=prefill_pb2.PrefillTimings(lookup_ms=tm["lookup"], fetch_ms=tm["fetch"], prefill_ms=tm["prefill"],
                                            compress_ms=tm["compress"], store_ms=tm["store"], total_ms=tm["total"]),
     )
@@ -49,6 +52,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                       "were computed or found in the store.", ("source",))
         self.ratio = metrics.histogram("dkv_prefill_compression_ratio", "Uncompressed K/V bytes (model dtype) "
                                        "over stored bytes, per prefill.", (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+        self.not_stored = metrics.counter("dkv_prefill_not_stored", "Entries the store did not take (the request "
+                                          "was answered without caching them), by the store's status.", ("reason",))
+        metrics.gauge("dkv_prefill_degraded", "1 while the store is being done without (unreachable or refusing "
+                      "entries): requests are answered, not cached; the log says why.",
+                      lambda: float(worker.degraded.active))
 
     async def Prefill(self, request, context):
         try:
@@ -59,11 +67,27 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await context.abort(e.code(), f"store: {e.details()}")
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             await abort_with(context, e, STATUS)
+        self._observe(result)
+        return prefill_response(result)
+
+    async def Entries(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        try:
+            recipe = recipe_from_proto(request.recipe)
+            ids = prefill_ids(request, self.worker)
+            entries = await asyncio.to_thread(self.worker.entries, ids, recipe, tenant_for(request.tenant))
+            frames = await asyncio.to_thread(lambda: [f for e in entries for f in codec.encode(e)])
+        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+            await abort_with(context, e, STATUS)
+        for frame in frames:
+            yield frame
+
+    def _observe(self, result) -> None:
         self.tokens.labels("computed").inc(result.prefilled_tokens)
         self.tokens.labels("cached").inc(result.cached_tokens)
         if result.prefilled_tokens and result.stored_bytes:
             self.ratio.observe(result.full_bytes / result.stored_bytes)
-        return prefill_response(result)
+        if not result.cache_stored:
+            self.not_stored.labels(result.not_stored_reason.split(":", 1)[0]).inc()
 
 
 class PrefillServer(GrpcServer):
@@ -84,10 +108,14 @@ class PrefillServer(GrpcServer):
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:
+        servicer = PrefillServicer(self.worker, self.metrics)
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Prefill": grpc.unary_unary_rpc_method_handler(
-                PrefillServicer(self.worker, self.metrics).Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
+                servicer.Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
                 response_serializer=prefill_pb2.PrefillResponse.SerializeToString),
+            "Entries": grpc.unary_stream_rpc_method_handler(
+                servicer.Entries, request_deserializer=prefill_pb2.PrefillRequest.FromString,
+                response_serializer=frame_message),
         })
 
     def describe(self) -> str:

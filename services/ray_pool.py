@@ -42,6 +42,16 @@ class PrefillActor:
         result = self.worker.prefill(prefill_ids(r, self.worker), recipe_from_proto(r.recipe), r.tenant or "default")
         return prefill_response(result).SerializeToString()
 
+    def entries(self, request: bytes) -> list[bytes]:
+        """The context's entries as store Get frames (``Prefill.Entries``), for a decode actor."""
+        from dkv.kvstore import codec
+        from dkv.services.prefill_server import prefill_ids
+        from dkv.services.wire import recipe_from_proto
+
+        r = prefill_pb2.PrefillRequest.FromString(request)
+        entries = self.worker.entries(prefill_ids(r, self.worker), recipe_from_proto(r.recipe), r.tenant or "default")
+        return [f for e in entries for f in codec.encode(e)]
+
     def pid(self) -> int:
         import os
 
@@ -58,16 +68,9 @@ class DecodeActor:
         from dkv.workers.decode_worker import DecodeWorker
         from dkv.workers.model import load_model
 
-        def recompute(context_ids, recipe, tenant):
-            from dkv.services.wire import recipe_to_proto
-
-            request = prefill_pb2.PrefillRequest(recipe=recipe_to_proto(recipe), tenant=tenant)
-            request.token_ids.ids.extend(context_ids)
-            return list(prefill_pb2.PrefillResponse.FromString(ray.get(prefill.prefill.remote(
-                request.SerializeToString()))).keys)
-
         loaded, tokenizer = load_model(model, dtype, device)
-        self.worker = DecodeWorker(loaded, tokenizer, open_store(store, timeout_s=120, security=security), recompute)
+        self.worker = DecodeWorker(loaded, tokenizer, open_store(store, timeout_s=120, security=security),
+                                   ActorPrefill(prefill))
 
     def decode(self, request: bytes):
         """Streams serialized ``DecodeResponse`` messages: the tokens, then the stats."""
@@ -80,6 +83,31 @@ class DecodeActor:
         import os
 
         return os.getpid()
+
+
+class ActorPrefill:
+    """A prefill actor as the decode worker's prefill client (``PrefillClient``'s ``keys`` and ``entries``)."""
+
+    def __init__(self, actor: "ray.actor.ActorHandle"):
+        self.actor = actor
+
+    @staticmethod
+    def _request(context_ids, recipe, tenant) -> bytes:
+        from dkv.services.wire import recipe_to_proto
+
+        request = prefill_pb2.PrefillRequest(recipe=recipe_to_proto(recipe), tenant=tenant)
+        request.token_ids.ids.extend(context_ids)
+        return request.SerializeToString()
+
+    def keys(self, context_ids, recipe, tenant) -> list[str]:
+        reply = ray.get(self.actor.prefill.remote(self._request(context_ids, recipe, tenant)))
+        return list(prefill_pb2.PrefillResponse.FromString(reply).keys)
+
+    def entries(self, context_ids, recipe, tenant) -> list:
+        from dkv.kvstore import codec
+
+        frames = ray.get(self.actor.entries.remote(self._request(context_ids, recipe, tenant)))
+        return [codec.decode(group) for group in codec.entries_of(frames)]
 
 
 class RayBackend:

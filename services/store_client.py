@@ -1,6 +1,10 @@
 """Python client of the KV store (used by the CLI, the tests, the benchmarks and the workers).
 
-Every call carries a deadline (``timeout_s``). A miss is ``None``, and so is an entry that
+Every call carries a deadline: ``timeout_s`` for Put and Get, which move entries, and the shorter
+``control_timeout_s`` for the small calls (Lookup, Probe, Summaries, Select, Delete, Stats). A
+store that lets a call run past its deadline is taken as hung: for ``retry_after_s`` every call
+fails at once with ``StoreUnavailable`` (UNAVAILABLE), so callers that can do without the store
+(it is a cache) pay one deadline, not one per call. A miss is ``None``, and so is an entry that
 failed its checksum on the server (DATA_LOSS: the server deleted it) or on the way here, an entry
 whose key is not the one asked for (a proxy or a bug swapped replies), and Summaries or Select
 replies that fail their checksum (which covers the key asked for): callers recompute. Other
@@ -10,21 +14,26 @@ failures raise ``grpc.RpcError`` with the server's status and message.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
-
-from dkv.kvstore import codec
 import torch
 
+from dkv.kvstore import codec
 from dkv.kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
 from dkv.kvstore.errors import CorruptEntry
 from dkv.services.pb import store_pb2
-from dkv.services.transport import Security, call_metadata, open_channel
 from dkv.services.store_server import SERVICE
+from dkv.services.transport import Security, call_metadata, open_channel
 from dkv.services.wire import (
-    frame_message, pages_checksum, parse_frame_message, recipe_to_proto, summary_checksum, tensor_from_proto,
+    frame_message,
+    pages_checksum,
+    parse_frame_message,
+    recipe_to_proto,
+    summary_checksum,
+    tensor_from_proto,
 )
 
 log = logging.getLogger("dkv.store.client")
@@ -61,15 +70,33 @@ class LookupReply:
     kept_tokens_per_layer: list[int]
 
 
+class StoreUnavailable(grpc.RpcError):
+    """A call not made: the store let an earlier one run past its deadline moments ago (UNAVAILABLE)."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+
 class StoreClient:
     """``StoreClient("127.0.0.1:50052")``; use as a context manager or call ``close()``.
 
     ``security`` carries the bearer token and TLS files when the store asks for them.
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0, security: Security | None = None):
+    def __init__(self, address: str, timeout_s: float = 30.0, security: Security | None = None,
+                 control_timeout_s: float = 5.0, retry_after_s: float = 2.0):
         self.address = address
         self.timeout_s = timeout_s
+        self.control_timeout_s = min(control_timeout_s, timeout_s)
+        self.retry_after_s = retry_after_s
+        self._hung_until = 0.0
         self.security = security
         self.channel = open_channel(address, security)
         pb = store_pb2
@@ -96,6 +123,28 @@ class StoreClient:
     def __enter__(self) -> "StoreClient":
         return self
 
+    @property
+    def hung(self) -> bool:
+        """True for ``retry_after_s`` after a call ran past its deadline (calls fail at once meanwhile)."""
+        return time.monotonic() < self._hung_until
+
+    def _call(self, rpc, request, timeout: float):
+        """``rpc(request)`` with a deadline and this client's metadata; see the module docstring."""
+        if self.hung:
+            raise StoreUnavailable(f"store {self.address} did not answer within its deadline moments ago; "
+                                   f"not called again for {self._hung_until - time.monotonic():.1f} s")
+        try:
+            return rpc(request, timeout=timeout, metadata=call_metadata(self.security))
+        except grpc.RpcError as e:
+            self._noticed(e)
+            raise
+
+    def _noticed(self, error: grpc.RpcError) -> None:
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._hung_until = time.monotonic() + self.retry_after_s
+            log.warning("store %s ran past a deadline: calls fail at once for %.0f s", self.address,
+                        self.retry_after_s)
+
     def __exit__(self, *exc) -> None:
         self.close()
 
@@ -109,7 +158,7 @@ class StoreClient:
         return self.put_frames(codec.encode(entry))
 
     def put_frames(self, frames: Iterable[bytes]) -> PutReply:
-        r = self._put(iter(frames), timeout=self.timeout_s, metadata=call_metadata(self.security))
+        r = self._call(self._put, iter(frames), self.timeout_s)
         return PutReply(EntryKey.parse(r.key), r.stored_bytes, r.tier, r.replaced)
 
     def get_frames(self, key: EntryKey | str) -> list[memoryview] | None:
@@ -118,10 +167,11 @@ class StoreClient:
         return None if fetched is None else fetched[0]
 
     def _get_frames(self, key: EntryKey | str) -> tuple[list[memoryview], str] | None:
-        call = self._get(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s, metadata=call_metadata(self.security))
+        call = self._call(self._get, store_pb2.GetRequest(key=str(key)), self.timeout_s)
         try:
             frames = list(call)
         except grpc.RpcError as e:
+            self._noticed(e)
             if e.code() in MISS_CODES:
                 if e.code() == grpc.StatusCode.DATA_LOSS:
                     log.warning("store reported %s corrupted: %s", key, e.details())
@@ -153,9 +203,9 @@ class StoreClient:
 
     def lookup(self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int],
                tenant: str = "default") -> LookupReply | None:
-        r = self._lookup(store_pb2.LookupRequest(tenant=tenant, model_fingerprint=model_fingerprint,
+        r = self._call(self._lookup, store_pb2.LookupRequest(tenant=tenant, model_fingerprint=model_fingerprint,
                                                  recipe=recipe_to_proto(recipe), token_ids=list(token_ids)),
-                         timeout=self.timeout_s, metadata=call_metadata(self.security))
+                       self.control_timeout_s)
         if not r.hit:
             return None
         return LookupReply([EntryKey.parse(k) for k in r.keys], r.cached_tokens, list(r.tiers), list(r.stored_bytes),
@@ -163,18 +213,18 @@ class StoreClient:
 
     def probe(self, keys: Sequence[EntryKey | str]) -> list[store_pb2.ProbedEntry]:
         """Whether the store holds each of ``keys`` (and where each one starts), in order."""
-        r = self._probe(store_pb2.ProbeRequest(keys=[str(k) for k in keys]), timeout=self.timeout_s,
-                        metadata=call_metadata(self.security))
+        r = self._call(self._probe, store_pb2.ProbeRequest(keys=[str(k) for k in keys]), self.control_timeout_s)
         return list(r.entries)
 
     def delete(self, key: EntryKey | str) -> bool:
-        return self._delete(store_pb2.DeleteRequest(key=str(key)), timeout=self.timeout_s, metadata=call_metadata(self.security)).deleted
+        return self._call(self._delete, store_pb2.DeleteRequest(key=str(key)), self.control_timeout_s).deleted
 
     def summaries(self, key: EntryKey | str) -> list[LayerSummary] | None:
         """Per layer: kept tokens per KV head and the page min/max of K; None on a miss."""
         try:
-            replies = list(self._summaries(store_pb2.GetRequest(key=str(key)), timeout=self.timeout_s, metadata=call_metadata(self.security)))
+            replies = list(self._call(self._summaries, store_pb2.GetRequest(key=str(key)), self.control_timeout_s))
         except grpc.RpcError as e:
+            self._noticed(e)
             if e.code() in MISS_CODES:
                 return None
             raise
@@ -189,9 +239,10 @@ class StoreClient:
         """The rows of ``pages`` of ``layer``, as layers of the entry holding some of those pages each
         (in page order), the bytes received and the tier they came from; None on a miss."""
         try:
-            replies = list(self._select(store_pb2.SelectRequest(key=str(key), layer=layer, pages=list(pages)),
-                                        timeout=self.timeout_s, metadata=call_metadata(self.security)))
+            replies = list(self._call(self._select, store_pb2.SelectRequest(key=str(key), layer=layer,
+                                                                            pages=list(pages)), self.control_timeout_s))
         except grpc.RpcError as e:
+            self._noticed(e)
             if e.code() in MISS_CODES:
                 return None
             raise
@@ -203,4 +254,4 @@ class StoreClient:
         return parts, nbytes, replies[0].tier if replies else ""
 
     def stats(self) -> store_pb2.StatsResponse:
-        return self._stats(store_pb2.StatsRequest(), timeout=self.timeout_s, metadata=call_metadata(self.security))
+        return self._call(self._stats, store_pb2.StatsRequest(), self.control_timeout_s)

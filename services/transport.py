@@ -40,6 +40,13 @@ WORKER_CONNECTION_AGE = [
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 600_000),
 ]
+# A peer that went away (a restarted store, Redis-less store, worker) is dialled again within 2 s:
+# gRPC's default backoff grows to 120 s, and a cache that came back would sit unused that long.
+RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 DEFAULT_TENANT = "default"
 ANY_TENANT = None
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -97,7 +104,7 @@ def open_channel(address: str, security: Security | None = None, aio: bool = Fal
     """
     security = security or Security()
     module = grpc.aio if aio else grpc
-    options = GRPC_OPTIONS + [ROUND_ROBIN] if balanced else GRPC_OPTIONS
+    options = GRPC_OPTIONS + RECONNECT + ([ROUND_ROBIN] if balanced else [])
     if security.tls:
         return module.secure_channel(address, security.channel_credentials(), options=options)
     return module.insecure_channel(address, options=options)

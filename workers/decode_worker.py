@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 from dkv.kvstore.entry import CompressedKV, EntryKey, Recipe
 from dkv.kvstore.errors import EntryNotFound
@@ -29,6 +30,7 @@ from dkv.workers.decode import (
     row_selection,
     stop_token_ids,
 )
+from dkv.workers.degradation import Degradation
 from dkv.workers.engine import (
     DENSE_LAYERS,
     DecodeEngine,
@@ -121,8 +123,8 @@ class DecodeWorker:
     def __init__(self, model, tokenizer, store, prefill=None, page_cache_bytes: int = 256 << 20,
                  max_active: int = 16, max_queued: int = 64, dense_layers: int = DENSE_LAYERS,
                  entry_cache_bytes: int = 1 << 30, entry_cache_ttl_s: float = 300.0):
-        """``store``: a ``StoreClient``; ``prefill``: a callable ``(context_ids, recipe, tenant) -> keys``
-        used to recompute a missing entry (None: a miss is NOT_FOUND). ``max_active`` streams decode
+        """``store``: a ``StoreClient``; ``prefill``: a ``PrefillClient`` (its ``entries`` and ``keys``)
+        that computes what the store does not have (None: a miss is NOT_FOUND). ``max_active`` streams decode
         together; ``max_queued`` more may wait (RESOURCE_EXHAUSTED beyond). The entries it decoded
         from stay in a local cache of ``entry_cache_bytes`` for ``entry_cache_ttl_s``: a context
         asked again (the gateway sends it back here) skips the store."""
@@ -130,6 +132,7 @@ class DecodeWorker:
         self.info = model_info(model)
         self.page_cache_bytes = page_cache_bytes
         self.entries: BytesLRU[CompressedKV] = BytesLRU(entry_cache_bytes, lambda e: e.nbytes, entry_cache_ttl_s)
+        self.degraded = Degradation()
         self.stop_ids = frozenset(stop_token_ids(model, tokenizer))
         self.engine = DecodeEngine(model, max_active, max_queued, dense_layers)
         # chunk fetches and the recompute of an entry lost mid-way: blocking I/O, never in the model loop
@@ -197,25 +200,16 @@ class DecodeWorker:
                recompute: bool = False) -> None:
         """Resolve and fetch ``job``'s entries, then submit its stream. ``sent``: tokens already
         handed out by an attempt that lost its entry (regenerated, checked and skipped)."""
-        keys, prefilled = (list(job.keys), False) if job.keys and not recompute else self._resolve(job, recompute)
         fetch = FetchStats()
         sent = sent if sent is not None else []
         stats = DecodeStats()
-        for attempt in range(2):
-            try:
-                if job.paged:
-                    stream, context_tokens = self._paged_stream(job, keys, stats, fetch)
-                else:
-                    entries = self._fetch(keys, fetch)
-                    context_tokens = entries[-1].seq_len
-                    self._check_length(context_tokens, job)
-                    stream = self._stream(job, entries, stats)
-                break
-            except (EntryLost, EntryNotFound) as lost:
-                if attempt or job.context_ids is None or self.prefill is None:
-                    raise EntryNotFound(f"{lost}; send the context and its recipe to have it recomputed") from lost
-                log.info("entry missing (%s): recomputing it through prefill", lost)
-                keys, prefilled = self.prefill(job.context_ids, job.recipe, job.tenant), True
+        if job.paged:
+            stream, context_tokens, prefilled = self._paged(job, stats, fetch, recompute)
+        else:
+            entries, prefilled = self._entries(job, fetch)
+            context_tokens = entries[-1].seq_len
+            self._check_length(context_tokens, job)
+            stream = self._stream(job, entries, stats)
         fetch_ms = (time.perf_counter() - started) * 1e3
         produced = [0]
 
@@ -303,15 +297,56 @@ class DecodeWorker:
             raise ValueError(f"context {seq_len} + query {len(job.query_ids)} + max_new_tokens {job.max_new_tokens} "
                              f"= {total} tokens is more than the model's {self.info.max_positions}")
 
-    def _resolve(self, job: DecodeJob, recompute: bool) -> tuple[list[str], bool]:
-        """(keys of the context, whether they were prefilled now): the store's if it has them all."""
-        if not recompute:
-            found = self.store.lookup(self.model.dkv_fingerprint, job.recipe, job.context_ids, job.tenant)
-            if found is not None and found.cached_tokens == len(job.context_ids):
-                return [str(k) for k in found.keys], False
-        if self.prefill is None:
+    def _entries(self, job: DecodeJob, fetch: FetchStats) -> tuple[list[CompressedKV], bool]:
+        """(the job's entries, whether they were prefilled now): from this worker's cache or the
+        store; when they are not there (or the store cannot be reached: it is a cache), from the
+        prefill worker, which hands over what it computed."""
+        try:
+            keys = list(job.keys) or self._lookup(job)
+            if keys:
+                return self._fetch(keys, fetch), False
+        except (EntryNotFound, grpc.RpcError) as missing:
+            if isinstance(missing, grpc.RpcError):
+                self.degraded.failed(f"store unreachable: {missing.code().name}")
+            if job.context_ids is None or self.prefill is None:
+                if isinstance(missing, EntryNotFound):
+                    raise EntryNotFound(f"{missing}; send the context and its recipe to have it recomputed") from None
+                raise
+            log.info("entries not in the store (%s): asking the prefill worker for them", _why(missing))
+        if job.context_ids is None or self.prefill is None:
             raise EntryNotFound("the context is not cached and this worker has no prefill service to compute it")
-        return self.prefill(job.context_ids, job.recipe, job.tenant), True
+        entries = self.prefill.entries(job.context_ids, job.recipe, job.tenant)
+        for entry in entries:  # a context asked again finds them here, also while the store is down
+            self.entries.put(str(entry.key), entry)
+        check_chain([e.identity for e in entries])
+        return entries, True
+
+    def _lookup(self, job: DecodeJob) -> list[str]:
+        """The keys of the job's context if the store holds all of it, else []."""
+        found = self.store.lookup(self.model.dkv_fingerprint, job.recipe, job.context_ids, job.tenant)
+        return [str(k) for k in found.keys] if found is not None and found.cached_tokens == len(job.context_ids) else []
+
+    def _paged(self, job: DecodeJob, stats: DecodeStats, fetch: FetchStats,
+               recompute: bool) -> tuple[SoloStream, int, bool]:
+        """Paged decoding reads the entry from the store as it goes: recomputed through prefill (into
+        the store) when it is missing."""
+        keys = list(job.keys) if job.keys and not recompute else [] if recompute else self._lookup(job)
+        for attempt in range(2):
+            if keys:
+                try:
+                    return (*self._paged_stream(job, keys, stats, fetch), attempt > 0 or recompute)
+                except (EntryLost, EntryNotFound) as lost:
+                    if attempt or job.context_ids is None or self.prefill is None:
+                        raise EntryNotFound(f"{lost}; send the context and its recipe to have it recomputed") from lost
+            if job.context_ids is None or self.prefill is None:
+                raise EntryNotFound("the context is not cached and this worker has no prefill service to compute it")
+            log.info("entry for paged decoding missing: recomputing it through prefill")
+            keys = self.prefill.keys(job.context_ids, job.recipe, job.tenant)
+        raise EntryNotFound("the recomputed entry is not in the store: paged decoding reads it from there")
+
+
+def _why(error: BaseException) -> str:
+    return f"{error.code().name}: {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
 
 
 def _unset(*_) -> None:

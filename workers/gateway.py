@@ -29,6 +29,7 @@ import grpc
 
 from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
 from dkv.services.wire import recipe_from_proto
+from dkv.workers.degradation import Degradation
 
 log = logging.getLogger("dkv.gateway")
 
@@ -83,6 +84,7 @@ class Gateway:
         self.tokenizer, self.prefill, self.router, self.max_positions = tokenizer, prefill, router, max_positions
         self.store = store
         self.model_fingerprint = ""  # learnt from prefill replies
+        self.degraded = Degradation()
         self.full_bytes_per_token = 0.0
 
     def tokens(self, request: gateway_pb2.GenerateRequest) -> tuple[list[int], list[int]]:
@@ -167,7 +169,8 @@ class Gateway:
             compression_ratio=prefilled.full_bytes / prefilled.stored_bytes if prefilled.stored_bytes else 0.0,
             ttft_ms=ttft or elapsed * 1e3,
             tokens_per_second=(new_tokens - 1) / (elapsed - first) if new_tokens > 1 and elapsed > first else 0.0,
-            new_tokens=new_tokens, prefill_ms=prefill_ms, decode_worker=worker.name, finish_reason=finish)
+            new_tokens=new_tokens, prefill_ms=prefill_ms, decode_worker=worker.name, finish_reason=finish,
+            cache_stored=prefilled.cache_stored, not_stored_reason=prefilled.not_stored_reason)
         if decode_stats is not None:
             stats.decode.CopyFrom(decode_stats)
             stats.bytes_fetched_by_tier.update(decode_stats.bytes_fetched_by_tier)
@@ -185,6 +188,7 @@ class Gateway:
                 context, tenant or "default")
         except grpc.RpcError as e:  # the prefill worker looks again, and knows what to do when the store is down
             log.warning("store lookup failed (%s): going through prefill", e.code())
+            self.degraded.failed(f"store lookup failed: {e.code().name}")
             return None
         if found is None or found.cached_tokens != len(context):
             return None
@@ -193,7 +197,7 @@ class Gateway:
             cached_tokens=len(context), prefilled_tokens=0, stored_bytes=sum(found.stored_bytes),
             full_bytes=round(self.full_bytes_per_token * len(context)),
             kept_tokens_per_layer=found.kept_tokens_per_layer,
-            importance=sum(found.importance) / max(len(found.importance), 1))
+            importance=sum(found.importance) / max(len(found.importance), 1), cache_stored=True)
 
 
 def _first_stop(text: str, stops, start: int) -> int | None:

@@ -56,6 +56,11 @@ class BytesLRU(Generic[V]):
             while self.used > self.capacity_bytes and len(self._items) > 1:
                 self._drop(next(iter(self._items)))
 
+    def discard(self, key: Hashable) -> None:
+        with self._lock:
+            if key in self._items:
+                self._drop(key)
+
     def _drop(self, key: Hashable) -> None:
         _, size, _ = self._items.pop(key)
         self.used -= size

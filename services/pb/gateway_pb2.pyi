@@ -46,7 +46,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, context_text: _Optional[str] = ..., context_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., query_text: _Optional[str] = ..., query_ids: _Optional[_Union[_prefill_pb2.TokenIds, _Mapping]] = ..., chat_template: _Optional[bool] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., selection: _Optional[str] = ..., budget: _Optional[int] = ..., budget_fraction: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tenant: _Optional[str] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("cache_hit", "context_tokens", "cached_prefix_tokens", "prefilled_tokens", "entry_bytes", "compression_ratio", "ttft_ms", "tokens_per_second", "new_tokens", "bytes_fetched_by_tier", "prefill_ms", "decode_worker", "finish_reason", "decode")
+    __slots__ = ("cache_hit", "context_tokens", "cached_prefix_tokens", "prefilled_tokens", "entry_bytes", "compression_ratio", "ttft_ms", "tokens_per_second", "new_tokens", "bytes_fetched_by_tier", "prefill_ms", "decode_worker", "finish_reason", "decode", "cache_stored", "not_stored_reason")
     class BytesFetchedByTierEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class GenerateStats(_message.Message):
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_STORED_FIELD_NUMBER: _ClassVar[int]
+    NOT_STORED_REASON_FIELD_NUMBER: _ClassVar[int]
     cache_hit: bool
     context_tokens: int
     cached_prefix_tokens: int
@@ -82,7 +84,9 @@ class GenerateStats(_message.Message):
     decode_worker: str
     finish_reason: str
     decode: _decode_pb2.DecodeStats
-    def __init__(self, cache_hit: _Optional[bool] = ..., context_tokens: _Optional[int] = ..., cached_prefix_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., entry_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., new_tokens: _Optional[int] = ..., bytes_fetched_by_tier: _Optional[_Mapping[str, int]] = ..., prefill_ms: _Optional[float] = ..., decode_worker: _Optional[str] = ..., finish_reason: _Optional[str] = ..., decode: _Optional[_Union[_decode_pb2.DecodeStats, _Mapping]] = ...) -> None: ...
+    cache_stored: bool
+    not_stored_reason: str
+    def __init__(self, cache_hit: _Optional[bool] = ..., context_tokens: _Optional[int] = ..., cached_prefix_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., entry_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., new_tokens: _Optional[int] = ..., bytes_fetched_by_tier: _Optional[_Mapping[str, int]] = ..., prefill_ms: _Optional[float] = ..., decode_worker: _Optional[str] = ..., finish_reason: _Optional[str] = ..., decode: _Optional[_Union[_decode_pb2.DecodeStats, _Mapping]] = ..., cache_stored: _Optional[bool] = ..., not_stored_reason: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token", "stats")

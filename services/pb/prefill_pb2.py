@@ -23,23 +23,24 @@ _sym_db = _symbol_database.Default()
 
 
 from dkv.services.pb import common_pb2 as dkv_dot_v1_dot_common__pb2
+from dkv.services.pb import store_pb2 as dkv_dot_v1_dot_store__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64kv/v1/prefill.proto\x12\x06\x64kv.v1\x1a\x13\x64kv/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x82\x01\n\x0ePrefillRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x00\x12\x1e\n\x06recipe\x18\x03 \x01(\x0b\x32\x0e.dkv.v1.Recipe\x12\x0e\n\x06tenant\x18\x04 \x01(\tB\t\n\x07\x63ontext\"\x82\x01\n\x0ePrefillTimings\x12\x11\n\tlookup_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x13\n\x0b\x63ompress_ms\x18\x04 \x01(\x01\x12\x10\n\x08store_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"\x89\x02\n\x0fPrefillResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x18\n\x10prefilled_tokens\x18\x05 \x01(\r\x12\x14\n\x0cstored_bytes\x18\x06 \x01(\x04\x12\x12\n\nfull_bytes\x18\x07 \x01(\x04\x12\x1d\n\x15kept_tokens_per_layer\x18\x08 \x03(\r\x12\x12\n\nimportance\x18\t \x01(\x01\x12\'\n\x07timings\x18\n \x01(\x0b\x32\x16.dkv.v1.PrefillTimings2E\n\x07Prefill\x12:\n\x07Prefill\x12\x16.dkv.v1.PrefillRequest\x1a\x17.dkv.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64kv/v1/prefill.proto\x12\x06\x64kv.v1\x1a\x13\x64kv/v1/common.proto\x1a\x12\x64kv/v1/store.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x82\x01\n\x0ePrefillRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.dkv.v1.TokenIdsH\x00\x12\x1e\n\x06recipe\x18\x03 \x01(\x0b\x32\x0e.dkv.v1.Recipe\x12\x0e\n\x06tenant\x18\x04 \x01(\tB\t\n\x07\x63ontext\"\x82\x01\n\x0ePrefillTimings\x12\x11\n\tlookup_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x13\n\x0b\x63ompress_ms\x18\x04 \x01(\x01\x12\x10\n\x08store_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"\xba\x02\n\x0fPrefillResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x18\n\x10prefilled_tokens\x18\x05 \x01(\r\x12\x14\n\x0cstored_bytes\x18\x06 \x01(\x04\x12\x12\n\nfull_bytes\x18\x07 \x01(\x04\x12\x1d\n\x15kept_tokens_per_layer\x18\x08 \x03(\r\x12\x12\n\nimportance\x18\t \x01(\x01\x12\'\n\x07timings\x18\n \x01(\x0b\x32\x16.dkv.v1.PrefillTimings\x12\x14\n\x0c\x63\x61\x63he_stored\x18\x0b \x01(\x08\x12\x19\n\x11not_stored_reason\x18\x0c \x01(\t2y\n\x07Prefill\x12:\n\x07Prefill\x12\x16.dkv.v1.PrefillRequest\x1a\x17.dkv.v1.PrefillResponse\x12\x32\n\x07\x45ntries\x12\x16.dkv.v1.PrefillRequest\x1a\r.dkv.v1.Frame0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dkv.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIDS']._serialized_start=53
-  _globals['_TOKENIDS']._serialized_end=76
-  _globals['_PREFILLREQUEST']._serialized_start=79
-  _globals['_PREFILLREQUEST']._serialized_end=209
-  _globals['_PREFILLTIMINGS']._serialized_start=212
-  _globals['_PREFILLTIMINGS']._serialized_end=342
-  _globals['_PREFILLRESPONSE']._serialized_start=345
-  _globals['_PREFILLRESPONSE']._serialized_end=610
-  _globals['_PREFILL']._serialized_start=612
-  _globals['_PREFILL']._serialized_end=681
+  _globals['_TOKENIDS']._serialized_start=73
+  _globals['_TOKENIDS']._serialized_end=96
+  _globals['_PREFILLREQUEST']._serialized_start=99
+  _globals['_PREFILLREQUEST']._serialized_end=229
+  _globals['_PREFILLTIMINGS']._serialized_start=232
+  _globals['_PREFILLTIMINGS']._serialized_end=362
+  _globals['_PREFILLRESPONSE']._serialized_start=365
+  _globals['_PREFILLRESPONSE']._serialized_end=679
+  _globals['_PREFILL']._serialized_start=681
+  _globals['_PREFILL']._serialized_end=802
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from dkv.services.pb import common_pb2 as _common_pb2
+from dkv.services.pb import store_pb2 as _store_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -42,7 +43,7 @@ class PrefillTimings(_message.Message):
     def __init__(self, lookup_ms: _Optional[float] = ..., fetch_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., compress_ms: _Optional[float] = ..., store_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("keys", "model_fingerprint", "context_tokens", "cached_tokens", "prefilled_tokens", "stored_bytes", "full_bytes", "kept_tokens_per_layer", "importance", "timings")
+    __slots__ = ("keys", "model_fingerprint", "context_tokens", "cached_tokens", "prefilled_tokens", "stored_bytes", "full_bytes", "kept_tokens_per_layer", "importance", "timings", "cache_stored", "not_stored_reason")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +54,8 @@ class PrefillResponse(_message.Message):
     KEPT_TOKENS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_STORED_FIELD_NUMBER: _ClassVar[int]
+    NOT_STORED_REASON_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     model_fingerprint: str
     context_tokens: int
@@ -63,4 +66,6 @@ class PrefillResponse(_message.Message):
     kept_tokens_per_layer: _containers.RepeatedScalarFieldContainer[int]
     importance: float
     timings: PrefillTimings
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., model_fingerprint: _Optional[str] = ..., context_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., full_bytes: _Optional[int] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ..., importance: _Optional[float] = ..., timings: _Optional[_Union[PrefillTimings, _Mapping]] = ...) -> None: ...
+    cache_stored: bool
+    not_stored_reason: str
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., model_fingerprint: _Optional[str] = ..., context_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., full_bytes: _Optional[int] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ..., importance: _Optional[float] = ..., timings: _Optional[_Union[PrefillTimings, _Mapping]] = ..., cache_stored: _Optional[bool] = ..., not_stored_reason: _Optional[str] = ...) -> None: ...

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from dkv.services.pb import prefill_pb2 as dkv_dot_v1_dot_prefill__pb2
+from dkv.services.pb import store_pb2 as dkv_dot_v1_dot_store__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -30,10 +31,11 @@ class PrefillStub:
 
     The worker first asks the store for the longest cached prefix under the same model and recipe
     and prefills only the rest (chunked recipes reuse every cached chunk; a whole-context recipe
-    reuses only an entry of exactly this context). Status codes: INVALID_ARGUMENT (unknown method,
-    ratio outside [0, 1), empty or over-long prompt, token ids outside the vocabulary, unknown
-    parameter), UNAVAILABLE (the store cannot be reached), RESOURCE_EXHAUSTED (the store refused
-    the entry as too large).
+    reuses only an entry of exactly this context). The store is a cache: when it cannot be reached
+    or refuses an entry (full, over quota, too large), the context is prefilled all the same, the
+    reply says cache_stored = false, and the worker keeps the entries it could not store for a
+    while, for Entries. Status codes: INVALID_ARGUMENT (unknown method, ratio outside [0, 1), empty
+    or over-long prompt, token ids outside the vocabulary, unknown parameter).
     """
 
     def __init__(self, channel):
@@ -47,6 +49,11 @@ class PrefillStub:
                 request_serializer=dkv_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=dkv_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.Entries = channel.unary_stream(
+                '/dkv.v1.Prefill/Entries',
+                request_serializer=dkv_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=dkv_dot_v1_dot_store__pb2.Frame.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -54,14 +61,24 @@ class PrefillServicer:
 
     The worker first asks the store for the longest cached prefix under the same model and recipe
     and prefills only the rest (chunked recipes reuse every cached chunk; a whole-context recipe
-    reuses only an entry of exactly this context). Status codes: INVALID_ARGUMENT (unknown method,
-    ratio outside [0, 1), empty or over-long prompt, token ids outside the vocabulary, unknown
-    parameter), UNAVAILABLE (the store cannot be reached), RESOURCE_EXHAUSTED (the store refused
-    the entry as too large).
+    reuses only an entry of exactly this context). The store is a cache: when it cannot be reached
+    or refuses an entry (full, over quota, too large), the context is prefilled all the same, the
+    reply says cache_stored = false, and the worker keeps the entries it could not store for a
+    while, for Entries. Status codes: INVALID_ARGUMENT (unknown method, ratio outside [0, 1), empty
+    or over-long prompt, token ids outside the vocabulary, unknown parameter).
     """
 
     def Prefill(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Entries(self, request, context):
+        """The entries of a context, as store Get frames (each entry's frames after the previous one's):
+        the ones this worker could not store if it still holds them, else the store's, else prefilled
+        now. Decode workers call it when the store cannot give them an entry.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -73,6 +90,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=dkv_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=dkv_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'Entries': grpc.unary_stream_rpc_method_handler(
+                    servicer.Entries,
+                    request_deserializer=dkv_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
+                    response_serializer=dkv_dot_v1_dot_store__pb2.Frame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,10 +109,11 @@ class Prefill:
 
     The worker first asks the store for the longest cached prefix under the same model and recipe
     and prefills only the rest (chunked recipes reuse every cached chunk; a whole-context recipe
-    reuses only an entry of exactly this context). Status codes: INVALID_ARGUMENT (unknown method,
-    ratio outside [0, 1), empty or over-long prompt, token ids outside the vocabulary, unknown
-    parameter), UNAVAILABLE (the store cannot be reached), RESOURCE_EXHAUSTED (the store refused
-    the entry as too large).
+    reuses only an entry of exactly this context). The store is a cache: when it cannot be reached
+    or refuses an entry (full, over quota, too large), the context is prefilled all the same, the
+    reply says cache_stored = false, and the worker keeps the entries it could not store for a
+    while, for Entries. Status codes: INVALID_ARGUMENT (unknown method, ratio outside [0, 1), empty
+    or over-long prompt, token ids outside the vocabulary, unknown parameter).
     """
 
     @staticmethod
@@ -110,6 +133,33 @@ class Prefill:
             '/dkv.v1.Prefill/Prefill',
             dkv_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             dkv_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Entries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dkv.v1.Prefill/Entries',
+            dkv_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+            dkv_dot_v1_dot_store__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -263,7 +263,7 @@ def gateway(smollm2, store_service):
     prefill_worker = PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120))
     prefill = InProcessServer(PrefillServer(PrefillSettings(port=0), prefill_worker))
     recompute = PrefillClient(prefill.address)
-    worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), recompute.keys)
+    worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), recompute)
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
     front = InProcessServer(GatewayServer(GatewaySettings(port=0, prefill=prefill.address, decode=decode.address,
                                                           store=store.address)))

@@ -32,7 +32,7 @@ def system(smollm2, store_service):
     prefill = InProcessServer(PrefillServer(PrefillSettings(port=0), PrefillWorker(
         model, tokenizer, StoreClient(store.address, timeout_s=120))))
     prefill_client = PrefillClient(prefill.address)
-    worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client.keys)
+    worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client)
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
     channel = grpc.insecure_channel(decode.address)
     yield decode_pb2_grpc.DecodeStub(channel), prefill_client, StoreClient(store.address), model, tokenizer

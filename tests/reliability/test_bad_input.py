@@ -97,7 +97,7 @@ class System:
         self.prefill_client = PrefillClient(self.prefill.address, 120, security)
         self.decode = self._start(DecodeServer(DecodeSettings(port=0, **auth), DecodeWorker(
             model, tokenizer, StoreClient(self.store.address, timeout_s=60, security=security),
-            self.prefill_client.keys)))
+            self.prefill_client)))
         self.gateway = self._start(GatewayServer(GatewaySettings(
             port=0, prefill=self.prefill.address, decode=self.decode.address, timeout_s=MODEL_TIMEOUT, **auth)))
         # client side: no send limit (so a message over the servers' 8 MiB limit reaches them), large replies

@@ -60,7 +60,8 @@ def cluster(smollm2, redis_server):
         model, tokenizer, StoreClient(store.address, timeout_s=120))))
     prefill_client = PrefillClient(prefill.address)
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), DecodeWorker(
-        model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client.keys)))
+        model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client,
+        entry_cache_bytes=0)))  # every hit read from the store: these tests follow entries through its tiers
     gateway = InProcessServer(GatewayServer(GatewaySettings(port=0, prefill=prefill.address, decode=decode.address)))
     with DkvClient(gateway.address) as client, StoreClient(store.address) as store_client:
         yield client, store_client, store.server.store, model, tokenizer

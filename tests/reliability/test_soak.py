@@ -1,5 +1,5 @@
 """A short chaos soak (``make soak`` runs the long one): Redis and the store killed and restarted
-under load; every answer is checked against the golden one."""
+under load; every answer is checked against the golden one, and none fails while only they are down."""
 
 from __future__ import annotations
 
@@ -24,4 +24,4 @@ def test_short_soak_gives_no_wrong_answer_and_recovers_from_every_fault(tmp_path
     assert report["wrong_answers"] == 0 and report["correct"] > 0
     assert sum(report["faults_injected"].values()) >= 2
     assert report["faults_recovered"] == sum(report["faults_injected"].values()) and not report["unrecovered"]
-    assert not {"none", "redis"} & set(report["failed_during_fault"])
+    assert not {"none", "redis", "store"} & set(report["failed_during_fault"])  # the store is only a cache
