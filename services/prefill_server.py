@@ -104,7 +104,8 @@ class PrefillServer(GrpcServer):
             model, tokenizer = load_model(settings.model, settings.dtype, settings.device)
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
             worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens,
-                                   storage_dtype=settings.storage_dtype, min_chunk_size=settings.min_chunk_size)
+                                   storage_dtype=settings.storage_dtype, min_chunk_size=settings.min_chunk_size,
+                                   held_bytes=settings.held_bytes, held_ttl_s=settings.held_ttl_s)
         self.worker = worker
 
     def handlers(self) -> grpc.GenericRpcHandler:

@@ -313,12 +313,19 @@ class PrefillSettings(WorkerSettings):
     min_chunk_size: int = setting(16, "Smallest recipe chunk_size accepted: a chunked recipe stores one entry per "
                                   "chunk, so chunk_size 1 would make one entry per token.")
 
+    held_bytes: int = setting(512 << 20, "Entries the store did not take (down, full, refusing), held here for "
+                              "the decode workers that ask for them (Prefill.Entries) and stored once it is back.",
+                              kind="size")
+    held_ttl_s: float = setting(120.0, "How long such an entry is held.")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("max_tokens", self.max_tokens, 0, 1 << 24)
         check_range("threads", self.threads, 0, 1024)
         check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        check_range("held_bytes", self.held_bytes, 0, 1 << 50)
+        check_range("held_ttl_s", self.held_ttl_s, 0.1, 24 * 3600)
         check_range("min_chunk_size", self.min_chunk_size, 1, 1 << 16)
 
 

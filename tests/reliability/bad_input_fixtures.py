@@ -59,10 +59,11 @@ RPCS = {
     "Select": (KVSTORE, "us", store_pb2.SelectRequest),
     "Stats": (KVSTORE, "uu", store_pb2.StatsRequest),
     "Prefill": (PREFILL, "uu", prefill_pb2.PrefillRequest),
+    "Entries": (PREFILL, "us", prefill_pb2.PrefillRequest),
     "Decode": (DECODE, "us", decode_pb2.DecodeRequest),
     "Generate": (GATEWAY, "us", gateway_pb2.GenerateRequest),
 }
-MODEL_RPCS = ("Prefill", "Decode", "Generate")
+MODEL_RPCS = ("Prefill", "Entries", "Decode", "Generate")
 
 VERBOSE = bool(os.environ.get("DKV_BAD_INPUT_VERBOSE"))  # print every outcome (to stderr)
 OK = grpc.StatusCode.OK

@@ -263,6 +263,8 @@ def valid_requests(system) -> dict:
         "Stats": b"",
         "Prefill": prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=ids), tenant="acme",
                                               recipe=common_pb2.Recipe(method="full")).SerializeToString(),
+        "Entries": prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=ids), tenant="acme",
+                                              recipe=common_pb2.Recipe(method="full")).SerializeToString(),
         "Decode": one + decode_pb2.DecodeRequest(keys=system.keys["acme", "full"], query_text="Hi", selection="topk",
                                                  budget=8, tenant="acme").SerializeToString(),
         "Generate": gateway_pb2.GenerateRequest(max_new_tokens=1).SerializeToString() + gateway_pb2.GenerateRequest(
