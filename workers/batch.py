@@ -61,12 +61,12 @@ class BatchCache(Cache):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device, self.dense_layers = dtype, torch.device(device), dense_layers
         self.rows = 0  # active rows: 0..rows-1
-        self._release()
+        self.release()
 
     # ------------------------------------------------------------------ storage
 
-    def _release(self) -> None:
-        """Drop the pools (the worker is idle): memory comes back; the next stream reallocates."""
+    def release(self) -> None:
+        """Drop the pools (only while no row is active): memory comes back; the next stream reallocates."""
         n, h, d = self.num_layers, self.num_kv_heads, self.head_dim
         self.keys = [torch.empty(0, h, 0, d, dtype=self.dtype, device=self.device) for _ in range(n)]
         self.values = [k.clone() for k in self.keys]
@@ -199,8 +199,6 @@ class BatchCache(Cache):
             self.selections[row] = self.selections[last]
         self.selections[last] = None
         self.rows = last
-        if self.rows == 0:
-            self._release()
 
     def cover(self, first: int, count: int, q_len: int) -> torch.Tensor:
         """The next forward runs ``q_len`` new tokens on each of rows ``first..first+count-1``;

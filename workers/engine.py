@@ -40,6 +40,7 @@ from dkv.workers.model import model_info
 log = logging.getLogger("dkv.decode.engine")
 
 DENSE_LAYERS = 2  # Quest and HATA keep the first two layers dense: their attention is broad
+IDLE_RELEASE_S = 60.0  # an idle model loop gives its batch rows' memory back after this long
 
 
 class QueueFull(RuntimeError):
@@ -277,7 +278,9 @@ class DecodeEngine:
             while True:
                 with self._wake:
                     while not (self._closed or self._waiting or self.active):
-                        self._wake.wait()
+                        # idle: the pools keep their size for the next streams, unless it lasts
+                        if not self._wake.wait(IDLE_RELEASE_S) and self.batch.rows == 0:
+                            self.batch.cache.release()
                     if self._closed:
                         break
                     joining = []
