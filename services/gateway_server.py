@@ -114,7 +114,7 @@ class GatewayServer(GrpcServer):
         tokenizer = load_tokenizer(s.model)
         self.store = open_store(s.store, timeout_s=s.store_timeout_s, security=security) if s.store else None
         return Gateway(tokenizer, prefill, Router([Worker(a, b) for a, b in zip(s.decode.split(","), decoders)]),
-                       max_positions=s.max_positions, store=self.store)
+                       max_positions=s.max_positions, store=self.store, max_text_bytes=s.max_text_bytes)
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {

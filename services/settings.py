@@ -379,6 +379,8 @@ class GatewaySettings(ServerSettings):
     model: str = setting("smollm2-135m", f"Model whose tokenizer and chat template the gateway applies: {FORMS}.")
     max_positions: int = setting(8192, "Longest context + query + new tokens accepted.")
     timeout_s: float = setting(600.0, "Deadline of each call to a worker, in seconds.")
+    max_text_bytes: int = setting(1 << 20, "Longest context_text + query_text tokenized here (characters); longer "
+                                  "requests get INVALID_ARGUMENT (send token ids).", kind="size")
     store: str = setting("", "Address of the KV store (or its shards, comma-separated): a context it holds whole "
                          "goes straight to decode (one Lookup, no Prefill call). Empty = every request goes through "
                          "a prefill worker.")
@@ -389,6 +391,7 @@ class GatewaySettings(ServerSettings):
         super().__post_init__()
         if not self.prefill or not self.decode:
             raise SettingsError("settings prefill and decode need worker addresses (host:port)")
+        check_range("max_text_bytes", self.max_text_bytes, 1, 1 << 30)
         check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("max_positions", self.max_positions, 1, 1 << 24)
         check_range("timeout_s", self.timeout_s, 0.1, 24 * 3600)

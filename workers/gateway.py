@@ -32,6 +32,7 @@ from dkv.services.wire import recipe_from_proto
 from dkv.workers.degradation import Degradation
 
 log = logging.getLogger("dkv.gateway")
+INLINE_TEXT = 4096  # characters tokenized on the event loop; longer texts go to a thread
 
 DEFAULT_RECIPE = dict(method="snapkv", ratio=0.5, chunk_size=256, chunked=True, quant="none")
 
@@ -78,10 +79,13 @@ def split_chat(tokenizer, context: str, query: str) -> tuple[list[int], list[int
 
 
 class Gateway:
-    def __init__(self, tokenizer, prefill, router: Router, max_positions: int, store=None):
+    def __init__(self, tokenizer, prefill, router: Router, max_positions: int, store=None,
+                 max_text_bytes: int = 1 << 20):
         """``prefill``: a backend with ``async def prefill(PrefillRequest) -> PrefillResponse``;
-        ``store``: a store client whose ``lookup`` answers full hits without prefill (None: always prefill)."""
+        ``store``: a store client whose ``lookup`` answers full hits without prefill (None: always prefill);
+        ``max_text_bytes``: the longest context + query text tokenized here."""
         self.tokenizer, self.prefill, self.router, self.max_positions = tokenizer, prefill, router, max_positions
+        self.max_text_bytes = max_text_bytes
         self.store = store
         self.model_fingerprint = ""  # learnt from prefill replies
         self.degraded = Degradation()
@@ -115,7 +119,12 @@ class Gateway:
 
     async def generate(self, request: gateway_pb2.GenerateRequest) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         started = time.perf_counter()
-        context, query = self.tokens(request)
+        texts = len(request.context_text) + len(request.query_text)
+        if texts > self.max_text_bytes:
+            raise ValueError(f"context_text and query_text hold {texts} characters; this gateway tokenizes at most "
+                             f"{self.max_text_bytes} (max_text_bytes): send token ids, or a shorter text")
+        # a long text takes the tokenizer milliseconds: off the event loop, which serves every stream
+        context, query = self.tokens(request) if texts < INLINE_TEXT else await asyncio.to_thread(self.tokens, request)
         recipe = request.recipe if request.HasField("recipe") else common_pb2.Recipe(**DEFAULT_RECIPE)
         prefilled = await self._cached(context, recipe, request.tenant)
         if prefilled is None:

@@ -338,3 +338,11 @@ def test_an_entry_decoded_once_is_served_from_the_worker_the_next_time(decode_se
     assert set(again) == {"worker"} and again["worker"] == entries[0].nbytes and same == tokens
     assert store.delete(key)  # gone from the store: the worker still decodes from its copy
     assert tiers()[0] == again
+
+
+def test_a_text_longer_than_the_gateway_tokenizes_is_invalid_argument(gateway):
+    client, worker, _, prefill_calls = gateway
+    with pytest.raises(grpc.RpcError) as e:
+        client.ask("x" * ((1 << 20) + 1), "?", max_new_tokens=1)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_text_bytes" in e.value.details()
+    assert prefill_calls() == 0 and worker.engine.queued == 0
