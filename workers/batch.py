@@ -260,9 +260,11 @@ class BatchCache(Cache):
             out = F.scaled_dot_product_attention(grouped, keys, values, scale=scaling,
                                                  attn_mask=None if mask is None else mask.unsqueeze(2))
             return out.reshape(count, 1, h_q, d)
-        slot = torch.arange(end)
-        causal = slot.unsqueeze(0) <= (end - q + torch.arange(q)).unsqueeze(1)  # [q, T]: new tokens see what is before
-        full = (valid.unsqueeze(2) & causal).repeat_interleave(h_q // self.num_kv_heads, dim=1)  # [count, H_q, q, T]
+        # row i's new tokens are at its own next slots: token j sees every slot up to its own
+        rows = slice(self.first, self.first + count)
+        last = (self.entry_slots[layer, rows] + self.appended[rows]).unsqueeze(1) + torch.arange(q)  # [count, q]
+        causal = torch.arange(end) <= last.unsqueeze(-1)  # [count, q, T]
+        full = (valid.unsqueeze(2) & causal.unsqueeze(1)).repeat_interleave(h_q // self.num_kv_heads, dim=1)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=full, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
 

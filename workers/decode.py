@@ -59,7 +59,7 @@ def stream(model, tokenizer_or_none, entries: CompressedKV | Sequence[Compressed
                  stats=stats if stats is not None else DecodeStats())
     batch = Batch(model, dense_layers)
     with torch.inference_mode():
-        batch.join(one)
+        batch.join([one])
         while True:
             yield from out
             out.clear()

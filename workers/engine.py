@@ -128,20 +128,30 @@ class Batch:
     def rows(self) -> int:
         return self.cache.rows
 
-    def join(self, stream: Stream) -> None:
-        """Place ``stream`` in a new row, run its query, hand out its first token."""
-        row = self.cache.place(stream.entries, len(stream.query_ids) + stream.max_new_tokens, stream.selection)
-        self.streams.append(stream)
-        stream.stats.cached_slots = round(float(self.cache.entry_slots[:, row].float().mean()))
-        stream.entry_tokens = self.cache.entry_tokens(row)
-        started = time.perf_counter()
+    def join(self, streams: list[Stream]) -> None:
+        """Place ``streams`` (queries of one length) in new rows, run their queries in one forward,
+        hand out each one's first token. On failure none of them stays."""
+        first = self.rows
         try:
-            logits = self._forward(torch.tensor([stream.query_ids]), row, 1)
+            for stream in streams:
+                row = self.cache.place(stream.entries, len(stream.query_ids) + stream.max_new_tokens,
+                                       stream.selection)
+                self.streams.append(stream)
+                stream.stats.cached_slots = round(float(self.cache.entry_slots[:, row].float().mean()))
+                stream.entry_tokens = self.cache.entry_tokens(row)
+            started = time.perf_counter()
+            logits = self._forward(torch.tensor([s.query_ids for s in streams]), first, len(streams))
         except BaseException:
-            self._remove(row)
+            for row in reversed(range(first, self.rows)):
+                self._remove(row)
             raise
-        stream.stats.query_seconds = time.perf_counter() - started
-        if self._pick(row, logits[0]):
+        seconds = time.perf_counter() - started
+        done = []
+        for i, stream in enumerate(streams):
+            stream.stats.query_seconds = seconds
+            if self._pick(first + i, logits[i]):
+                done.append(first + i)
+        for row in reversed(done):
             self._finish(row, None)
 
     def step(self) -> None:
@@ -287,8 +297,7 @@ class DecodeEngine:
                     while self._waiting and self.active + len(joining) < self.max_active:
                         joining.append(self._waiting.popleft())
                         self._queued -= 1
-                for stream in joining:
-                    self._join(stream)
+                self._join(joining)
                 try:
                     self.batch.step()
                 except Exception:  # noqa: BLE001 - the streams of the failed step were told
@@ -299,16 +308,22 @@ class DecodeEngine:
         for stream in [*self._solo, *self._waiting]:
             stream.on_end(cancelled)
 
-    def _join(self, stream: Stream | SoloStream) -> None:
-        if stream.cancelled:
-            stream.on_end(Cancelled("cancelled while queued"))
-        elif isinstance(stream, SoloStream):
-            self._solo.append(stream)
-        else:
+    def _join(self, joining: list[Stream | SoloStream]) -> None:
+        """Start the streams taken from the queue: those with queries of one length in one forward."""
+        by_length: dict[int, list[Stream]] = {}
+        for stream in joining:
+            if stream.cancelled:
+                stream.on_end(Cancelled("cancelled while queued"))
+            elif isinstance(stream, SoloStream):
+                self._solo.append(stream)
+            else:
+                by_length.setdefault(len(stream.query_ids), []).append(stream)
+        for group in by_length.values():
             try:
-                self.batch.join(stream)
-            except Exception as e:  # noqa: BLE001 - this stream's failure, told to it
-                stream.on_end(e)
+                self.batch.join(group)
+            except Exception as e:  # noqa: BLE001 - these streams' failure, told to them
+                for stream in group:
+                    stream.on_end(e)
 
     def _advance_solo(self) -> None:
         for stream in list(self._solo):

@@ -67,7 +67,7 @@ def test_batched_greedy_tokens_equal_each_stream_alone(smollm2, streams):
     with torch.inference_mode():
         for i, stream in enumerate(made):  # each joins a batch that is already running
             rows_at_join.append(batch.rows)
-            batch.join(stream)
+            batch.join([stream])
             for _ in range(3 * i):
                 batch.step()
         while batch.rows:
@@ -78,6 +78,25 @@ def test_batched_greedy_tokens_equal_each_stream_alone(smollm2, streams):
     assert all(len(o) == NEW for o in out)
 
 
+def test_streams_that_join_together_run_their_queries_in_one_forward_and_equal_each_alone(smollm2, streams):
+    model, tokenizer = smollm2
+    same_query = [(e, streams[0][1], sel) for e, _, sel in streams]  # one query length, four contexts
+    expected = [alone(model, tokenizer, *s) for s in same_query]
+    batch = Batch(model)
+    out = [[] for _ in same_query]
+    made = [Stream(e, q, NEW, out[i].append, lambda e: None,
+                   selection=row_selection(sel, e[0].page_size, 64 if sel != "dense" else 0))
+            for i, (e, q, sel) in enumerate(same_query)]
+    with torch.inference_mode():
+        batch.join(made[:1])
+        batch.step()
+        batch.join(made[1:])  # three at once, beside one already decoding
+        assert all(len(o) == 1 for o in out[1:]) and len(out[0]) == 2
+        while batch.rows:
+            batch.step()
+    assert out == expected
+
+
 def test_per_stream_sampling_is_the_same_alone_and_in_a_batch(smollm2, streams):
     model, tokenizer = smollm2
     entries, query, _ = streams[0]
@@ -85,9 +104,9 @@ def test_per_stream_sampling_is_the_same_alone_and_in_a_batch(smollm2, streams):
     batch = Batch(model)
     sampled, greedy, ended = [], [], []
     with torch.inference_mode():
-        batch.join(Stream(streams[1][0], streams[1][1], NEW, greedy.append, ended.append))
+        batch.join([Stream(streams[1][0], streams[1][1], NEW, greedy.append, ended.append)])
         batch.step()
-        batch.join(Stream(entries, query, NEW, sampled.append, ended.append, pick=Sampler(0.8, 0.9, 7)))
+        batch.join([Stream(entries, query, NEW, sampled.append, ended.append, pick=Sampler(0.8, 0.9, 7))])
         while batch.rows:
             batch.step()
     assert sampled == expected
