@@ -17,11 +17,11 @@ The systems, one after another on this machine:
 3. ``dkv-full`` and ``dkv-default``: ``dkv up`` (its gateway over gRPC) with recipe ``full`` and
    with the gateway's default recipe, dense decoding.
 
-The capacity scenario (``--capacity``): a working set of contexts about 4x what vLLM's KV cache
-holds, each asked once, then each again: the mean time to first token of the second pass for
-vLLM and for dkv (default recipe, host tier as large as vLLM's KV space, Redis behind it), and
-where dkv found the entries. Prints one JSON object; ``--plot`` draws aggregate tokens per second
-against clients.
+The capacity scenario (``--capacity-contexts N``): N contexts, about 4x what vLLM's KV cache holds
+at ``--capacity-kv-gib``, each asked once, then each again: the mean time to first token of the
+second pass for vLLM (that KV space) and for dkv (default recipe, a host tier as large as vLLM's
+KV space, Redis 4x behind it, no entries kept in the decode worker), and where dkv found the
+entries. Prints one JSON object; ``--plot`` draws aggregate tokens per second against clients.
 """
 
 from __future__ import annotations
@@ -77,14 +77,18 @@ def contexts(tokenizer, tokens: int, count: int, skip: int = 0) -> list[list[int
     return [ids[(skip + i) * tokens:(skip + i + 1) * tokens] for i in range(count)]
 
 
-def workload(tokenizer, context_tokens: int, new_tokens: int, capacity_contexts: int = 0,
-             clients: tuple[int, ...] = CONCURRENCY) -> dict:
+def workload(tokenizer, context_tokens: int, new_tokens: int, clients: tuple[int, ...] = CONCURRENCY) -> dict:
     queries = [tokenizer(q, add_special_tokens=False).input_ids for q in QUERIES]
     main = contexts(tokenizer, context_tokens, 8)
     return {"contexts": main, "queries": [queries for _ in main], "max_new_tokens": new_tokens,
-            "concurrency": list(clients), "requests_per_client": 2,
-            "capacity": {"contexts": contexts(tokenizer, context_tokens, capacity_contexts, skip=8),
-                         "query": queries[0]} if capacity_contexts else None}
+            "concurrency": list(clients), "requests_per_client": 2, "capacity": None}
+
+
+def capacity_workload(tokenizer, context_tokens: int, new_tokens: int, count: int) -> dict:
+    """The capacity scenario alone: ``count`` other contexts, asked twice (``serve_load``)."""
+    query = tokenizer(QUERIES[0], add_special_tokens=False).input_ids
+    return {"contexts": [], "queries": [], "max_new_tokens": new_tokens, "concurrency": [], "requests_per_client": 1,
+            "capacity": {"contexts": contexts(tokenizer, context_tokens, count, skip=8), "query": query}}
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -178,12 +182,15 @@ def run_transformers(load: dict, log) -> dict:
 class Dkv:
     """``dkv up`` on free ports; requests through its gateway (grpc.aio)."""
 
-    def __init__(self, recipe: dict | None, cpu_bytes: str = "2GiB", redis_bytes: str = "4GiB"):
+    def __init__(self, recipe: dict | None, cpu_bytes: str = "2GiB", redis_bytes: str = "4GiB",
+                 worker_cache: bool = True):
         from dkv.kvstore.redis_server import free_port
         from dkv.services.up import Cluster, UpOptions
 
         self.recipe = recipe
-        self.cluster = Cluster(UpOptions(port=free_port(), cpu_bytes=cpu_bytes, redis_bytes=redis_bytes))
+        env = {} if worker_cache else {"DKV_DECODE_ENTRY_CACHE_BYTES": "0"}
+        self.cluster = Cluster(UpOptions(port=free_port(), cpu_bytes=cpu_bytes, redis_bytes=redis_bytes,
+                                         device="cpu", dtype="float32", extra_env=env))
         self.stats: list = []
 
     def __enter__(self) -> "Dkv":
@@ -211,9 +218,10 @@ class Dkv:
                     self.stats.append(reply.stats)
 
 
-def run_dkv(name: str, recipe: dict | None, load: dict, log, cpu_bytes: str = "2GiB", redis_bytes: str = "4GiB") -> dict:
-    tokens = len(load["contexts"][0])
-    with Dkv(recipe, cpu_bytes, redis_bytes) as system:
+def run_dkv(name: str, recipe: dict | None, load: dict, log, cpu_bytes: str = "2GiB", redis_bytes: str = "4GiB",
+            worker_cache: bool = True) -> dict:
+    tokens = len((load["contexts"] or load["capacity"]["contexts"])[0])
+    with Dkv(recipe, cpu_bytes, redis_bytes, worker_cache) as system:
         result = asyncio.run(run_workload(lambda p, n: system.generate(p, n, tokens), load, log))
         result["threads"] = dict(zip(("prefill", "decode"), _dkv_threads(system.cluster.options)))
         if load.get("capacity"):
@@ -222,8 +230,8 @@ def run_dkv(name: str, recipe: dict | None, load: dict, log, cpu_bytes: str = "2
             for s in second:
                 for tier in (s.bytes_fetched_by_tier or {"recomputed": 0}):
                     tiers[tier] = tiers.get(tier, 0) + 1
-            result["capacity"]["second_pass_hits"] = sum(s.cache_hit for s in second)
-            result["capacity"]["second_pass_entries_read_from"] = tiers
+            result["capacity"].update(second_pass_hits=sum(s.cache_hit for s in second),
+                                      second_pass_entries_read_from=tiers, host_tier=cpu_bytes, redis=redis_bytes)
     return {"system": name, "recipe": recipe or "gateway default", **result}
 
 
@@ -256,7 +264,7 @@ def run_vllm(load: dict, log, kv_cache_gib: float) -> dict | None:
 
 # ----------------------------------------------------------------------------- report
 
-def ratios(systems: dict) -> dict:
+def ratios(systems: dict, capacity: dict) -> dict:
     """Each target of the issue as a ratio measured in this run (None where a system is missing)."""
     def get(name, *path):
         value = systems.get(name)
@@ -278,8 +286,8 @@ def ratios(systems: dict) -> dict:
                                                             "aggregate_tokens_per_s")),
         "hit_ttft_vs_vllm": div(get(dkv, "ttft_hit_ms", "p50"), get("vllm", "ttft_hit_ms", "p50")),
         "miss_ttft_vs_vllm": div(get(dkv, "ttft_miss_ms", "p50"), get("vllm", "ttft_miss_ms", "p50")),
-        "capacity_ttft_vs_vllm": div(get("dkv-default", "capacity", "pass2_mean_ttft_ms"),
-                                     get("vllm", "capacity", "pass2_mean_ttft_ms")),
+        "capacity_ttft_vs_vllm": div((capacity.get("dkv-default") or {}).get("capacity", {}).get("pass2_mean_ttft_ms"),
+                                     ((capacity.get("vllm") or {}).get("capacity") or {}).get("pass2_mean_ttft_ms")),
     }
     return {name: {"measured": value, "target": TARGETS[name],
                    "met": None if value is None else (value >= TARGETS[name] if name.startswith(("single", "aggregate"))
@@ -313,15 +321,15 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(context_tokens: int = 1024, new_tokens: int = 64, systems=("transformers", "vllm", "dkv-full", "dkv-default"),
-        capacity_contexts: int = 0, kv_cache_gib: float = 1.0, clients: tuple[int, ...] = CONCURRENCY,
-        log=None) -> dict:
+        capacity_contexts: int = 0, kv_cache_gib: float = 1.0, capacity_kv_gib: float = 0.25,
+        clients: tuple[int, ...] = CONCURRENCY, log=None) -> dict:
     from dkv.workers.model import load_tokenizer
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    load = workload(load_tokenizer(), context_tokens, new_tokens, capacity_contexts, clients)
+    tokenizer = load_tokenizer()
+    load = workload(tokenizer, context_tokens, new_tokens, clients)
     result = {"benchmark": "serve", "model": "smollm2-135m", "dtype": "float32", "cpus": os.cpu_count(),
-              "context_tokens": context_tokens, "new_tokens": new_tokens, "systems": {}}
-    no_capacity = dict(load, capacity=None)
+              "context_tokens": context_tokens, "new_tokens": new_tokens, "systems": {}, "capacity": {}}
     for name in systems:
         log(f"== {name}")
         if name == "transformers":
@@ -329,20 +337,26 @@ def run(context_tokens: int = 1024, new_tokens: int = 64, systems=("transformers
         elif name == "vllm":
             result["systems"][name] = run_vllm(load, log, kv_cache_gib)
         elif name == "dkv-full":
-            result["systems"][name] = run_dkv(name, {"method": "full", "chunk_size": 256, "chunked": True},
-                                              no_capacity, log)
+            result["systems"][name] = run_dkv(name, {"method": "full", "chunk_size": 256, "chunked": True}, load, log)
         elif name == "dkv-default":
-            gib = f"{kv_cache_gib}GiB"
-            result["systems"][name] = run_dkv(name, None, load, log, cpu_bytes=gib, redis_bytes=f"{4 * kv_cache_gib}GiB")
+            result["systems"][name] = run_dkv(name, None, load, log)
         else:
             raise ValueError(f"unknown system {name!r}")
-    result["targets"] = ratios(result["systems"])
+    if capacity_contexts:
+        scenario = capacity_workload(tokenizer, context_tokens, new_tokens, capacity_contexts)
+        log(f"== capacity: {capacity_contexts} contexts of {context_tokens} tokens, KV space {capacity_kv_gib} GiB")
+        if "vllm" in systems:
+            result["capacity"]["vllm"] = run_vllm(scenario, log, capacity_kv_gib)
+        gib = f"{capacity_kv_gib}GiB"
+        result["capacity"]["dkv-default"] = run_dkv("dkv-default", None, scenario, log, cpu_bytes=gib,
+                                                    redis_bytes=f"{4 * capacity_kv_gib}GiB", worker_cache=False)
+    result["targets"] = ratios(result["systems"], result["capacity"])
     return result
 
 
 def main(args: argparse.Namespace) -> int:
     result = run(args.context_tokens, args.new_tokens, args.systems.split(","), args.capacity_contexts,
-                 args.kv_cache_gib, tuple(int(c) for c in args.clients.split(",")))
+                 args.kv_cache_gib, args.capacity_kv_gib, tuple(int(c) for c in args.clients.split(",")))
     if args.plot:
         plot(result, args.plot)
     print(json.dumps(result, indent=None if args.json else 2))
@@ -356,9 +370,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default="transformers,vllm,dkv-full,dkv-default",
                         help="comma-separated: transformers, vllm, dkv-full, dkv-default (run in this order)")
     parser.add_argument("--capacity-contexts", type=int, default=0,
-                        help="contexts of the capacity scenario (about 4x what vLLM's KV cache holds); 0 skips it")
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0,
-                        help="vLLM's KV cache space; dkv's host tier gets as much, Redis 4x")
+                        help="contexts of the capacity scenario (about 4x what vLLM's KV cache holds at "
+                        "--capacity-kv-gib); 0 skips it")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache space for the main phases")
+    parser.add_argument("--capacity-kv-gib", type=float, default=0.25,
+                        help="vLLM's KV cache space in the capacity scenario; dkv's host tier gets as much, Redis 4x")
     parser.add_argument("--clients", default=",".join(map(str, CONCURRENCY)),
                         help="concurrent clients of the load phases, comma-separated")
     parser.add_argument("--plot", default="", help="PNG of aggregate tokens per second against clients")

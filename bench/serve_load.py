@@ -113,8 +113,9 @@ def validate(workload: dict) -> None:
     if missing:
         raise WorkloadError(f"the workload lacks {sorted(missing)}")
     contexts, queries = workload["contexts"], workload["queries"]
-    if not isinstance(contexts, list) or not contexts:
-        raise WorkloadError("workload 'contexts' must be a non-empty list of token-id lists")
+    if not isinstance(contexts, list) or not (contexts or workload.get("capacity")):
+        raise WorkloadError("workload 'contexts' must be a non-empty list of token-id lists (it may be empty "
+                            "only beside a capacity scenario, which then runs alone)")
     if not isinstance(queries, list) or len(queries) != len(contexts):
         raise WorkloadError(f"workload 'queries' must hold one entry per context ({len(contexts)})")
     for i, (context, pair) in enumerate(zip(contexts, queries)):
@@ -170,14 +171,15 @@ async def run_workload(generate: Generate, workload: dict, log: Log = print) -> 
     """Run the four phases of the module docstring against ``generate``; the result dict."""
     validate(workload)
     contexts, queries, new = workload["contexts"], workload["queries"], workload["max_new_tokens"]
-    miss = await _one_at_a_time(generate, [c + q[0] for c, q in zip(contexts, queries)], new, log, "miss")
-    hit = await _one_at_a_time(generate, [c + q[1] for c, q in zip(contexts, queries)], new, log, "hit")
-    result = {"ttft_miss_ms": _ms_summary([t.ttft for t in miss], with_mean=True),
-              "ttft_hit_ms": _ms_summary([t.ttft for t in hit], with_mean=True),
-              "single_stream_tokens_per_s": statistics.median(t.decode_tokens_per_s for t in hit),
-              "concurrency": {}, "capacity": None}
+    result = {"concurrency": {}, "capacity": None}
+    if contexts:
+        miss = await _one_at_a_time(generate, [c + q[0] for c, q in zip(contexts, queries)], new, log, "miss")
+        hit = await _one_at_a_time(generate, [c + q[1] for c, q in zip(contexts, queries)], new, log, "hit")
+        result.update({"ttft_miss_ms": _ms_summary([t.ttft for t in miss], with_mean=True),
+                       "ttft_hit_ms": _ms_summary([t.ttft for t in hit], with_mean=True),
+                       "single_stream_tokens_per_s": statistics.median(t.decode_tokens_per_s for t in hit)})
     pairs = [c + q[j] for j in range(2) for c, q in zip(contexts, queries)]
-    for clients in workload["concurrency"]:
+    for clients in workload["concurrency"] if contexts else []:
         phase = await _concurrent(generate, pairs, clients, workload["requests_per_client"], new)
         result["concurrency"][str(clients)] = phase
         log(f"{clients} clients: {phase['aggregate_tokens_per_s']:.1f} tokens/s, itl p50 "

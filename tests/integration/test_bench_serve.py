@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 
 def test_a_small_serve_benchmark_measures_every_phase_of_each_system(tmp_path):
     result = serve.run(context_tokens=128, new_tokens=4, systems=("transformers", "dkv-full"), clients=(1, 2),
-                       log=lambda msg: None)
+                       capacity_contexts=3, capacity_kv_gib=0.01, log=lambda msg: None)
     for name in ("transformers", "dkv-full"):
         system = result["systems"][name]
         assert system["ttft_hit_ms"]["p50"] < system["ttft_miss_ms"]["p50"], name
@@ -22,5 +22,9 @@ def test_a_small_serve_benchmark_measures_every_phase_of_each_system(tmp_path):
     assert result["systems"]["transformers"]["batched_generate"]["aggregate_tokens_per_s"] > 0
     assert result["targets"]["single_vs_transformers"]["measured"] > 0
     assert result["targets"]["aggregate8_vs_vllm"]["measured"] is None  # no vLLM here, no 8 clients
+    capacity = result["capacity"]["dkv-default"]["capacity"]
+    assert capacity["contexts"] == 3 and capacity["second_pass_hits"] == 3  # the tiers held all three
+    assert capacity["pass2_mean_ttft_ms"] < capacity["pass1_mean_ttft_ms"]
+    assert "worker" not in capacity["second_pass_entries_read_from"]
     serve.plot(result, str(tmp_path / "serve.png"))
     assert (tmp_path / "serve.png").stat().st_size > 10_000
