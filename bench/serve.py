@@ -183,7 +183,7 @@ class Dkv:
         from dkv.services.up import Cluster, UpOptions
 
         self.recipe = recipe
-        self.cluster = Cluster(UpOptions(port=free_port(), cpu_bytes=cpu_bytes, redis_bytes=redis_bytes))
+        self.cluster = Cluster(UpOptions(port=free_port(), http_port=0, cpu_bytes=cpu_bytes, redis_bytes=redis_bytes))
         self.stats: list = []
 
     def __enter__(self) -> "Dkv":
