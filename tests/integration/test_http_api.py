@@ -7,6 +7,7 @@ request is refused (429).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import threading
@@ -136,6 +137,16 @@ def test_a_second_turn_reuses_the_first_turn_s_entries(cluster, client):
     assert again.model_extra["dkv"]["cached_prefix_tokens"] == cached
 
 
+def test_developer_messages_and_text_parts_are_what_they_say(client):
+    plain = client.chat.completions.create(model=MODEL, messages=ask("Who rowed out\nto the schooner?"), **GREEDY)
+    parts = client.chat.completions.create(model=MODEL, messages=[
+        {"role": "developer", "content": DOCUMENT},
+        {"role": "user", "content": [{"type": "text", "text": "Who rowed out"}, {"type": "text", "text": "to the schooner?"}]},
+    ], **GREEDY)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 def test_http_and_grpc_give_the_same_greedy_text(cluster, client):
     messages = ask("What is the keeper's cottage now?")
     over_http = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12,
@@ -163,6 +174,8 @@ def test_http_and_grpc_give_the_same_greedy_text(cluster, client):
      "the last message must be the user's"),
     ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0.role: Input should be"),
     ({"max_tokens": 9000}, "is more than the model's 8192"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.list[TextPart].0.type: Input should be 'text'"),
 ])
 def test_bad_requests_get_400_with_a_message(client, fields, message):
     request = {"model": MODEL, "messages": ask("Who built it?"), "max_tokens": 4, **fields}
@@ -254,6 +267,22 @@ def test_a_worker_failing_mid_stream_is_the_stream_s_last_event(cluster):
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] in ("service_unavailable", "worker_error") and "a worker answered" in error["message"]
+
+
+def test_health_turns_503_while_the_gateway_drains(cluster):
+    gateway = gateway_server(prefill=cluster.prefill.address, decode="127.0.0.1:1")
+    health = base_url(gateway).removesuffix("/v1") + "/health"
+    try:
+        assert httpx2.get(health).status_code == 200
+        stopping = asyncio.run_coroutine_threadsafe(gateway.server.stop(0, drain_delay_s=2), gateway.loop)
+        wait_until(lambda: gateway.server.draining, 5)
+        reply = httpx2.get(health)
+        assert reply.status_code == 503 and reply.json() == {"status": "stopping"}
+        stopping.result(30)
+        with pytest.raises(httpx2.ConnectError):  # then it stops listening
+            httpx2.get(health)
+    finally:
+        gateway.stop()
 
 
 def test_tls_and_client_certificates_apply_to_http(cluster, pki):
