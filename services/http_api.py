@@ -18,7 +18,8 @@ chunked SnapKV removing half), ``selection``, ``budget``, ``budget_fraction``, `
 ``tenant``. Any other field is refused, so a misspelt option never goes unnoticed.
 
 Replies carry ``usage`` (``prompt_tokens_details.cached_tokens``: the context tokens the store
-already held) and ``dkv``: the request's ``GenerateStats`` (time to first token, bytes read by tier, ...).
+already held) and ``dkv``: the request's ``GenerateStats`` (time to first token, bytes read by tier,
+...; without ``decode``, the worker's step-by-step detail), in a stream on the event with the finish reason.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input (FastAPI's 422
 included), 401 without a valid token, 403 for another tenant, 404 for another model, 413 for a
@@ -277,9 +278,9 @@ class OpenAIApi:
             return {"status": "ok"}
         return JSONResponse({"status": "stopping"}, status_code=503)
 
-    async def _answer(self, body: _Generation, prompt, prefix: str, chunk, reply):
-        """Generate for ``body``, whose prompt's (context, query) ids ``prompt()`` gives: a JSON reply, or
-        SSE events with ``chunk(...)`` after the first token."""
+    async def _answer(self, body: _Generation, prompt, prefix: str, chunk, whole):
+        """Generate for ``body``, whose prompt's (context, query) ids ``prompt()`` gives: the reply
+        ``whole(...)`` builds, or, streaming, the events ``chunk(...)`` builds, once the first token is there."""
         if body.model != self.model:
             raise ApiError(404, f"model {body.model[:200]!r} is not served here; use {self.model!r} (GET /v1/models)",
                            "not_found_error", "model", "model_not_found")
@@ -321,7 +322,7 @@ class OpenAIApi:
         finally:
             await replies.aclose()
         self.observe(stats)
-        return {**reply(about, "".join(pieces), FINISH_REASONS[stats.finish_reason]), "usage": about.usage(stats),
+        return {**whole(about, "".join(pieces), FINISH_REASONS[stats.finish_reason]), "usage": about.usage(stats),
                 "dkv": _stats(stats)}
 
     async def _events(self, replies: AsyncIterator, first, about: _Reply, chunk, usage: bool) -> AsyncIterator[str]:
@@ -336,7 +337,9 @@ class OpenAIApi:
                 if usage:
                     yield _sse({**chunk(about, "", None), "choices": [], "usage": about.usage(item.stats)})
         except Exception as e:  # noqa: BLE001 - the status line has been sent: the error is the last event
-            yield _sse(api_error(e).body())
+            error = api_error(e)
+            log.warning("%s ended by an error: %s", about.id, error.message)
+            yield _sse(error.body())
         finally:
             await replies.aclose()
         yield "data: [DONE]\n\n"
@@ -353,7 +356,11 @@ def _sse(data: dict) -> str:
 
 
 def _stats(stats: gateway_pb2.GenerateStats) -> dict:
-    return MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    """``stats`` as JSON, every field present, without the decode worker's step-by-step detail."""
+    summary = gateway_pb2.GenerateStats()
+    summary.CopyFrom(stats)
+    summary.ClearField("decode")
+    return MessageToDict(summary, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 def _chat_chunk(about: _Reply, text: str, finish: str | None, start: bool = False) -> dict:
