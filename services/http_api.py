@@ -22,7 +22,7 @@ already held) and ``dkv``: the request's ``GenerateStats`` (time to first token,
 ...; without ``decode``, the worker's step-by-step detail), in a stream on the event with the finish reason.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input (FastAPI's 422
-included), 401 without a valid token, 403 for another tenant, 404 for another model, 413 for a
+included; a text over ``max_text_bytes``, as over gRPC), 401 without a valid token, 403 for another tenant, 404 for another model, 413 for a
 body over 8 MiB, 429 when the decode queue is full, 503 when a worker is unavailable, 504 when a
 worker's deadline passed, 502 for other worker failures. A stream has begun only once its first
 token is there, so those come with their status; a later failure is one last SSE event of the
@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import grpc
@@ -61,7 +62,7 @@ from dkv.services.transport import (
     MAX_MESSAGE_BYTES, Authenticator, PermissionDenied, allowed_tenant, new_request_id, request_id, tenant_for,
 )
 from dkv.services.wire import recipe_to_proto
-from dkv.workers.gateway import DEFAULT_RECIPE
+from dkv.workers.gateway import DEFAULT_RECIPE, INLINE_TEXT
 from dkv.workers.prompts import chat_prompt, completion_prompt
 
 log = logging.getLogger("dkv.gateway.http")
@@ -263,12 +264,13 @@ class OpenAIApi:
 
     async def chat(self, body: ChatRequest):
         messages = [m.for_template() for m in body.messages]
-        return await self._answer(body, lambda: chat_prompt(self.gateway.tokenizer, messages), "chatcmpl",
-                                  _chat_chunk, _chat_reply)
+        return await self._answer(body, partial(chat_prompt, self.gateway.tokenizer, messages),
+                                  sum(len(m["content"]) for m in messages), "chatcmpl", _chat_chunk, _chat_reply)
 
     async def complete(self, body: CompletionRequest):
-        return await self._answer(body, lambda: completion_prompt(self.gateway.tokenizer, body.prompt), "cmpl",
-                                  _text_chunk, _text_reply)
+        return await self._answer(body, partial(completion_prompt, self.gateway.tokenizer, body.prompt),
+                                  len(body.prompt) if isinstance(body.prompt, str) else 0, "cmpl", _text_chunk,
+                                  _text_reply)
 
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "dkv"}]}
@@ -278,14 +280,19 @@ class OpenAIApi:
             return {"status": "ok"}
         return JSONResponse({"status": "stopping"}, status_code=503)
 
-    async def _answer(self, body: _Generation, prompt, prefix: str, chunk, whole):
-        """Generate for ``body``, whose prompt's (context, query) ids ``prompt()`` gives: the reply
-        ``whole(...)`` builds, or, streaming, the events ``chunk(...)`` builds, once the first token is there."""
+    async def _answer(self, body: _Generation, prompt, chars: int, prefix: str, chunk, whole):
+        """Generate for ``body``, whose prompt's (context, query) ids ``prompt()`` gives from ``chars``
+        characters of text: the reply ``whole(...)`` builds, or, streaming, the events ``chunk(...)``
+        builds, once the first token is there."""
         if body.model != self.model:
             raise ApiError(404, f"model {body.model[:200]!r} is not served here; use {self.model!r} (GET /v1/models)",
                            "not_found_error", "model", "model_not_found")
+        if chars > self.gateway.max_text_bytes:
+            raise ApiError(400, f"the prompt holds {chars} characters; this gateway tokenizes at most "
+                           f"{self.gateway.max_text_bytes} (max_text_bytes): send a shorter one")
         try:
-            context, query = prompt()
+            # as over gRPC: a long text takes the tokenizer milliseconds, off the event loop that serves every stream
+            context, query = prompt() if chars < INLINE_TEXT else await asyncio.to_thread(prompt)
             prompt_tokens = len(context) + len(query)
             request = gateway_pb2.GenerateRequest(
                 selection=body.selection, budget=body.budget, budget_fraction=body.budget_fraction,

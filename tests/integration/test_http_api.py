@@ -29,6 +29,7 @@ from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
 from dkv.services.store_client import StoreClient
 from dkv.workers.decode_worker import DecodeWorker
+from dkv.workers.gateway import INLINE_TEXT
 from dkv.workers.prefill import PrefillWorker
 from dkv.workers.prompts import chat_prompt, completion_prompt
 
@@ -113,7 +114,8 @@ def test_chat_streams_the_same_text_it_answers_whole(cluster, client):
 
 
 def test_completions_stream_the_same_text_they_answer_whole(cluster, client):
-    prompt = DOCUMENT + "\nThe keeper who rowed out to the Maren was"
+    prompt = DOCUMENT * 2 + "\nThe keeper who rowed out to the Maren was"  # long: tokenized off the event loop
+    assert len(prompt) > INLINE_TEXT
     ids = cluster.tokenizer(prompt, add_special_tokens=False).input_ids
     whole = client.completions.create(model=MODEL, prompt=prompt, **GREEDY)
     assert whole.choices[0].text and whole.choices[0].finish_reason in ("stop", "length")
@@ -195,6 +197,8 @@ def test_bad_json_and_bad_bodies_get_400_not_422(cluster):
         "message": "prompt: Field required", "type": "invalid_request_error", "param": "prompt", "code": None}
     reply = httpx2.post(url + "/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
     assert reply.status_code == 400 and "needs at least 2" in reply.json()["error"]["message"]
+    reply = httpx2.post(url + "/completions", json={"model": MODEL, "prompt": "x" * ((1 << 20) + 1)}, headers=headers)
+    assert reply.status_code == 400 and "tokenizes at most 1048576 (max_text_bytes)" in reply.json()["error"]["message"]
     reply = httpx2.post(url + "/completions", content=b"x" * (9 << 20), headers=headers)
     assert reply.status_code == 413 and "over 8 MiB" in reply.json()["error"]["message"]
     reply = httpx2.get(url + "/no-such-route", headers=headers)
