@@ -83,6 +83,7 @@ bench: setup redis-server
 # $(BIN)/python -m dkv.loadtest.run --host GATEWAY:PORT --store STORE:PORT (see docs/benchmarks.md).
 LOADTEST_TIME ?= 60s
 LOADTEST_USERS ?= 3
+# store, generate, mixed, or http (chats over the gateway's OpenAI API)
 LOADTEST_SCENARIO ?= mixed
 LOADTEST_P99_MS ?= 120000
 loadtest: setup redis-server

@@ -189,7 +189,7 @@ class Dkv:
 
         self.recipe = recipe
         env = {} if worker_cache else {"DKV_DECODE_ENTRY_CACHE_BYTES": "0"}
-        self.cluster = Cluster(UpOptions(port=free_port(), cpu_bytes=cpu_bytes, redis_bytes=redis_bytes,
+        self.cluster = Cluster(UpOptions(port=free_port(), http_port=0, cpu_bytes=cpu_bytes, redis_bytes=redis_bytes,
                                          device="cpu", dtype="float32", extra_env=env))
         self.stats: list = []
 

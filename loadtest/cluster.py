@@ -2,7 +2,7 @@
 
 Starts ``services.up.Cluster`` (Redis when installed, the store, a prefill and a decode worker,
 the gateway), waits until every service answers its health check, then writes
-``{"gateway": ADDR, "store": ADDR}`` to FILE (atomically) and runs until SIGTERM or SIGINT, until
+``{"gateway": ADDR, "http": URL, "store": ADDR}`` to FILE (atomically) and runs until SIGTERM or SIGINT, until
 a service exits, or until the process that started it is gone; then stops everything.
 ``loadtest.run`` starts it with its output going to a log file.
 """
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from dkv.services.up import Cluster, UpOptions
 
     levels = {f"DKV_{c}_LOG_LEVEL": args.log_level for c in ("STORE", "PREFILL", "DECODE", "GATEWAY")}
-    options = UpOptions(host=args.host, port=free_port(args.host), model=args.model, cpu_bytes=args.cpu_bytes,
+    options = UpOptions(host=args.host, port=free_port(args.host), http_port=free_port(args.host), model=args.model,
+                        cpu_bytes=args.cpu_bytes,
                         redis_bytes=args.redis_bytes, redis=not args.no_redis,
                         extra_env={**levels, **{k: v for k, v in os.environ.items() if k.endswith("_LOG_LEVEL")}})
     if args.token:
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Cluster(options) as cluster:
             tmp = info.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"gateway": cluster.gateway, "store": cluster.addresses["store"],
-                                       "pid": os.getpid()}))
+            tmp.write_text(json.dumps({"gateway": cluster.gateway, "http": cluster.http,
+                                       "store": cluster.addresses["store"], "pid": os.getpid()}))
             tmp.replace(info)
             log.info("serving: gateway %s, store %s", cluster.gateway, cluster.addresses["store"])
             while True:

@@ -20,13 +20,17 @@ Users:
   documents through the gateway (``--host``), with ``DkvClient.generate``.
 - ``ChatUser`` (SCBench multi-turn): a conversation about a document whose context grows turn by
   turn (the previous turn's context, question and answer are the next turn's prefix).
+- ``HttpChatUser``: the same conversations over the gateway's OpenAI-compatible HTTP API
+  (``--http-host``, e.g. ``http://127.0.0.1:8000/v1``): ``POST /v1/chat/completions``, streamed,
+  the document as the system message and every earlier question and answer kept as messages.
 
-Every call is reported by a client interceptor (``loadtest.grpc_locust``): unary calls when they
-return, streams (Get, Generate) when fully consumed. Generate calls also record their time to
-first token, by how much of the context was cached, as ``TTFT (hit)``, ``TTFT (partial)`` and
-``TTFT (miss)`` (method ``ttft``); those rows are kept out of the Aggregated row.
+Every gRPC call is reported by a client interceptor (``loadtest.grpc_locust``): unary calls when they
+return, streams (Get, Generate) when fully consumed; an HTTP chat when its last event arrived.
+Generations also record their time to first token, by how much of the context was cached, as
+``TTFT (hit)``, ``TTFT (partial)`` and ``TTFT (miss)`` (method ``ttft``; over HTTP as the client
+saw it); those rows are kept out of the Aggregated row.
 
-``--scenario store|generate|mixed`` picks the users. At the end a summary is printed (rps,
+``--scenario store|generate|mixed|http`` picks the users. At the end a summary is printed (rps,
 p50/p95/p99 per call, hit rates, the store's evictions) and written next to the CSV files
 (``<csv prefix>_summary.json``); the exit code is 1 when any call failed, a task raised, no call
 completed, or the p99 of any name is above ``--p99-ms``.
@@ -35,7 +39,8 @@ More load than one CPU: locust's ``--master`` and separate ``--worker`` processe
 ``--processes``: it forks after gRPC is initialized, and the forked workers hang.
 
 ``DKV_TOKEN`` (optional): passed to the clients as their bearer token when set, for clusters that
-require one; likewise ``DKV_TLS_CA`` (and ``DKV_TLS_CERT``/``DKV_TLS_KEY`` for mutual TLS).
+require one; likewise ``DKV_TLS_CA`` (and ``DKV_TLS_CERT``/``DKV_TLS_KEY`` for mutual TLS), over
+gRPC and HTTP alike.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ import grpc  # noqa: E402
 from locust import User, between, events, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from dkv.loadtest.clients import client_kwargs  # noqa: E402
+from dkv.loadtest.clients import client_kwargs, security_from_env  # noqa: E402
 from dkv.loadtest.documents import make_documents  # noqa: E402
 from dkv.loadtest.grpc_locust import LocustInterceptor, intercepted, store_outcome  # noqa: E402
 from dkv.loadtest.summary import TTFT, format_summary, problems  # noqa: E402
@@ -73,7 +78,9 @@ SCENARIOS = {
     "store": ("StoreUser",),
     "generate": ("DocumentQAUser", "ChatUser"),
     "mixed": ("StoreUser", "DocumentQAUser", "ChatUser"),
+    "http": ("HttpChatUser",),
 }
+CHAT_ROUTE = "/v1/chat/completions"
 
 
 class _Context:
@@ -103,11 +110,14 @@ CTX = _Context()
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="mixed", include_in_web_ui=True,
-                        help="store: StoreUser; generate: DocumentQAUser + ChatUser; mixed: all three (default)")
+                        help="store: StoreUser; generate: DocumentQAUser + ChatUser; mixed: those three (default); "
+                        "http: HttpChatUser")
     parser.add_argument("--p99-ms", type=float, default=120000.0, include_in_web_ui=True,
                         help="fail the run (exit code 1) if the p99 of any call name is above this (default 120000)")
     parser.add_argument("--store", default=os.environ.get("DKV_STORE", ""), include_in_web_ui=True,
                         help="address of the KV store, host:port (store users; --host is the gateway)")
+    parser.add_argument("--http-host", default=os.environ.get("DKV_HTTP_HOST", ""), include_in_web_ui=True,
+                        help="base URL of the gateway's OpenAI API, e.g. http://127.0.0.1:8000/v1 (HTTP users)")
     parser.add_argument("--key-space-factor", type=float, default=4.0,
                         help="the store users' keys add up to this many times the store's capacity (default 4)")
     parser.add_argument("--key-space", type=int, default=0, help="number of keys (overrides --key-space-factor)")
@@ -154,6 +164,9 @@ def _on_init(environment, **_kwargs) -> None:
         return  # workers run the users
     if any(c is StoreUser for c in chosen):
         _setup_store(options)
+    if any(c is HttpChatUser for c in chosen) and not options.http_host:
+        raise ValueError("the HTTP users need the gateway's OpenAI API: --http-host http://HOST:PORT/v1 (or "
+                         "DKV_HTTP_HOST)")
     if any(c is not StoreUser for c in chosen):
         CTX.documents = make_documents(options.documents, options.doc_tokens)
         log.info("documents: %s", ", ".join(f"{d.name} (~{d.approx_tokens} tokens)" for d in CTX.documents))
@@ -261,11 +274,7 @@ class _GenerateUser(User):
                                         tenant=CTX.options.tenant)
         if stats is None:
             raise RuntimeError("Generate ended without its GenerateStats")
-        kind = "hit" if stats.cache_hit else "partial" if stats.cached_prefix_tokens else "miss"
-        # logged on the row alone, not through the request event: a TTFT is not one more request
-        CTX.environment.stats.get(f"TTFT ({kind})", TTFT).log(round(stats.ttft_ms), 0)
-        for name in CTX.generate:
-            CTX.generate[name] += getattr(stats, name)
+        _record_generation(stats.ttft_ms, {name: getattr(stats, name) for name in ("cache_hit", *CTX.generate)})
         return answer
 
 
@@ -303,6 +312,94 @@ class ChatUser(_GenerateUser):
         answer = self.ask(self.context, question)
         self.context = f"{self.context}\n\nUser: {question}\nAssistant: {answer.strip() or '(no answer)'}"
         self.turn += 1
+
+
+def _record_generation(ttft_ms: float, stats: dict) -> None:
+    """A generation's time to first token, on the row of its cache outcome, and its token counts.
+
+    ``stats``: ``cache_hit`` and the ``CTX.generate`` counters of its ``GenerateStats``."""
+    kind = "hit" if stats["cache_hit"] else "partial" if stats["cached_prefix_tokens"] else "miss"
+    # logged on the row alone, not through the request event: a TTFT is not one more request
+    CTX.environment.stats.get(f"TTFT ({kind})", TTFT).log(round(ttft_ms), 0)
+    for name in CTX.generate:
+        CTX.generate[name] += int(stats[name])
+
+
+class HttpChatUser(User):
+    """Multi-turn chats over the OpenAI HTTP API, streamed; each chat is about one document (the system
+    message) and keeps its earlier questions and answers, so each turn's context extends the last's."""
+
+    weight = 1
+    wait_time = between(0.5, 2.0)
+
+    def on_start(self) -> None:
+        import requests
+
+        security = security_from_env()
+        self.session = requests.Session()
+        if "token" in security:
+            self.session.headers["Authorization"] = f"Bearer {security['token']}"
+        if "tls_ca" in security:
+            self.session.verify = security["tls_ca"]
+        if "tls_cert" in security:
+            self.session.cert = (security["tls_cert"], security["tls_key"])
+        self.url = CTX.options.http_host.rstrip("/")
+        models = self.session.get(self.url + "/models", timeout=CTX.options.call_timeout_s)
+        models.raise_for_status()
+        self.model = models.json()["data"][0]["id"]
+        self.rng = random.Random()
+        self.turn, self.messages, self.questions = 0, [], []
+
+    def on_stop(self) -> None:
+        self.session.close()
+
+    @task
+    def next_turn(self) -> None:
+        turns = max(1, CTX.options.turns)
+        if self.turn == 0 or self.turn >= turns:
+            doc = self.rng.choice(CTX.documents)
+            self.messages, self.turn = [{"role": "system", "content": doc.text}], 0
+            self.questions = [self.rng.choice(doc.questions) for _ in range(turns)]
+        question = {"role": "user", "content": self.questions[self.turn]}
+        body = {"model": self.model, "messages": [*self.messages, question], "stream": True,
+                "stream_options": {"include_usage": True}, "max_tokens": CTX.options.max_new_tokens,
+                "temperature": 0, **({"tenant": CTX.options.tenant} if CTX.options.tenant else {})}
+        answer = self._chat(body)
+        if answer is not None:
+            self.messages += [question, {"role": "assistant", "content": answer}]
+            self.turn += 1
+
+    def _chat(self, body: dict) -> str | None:
+        """One streamed chat completion, reported to locust; its answer, or None when it failed."""
+        started, first, length, pieces, stats, error = time.perf_counter(), None, 0, [], None, None
+        try:
+            with self.session.post(self.url + "/chat/completions", json=body, stream=True,
+                                   timeout=CTX.options.call_timeout_s) as reply:
+                if reply.status_code != 200:
+                    raise RuntimeError(f"HTTP {reply.status_code}: {reply.text[:500]}")
+                for line in reply.iter_lines():
+                    length += len(line)
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RuntimeError(f"error event: {event['error']['message']}")
+                    for choice in event["choices"]:
+                        if choice.get("delta", {}).get("content"):
+                            first = first or time.perf_counter()
+                            pieces.append(choice["delta"]["content"])
+                    stats = event.get("dkv", stats)
+            if stats is None:
+                raise RuntimeError("the stream ended without its stats")
+        except Exception as e:  # noqa: BLE001 - reported as this call's failure
+            error = e
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        CTX.environment.events.request.fire(request_type="POST", name=CHAT_ROUTE, response_time=elapsed_ms,
+                                            response_length=length, exception=error, context={})
+        if error is not None:
+            return None
+        _record_generation(((first or time.perf_counter()) - started) * 1e3, stats)
+        return "".join(pieces).strip() or "(no answer)"
 
 
 # ------------------------------------------------------------------------------- the summary

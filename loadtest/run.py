@@ -4,8 +4,8 @@
 
 1. Starts ``python -m dkv.loadtest.cluster`` (``dkv up`` through ``services.up.Cluster``: Redis when
    installed, the store with small tiers so that eviction runs, a prefill and a decode worker, the
-   gateway) with its log in ``OUT/dkv.log``, and waits until every service is healthy. With
-   ``--host`` (and ``--store``) it starts nothing and tests that cluster instead.
+   gateway, also on HTTP) with its log in ``OUT/dkv.log``, and waits until every service is healthy.
+   With ``--host`` (and ``--store``, ``--http-host``) it starts nothing and tests that cluster instead.
 2. Sends one Generate about an unrelated text to warm the workers up (not measured).
 3. Runs ``locust -f loadtest/locustfile.py --headless`` for ``--time`` with ``--users`` users of
    ``--scenario`` and writes ``OUT/dkv_stats.csv`` (and the other CSV files), ``OUT/report.html``
@@ -51,13 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time", default=env("LOADTEST_TIME", "60s"), help="how long the load runs (locust --run-time)")
     p.add_argument("--users", type=int, default=int(env("LOADTEST_USERS", "3")), help="simulated users")
     p.add_argument("--spawn-rate", type=float, default=1.0, help="users started per second")
-    p.add_argument("--scenario", choices=("store", "generate", "mixed"), default=env("LOADTEST_SCENARIO", "mixed"))
+    p.add_argument("--scenario", choices=("store", "generate", "mixed", "http"), default=env("LOADTEST_SCENARIO", "mixed"),
+                   help="store: KV store users; generate: gRPC chats and document questions; mixed: both; http: chats "
+                   "over the OpenAI HTTP API")
     p.add_argument("--p99-ms", type=float, default=float(env("LOADTEST_P99_MS", "120000")),
                    help="fail when the p99 of any call name is above this")
     p.add_argument("--out", default="build/loadtest", help="folder of the CSV, HTML and log files")
     p.add_argument("--stop-timeout", default="60s", help="at the end, how long users may finish their current call")
     p.add_argument("--host", default="", help="gateway of a running cluster: start nothing, test it")
     p.add_argument("--store", default="", help="KV store of that cluster (store users)")
+    p.add_argument("--http-host", default="", help="OpenAI API of that cluster, e.g. http://HOST:8000/v1 (HTTP users)")
     p.add_argument("--cpu-bytes", default="64MiB", help="host-memory tier of the started store")
     p.add_argument("--redis-bytes", default="64MiB", help="Redis tier of the started store")
     p.add_argument("--no-redis", action="store_true", help="start the store without its Redis tier")
@@ -99,7 +102,7 @@ def _start_cluster(args, out: Path) -> tuple[subprocess.Popen, dict, object]:
         time.sleep(0.5)
     addresses = json.loads(info.read_text())
     print(f"dkv is up in {time.monotonic() - started:.0f} s: gateway {addresses['gateway']}, "
-          f"store {addresses['store']}", flush=True)
+          f"OpenAI API {addresses['http']}, store {addresses['store']}", flush=True)
     return proc, addresses, logfile
 
 
@@ -123,10 +126,11 @@ def _warm_up(gateway: str) -> None:
     print(f"warm-up Generate: {time.perf_counter() - started:.1f} s", flush=True)
 
 
-def locust_command(args, gateway: str, store: str, out: Path) -> list[str]:
+def locust_command(args, gateway: str, http: str, store: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
             "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.time,
-            "--stop-timeout", args.stop_timeout, "--host", gateway, "--store", store, "--scenario", args.scenario,
+            "--stop-timeout", args.stop_timeout, "--host", gateway, "--http-host", http, "--store", store,
+            "--scenario", args.scenario,
             "--p99-ms", str(args.p99_ms), "--csv", str(out / "dkv"), "--html", str(out / "report.html"),
             "--only-summary", "--exit-code-on-error", "1", *args.locust_args]
 
@@ -149,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     cluster = logfile = locust = None
     try:
         if args.host:
-            gateway, store = args.host, args.store
+            gateway, http, store = args.host, args.http_host, args.store
         else:
             cluster, addresses, logfile = _start_cluster(args, out)
-            gateway, store = addresses["gateway"], addresses["store"]
+            gateway, http, store = addresses["gateway"], addresses["http"], addresses["store"]
         if not args.no_warmup and args.scenario != "store":
             _warm_up(gateway)
-        cmd = locust_command(args, gateway, store, out)
+        cmd = locust_command(args, gateway, http, store, out)
         print("running: " + " ".join(cmd[1:]), flush=True)
         locust = subprocess.Popen(cmd)
         try:

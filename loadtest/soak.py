@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("info", "text")
     prompts = [(doc, q) for doc in DOCUMENTS[:args.documents] for q in QUESTIONS]
     # a small host tier, so entries live in Redis too and a store restart finds them there
-    with Cluster(UpOptions(port=free_port(), cpu_bytes="48MiB", redis_bytes="1GiB")) as cluster:
+    with Cluster(UpOptions(port=free_port(), http_port=0, cpu_bytes="48MiB", redis_bytes="1GiB")) as cluster:
         if cluster.redis is None and "redis" in args.faults:
             args.faults.remove("redis")
         report = Soak(cluster, prompts, args).run().as_dict()

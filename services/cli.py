@@ -95,7 +95,7 @@ def _up(args: argparse.Namespace) -> int:
     from dkv.services.up import UpOptions, run
 
     setup_logging("info", "text")
-    return run(UpOptions(host=args.host, port=args.port, model=args.model, device=args.device, dtype=args.dtype,
+    return run(UpOptions(host=args.host, port=args.port, http_port=args.http_port, model=args.model, device=args.device, dtype=args.dtype,
                          device_bytes=args.device_bytes, cpu_bytes=args.cpu_bytes, redis_bytes=args.redis_bytes,
                          redis=not args.no_redis, ray=args.ray, prefill_workers=args.prefill_workers,
                          decode_workers=args.decode_workers, token=args.token, metrics=args.metrics))
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Start Redis (when installed), the store, a prefill worker, a decode worker and "
                         "the gateway as child processes; print the gateway address; stop them all on Ctrl-C.")
     up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
+    up.add_argument("--http-port", type=int, default=8000, help="port of the gateway's OpenAI-compatible HTTP API "
+                    "(/v1/chat/completions, /v1/completions, /v1/models); 0 = none (default 8000)")
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     up.add_argument("--model", default="smollm2-135m", help=f"model of the workers and the gateway: {FORMS} "
                     "(default smollm2-135m)")

@@ -66,7 +66,7 @@ RECIPE = Recipe(method="snapkv", ratio=0.5, chunk_size=256, chunked=True)
 
 def main(args: argparse.Namespace | None = None) -> int:
     out = Path(getattr(args, "out", None) or ".")
-    options = UpOptions(port=free_port(), cpu_bytes="24MiB", redis_bytes="1GiB")
+    options = UpOptions(port=free_port(), http_port=0, cpu_bytes="24MiB", redis_bytes="1GiB")
     print("starting dkv (store, Redis when installed, prefill and decode workers, gateway) ...", flush=True)
     with Cluster(options) as cluster, DkvClient(cluster.gateway) as client:
         print(f"dkv is up: gateway at {cluster.gateway}")

@@ -1,13 +1,15 @@
-"""The Gateway gRPC service: a thin servicer over ``workers.gateway.Gateway``."""
+"""The Gateway gRPC service: a thin servicer over ``workers.gateway.Gateway``; with ``http_port``,
+the OpenAI-compatible HTTP API beside it (``services.http_api``), on the same event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
 
 from dkv.services.pb import decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
-from dkv.services.server import GrpcServer, abort_with, serve_until_signal
+from dkv.services.server import GrpcServer, abort_with, check_port_free, serve_until_signal
 from dkv.services.settings import GatewaySettings
 from dkv.services.shards import open_store
 from dkv.services.transport import Security, call_metadata, open_channel, tenant_for
@@ -70,7 +72,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             request.tenant = tenant_for(request.tenant)
             async for reply in self.gateway.generate(request):
                 if reply.HasField("stats"):
-                    self._observe(reply.stats)
+                    self.observe(reply.stats)
                 yield reply
         except grpc.aio.AioRpcError as e:  # a worker failed: pass its status on
             await context.abort(e.code(), f"{e.details()}")
@@ -78,7 +80,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await abort_with(context, e, STATUS)
 
 
-    def _observe(self, stats) -> None:
+    def observe(self, stats) -> None:
+        """Record one finished generation (gRPC or HTTP)."""
         cache = "hit" if stats.cache_hit else "partial" if stats.cached_prefix_tokens else "miss"
         self.ttft.labels(cache).observe(stats.ttft_ms / 1e3)
         self.tokens.labels("context").inc(stats.context_tokens)
@@ -96,11 +99,22 @@ class GatewayServer(GrpcServer):
         self.gateway = gateway
         self.backends = []
         self.store = None
+        self.http = None
 
     async def start(self) -> int:
+        s = self.settings
+        check_port_free(s.host, s.http_port, "--http-port")  # before anything listens
         if self.gateway is None:
             self.gateway = self._build()
-        return await super().start()
+        self.servicer = GatewayServicer(self.gateway, self.metrics)
+        port = await super().start()
+        if s.http_port:
+            from dkv.services.http_api import HttpServer, OpenAIApi
+
+            api = OpenAIApi(self.gateway, s, self.metrics, self.servicer.observe, lambda: not self.draining)
+            self.http = HttpServer(api.app, s)
+            await self.http.start()
+        return port
 
     def _build(self):
         from dkv.workers.gateway import Gateway, Router, Worker
@@ -119,12 +133,15 @@ class GatewayServer(GrpcServer):
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Generate": grpc.unary_stream_rpc_method_handler(
-                GatewayServicer(self.gateway, self.metrics).Generate, request_deserializer=gateway_pb2.GenerateRequest.FromString,
+                self.servicer.Generate, request_deserializer=gateway_pb2.GenerateRequest.FromString,
                 response_serializer=gateway_pb2.GenerateResponse.SerializeToString),
         })
 
     def describe(self) -> str:
         return f"gateway (prefill {self.settings.prefill}, decode {self.settings.decode})"
+
+    async def stop_serving(self, grace_s: float) -> None:
+        await asyncio.gather(super().stop_serving(grace_s), *([self.http.stop(grace_s)] if self.http else []))
 
     def close(self) -> None:
         if self.store is not None:

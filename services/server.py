@@ -163,7 +163,7 @@ def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
     """``OSError`` (EADDRINUSE, EADDRNOTAVAIL) saying what to do when ``host:port`` cannot be listened on.
 
     grpc would log its own multi-line error first, and a second dkv server with SO_REUSEPORT would
@@ -178,7 +178,7 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror}); stop what holds the port or "
-                              "choose another (--port)") from None
+                              f"choose another ({flag})") from None
             raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {host}:{port} ({e.strerror}); listen on an address "
                           "of this machine (--host)") from None
 
@@ -197,6 +197,7 @@ class GrpcServer:
         self.port = 0
         self.metrics_port = 0
         self.metrics = Metrics(self.service_name.rsplit(".", 1)[-1].lower())
+        self.draining = False  # stop() has begun: health answers NOT_SERVING
 
     def handlers(self) -> grpc.GenericRpcHandler:
         raise NotImplementedError
@@ -247,13 +248,19 @@ class GrpcServer:
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
         """Health NOT_SERVING now; keep serving ``drain_delay_s``; then give calls ``grace_s`` to finish."""
+        self.draining = True
         await self.health.enter_graceful_shutdown()
         if drain_delay_s:
             await asyncio.sleep(drain_delay_s)
-        await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        await self.stop_serving(self.settings.grace_s if grace_s is None else grace_s)
         self.metrics.close()
         self.close()
         log.info("%s stopped", self.service_name)
+
+    async def stop_serving(self, grace_s: float) -> None:
+        """Refuse new calls and give those in flight ``grace_s`` to finish; a server that listens on
+        more than its gRPC port stops those listeners here too."""
+        await self.server.stop(grace_s)
 
 
 async def serve_until_signal(server: GrpcServer) -> None:

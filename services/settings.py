@@ -372,6 +372,9 @@ class GatewaySettings(ServerSettings):
 
     component: ClassVar[str] = "gateway"
     port: int = setting(50051, "gRPC port of the gateway.")
+    http_port: int = setting(0, "Port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                             "/v1/models, /health), served beside gRPC with the same tokens and TLS; 0 disables it "
+                             "(dkv up serves it on 8000).")
     prefill: str = setting("127.0.0.1:50053", "Address of the prefill worker (host:port), or dns:///host:port to "
                            "send calls round robin over every address the name resolves to (a headless Service).")
     decode: str = setting("127.0.0.1:50054", "Addresses of the decode workers, comma-separated; requests go to the "
@@ -392,6 +395,9 @@ class GatewaySettings(ServerSettings):
         if not self.prefill or not self.decode:
             raise SettingsError("settings prefill and decode need worker addresses (host:port)")
         check_range("max_text_bytes", self.max_text_bytes, 1, 1 << 30)
+        check_range("http_port", self.http_port, 0, 65535)
+        if self.http_port and self.http_port == self.port:
+            raise SettingsError(f"settings port and http_port are both {self.port}: gRPC and HTTP need a port each")
         check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("max_positions", self.max_positions, 1, 1 << 24)
         check_range("timeout_s", self.timeout_s, 0.1, 24 * 3600)

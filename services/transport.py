@@ -153,15 +153,16 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self.service_token or self.tenant_tokens)
 
-    def check(self, method: str, metadata) -> tuple[str | None, grpc.StatusCode | None, str]:
-        """(allowed tenant, None, "") for an accepted call; (None, code, why) for a rejected one."""
+    def check(self, method: str, metadata, how: str = "metadata 'authorization: Bearer <token>' (DkvClient(token=...))"
+              ) -> tuple[str | None, grpc.StatusCode | None, str]:
+        """(allowed tenant, None, "") for an accepted call; (None, code, why) for a rejected one; ``how``
+        tells a caller without a token how to send one."""
         if not self.enabled or method.startswith(OPEN_SERVICES):
             return ANY_TENANT, None, ""
         header = next((value for key, value in metadata or () if key == "authorization"), "")
         scheme, _, token = str(header).partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return None, grpc.StatusCode.UNAUTHENTICATED, (
-                "missing bearer token: send metadata 'authorization: Bearer <token>' (DkvClient(token=...))")
+            return None, grpc.StatusCode.UNAUTHENTICATED, f"missing bearer token: send {how}"
         token = token.strip()
         if self.service_token and hmac.compare_digest(token.encode(), self.service_token.encode()):
             return ANY_TENANT, None, ""

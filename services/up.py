@@ -38,6 +38,7 @@ log = logging.getLogger("dkv.up")
 class UpOptions:
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = 8000  # the gateway's OpenAI-compatible HTTP API; 0 = none
     model: str = "smollm2-135m"
     device: str = "auto"  # of the workers' models (WorkerSettings.device)
     dtype: str = "auto"  # of the workers' models (WorkerSettings.dtype)
@@ -82,6 +83,15 @@ class Cluster:
     def gateway(self) -> str:
         return self.addresses["gateway"]
 
+    @property
+    def http(self) -> str:
+        """Base URL of the gateway's OpenAI-compatible API ("" when it has none)."""
+        o = self.options
+        if not o.http_port:
+            return ""
+        tls = {**os.environ, **o.extra_env}.get("DKV_GATEWAY_TLS_CERT")  # the gateway's own TLS setting
+        return f"{'https' if tls else 'http'}://{o.host}:{o.http_port}/v1"
+
     def __enter__(self) -> "Cluster":
         try:
             self.start()
@@ -103,6 +113,7 @@ class Cluster:
         resolve_model(o.model)
         WorkerSettings(model=o.model, device=o.device, dtype=o.dtype)  # SettingsError for a malformed one
         check_port_free(o.host, o.port)
+        check_port_free(o.host, o.http_port, "--http-port")
         if o.ray is None:  # the workers run on this machine: the GPU asked for must be here
             from dkv.workers.model import resolve_device
 
@@ -137,12 +148,13 @@ class Cluster:
                                 "--threads", str(prefill_threads)])
         self._spawn("decode", ["decode", "serve", "--port", str(ports["decode"]), "--store", a["store"],
                                "--prefill", a["prefill"], *where, "--threads", str(decode_threads)])
-        self._spawn("gateway", ["gateway", "serve", "--port", str(ports["gateway"]), "--prefill", a["prefill"],
-                                "--decode", a["decode"], "--model", o.model, "--store", a["store"]])
+        self._spawn("gateway", ["gateway", "serve", "--port", str(ports["gateway"]), "--http-port", str(o.http_port),
+                                "--prefill", a["prefill"], "--decode", a["decode"], "--model", o.model,
+                                "--store", a["store"]])
         deadline = time.monotonic() + o.ready_timeout_s
         for name, _ in self.processes:
             self._wait_serving(name, deadline)
-        log.info("dkv is up: gateway at %s", self.gateway)
+        log.info("dkv is up: gateway at %s%s", self.gateway, _and_http(self))
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self._args[name] = args
@@ -216,6 +228,10 @@ class Cluster:
         log.info("dkv stopped: nothing left running")
 
 
+def _and_http(cluster: Cluster) -> str:
+    return f", OpenAI API at {cluster.http}" if cluster.http else ""
+
+
 async def _serve_ray_gateway(cluster: Cluster) -> None:
     """The gateway in this process, over Ray actor pools, until SIGTERM or SIGINT."""
     import ray
@@ -235,11 +251,12 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
         prefill, decode = start_pools(o.model, cluster.addresses["store"], o.prefill_workers, o.decode_workers,
                                       Security(token=o.token), o.device, o.dtype)
         router = Router([Worker(f"ray-decode-{i}", RayBackend(actor)) for i, actor in enumerate(decode)])
-        settings = GatewaySettings(host=o.host, port=o.port, prefill="ray", decode="ray", model=o.model,
-                                   auth_token=o.token)
+        settings = GatewaySettings(host=o.host, port=o.port, http_port=o.http_port, prefill="ray", decode="ray",
+                                   model=o.model, auth_token=o.token)
         gateway = Gateway(load_tokenizer(o.model), RoundRobin([RayBackend(a) for a in prefill]), router,
                           max_positions=settings.max_positions)
-        print(f"dkv is up: gateway at {cluster.gateway} (workers on Ray; Ctrl-C to stop)", flush=True)
+        print(f"dkv is up: gateway at {cluster.gateway}{_and_http(cluster)} (workers on Ray; Ctrl-C to stop)",
+              flush=True)
         await serve_until_signal(GatewayServer(settings, gateway))
     finally:
         ray.shutdown()
@@ -256,7 +273,7 @@ def run(options: UpOptions) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     with Cluster(options) as cluster:
-        print(f"dkv is up: gateway at {cluster.gateway} (Ctrl-C to stop)", flush=True)
+        print(f"dkv is up: gateway at {cluster.gateway}{_and_http(cluster)} (Ctrl-C to stop)", flush=True)
         try:
             while not stop:
                 for name, proc in cluster.processes:

@@ -146,6 +146,9 @@ def test_a_taken_port_is_one_line(taken_port):
     for args in (["up", "--no-redis"], ["store", "serve"]):
         line = one_line_error(dkv(*args, "--port", str(taken_port)))
         assert f"cannot listen on 127.0.0.1:{taken_port} (Address already in use)" in line and "--port" in line
+    for args in (["up", "--no-redis", "--port", str(free_port())], ["gateway", "serve"]):
+        line = one_line_error(dkv(*args, "--http-port", str(taken_port)))
+        assert f"cannot listen on 127.0.0.1:{taken_port} (Address already in use)" in line and "--http-port" in line
 
 
 def test_an_unreachable_server_is_one_line():

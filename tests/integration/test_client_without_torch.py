@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # Top-level modules of the packages dkv[server] and dkv[bench] bring (and what they pull).
 SERVER_MODULES = ("torch", "transformers", "triton", "ray", "redis", "xxhash", "gguf", "accelerate", "safetensors",
-                  "tqdm", "huggingface_hub", "prometheus_client", "grpc_health", "grpc_reflection", "matplotlib")
+                  "tqdm", "huggingface_hub", "prometheus_client", "grpc_health", "grpc_reflection", "fastapi", "uvicorn",
+                  "starlette", "matplotlib")
 SITECUSTOMIZE = f'''
 import sys
 

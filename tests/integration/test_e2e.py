@@ -1,4 +1,4 @@
-"""The whole system as a user runs it: ``dkv up`` as a subprocess, Generate over gRPC."""
+"""The whole system as a user runs it: ``dkv up`` as a subprocess, Generate over gRPC, chats over HTTP."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import torch
 
@@ -31,8 +32,8 @@ DOCUMENT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Th
 def system():
     port = free_port()
     # the answers are compared with this process's CPU float32 model, also on a machine with a GPU
-    proc = subprocess.Popen([sys.executable, "-m", "dkv", "up", "--port", str(port), "--token", TOKEN,
-                             "--metrics", "--device", "cpu", "--dtype", "float32"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "dkv", "up", "--port", str(port), "--http-port", str(free_port()),
+                             "--token", TOKEN, "--metrics", "--device", "cpu", "--dtype", "float32"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 600
@@ -49,7 +50,8 @@ def system():
         proc.kill()
         pytest.fail("dkv up did not start:\n" + "".join(lines[-40:]))
     metrics = dict(re.findall(r"started (\w+) .*metrics at (http://\S+/metrics)", "".join(lines)))
-    yield f"127.0.0.1:{port}", proc, metrics
+    http = re.search(r"OpenAI API at (http://\S+/v1)", lines[-1]).group(1)
+    yield f"127.0.0.1:{port}", proc, metrics, http
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
@@ -102,7 +104,7 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def test_every_component_wants_the_token_and_reports_metrics(system):
-    address, _, metrics = system
+    address, _, metrics, _ = system
     assert sorted(metrics) == ["decode", "gateway", "prefill", "store"]
     with DkvClient(address) as anonymous, pytest.raises(grpc.RpcError) as info:
         anonymous.ask(DOCUMENT, "Who built it?", max_new_tokens=2)
@@ -126,8 +128,26 @@ def test_every_component_wants_the_token_and_reports_metrics(system):
     assert after["store"]['dkv_store_used_bytes{tier="cpu"}'] > 0
 
 
+def test_the_openai_api_answers_with_the_same_token(system):
+    _, _, metrics, http = system
+    before = scrape(metrics["gateway"])
+    with openai.OpenAI(base_url=http, api_key=TOKEN, max_retries=0, timeout=300) as client:
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+        messages = [{"role": "system", "content": DOCUMENT}, {"role": "user", "content": "Who was the last keeper?"}]
+        reply = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=6)
+        assert reply.choices[0].message.content and 1 <= reply.usage.completion_tokens <= 6
+    with openai.OpenAI(base_url=http, api_key="not-the-token", max_retries=0) as stranger:
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
+    after = scrape(metrics["gateway"])
+    route = 'dkv_http_request_duration_seconds_count{route="/v1/chat/completions",status="200"}'
+    assert after[route] - before.get(route, 0.0) == 1
+    assert sum(after[f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}'] - before.get(
+        f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}', 0.0) for c in ("hit", "partial", "miss")) == 1
+
+
 def test_ctrl_c_stops_everything(system):
-    _, proc, _ = system
+    _, proc, *_ = system
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) >= 4  # store, prefill, decode, gateway (and redis-server when installed)
     proc.send_signal(signal.SIGINT)

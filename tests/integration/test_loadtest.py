@@ -1,4 +1,5 @@
-"""The locust load test (``loadtest/``): its gRPC interceptor, and a 30-second smoke of ``make loadtest``.
+"""The locust load test (``loadtest/``): its gRPC interceptor, a 30-second smoke of ``make loadtest``, and a
+20-second smoke of its HTTP scenario.
 
 The interceptor tests run a store server in this process and check what would be reported to
 locust for each kind of call. The smoke runs ``python -m dkv.loadtest.run`` (``dkv up`` on free
@@ -146,3 +147,23 @@ def test_loadtest_smoke(tmp_path):
     cache = summary["generate_cache"]
     assert cache["hit"] + cache["partial"] + cache["miss"] == int(stats["Generate"]["Request Count"])
     assert "dkv load test: scenario mixed" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_loadtest_http_smoke(tmp_path):
+    """20 s of the http scenario (``make loadtest LOADTEST_SCENARIO=http``): chats over the OpenAI API, no failure."""
+    out = tmp_path / "loadtest"
+    cmd = [sys.executable, "-m", "dkv.loadtest.run", "--time", "20s", "--users", "2", "--scenario", "http",
+           "--p99-ms", "300000", "--no-redis", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, tail
+    stats = _stats(out / "dkv_stats.csv")
+    assert int(stats["/v1/chat/completions"]["Request Count"]) > 0, (sorted(stats), tail)
+    assert all(int(row["Failure Count"]) == 0 for row in stats.values()), tail
+    summary = json.loads((out / "dkv_summary.json").read_text())
+    cache = summary["generate_cache"]
+    assert cache["hit"] + cache["partial"] + cache["miss"] == int(stats["/v1/chat/completions"]["Request Count"])
+    assert cache["partial"] + cache["hit"] > 0, tail  # later turns found the earlier turns' context cached
+    assert "dkv load test: scenario http" in proc.stdout

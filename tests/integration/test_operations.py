@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
 import time
@@ -11,10 +9,6 @@ import urllib.request
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dkv.kvstore.redis_server import free_port
@@ -111,40 +105,6 @@ def test_metrics_move_with_traffic(store_service):
     evicted = after["dkv_store_evictions_total"]
     assert after['dkv_rpc_duration_seconds_count{code="OK",method="Get",service="kvstore"}'] == 6 - evicted
     assert after['dkv_rpc_duration_seconds_count{code="NOT_FOUND",method="Get",service="kvstore"}'] == evicted
-
-
-def _certificate(subject: str, key, issuer_cert=None, issuer_key=None, ca: bool = False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder().subject_name(name)
-               .issuer_name(issuer_cert.subject if issuer_cert else name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    root = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("dkv test CA", ca_key, ca=True)
-    files = {"ca": root / "ca.pem"}
-    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for who in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _certificate(f"dkv {who}", key, ca, ca_key)
-        files[f"{who}_cert"] = root / f"{who}.pem"
-        files[f"{who}_key"] = root / f"{who}-key.pem"
-        files[f"{who}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        files[f"{who}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                          serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
-    return {name: str(path) for name, path in files.items()}
 
 
 def test_tls_and_mutual_tls(store_service, pki):

@@ -71,7 +71,8 @@ def test_the_wheel_asks_only_for_the_client_unless_an_extra_is_named(wheel):
         if "extra ==" in r:
             by_extra.setdefault(re.search(r"extra == \"(\w+)\"", r).group(1), []).append(re.match(r"[^<>=!;]+", r).group())
     assert sorted(by_extra) == ["bench", "server", "test"]
-    assert {"torch", "transformers", "ray", "redis"} <= {name.strip() for name in by_extra["server"]}
+    assert {"torch", "transformers", "ray", "redis", "fastapi", "uvicorn"} <= {name.strip() for name in by_extra["server"]}
+    assert "openai" in {name.strip() for name in by_extra["test"]}
     assert "dkv[server]" in by_extra["bench"] and "matplotlib" in by_extra["bench"]
 
 

@@ -283,7 +283,8 @@ def test_commands_ports_and_grpc_probes(default_docs, component):
     assert c["image"] == "dkv:0.1.0"
     assert c["command"] + c["args"] == ["dkv", component, "serve"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": PORTS[component], "metrics": 9400}
+    http = {"http": 8000} if component == "gateway" else {}  # the OpenAI-compatible API
+    assert ports == {"grpc": PORTS[component], **http, "metrics": 9400}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["grpc"] == {"port": PORTS[component], "service": ""}, probe
         assert "tcpSocket" not in c[probe] and "exec" not in c[probe]
@@ -297,7 +298,8 @@ def test_commands_ports_and_grpc_probes(default_docs, component):
     assert values[prefix + "METRICS_PORT"] == "9400"
     svc = one(default_docs, "Service", f"{FULL}-{component}")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
-        "grpc": (PORTS[component], "grpc"), "metrics": (9400, "metrics")}
+        "grpc": (PORTS[component], "grpc"), **{name: (port, name) for name, port in http.items()},
+        "metrics": (9400, "metrics")}
     assert svc["spec"]["type"] == "ClusterIP"
 
 
@@ -619,6 +621,8 @@ def test_network_policies(default_docs):
     assert grpc_sources("store") == ["prefill", "decode"]
     assert grpc_sources("redis") == ["store"]
     assert grpc_sources("gateway") == []  # no `from`: anyone
+    (gateway_rule,) = [r for r in policies[f"{FULL}-gateway"]["spec"]["ingress"] if r["ports"][0]["port"] == "grpc"]
+    assert [p["port"] for p in gateway_rule["ports"]] == ["grpc", "http"]  # gRPC and the OpenAI API alike
     for component in COMPONENTS:
         policy = policies[f"{FULL}-{component}"]
         assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
@@ -685,12 +689,23 @@ def test_pod_disruption_budgets():
 
 
 def test_gateway_service_type():
-    docs = render({"gateway": {"service": {"type": "LoadBalancer", "nodePort": 30051,
+    docs = render({"gateway": {"service": {"type": "LoadBalancer", "nodePort": 30051, "httpNodePort": 30080,
                                            "loadBalancerSourceRanges": ["10.0.0.0/8"]}}})
     svc = one(docs, "Service", f"{FULL}-gateway")
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
-    assert svc["spec"]["ports"][0]["nodePort"] == 30051
+    assert {p["name"]: p.get("nodePort") for p in svc["spec"]["ports"]} == {"grpc": 30051, "http": 30080,
+                                                                            "metrics": None}
+
+
+def test_the_http_api_can_be_turned_off():
+    docs = render({"gateway": {"httpPort": 0}})
+    assert env_values(docs, "gateway")["DKV_GATEWAY_HTTP_PORT"] == "0"
+    assert "http" not in {p["name"] for p in container(docs, "gateway")["ports"]}
+    assert "http" not in {p["name"] for p in one(docs, "Service", f"{FULL}-gateway")["spec"]["ports"]}
+    ports = [p["port"] for r in one(docs, "NetworkPolicy", f"{FULL}-gateway")["spec"]["ingress"] for p in r["ports"]]
+    assert ports == ["grpc", "metrics"]
+    assert "OpenAI-compatible API" not in render_raw({"gateway": {"httpPort": 0}})["dkv/templates/NOTES.txt"]
 
 
 def test_models_must_agree():
@@ -701,6 +716,7 @@ def test_models_must_agree():
 def test_notes():
     notes = render_raw()["dkv/templates/NOTES.txt"]
     assert f"{FULL}-gateway.{NAMESPACE}.svc:50051" in notes
+    assert 'curl http://127.0.0.1:8000/v1/models -H "Authorization: Bearer $DKV_TOKEN"' in notes
 
 
 # --- what must fail -----------------------------------------------------------------------------------

@@ -203,3 +203,14 @@ def test_the_put_budget_must_hold_the_largest_entry():
     assert StoreSettings(max_entry_bytes=256 << 20, put_bytes_in_flight=512 << 20).put_bytes_in_flight == 512 << 20
     with pytest.raises(SettingsError, match="max_lookup_tokens"):
         StoreSettings(min_chunk_size=64, max_lookup_tokens=32)  # not even one chunk
+
+
+def test_the_gateway_s_http_port():
+    from dkv.services.settings import GatewaySettings
+
+    assert GatewaySettings().http_port == 0  # off unless asked for (dkv up asks for 8000)
+    assert load(GatewaySettings, {}, env={"DKV_GATEWAY_HTTP_PORT": "8000"}).http_port == 8000
+    with pytest.raises(SettingsError, match=r"settings port and http_port are both 9000"):
+        GatewaySettings(port=9000, http_port=9000)
+    with pytest.raises(SettingsError, match=r"setting http_port = 70000 must be between 0 and 65535"):
+        GatewaySettings(http_port=70000)

@@ -44,6 +44,11 @@ spec:
         - name: grpc
           containerPort: {{ int $v.port }}
           protocol: TCP
+        {{- if gt (int $v.httpPort) 0 }}
+        - name: http
+          containerPort: {{ int $v.httpPort }}
+          protocol: TCP
+        {{- end }}
         {{- if gt (int $v.metricsPort) 0 }}
         - name: metrics
           containerPort: {{ int $v.metricsPort }}
@@ -183,6 +188,16 @@ spec:
       {{- if and (eq $c "gateway") (ne ($v.service.type | default "ClusterIP") "ClusterIP") (not (kindIs "invalid" $v.service.nodePort)) }}
       nodePort: {{ int $v.service.nodePort }}
       {{- end }}
+    {{- if gt (int $v.httpPort) 0 }}
+    - name: http
+      port: {{ int $v.httpPort }}
+      targetPort: http
+      protocol: TCP
+      appProtocol: http
+      {{- if and (ne ($v.service.type | default "ClusterIP") "ClusterIP") (not (kindIs "invalid" $v.service.httpNodePort)) }}
+      nodePort: {{ int $v.service.httpNodePort }}
+      {{- end }}
+    {{- end }}
     {{- if gt (int $v.metricsPort) 0 }}
     - name: metrics
       port: {{ int $v.metricsPort }}
