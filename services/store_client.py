@@ -2,9 +2,10 @@
 
 Every call carries a deadline: ``timeout_s`` for Put and Get, which move entries, and the shorter
 ``control_timeout_s`` for the small calls (Lookup, Probe, Summaries, Select, Delete, Stats). A
-store that lets a call run past its deadline is taken as hung: for ``retry_after_s`` every call
-fails at once with ``StoreUnavailable`` (UNAVAILABLE), so callers that can do without the store
-(it is a cache) pay one deadline, not one per call. A miss is ``None``, and so is an entry that
+store that lets a small call run past its deadline is taken as hung: for ``retry_after_s`` every
+call fails at once with ``StoreUnavailable`` (UNAVAILABLE), so callers that can do without the
+store (it is a cache) pay one deadline, not one per call. A Put or Get past its deadline fails
+alone: a slow link, not a hung store, is the likelier cause for a call that moves megabytes. A miss is ``None``, and so is an entry that
 failed its checksum on the server (DATA_LOSS: the server deleted it) or on the way here, an entry
 whose key is not the one asked for (a proxy or a bug swapped replies), and Summaries or Select
 replies that fail their checksum (which covers the key asked for): callers recompute. Other
@@ -128,18 +129,22 @@ class StoreClient:
         """True for ``retry_after_s`` after a call ran past its deadline (calls fail at once meanwhile)."""
         return time.monotonic() < self._hung_until
 
-    def _call(self, rpc, request, timeout: float):
-        """``rpc(request)`` with a deadline and this client's metadata; see the module docstring."""
+    def _call(self, rpc, request, control: bool = True):
+        """``rpc(request)`` with its deadline (the control one for a small call) and this client's
+        metadata; see the module docstring."""
         if self.hung:
             raise StoreUnavailable(f"store {self.address} did not answer within its deadline moments ago; "
                                    f"not called again for {self._hung_until - time.monotonic():.1f} s")
         try:
-            return rpc(request, timeout=timeout, metadata=call_metadata(self.security))
+            return rpc(request, timeout=self.control_timeout_s if control else self.timeout_s,
+                       metadata=call_metadata(self.security))
         except grpc.RpcError as e:
-            self._noticed(e)
+            if control:
+                self._noticed(e)
             raise
 
     def _noticed(self, error: grpc.RpcError) -> None:
+        """Takes the store as hung after a small call ran past its deadline."""
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             self._hung_until = time.monotonic() + self.retry_after_s
             log.warning("store %s ran past a deadline: calls fail at once for %.0f s", self.address,
@@ -158,7 +163,7 @@ class StoreClient:
         return self.put_frames(codec.encode(entry))
 
     def put_frames(self, frames: Iterable[bytes]) -> PutReply:
-        r = self._call(self._put, iter(frames), self.timeout_s)
+        r = self._call(self._put, iter(frames), control=False)
         return PutReply(EntryKey.parse(r.key), r.stored_bytes, r.tier, r.replaced)
 
     def get_frames(self, key: EntryKey | str) -> list[memoryview] | None:
@@ -167,11 +172,10 @@ class StoreClient:
         return None if fetched is None else fetched[0]
 
     def _get_frames(self, key: EntryKey | str) -> tuple[list[memoryview], str] | None:
-        call = self._call(self._get, store_pb2.GetRequest(key=str(key)), self.timeout_s)
+        call = self._call(self._get, store_pb2.GetRequest(key=str(key)), control=False)
         try:
             frames = list(call)
         except grpc.RpcError as e:
-            self._noticed(e)
             if e.code() in MISS_CODES:
                 if e.code() == grpc.StatusCode.DATA_LOSS:
                     log.warning("store reported %s corrupted: %s", key, e.details())
@@ -204,8 +208,8 @@ class StoreClient:
     def lookup(self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int],
                tenant: str = "default") -> LookupReply | None:
         r = self._call(self._lookup, store_pb2.LookupRequest(tenant=tenant, model_fingerprint=model_fingerprint,
-                                                 recipe=recipe_to_proto(recipe), token_ids=list(token_ids)),
-                       self.control_timeout_s)
+                                                                recipe=recipe_to_proto(recipe),
+                                                                token_ids=list(token_ids)))
         if not r.hit:
             return None
         return LookupReply([EntryKey.parse(k) for k in r.keys], r.cached_tokens, list(r.tiers), list(r.stored_bytes),
@@ -213,16 +217,16 @@ class StoreClient:
 
     def probe(self, keys: Sequence[EntryKey | str]) -> list[store_pb2.ProbedEntry]:
         """Whether the store holds each of ``keys`` (and where each one starts), in order."""
-        r = self._call(self._probe, store_pb2.ProbeRequest(keys=[str(k) for k in keys]), self.control_timeout_s)
+        r = self._call(self._probe, store_pb2.ProbeRequest(keys=[str(k) for k in keys]))
         return list(r.entries)
 
     def delete(self, key: EntryKey | str) -> bool:
-        return self._call(self._delete, store_pb2.DeleteRequest(key=str(key)), self.control_timeout_s).deleted
+        return self._call(self._delete, store_pb2.DeleteRequest(key=str(key))).deleted
 
     def summaries(self, key: EntryKey | str) -> list[LayerSummary] | None:
         """Per layer: kept tokens per KV head and the page min/max of K; None on a miss."""
         try:
-            replies = list(self._call(self._summaries, store_pb2.GetRequest(key=str(key)), self.control_timeout_s))
+            replies = list(self._call(self._summaries, store_pb2.GetRequest(key=str(key))))
         except grpc.RpcError as e:
             self._noticed(e)
             if e.code() in MISS_CODES:
@@ -240,7 +244,7 @@ class StoreClient:
         (in page order), the bytes received and the tier they came from; None on a miss."""
         try:
             replies = list(self._call(self._select, store_pb2.SelectRequest(key=str(key), layer=layer,
-                                                                            pages=list(pages)), self.control_timeout_s))
+                                                                            pages=list(pages))))
         except grpc.RpcError as e:
             self._noticed(e)
             if e.code() in MISS_CODES:
@@ -254,4 +258,4 @@ class StoreClient:
         return parts, nbytes, replies[0].tier if replies else ""
 
     def stats(self) -> store_pb2.StatsResponse:
-        return self._call(self._stats, store_pb2.StatsRequest(), self.control_timeout_s)
+        return self._call(self._stats, store_pb2.StatsRequest())

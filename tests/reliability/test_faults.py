@@ -44,7 +44,7 @@ from dkv.kvstore.redis_server import free_port
 from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.pb import store_pb2
 from dkv.services.settings import StoreSettings
-from dkv.services.store_client import StoreClient
+from dkv.services.store_client import StoreClient, StoreUnavailable
 from dkv.services.store_server import SERVICE
 from dkv.services.transport import open_channel
 from dkv.services.wire import frame_message
@@ -307,6 +307,24 @@ def test_a_put_slower_than_its_deadline_fails_in_time_and_is_never_half_stored(s
         else:
             assert_same_entry(got, entry)
         assert client.put(entry).key == entry.key  # the same key can be written again
+        assert_same_entry(client.get(entry.key), entry)
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_store_costs_one_control_deadline_then_fails_fast_until_retry(store_service):
+    server = in_process_store(store_service)
+    entry = entry_of(64, heads=2)
+    with FaultProxy(server.address) as proxy, StoreClient(proxy.address, timeout_s=30, control_timeout_s=0.5,
+                                                          retry_after_s=1.0) as client:
+        client.put(entry)
+        proxy.set(stalled=True)
+        err, took = call_error(client.stats)
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and took < 0.5 + 1.0
+        err, took = call_error(client.get, entry.key)  # not sent: the store is taken as hung
+        assert isinstance(err, StoreUnavailable) and err.code() == grpc.StatusCode.UNAVAILABLE
+        assert took < 0.05 and "not called again" in err.details()
+        proxy.clear()
+        time.sleep(1.1)
         assert_same_entry(client.get(entry.key), entry)
 
 
