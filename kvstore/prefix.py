@@ -44,17 +44,19 @@ def longest_cached_prefix(
     recipe: Recipe,
     model_fingerprint: str,
     tenant: str,
-    start_of: Callable[[EntryKey], int | None],
+    starts_of: Callable[[list[EntryKey]], Sequence[int | None]],
 ) -> tuple[list[EntryKey], int] | None:
     """The entries that together cover the longest cached prefix of ``token_ids``, and its length.
 
-    Candidates end at every chunk boundary and at the full length. ``start_of(key)`` is the first
-    position of a stored entry (None if absent): 0 for a whole-context entry, the chunk start for
-    a chunked recipe's entry, which only counts when the entries before it reach its start.
-    Returns the chain of keys in order (one key for a whole-context entry), or None.
+    Candidates end at every chunk boundary and at the full length. ``starts_of(keys)`` gives, for
+    each key, the first position of its stored entry (None if absent): 0 for a whole-context entry,
+    the chunk start for a chunked recipe's entry, which only counts when the entries before it reach
+    its start. It is asked once, for every key, so a store (or its shards) can look them up in one
+    batch. Returns the chain of keys in order (one key for a whole-context entry), or None.
     """
     keys = chunk_keys(token_ids, recipe, model_fingerprint, tenant)
-    return longest_chain(keys, len(token_ids), recipe.chunk_size, start_of)
+    starts = dict(zip(keys, starts_of(keys)))
+    return longest_chain(keys, len(token_ids), recipe.chunk_size, starts.get)
 
 
 def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fingerprint: str,
