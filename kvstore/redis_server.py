@@ -470,8 +470,9 @@ class LocalRedisCluster:
 
     def move_slot(self, slot: int, target: RedisServer, midway=None) -> None:
         """Migrate ``slot`` and its keys to the master ``target`` as ``redis-cli --cluster reshard`` does
-        (IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE); ``midway()`` is called after the first half of
-        its keys moved, while clients get ASK redirections."""
+        (IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE). ``midway(moved)`` is called after half of its
+        keys moved (``moved`` 0.5: a call on keys split over both masters gets TRYAGAIN) and after all
+        of them (1.0: calls get ASK redirections to ``target``), while the slot is still migrating."""
         nodes = self._cluster_nodes()
         ids = {n["port"]: n["id"] for n in nodes}
         source = next(self._node_at(n["port"]) for n in nodes
@@ -484,8 +485,8 @@ class LocalRedisCluster:
         for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
             if part:
                 self.cli(source, "migrate", self.host, str(target.port), "", "0", "5000", "keys", *part)
-            if i == 0 and midway is not None:
-                midway()
+            if midway is not None:
+                midway(0.5 * (i + 1))
         for node in [target, source, *(self._node_at(n["port"]) for n in nodes if "master" in n["flags"])]:
             self.cli(node, "cluster", "setslot", str(slot), "node", ids[target.port])
 

@@ -89,61 +89,57 @@ from dkv.kvstore.tier import Frames, StorageTier
 # Values of at most codec.MAX_FRAME_BYTES stay in jemalloc's 4 MiB size class (see kvstore.codec).
 MAX_VALUE_BYTES = FRAME_LIMIT
 
-# The scripts are atomic like MULTI/EXEC, but they can read a manifest and act on it in the same step
+# The scripts are atomic like MULTI/EXEC, but they can check a manifest and act on it in the same step
 # (a MULTI/EXEC needs WATCH and retries for that, which starve when many writers publish the same
-# popular prefix at once), and they take one round trip. Each touches the keys of one hash slot only:
-# the data keys it derives from a manifest are not declared in KEYS, which Redis Cluster allows for
-# keys of the declared keys' slot. Over maxmemory, Redis refuses a (no-shebang) script's write only
-# while the script has written nothing yet, so an OOM never stops one half-way.
+# popular prefix at once), and they take one round trip. Each declares every key it touches, all of
+# one hash slot: the caller reads the manifest first to name the data keys of the version it frees,
+# and the script refuses (-1, the caller reads again) when the manifest changed meanwhile. Declared
+# keys are what lets Redis Cluster run a script while its slot migrates (it answers ASK or TRYAGAIN
+# instead of touching half of an entry's keys on each master). Over maxmemory, Redis refuses a
+# (no-shebang) script's write only while the script has written nothing yet, so an OOM never stops
+# one half-way.
+#
+# The state of a manifest, as a script and _state() name it: '' absent, '!' malformed, else its version.
+_STATE_LUA = """
+local function state(raw)
+    if not raw then return '' end
+    local ok, m = pcall(cjson.decode, raw)
+    if ok and type(m) == 'table' and type(m.v) == 'string' and type(m.sizes) == 'table' then return m.v end
+    return '!'
+end
+"""
 
-# Entry slot. KEYS: manifest, staged data keys...; ARGV: manifest json, data key prefix of the entry,
-# new version. Returns the number of staged keys that were gone (0 = published).
-_PUBLISH_LUA = """
+# Entry slot. KEYS: manifest, the staged data keys, the data keys of the version it replaces; ARGV:
+# manifest json, number of staged keys, state of the manifest the caller read. Returns -1 if the
+# manifest changed since, else the number of staged keys that were gone (0 = published).
+_PUBLISH_LUA = _STATE_LUA + """
+if state(redis.call('GET', KEYS[1])) ~= ARGV[3] then return -1 end
+local staged = tonumber(ARGV[2])
 local missing = 0
-for i = 2, #KEYS do
+for i = 2, 1 + staged do
     if redis.call('EXISTS', KEYS[i]) == 0 then missing = missing + 1 end
 end
 if missing > 0 then
-    for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+    for i = 2, 1 + staged do redis.call('DEL', KEYS[i]) end
     return missing
 end
-for i = 2, #KEYS do redis.call('PERSIST', KEYS[i]) end
-local old = redis.call('GET', KEYS[1])
-if old then
-    local ok, m = pcall(cjson.decode, old)
-    if ok and type(m) == 'table' and type(m.v) == 'string' and m.v ~= ARGV[3] and type(m.sizes) == 'table' then
-        for i = 0, #m.sizes - 1 do redis.call('DEL', ARGV[2] .. m.v .. ':' .. i) end
-    end
-end
+for i = 2, 1 + staged do redis.call('PERSIST', KEYS[i]) end
+for i = 2 + staged, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('SET', KEYS[1], ARGV[1])
 return 0
 """
 
-# Entry slot. KEYS: manifest; ARGV: data key prefix, version ('' = none known), its frame count,
-# '1' = remove the published entry if it is that version (any version when none is known; a
-# malformed manifest always), '0' = leave it. Then deletes that version's data keys unless it is the
-# one published (its manifest is gone, or another write replaced it). Returns 1 if it removed a manifest.
-_DISCARD_LUA = """
+# Entry slot. KEYS: manifest, data keys to delete; ARGV: state of the manifest the caller read, '1' to
+# delete the manifest too. Returns -1 if the manifest changed since, else 1 if it deleted a manifest.
+_DISCARD_LUA = _STATE_LUA + """
 local raw = redis.call('GET', KEYS[1])
-local m = nil
-if raw then
-    local ok, decoded = pcall(cjson.decode, raw)
-    if ok and type(decoded) == 'table' and type(decoded.v) == 'string' and type(decoded.sizes) == 'table' then
-        m = decoded
-    end
-end
-local removed = 0
-if raw and ARGV[4] == '1' and (m == nil or ARGV[2] == '' or m.v == ARGV[2]) then
+if state(raw) ~= ARGV[1] then return -1 end
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+if raw and ARGV[2] == '1' then
     redis.call('DEL', KEYS[1])
-    if m then
-        for i = 0, #m.sizes - 1 do redis.call('DEL', ARGV[1] .. m.v .. ':' .. i) end
-    end
-    m, removed = nil, 1
+    return 1
 end
-if ARGV[2] ~= '' and not (m and m.v == ARGV[2]) then
-    for i = 0, (tonumber(ARGV[3]) or 0) - 1 do redis.call('DEL', ARGV[1] .. ARGV[2] .. ':' .. i) end
-end
-return removed
+return 0
 """
 
 # Store slot. KEYS: index, versions, used; ARGV: entry key, total bytes, 'version:frames'. Counts the
@@ -180,6 +176,8 @@ return total
 
 AUDIT_BATCH = 1000  # manifests read per pipelined round trip of an audit or an adoption
 KEY_LOCKS = 64  # a process's steps on one key run one at a time: locks striped by key
+CHANGED = -1  # what a script returns when the manifest changed since the caller read it
+ATTEMPTS = 3  # reads of a manifest that another store keeps changing, before a call gives up
 
 
 def _redis_call(what: str):
@@ -336,9 +334,36 @@ class RedisTier(StorageTier):
 
     # -- the atomic steps -------------------------------------------------------------------
 
-    def _discard(self, key: EntryKey | str, version: str, frames: int, published_too: bool) -> bool:
-        return bool(self._discard_script(keys=[self._manifest_key(key)],
-                                         args=[self._data_prefix(key), version, frames, "1" if published_too else "0"]))
+    def _published(self, key: EntryKey | str) -> tuple[str, list[str]]:
+        """The state of ``key``'s manifest ('' absent, '!' malformed, else its version) and the names of
+        its data keys."""
+        raw = self._client.get(self._manifest_key(key))
+        manifest = self._parse_manifest(raw)
+        if manifest is None:
+            return ("" if raw is None else "!"), []
+        version, sizes, _ = manifest
+        return version, self._data_keys(key, version, len(sizes))
+
+    def _conflict(self, what: str, key: EntryKey | str) -> TierUnavailable:
+        return TierUnavailable(f"redis tier {self.name}: {what} of {key} gave up: its manifest changed under each of "
+                               f"{ATTEMPTS} attempts (other stores are writing it); retry", partial=True)
+
+    def _discard(self, key: EntryKey | str, counted: tuple[str, int] | None, remove) -> bool:
+        """In one atomic step: delete the published entry of ``key`` if ``remove(state)`` says so (a
+        malformed manifest always), and what is left of the ``counted`` version when it is not the one
+        published. True if a manifest was deleted."""
+        for _ in range(ATTEMPTS):
+            state, published = self._published(key)
+            drop = state == "!" or (state != "" and remove(state))
+            names = list(published) if drop else []
+            if counted is not None and (drop or counted[0] != state):
+                names += [n for n in self._data_keys(key, *counted) if n not in names]
+            if not drop and not names:
+                return False
+            done = self._discard_script(keys=[self._manifest_key(key), *names], args=[state, "1" if drop else "0"])
+            if done != CHANGED:
+                return bool(done)
+        raise self._conflict("remove", key)
 
     def _count(self, key: EntryKey | str, sizes: list[int], version: str) -> None:
         self._count_script(keys=self._book, args=[str(key), sum(sizes), f"{version}:{len(sizes)}"])
@@ -377,12 +402,13 @@ class RedisTier(StorageTier):
                 except (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError, OSError):
                     raise  # published, not counted: readable, and counted by the first store that reads it
                 except BaseException:  # refused (an OOM): take the entry back out rather than leave it uncounted
-                    self._quietly(self._discard, key, version, len(sizes), True)
+                    self._quietly(self._discard, key, None, lambda state: state == version)
                     raise
         except (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError, OSError):
             raise  # the connection is gone: a cleanup would wait out another timeout; the staging TTL frees them
         except BaseException:
-            self._quietly(self._client.delete, *data_keys)
+            if data_keys:
+                self._quietly(self._client.delete, *data_keys)
             raise
 
     def _stage(self, data_keys: list[str], views: list[memoryview]) -> None:
@@ -398,8 +424,14 @@ class RedisTier(StorageTier):
         """Make the staged entry visible atomically, replacing (and freeing) any previous version."""
         fields = {"v": version, "sizes": sizes, **({"mac": mac} if mac else {})}
         manifest = json.dumps(fields, separators=(",", ":"))
-        missing = self._publish_script(keys=[self._manifest_key(key), *data_keys],
-                                       args=[manifest, self._data_prefix(key), version])
+        for _ in range(ATTEMPTS):
+            state, old = self._published(key)
+            missing = self._publish_script(keys=[self._manifest_key(key), *data_keys, *old],
+                                           args=[manifest, len(data_keys), state])
+            if missing != CHANGED:
+                break
+        else:
+            raise self._conflict("put", key)
         if missing:
             raise TierUnavailable(
                 f"redis tier {self.name} at {redact_url(self.url)}: put of {key} failed: {missing} of "
@@ -421,23 +453,20 @@ class RedisTier(StorageTier):
         none, as for a Delete of an entry another store wrote), and this store's count of it."""
         with self._key_lock(key):
             counted = self._counted_version(key)
-            version, frames = counted or ("", 0)
-            removed = self._discard(key, version, frames, True)
-            return self._uncount(key, version) or removed
+            removed = self._discard(key, counted, lambda state: counted is None or state == counted[0])
+            return self._uncount(key, counted[0] if counted else "") or removed
 
-    def _forget(self, key: EntryKey | str, version: str = "", frames: int = 0) -> None:
-        """After a read found ``key`` broken or gone: remove ``version`` if it is still the one
-        published (none given: only what is left of the version this store counts), and this
-        store's count of it. Quiet: the read is a miss either way."""
+    def _forget(self, key: EntryKey | str, broken: str = "") -> None:
+        """After a read found ``key``'s version ``broken`` (a frame missing) or no manifest: remove that
+        version if it is still the one published (and a malformed manifest), what is left of the version
+        this store counts, and its count. Quiet: the read is a miss either way."""
         try:
             with self._key_lock(key):
                 counted = self._counted_version(key)
-                if version:
-                    self._discard(key, version, frames, True)
+                self._discard(key, counted, lambda state: state == broken)
                 if counted is not None:
-                    self._discard(key, *counted, False)
                     self._uncount(key, counted[0])
-        except (redis.exceptions.RedisError, RedisClusterException, OSError):
+        except (redis.exceptions.RedisError, RedisClusterException, OSError, TierUnavailable):
             pass
 
     # -- reads ------------------------------------------------------------------------------
@@ -457,7 +486,7 @@ class RedisTier(StorageTier):
                 return frames
             # A frame is gone (maxmemory eviction, a flush, a failover) or this version was just replaced:
             # clean up only if the broken version is still the published one, then look again.
-            self._forget(key, version, len(sizes))
+            self._forget(key, version)
         return None
 
     def _check_mac(self, key: EntryKey, frames: list[bytes], mac: str) -> None:
@@ -474,7 +503,7 @@ class RedisTier(StorageTier):
         version, sizes, _ = manifest
         frame = self._client.get(self._data_keys(key, version, 1)[0])
         if frame is None or len(frame) != sizes[0]:
-            self._forget(key, version, len(sizes))
+            self._forget(key, version)
             return None
         return frame
 
@@ -490,7 +519,7 @@ class RedisTier(StorageTier):
             heads = self._pipelined("get", (self._data_keys(key, m[0], 1)[0] for key, m in present))
             for (key, (version, sizes, _)), head in zip(present, heads):
                 if head is None or len(head) != sizes[0]:
-                    self._forget(key, version, len(sizes))
+                    self._forget(key, version)
                     continue
                 with self._key_lock(key):
                     self._count(key, sizes, version)
@@ -544,11 +573,11 @@ class RedisTier(StorageTier):
             for name, field, raw in zip(batch, names[start:start + AUDIT_BATCH], raws):
                 manifest = self._parse_manifest(raw)
                 counted = _parse_version(versions.get(field))
+                if manifest is None:  # gone (or malformed): what is left of it, and its count
+                    self._forget(name)
+                    continue
                 with self._key_lock(name):
-                    if manifest is None:  # gone (or malformed): what is left of it, and its count
-                        self._discard(name, *(counted or ("", 0)), raw is not None)
-                        self._uncount(name, counted[0] if counted else "")
-                    elif counted != (manifest[0], len(manifest[1])) or index.get(field) != str(sum(manifest[1])).encode():
+                    if counted != (manifest[0], len(manifest[1])) or index.get(field) != str(sum(manifest[1])).encode():
                         self._count(name, manifest[1], manifest[0])  # replaced by another write, or a hash was lost
         self._recount_script(keys=[self._index_key, self._used_key])
         held = {}
