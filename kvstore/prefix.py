@@ -55,8 +55,15 @@ def longest_cached_prefix(
     batch. Returns the chain of keys in order (one key for a whole-context entry), or None.
     """
     keys = chunk_keys(token_ids, recipe, model_fingerprint, tenant)
-    starts = dict(zip(keys, starts_of(keys)))
-    return longest_chain(keys, len(token_ids), recipe.chunk_size, starts.get)
+    chains: dict[int, list[EntryKey]] = {0: []}  # entries covering [0, end), by end
+    best = None
+    for i, (key, start) in enumerate(zip(keys, starts_of(keys))):
+        if start is None or start not in chains:
+            continue
+        end = min((i + 1) * recipe.chunk_size, len(token_ids))
+        chains[end] = chains[start] + [key]
+        best = (chains[end], end)
+    return best
 
 
 def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fingerprint: str,
@@ -65,21 +72,6 @@ def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fing
     recipe_id = recipe.recipe_id  # a JSON dump and a hash: once, not once per chunk
     return [EntryKey(tenant, model_fingerprint, recipe_id, h)
             for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe_id)]
-
-
-def longest_chain(keys: list[EntryKey], n_tokens: int, chunk_size: int,
-                  start_of: Callable[[EntryKey], int | None]) -> tuple[list[EntryKey], int] | None:
-    """``longest_cached_prefix`` over the ``chunk_keys`` of an ``n_tokens`` prompt."""
-    chains: dict[int, list[EntryKey]] = {0: []}
-    best = None
-    for i, key in enumerate(keys):
-        start = start_of(key)
-        if start is None or start not in chains:
-            continue
-        end = min((i + 1) * chunk_size, n_tokens)
-        chains[end] = chains[start] + [key]
-        best = (chains[end], end)
-    return best
 
 
 def check_chain(identities: Sequence[Identity]) -> None:

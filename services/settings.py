@@ -314,8 +314,9 @@ class PrefillSettings(WorkerSettings):
     component: ClassVar[str] = "prefill"
 
     port: int = setting(50053, "gRPC port of the prefill worker.")
-    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards, comma-separated: "
-                         "each entry lives on the shard its key picks (rendezvous hashing).")
+    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards: comma-separated, "
+                         "or dns:///NAME:PORT for every address NAME resolves to (a headless Service), looked up again "
+                         "every 10 s. Each entry lives on the shard its key picks (rendezvous hashing).")
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
     max_tokens: int = setting(0, "Longest context accepted; 0 = the model's maximum.")
     threads: int = setting(0, "torch threads for the model; 0 = one per core (dkv up divides the cores among "
@@ -341,8 +342,9 @@ class DecodeSettings(WorkerSettings):
 
     component: ClassVar[str] = "decode"
     port: int = setting(50054, "gRPC port of the decode worker.")
-    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards, comma-separated: "
-                         "each entry lives on the shard its key picks (rendezvous hashing).")
+    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards: comma-separated, "
+                         "or dns:///NAME:PORT for every address NAME resolves to (a headless Service), looked up again "
+                         "every 10 s. Each entry lives on the shard its key picks (rendezvous hashing).")
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
     prefill: str = setting("127.0.0.1:50053", "Address of a prefill worker (dns:///host:port balances over its "
                            "pods), to recompute missing entries; empty = a missing entry is NOT_FOUND.")
@@ -385,7 +387,7 @@ class GatewaySettings(ServerSettings):
     model: str = setting("smollm2-135m", f"Model whose tokenizer and chat template the gateway applies: {FORMS}.")
     max_positions: int = setting(8192, "Longest context + query + new tokens accepted.")
     timeout_s: float = setting(600.0, "Deadline of each call to a worker, in seconds.")
-    store: str = setting("", "Address of the KV store (or its shards, comma-separated): a context it holds whole "
+    store: str = setting("", "Address of the KV store (or its shards, as for the workers): a context it holds whole "
                          "goes straight to decode (one Lookup, no Prefill call). Empty = every request goes through "
                          "a prefill worker.")
     store_timeout_s: float = setting(5.0, "Deadline of the gateway's store Lookup, in seconds; when it fails the "
