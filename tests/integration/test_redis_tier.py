@@ -446,21 +446,33 @@ def test_the_audit_repairs_the_bookkeeping_from_the_manifests_of_the_entries_it_
     client.close()
 
 
-def test_entries_whose_bookkeeping_redis_lost_are_counted_again_when_read(redis_url):
-    """Redis evicted a store's index and versions hashes: its entries there are lost to its index
-    (the audit finds nothing counted), but still in Redis, and adopted again on their next read."""
+def test_entries_whose_bookkeeping_redis_lost_are_counted_again(redis_url):
+    """Redis evicted a store's index, versions and counter: the store's audit counts its entries that
+    are still there again (it knows them: no scan), the others are lost; an entry no store indexes
+    any more is counted again by the first store that reads it."""
     from dkv.services.settings import StoreSettings
     from dkv.services.store_server import build_store
 
-    store = build_store(StoreSettings(cpu_bytes=0, redis_url=redis_url, redis_bytes=CAP))
-    entries = [synthetic_entry(seq_len=32, num_layers=1, seed=i) for i in range(3)]
+    def store():
+        return build_store(StoreSettings(cpu_bytes=0, redis_url=redis_url, redis_bytes=CAP))
+
+    entries = [synthetic_entry(seq_len=32, num_layers=1, seed=i) for i in range(4)]
+    first = store()
     for entry in entries:
-        store.put(codec.encode(entry))
+        first.put(codec.encode(entry))
     client = raw(redis_url)
+    client.delete(manifest(entries[0].key))  # evicted ...
+    client.delete(INDEX, VERSIONS, USED)  # ... and then the bookkeeping
+    assert first.audit()["lost"] == 1 and first.stats().entries == 3
+    state = layout(client)
+    assert sorted(state["index"]) == sorted(str(e.key) for e in entries[1:]) == state["manifests"]
+    assert state["used"] == sum(state["index"].values()) == first.stats().tiers[0].used_bytes
+
     client.delete(INDEX, VERSIONS, USED)
-    assert store.audit()["lost"] == 3 and store.stats().entries == 0
-    assert codec.decode(store.get(entries[1].key).frames).key == entries[1].key
-    assert store.stats().entries == 1 and layout(client)["index"] == {str(entries[1].key): store.stats().tiers[0].used_bytes}
+    second = store()  # a restart: nothing counted, nothing known
+    assert second.stats().entries == 0
+    assert codec.decode(second.get(entries[1].key).frames).key == entries[1].key
+    assert second.stats().entries == 1 and list(layout(client)["index"]) == [str(entries[1].key)]
     client.close()
 
 
