@@ -75,7 +75,7 @@ def run(before_s: float = 3.0, after_s: float = 8.0, writers: int = 2, readers: 
 
         expected: dict = {}  # key -> frames (bytes) of every acknowledged put
         written: list = []  # (time acknowledged, key)
-        reads: list = []  # (time, key, outcome): "hit", "miss", "wrong", "corrupt"
+        reads: list = []  # (started, ended, key, outcome): "hit", "miss", "wrong", "corrupt"
         lock = threading.Lock()
         stop = threading.Event()
         seeds = iter(range(1 << 30))
@@ -116,7 +116,7 @@ def run(before_s: float = 3.0, after_s: float = 8.0, writers: int = 2, readers: 
                 started = time.monotonic()
                 outcome = read_one(key)
                 with lock:
-                    reads.append((started, key, outcome))
+                    reads.append((started, time.monotonic(), key, outcome))
 
         threads = [threading.Thread(target=f, daemon=True) for f in [write] * writers + [read] * readers]
         for t in threads:
@@ -150,22 +150,22 @@ def run(before_s: float = 3.0, after_s: float = 8.0, writers: int = 2, readers: 
         before = [key for t, key in written if t < killed_at]
         final = {key: read_one(key) for key in before}
         lost = {key for key, outcome in final.items() if outcome == "miss"}
-        recovered_at = min((t for t, key, outcome in reads if t > killed_at and outcome == "hit" and on_failed_slots(key)),
-                           default=None)
+        recovered_at = min((started for started, _, key, outcome in reads
+                            if started > killed_at and outcome == "hit" and on_failed_slots(key)), default=None)
         report.entries_written = len(written)
         report.written_before_kill = len(before)
         report.read_back_after_failover = sum(outcome == "hit" for outcome in final.values())
         report.lost_in_failover = len(lost)
         report.reads = len(reads) + len(final)
-        report.wrong_bytes = sum(o == "wrong" for _, _, o in reads) + sum(o == "wrong" for o in final.values())
-        report.corrupt = sum(o == "corrupt" for _, _, o in reads) + sum(o == "corrupt" for o in final.values())
+        report.wrong_bytes = sum(r[3] == "wrong" for r in reads) + sum(o == "wrong" for o in final.values())
+        report.corrupt = sum(r[3] == "corrupt" for r in reads) + sum(o == "corrupt" for o in final.values())
         report.recovery_s = (recovered_at - killed_at) if recovered_at is not None else float("inf")
-        for t, key, outcome in reads:
+        for started, ended, key, outcome in reads:
             if outcome != "miss":
                 continue
-            if t < killed_at:
+            if ended < killed_at:
                 report.misses_before_kill += 1
-            elif recovered_at is None or t <= recovered_at:
+            elif recovered_at is None or started <= recovered_at:
                 report.misses_during_failover += 1
                 report.misses_during_failover_on_other_masters += not on_failed_slots(key)
             elif key not in lost:
