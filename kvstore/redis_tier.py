@@ -93,27 +93,25 @@ MAX_VALUE_BYTES = FRAME_LIMIT
 # (a MULTI/EXEC needs WATCH and retries for that, which starve when many writers publish the same
 # popular prefix at once), and they take one round trip. Each declares every key it touches, all of
 # one hash slot: the caller reads the manifest first to name the data keys of the version it frees,
-# and the script refuses (-1, the caller reads again) when the manifest changed meanwhile. Declared
-# keys are what lets Redis Cluster run a script while its slot migrates (it answers ASK or TRYAGAIN
-# instead of touching half of an entry's keys on each master). Over maxmemory, Redis refuses a
-# (no-shebang) script's write only while the script has written nothing yet, so an OOM never stops
+# and the script refuses (-1, the caller reads again) when the manifest is no longer the one read.
+# Declared keys are what lets Redis Cluster run a script while its slot migrates (it answers ASK or
+# TRYAGAIN instead of touching half of an entry's keys on each master). Over maxmemory, Redis refuses
+# a (no-shebang) script's write only while the script has written nothing yet, so an OOM never stops
 # one half-way.
 #
-# The state of a manifest, as a script and _state() name it: '' absent, '!' malformed, else its version.
-_STATE_LUA = """
-local function state(raw)
-    if not raw then return '' end
-    local ok, m = pcall(cjson.decode, raw)
-    if ok and type(m) == 'table' and type(m.v) == 'string' and type(m.sizes) == 'table' then return m.v end
-    return '!'
+# The manifest the caller read is passed as two arguments: '1' and its bytes, or '0' and '' (none).
+_SAME_MANIFEST_LUA = """
+local function same_manifest(raw, present, read)
+    if present == '1' then return raw == read end
+    return not raw
 end
 """
 
 # Entry slot. KEYS: manifest, the staged data keys, the data keys of the version it replaces; ARGV:
-# manifest json, number of staged keys, state of the manifest the caller read. Returns -1 if the
+# manifest json, number of staged keys, the manifest the caller read (2 arguments). Returns -1 if the
 # manifest changed since, else the number of staged keys that were gone (0 = published).
-_PUBLISH_LUA = _STATE_LUA + """
-if state(redis.call('GET', KEYS[1])) ~= ARGV[3] then return -1 end
+_PUBLISH_LUA = _SAME_MANIFEST_LUA + """
+if not same_manifest(redis.call('GET', KEYS[1]), ARGV[3], ARGV[4]) then return -1 end
 local staged = tonumber(ARGV[2])
 local missing = 0
 for i = 2, 1 + staged do
@@ -129,13 +127,13 @@ redis.call('SET', KEYS[1], ARGV[1])
 return 0
 """
 
-# Entry slot. KEYS: manifest, data keys to delete; ARGV: state of the manifest the caller read, '1' to
-# delete the manifest too. Returns -1 if the manifest changed since, else 1 if it deleted a manifest.
-_DISCARD_LUA = _STATE_LUA + """
+# Entry slot. KEYS: manifest, data keys to delete; ARGV: the manifest the caller read (2 arguments),
+# '1' to delete the manifest too. Returns -1 if the manifest changed since, else 1 if it deleted one.
+_DISCARD_LUA = _SAME_MANIFEST_LUA + """
 local raw = redis.call('GET', KEYS[1])
-if state(raw) ~= ARGV[1] then return -1 end
+if not same_manifest(raw, ARGV[1], ARGV[2]) then return -1 end
 for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
-if raw and ARGV[2] == '1' then
+if raw and ARGV[3] == '1' then
     redis.call('DEL', KEYS[1])
     return 1
 end
@@ -176,7 +174,7 @@ return total
 
 AUDIT_BATCH = 1000  # manifests read per pipelined round trip of an audit or an adoption
 KEY_LOCKS = 64  # a process's steps on one key run one at a time: locks striped by key
-CHANGED = -1  # what a script returns when the manifest changed since the caller read it
+CHANGED = -1  # what a script returns when the manifest is no longer the one the caller read
 ATTEMPTS = 3  # reads of a manifest that another store keeps changing, before a call gives up
 
 
@@ -334,33 +332,30 @@ class RedisTier(StorageTier):
 
     # -- the atomic steps -------------------------------------------------------------------
 
-    def _published(self, key: EntryKey | str) -> tuple[str, list[str]]:
-        """The state of ``key``'s manifest ('' absent, '!' malformed, else its version) and the names of
-        its data keys."""
+    def _read_manifest(self, key: EntryKey | str) -> tuple[list[str], tuple[str, list[int], str] | None]:
+        """(the manifest of ``key`` as the scripts take it back: '1' and its bytes, or '0' and ''; the
+        manifest parsed, None when absent or malformed)."""
         raw = self._client.get(self._manifest_key(key))
-        manifest = self._parse_manifest(raw)
-        if manifest is None:
-            return ("" if raw is None else "!"), []
-        version, sizes, _ = manifest
-        return version, self._data_keys(key, version, len(sizes))
+        return (["0", ""] if raw is None else ["1", raw]), self._parse_manifest(raw)
 
     def _conflict(self, what: str, key: EntryKey | str) -> TierUnavailable:
         return TierUnavailable(f"redis tier {self.name}: {what} of {key} gave up: its manifest changed under each of "
                                f"{ATTEMPTS} attempts (other stores are writing it); retry", partial=True)
 
     def _discard(self, key: EntryKey | str, counted: tuple[str, int] | None, remove) -> bool:
-        """In one atomic step: delete the published entry of ``key`` if ``remove(state)`` says so (a
+        """In one atomic step: delete the published entry of ``key`` if ``remove(its version)`` says so (a
         malformed manifest always), and what is left of the ``counted`` version when it is not the one
         published. True if a manifest was deleted."""
         for _ in range(ATTEMPTS):
-            state, published = self._published(key)
-            drop = state == "!" or (state != "" and remove(state))
-            names = list(published) if drop else []
-            if counted is not None and (drop or counted[0] != state):
+            read, manifest = self._read_manifest(key)
+            version = manifest[0] if manifest else ""
+            drop = read[0] == "1" and (manifest is None or remove(version))
+            names = self._data_keys(key, version, len(manifest[1])) if drop and manifest else []
+            if counted is not None and (drop or counted[0] != version):
                 names += [n for n in self._data_keys(key, *counted) if n not in names]
             if not drop and not names:
                 return False
-            done = self._discard_script(keys=[self._manifest_key(key), *names], args=[state, "1" if drop else "0"])
+            done = self._discard_script(keys=[self._manifest_key(key), *names], args=[*read, "1" if drop else "0"])
             if done != CHANGED:
                 return bool(done)
         raise self._conflict("remove", key)
@@ -402,7 +397,7 @@ class RedisTier(StorageTier):
                 except (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError, OSError):
                     raise  # published, not counted: readable, and counted by the first store that reads it
                 except BaseException:  # refused (an OOM): take the entry back out rather than leave it uncounted
-                    self._quietly(self._discard, key, None, lambda state: state == version)
+                    self._quietly(self._discard, key, None, lambda published: published == version)
                     raise
         except (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError, OSError):
             raise  # the connection is gone: a cleanup would wait out another timeout; the staging TTL frees them
@@ -425,9 +420,10 @@ class RedisTier(StorageTier):
         fields = {"v": version, "sizes": sizes, **({"mac": mac} if mac else {})}
         manifest = json.dumps(fields, separators=(",", ":"))
         for _ in range(ATTEMPTS):
-            state, old = self._published(key)
-            missing = self._publish_script(keys=[self._manifest_key(key), *data_keys, *old],
-                                           args=[manifest, len(data_keys), state])
+            read, old = self._read_manifest(key)
+            replaced = self._data_keys(key, old[0], len(old[1])) if old else []
+            missing = self._publish_script(keys=[self._manifest_key(key), *data_keys, *replaced],
+                                           args=[manifest, len(data_keys), *read])
             if missing != CHANGED:
                 break
         else:
@@ -453,7 +449,7 @@ class RedisTier(StorageTier):
         none, as for a Delete of an entry another store wrote), and this store's count of it."""
         with self._key_lock(key):
             counted = self._counted_version(key)
-            removed = self._discard(key, counted, lambda state: counted is None or state == counted[0])
+            removed = self._discard(key, counted, lambda published: counted is None or published == counted[0])
             return self._uncount(key, counted[0] if counted else "") or removed
 
     def _forget(self, key: EntryKey | str, broken: str = "") -> None:
@@ -463,7 +459,7 @@ class RedisTier(StorageTier):
         try:
             with self._key_lock(key):
                 counted = self._counted_version(key)
-                self._discard(key, counted, lambda state: state == broken)
+                self._discard(key, counted, lambda published: published == broken)
                 if counted is not None:
                     self._uncount(key, counted[0])
         except (redis.exceptions.RedisError, RedisClusterException, OSError, TierUnavailable):

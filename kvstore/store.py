@@ -449,7 +449,14 @@ class TieredStore:
             with self._lock:
                 since, moving = self._seq, set(self._moving)
             try:
-                held = spec.tier.audit()
+                held = set(spec.tier.audit())
+                if spec.tier.shared:  # the tier no longer counts these as this store's (Redis evicted its
+                    # bookkeeping): those still there are counted again, the others are lost
+                    with self._lock:
+                        uncounted = [key for key, stored in self._entries.items()
+                                     if stored.stats.tier == i and key not in held and key not in self._moving]
+                    if uncounted:
+                        held |= set(spec.tier.adopt(uncounted))
             except TierUnavailable as e:
                 self._mark_down(i, e)
                 continue

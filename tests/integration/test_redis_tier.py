@@ -422,6 +422,19 @@ def test_a_missing_manifest_is_a_miss_that_frees_the_entry_s_accounting_and_data
     client.close()
 
 
+def test_a_malformed_manifest_is_a_miss_and_is_removed_with_what_the_store_counted(tier, redis_url):
+    client = raw(redis_url)
+    tier.put(key(1), [b"a" * 10, b"b" * 20])
+    version = layout(client)["versions"][str(key(1))].split(":")[0]
+    client.set(manifest(key(1)), b'{"v": "x", "sizes": {"0": 1}}')  # not a manifest dkv wrote
+    assert tier.get(key(1)) is None and not tier.contains(key(1))
+    assert layout(client) == {"index": {}, "versions": {}, "used": 0, "manifests": [], "data": 0}
+    assert not string_keys(client, f"{data(key(1))}{version}:*")
+    tier.put(key(1), [b"again"])
+    assert [bytes(f) for f in tier.get(key(1))] == [b"again"]
+    client.close()
+
+
 def test_the_audit_repairs_the_bookkeeping_from_the_manifests_of_the_entries_it_counts(tier, redis_url):
     client = raw(redis_url)
     for i in range(6):
