@@ -26,12 +26,13 @@ Why it looks like this:
 * A random ``version`` per write: data keys of a new write never collide with those of the
   entry being replaced or of a concurrent writer of the same key.
 * A write stages its data keys with a TTL, publishes them in one atomic step in the entry's slot
-  (a script checks every staged key is still there, PERSISTs them, frees the version it replaces
-  and writes the manifest), then counts the entry in one atomic step in its store's slot (index,
-  versions and counter together, so ``used`` always equals the sum of the index). A reader finds
-  an entry only through its manifest, so it never sees a half-written one; data keys of a writer
-  that died mid-way expire on their own. Every script is idempotent, so a redirected or retried
-  call does no harm. Within one process, the steps that touch one key run one at a time.
+  (a script checks the manifest is still the one the writer read, that every staged key is still
+  there, PERSISTs them, frees the version it replaces and writes the manifest), then counts the
+  entry in one atomic step in its store's slot (index, versions and counter together, so ``used``
+  always equals the sum of the index). A reader finds an entry only through its manifest, so it
+  never sees a half-written one; data keys of a writer that died mid-way expire on their own.
+  Every script is idempotent, so a redirected or retried call does no harm. Within one process,
+  the steps that touch one key run one at a time.
 * Shared entries, per-store accounting. A store counts the entries it wrote and those it
   ``adopt``-ed (read from the shared tier when it had no index entry for them: a lost shard's
   entries, found by the shard that now owns their keys). Its removals and cleanups take out only
@@ -41,10 +42,11 @@ Why it looks like this:
   failover that lost the last writes): any data key, a manifest, even a store's bookkeeping.
   ``get`` checks that every frame is there; a missing frame or manifest is a miss, and the
   entry's accounting and data keys go at once. ``audit`` (the store runs it every
-  ``audit_interval_s``) repairs the rest from the store's own index, without scanning the
-  keyspace: counted entries whose manifest is gone, a counted size or version another write
-  replaced, an evicted index or versions hash, and ``used`` recomputed. Entries whose bookkeeping
-  Redis evicted entirely are counted again when a store next reads them; until then they are
+  ``audit_interval_s``) repairs the rest from the manifests of the entries the store counts,
+  without scanning the keyspace: counted entries whose manifest is gone, a counted size or version
+  another write replaced, a lost index or versions hash, and ``used`` recomputed; the store then
+  ``adopt``-s again the entries its own index names that the bookkeeping lost. Entries no store
+  counts or indexes any more are counted again when a store next reads them; until then they are
   Redis's own least recently used keys, which ``allkeys-lru`` evicts first.
 * With a cluster secret (``mac``), every entry's manifest carries a keyed MAC of its frames
   (``kvstore.mac``) and ``get`` checks it: an entry someone else wrote into Redis, with checksums
@@ -53,10 +55,10 @@ Why it looks like this:
 
 Redis Cluster (``cluster=True``, redis-py's ``RedisCluster``): the client learns the slot map from
 any node of ``url``, follows MOVED and ASK redirections, and after a failover (a replica promoted)
-finds the new master on its next call; the calls that fail meanwhile raise ``TierUnavailable``, so
-the store serves the other tiers and reads of those slots are misses until the failover is over.
-Run the cluster with ``cluster-require-full-coverage no``, so a failed master stops only its own
-slots.
+finds the new master on its next call; the calls that fail meanwhile raise ``TierUnavailable``
+with ``partial`` set (one node failed), so the store keeps using the tier for the other slots, and
+reads of the failed ones are misses until the failover is over. Run the cluster with
+``cluster-require-full-coverage no``, so a failed master stops only its own slots.
 
 No pickle: values are the codec's frames as they are; the manifest is JSON. Every Redis or
 socket failure raises ``TierUnavailable``, quickly (no client-side retry loop, bounded socket

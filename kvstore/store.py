@@ -783,7 +783,6 @@ class TieredStore:
             log.info("tier %s: %d entries recovered", tier.name, adopted)
         return adopted
 
-
     def _adopt_shared(self, keys: list[EntryKey]) -> dict[EntryKey, _Stored]:
         """The entries of ``keys`` that other stores left in the shared last tier, now indexed here
         in that tier (and counted there as this store's); never under the lock. Their MAC, when the
@@ -794,13 +793,13 @@ class TieredStore:
             return {}
         with self._lock:
             self._adopting.update(keys)
-        try:
-            heads = tier.adopt(keys)
-        except TierUnavailable as e:
-            self._mark_down(i, e)
-            heads = {}
         adopted = {}
         try:
+            try:
+                heads = tier.adopt(keys)
+            except TierUnavailable as e:
+                self._mark_down(i, e)
+                heads = {}
             for key, frame in heads.items():
                 try:
                     header = codec.parse_header(frame)
