@@ -26,4 +26,11 @@ class EntryNotFound(KVStoreError):
 
 
 class TierUnavailable(KVStoreError):
-    """A tier (e.g. Redis) failed; the store keeps serving from the others."""
+    """A tier (e.g. Redis) failed; the store keeps serving from the others.
+
+    ``partial``: the failure concerns some of the tier's keys only (one node of a Redis Cluster, until
+    a replica takes its slots over), so the store keeps using the tier for the rest."""
+
+    def __init__(self, message: str, partial: bool = False):
+        super().__init__(message)
+        self.partial = partial

@@ -44,17 +44,26 @@ def longest_cached_prefix(
     recipe: Recipe,
     model_fingerprint: str,
     tenant: str,
-    start_of: Callable[[EntryKey], int | None],
+    starts_of: Callable[[list[EntryKey]], Sequence[int | None]],
 ) -> tuple[list[EntryKey], int] | None:
     """The entries that together cover the longest cached prefix of ``token_ids``, and its length.
 
-    Candidates end at every chunk boundary and at the full length. ``start_of(key)`` is the first
-    position of a stored entry (None if absent): 0 for a whole-context entry, the chunk start for
-    a chunked recipe's entry, which only counts when the entries before it reach its start.
-    Returns the chain of keys in order (one key for a whole-context entry), or None.
+    Candidates end at every chunk boundary and at the full length. ``starts_of(keys)`` gives, for
+    each key, the first position of its stored entry (None if absent): 0 for a whole-context entry,
+    the chunk start for a chunked recipe's entry, which only counts when the entries before it reach
+    its start. It is asked once, for every key, so a store (or its shards) can look them up in one
+    batch. Returns the chain of keys in order (one key for a whole-context entry), or None.
     """
     keys = chunk_keys(token_ids, recipe, model_fingerprint, tenant)
-    return longest_chain(keys, len(token_ids), recipe.chunk_size, start_of)
+    chains: dict[int, list[EntryKey]] = {0: []}  # entries covering [0, end), by end
+    best = None
+    for i, (key, start) in enumerate(zip(keys, starts_of(keys))):
+        if start is None or start not in chains:
+            continue
+        end = min((i + 1) * recipe.chunk_size, len(token_ids))
+        chains[end] = chains[start] + [key]
+        best = (chains[end], end)
+    return best
 
 
 def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fingerprint: str,
@@ -63,21 +72,6 @@ def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fing
     recipe_id = recipe.recipe_id  # a JSON dump and a hash: once, not once per chunk
     return [EntryKey(tenant, model_fingerprint, recipe_id, h)
             for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe_id)]
-
-
-def longest_chain(keys: list[EntryKey], n_tokens: int, chunk_size: int,
-                  start_of: Callable[[EntryKey], int | None]) -> tuple[list[EntryKey], int] | None:
-    """``longest_cached_prefix`` over the ``chunk_keys`` of an ``n_tokens`` prompt."""
-    chains: dict[int, list[EntryKey]] = {0: []}
-    best = None
-    for i, key in enumerate(keys):
-        start = start_of(key)
-        if start is None or start not in chains:
-            continue
-        end = min((i + 1) * chunk_size, n_tokens)
-        chains[end] = chains[start] + [key]
-        best = (chains[end], end)
-    return best
 
 
 def check_chain(identities: Sequence[Identity]) -> None:

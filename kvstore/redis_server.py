@@ -1,4 +1,4 @@
-"""A real ``redis-server`` process managed from Python: for tests, benchmarks and ``dkv up``.
+"""Real ``redis-server`` processes managed from Python: for tests, benchmarks and ``dkv up``.
 
 Tests run the Redis tier against the real server (not a fake) so that what they check
 (eviction, OOM, connection loss, restart) is what production sees. ``dkv up`` uses the same
@@ -7,11 +7,16 @@ class to start a Redis next to the store on one host.
 The server is a pure cache: no RDB snapshots, no AOF (``--save "" --appendonly no``), its
 working directory a private temp dir, listening on loopback only by default. A restart on the
 same port therefore comes back empty, which is exactly what a crashed cache looks like.
+
+``LocalRedisCluster`` runs a Redis Cluster of such servers on one host (masters and replicas,
+joined by ``redis-cli --cluster create``), so the Redis tier's tests run against a real cluster:
+slot redirections, a master killed and its replica promoted.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,6 +27,8 @@ import weakref
 from pathlib import Path
 
 DEFAULT_EXECUTABLE = "redis-server"
+CLI = "redis-cli"
+CLUSTER_BUS_OFFSET = 10000  # a cluster node also listens on its port + 10000 (the cluster bus)
 
 
 class RedisServerError(RuntimeError):
@@ -299,4 +306,211 @@ class RedisServer:
         return f"RedisServer({self.host}:{self._port}, {state})"
 
 
-__all__ = ["RedisServer", "RedisServerError", "redis_server_available", "free_port"]
+def _free_cluster_port(host: str, taken: set[int]) -> int:
+    """A port that is free, and whose cluster bus port (+10000) is free too, a moment ago."""
+    for _ in range(1000):
+        port = random.randrange(20000, 65535 - CLUSTER_BUS_OFFSET)
+        if port in taken or port + CLUSTER_BUS_OFFSET in taken:
+            continue
+        try:
+            for p in (port, port + CLUSTER_BUS_OFFSET):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, p))
+        except OSError:
+            continue
+        return port
+    raise RedisServerError(f"found no free pair of ports (port and port + {CLUSTER_BUS_OFFSET}) on {host}")
+
+
+class LocalRedisCluster:
+    """A Redis Cluster on ``host``: ``masters`` masters with ``replicas`` replicas each, every node a
+    ``RedisServer`` with ``--cluster-enabled yes``; a context manager (``with LocalRedisCluster() as c:
+    c.url``).
+
+    ``node_timeout_ms`` is how long a master may be unreachable before a replica takes its slots over
+    (the failover takes about two to three times that). The slots of a failed master stop alone
+    (``cluster-require-full-coverage no``); the others keep serving.
+    """
+
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        host: str = "127.0.0.1",
+        node_timeout_ms: int = 1000,
+        maxmemory: int | None = None,
+        maxmemory_policy: str | None = None,
+        startup_timeout_s: float = 30.0,
+    ):
+        if masters < 3:
+            raise ValueError(f"a Redis Cluster needs at least 3 masters, got {masters}")
+        if replicas < 0:
+            raise ValueError(f"replicas {replicas} must be >= 0")
+        self.masters, self.replicas, self.host = masters, replicas, host
+        self.node_timeout_ms = node_timeout_ms
+        self.maxmemory, self.maxmemory_policy = maxmemory, maxmemory_policy
+        self.startup_timeout_s = startup_timeout_s
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        """The URL of a running node (a cluster client learns the others from it)."""
+        node = next((n for n in self.nodes if n.running), None)
+        if node is None:
+            raise RedisServerError("no node of the cluster is running: call start() first")
+        return f"redis://{self.host}:{node.port}/0"
+
+    def start(self) -> "LocalRedisCluster":
+        if shutil.which(CLI) is None:
+            raise RedisServerError(f"{CLI!r} is not on PATH: install it with redis-server (apt-get install -y "
+                                   "redis-server)")
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-require-full-coverage", "no",
+                "--repl-diskless-sync-delay", "0"]  # replicas sync at once, not after the default 5 s
+        taken: set[int] = set()
+        for _ in range(self.masters * (1 + self.replicas)):
+            for attempt in range(5):  # a port picked here can be taken before redis binds it
+                port = _free_cluster_port(self.host, taken)
+                node = RedisServer(port=port, host=self.host, maxmemory=self.maxmemory,
+                                   maxmemory_policy=self.maxmemory_policy, extra_args=args)
+                try:
+                    node.start()
+                    break
+                except RedisServerError:
+                    node.close()
+                    if attempt == 4:
+                        raise
+            taken.add(port)
+            self.nodes.append(node)
+        created = subprocess.run(
+            [CLI, "--cluster", "create", *(f"{self.host}:{n.port}" for n in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.startup_timeout_s)
+        if created.returncode != 0:
+            raise RedisServerError(f"redis-cli --cluster create failed (code {created.returncode}):\n"
+                                   f"{created.stdout[-2000:]}{created.stderr[-2000:]}")
+        self.wait_ready(self.startup_timeout_s)
+        return self
+
+    def cli(self, node: RedisServer, *args: str) -> str:
+        """The output of ``redis-cli`` run against ``node`` with ``args``."""
+        done = subprocess.run([CLI, "-h", self.host, "-p", str(node.port), *args], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=10)
+        return done.stdout
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until every running node says the cluster is ok, every slot has a master, and every master
+        has its replicas in sync (so that a killed master can fail over)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = [n for n in self.nodes if n.running]
+            states = [self.cli(n, "cluster", "info") for n in running]
+            synced = 0
+            for node in running:
+                info = self.cli(node, "info", "replication")
+                synced += "role:slave" in info and "master_link_status:up" in info
+            masters = self.master_nodes()
+            if (all("cluster_state:ok" in s for s in states) and len(masters) == self.masters
+                    and synced >= min(len(running) - self.masters, self.masters * self.replicas)):
+                return
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"the cluster was not ready within {timeout_s:.0f} s: "
+                                       f"{self.cli(running[0], 'cluster', 'nodes') if running else 'no node running'}")
+            time.sleep(0.1)
+
+    def _cluster_nodes(self) -> list[dict]:
+        """CLUSTER NODES of a running node: id, port, flags, master id and slot ranges of every node."""
+        node = next(n for n in self.nodes if n.running)
+        out = []
+        for line in self.cli(node, "cluster", "nodes").splitlines():
+            parts = line.split()
+            if len(parts) < 8:
+                continue
+            slots = []
+            for r in parts[8:]:
+                if r.startswith("["):
+                    continue  # a slot being migrated or imported
+                lo, _, hi = r.partition("-")
+                slots.append((int(lo), int(hi or lo)))
+            out.append({"id": parts[0], "port": int(parts[1].split("@")[0].rsplit(":", 1)[1]),
+                        "flags": parts[2].split(","), "master": parts[3], "slots": slots})
+        return out
+
+    def _node_at(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def master_nodes(self) -> list[RedisServer]:
+        """The masters that serve slots, as the cluster sees them now."""
+        return [self._node_at(n["port"]) for n in self._cluster_nodes()
+                if "master" in n["flags"] and "fail" not in n["flags"] and n["slots"]]
+
+    def slots(self, node: RedisServer) -> list[tuple[int, int]]:
+        """The slot ranges (first, last) ``node`` serves now; none for a replica or a failed master."""
+        for n in self._cluster_nodes():
+            if n["port"] == node.port and "master" in n["flags"] and "fail" not in n["flags"]:
+                return n["slots"]
+        return []
+
+    def slot_of(self, key: str) -> int:
+        node = next(n for n in self.nodes if n.running)
+        return int(self.cli(node, "cluster", "keyslot", key).strip())
+
+    def master_of(self, key: str) -> RedisServer:
+        """The master that serves ``key``'s slot now."""
+        return self.master_of_slot(self.slot_of(key))
+
+    def master_of_slot(self, slot: int, missing_ok: bool = False) -> RedisServer | None:
+        """The master that serves ``slot`` now (None while none does, with ``missing_ok``)."""
+        for n in self._cluster_nodes():
+            if "master" in n["flags"] and "fail" not in n["flags"] and any(lo <= slot <= hi for lo, hi in n["slots"]):
+                return self._node_at(n["port"])
+        if missing_ok:
+            return None
+        raise RedisServerError(f"no master serves slot {slot} now")
+
+    def move_slot(self, slot: int, target: RedisServer, midway=None) -> None:
+        """Migrate ``slot`` and its keys to the master ``target`` as ``redis-cli --cluster reshard`` does
+        (IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE). ``midway(moved)`` is called after half of its
+        keys moved (``moved`` 0.5: a call on keys split over both masters gets TRYAGAIN) and after all
+        of them (1.0: calls get ASK redirections to ``target``), while the slot is still migrating."""
+        nodes = self._cluster_nodes()
+        ids = {n["port"]: n["id"] for n in nodes}
+        source = next(self._node_at(n["port"]) for n in nodes
+                      if "master" in n["flags"] and any(lo <= slot <= hi for lo, hi in n["slots"]))
+        if source is target:
+            return
+        self.cli(target, "cluster", "setslot", str(slot), "importing", ids[source.port])
+        self.cli(source, "cluster", "setslot", str(slot), "migrating", ids[target.port])
+        keys = self.cli(source, "cluster", "getkeysinslot", str(slot), "100000").split()
+        for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+            if part:
+                self.cli(source, "migrate", self.host, str(target.port), "", "0", "5000", "keys", *part)
+            if midway is not None:
+                midway(0.5 * (i + 1))
+        for node in [target, source, *(self._node_at(n["port"]) for n in nodes if "master" in n["flags"])]:
+            self.cli(node, "cluster", "setslot", str(slot), "node", ids[target.port])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        self.nodes = []
+
+    def __enter__(self) -> "LocalRedisCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalRedisCluster({self.masters} masters x {1 + self.replicas}, {[n.port for n in self.nodes]})"
+
+
+__all__ = ["RedisServer", "RedisServerError", "LocalRedisCluster", "redis_server_available", "free_port"]

@@ -6,7 +6,8 @@ entries move one tier down (shrunk by that tier's ``ShrinkRule``) and may push o
 turn; the last tier drops its victims. A hit in a slower tier promotes the entry up. Every read
 re-checks every frame, and a failed check deletes the entry and reports ``CorruptEntry``: the
 store may lose entries, it never returns wrong bytes. A tier that fails (Redis down, full) is
-skipped for ``retry_after_s`` and the store keeps serving from the others.
+skipped for ``retry_after_s`` and the store keeps serving from the others; a failure of some of a
+tier's keys only (a Redis Cluster master, until its replica takes over) fails those calls alone.
 
 Locking. One lock guards the index and the byte accounting; the store never holds it across the
 I/O of a ``remote`` tier (Redis), so a Redis that hangs slows only the calls that need Redis,
@@ -16,6 +17,12 @@ the Redis writes and removals those decisions imply run after the lock is releas
 its way into Redis is indexed at once and read from the frames in hand until its write lands; if
 the write fails, it is dropped (an eviction). ``audit`` reconciles the index with what each tier
 really holds (Redis may evict entries behind the store's back).
+
+The shared last tier. Store shards may share their last tier (Redis, ``StorageTier.shared``):
+each counts its own entries there, but a key this store has no index entry for is looked for there
+before it is a miss (``get``, ``probe``, ``lookup``, ``delete``), and found entries are adopted:
+indexed here, counted as this store's. When a shard is lost, the shard its keys move to reads the
+entries the lost one had demoted instead of having them recomputed.
 
 Quotas. A ``TierSpec`` may cap the bytes one tenant holds in its tier. A tenant over its quota
 in a tier makes room there from its own entries (demoting them, by the same value rule as for
@@ -189,6 +196,9 @@ class TieredStore:
         if remote != sorted(remote):
             raise ValueError(f"remote tiers must come after every in-process tier, got {names}: entries are "
                              "demoted out of a tier without reading it over the network under the store's lock")
+        if any(spec.tier.shared for spec in tiers[:-1]):
+            raise ValueError(f"only the last tier may be shared with other stores, got {names}: a key missing "
+                             "from the index is looked for in the last tier")
         self.tiers = list(tiers)
         self.policy = policy or ValuePolicy()
         self.max_entry_bytes = max_entry_bytes
@@ -198,6 +208,8 @@ class TieredStore:
         self._entries: dict[EntryKey, _Stored] = {}
         # entries being written to a remote tier, readable from the frames in hand until it lands
         self._moving: dict[EntryKey, tuple[_Stored, list]] = {}
+        # keys being looked for in the shared last tier: counted there, about to be indexed here
+        self._adopting: set[EntryKey] = set()
         # decoded entries (zero-copy views of verified frames) for Summaries/Select, which read
         # one layer per decode step: a few, most recently used last
         self._decoded: OrderedDict[EntryKey, tuple[bytes, CompressedKV]] = OrderedDict()
@@ -210,6 +222,7 @@ class TieredStore:
         self._tenant_entries = [Counter() for _ in range(n)]
         self._counters: defaultdict[str, Counters] = defaultdict(lambda: Counters(hits=[0] * n))
         self._down_until = [0.0] * n
+        self._partial_logged = [float("-inf")] * n
         self._tier_errors = [0] * n
         self.audit(adopt=True)
 
@@ -281,6 +294,8 @@ class TieredStore:
         with self._lock:
             stored = self._entries.get(key)
             moving = self._moving.get(key)
+        if stored is None:
+            stored = self._adopt_shared([key]).get(key)
         if stored is None or not self._healthy(stored.stats.tier):
             self._count(key.tenant, "misses")
             raise EntryNotFound(f"no entry {key}")
@@ -343,7 +358,8 @@ class TieredStore:
     def lookup(self, tenant: str, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int] | np.ndarray
                ) -> LookupResult | None:
         """The longest cached prefix of ``token_ids`` for this tenant, model and recipe, or None."""
-        found = longest_cached_prefix(token_ids, recipe, model_fingerprint, tenant, self._start_of)
+        found = longest_cached_prefix(token_ids, recipe, model_fingerprint, tenant,
+                                      lambda keys: [None if p is None else p[0].identity.start for p in self.probe(keys)])
         if found is None:
             return None
         keys, tokens = found
@@ -353,19 +369,24 @@ class TieredStore:
         return LookupResult(keys, tokens, [self.tiers[s.stats.tier].tier.name for s in stored],
                             [s.header for s in stored], [s.stats.nbytes for s in stored])
 
-    def probe(self, key: EntryKey) -> tuple[EntryHeader, str, int] | None:
-        """(header, tier, stored bytes) of ``key`` when a healthy tier holds it, else None."""
-        stored = self._entries.get(key)
-        if stored is None or not self._healthy(stored.stats.tier):
-            return None
-        return stored.header, self.tiers[stored.stats.tier].tier.name, stored.stats.nbytes
-
-    def _start_of(self, key: EntryKey) -> int | None:
-        found = self.probe(key)
-        return None if found is None else found[0].identity.start
+    def probe(self, keys: Sequence[EntryKey]) -> list[tuple[EntryHeader, str, int] | None]:
+        """For each of ``keys``: (header, tier, stored bytes) when a healthy tier holds it, else None.
+        Keys not indexed here are looked for in the shared last tier, all in one batch."""
+        with self._lock:
+            missing = [key for key in keys if key not in self._entries]
+        if missing:
+            self._adopt_shared(missing)
+        found = []
+        for key in keys:
+            stored = self._entries.get(key)
+            if stored is None or not self._healthy(stored.stats.tier):
+                found.append(None)
+            else:
+                found.append((stored.header, self.tiers[stored.stats.tier].tier.name, stored.stats.nbytes))
+        return found
 
     def contains(self, key: EntryKey) -> bool:
-        return self.probe(key) is not None
+        return self.probe([key])[0] is not None
 
     def header(self, key: EntryKey) -> EntryHeader:
         stored = self._entries.get(key)
@@ -378,11 +399,20 @@ class TieredStore:
         return self.tiers[stored.stats.tier].tier.name if stored else None
 
     def delete(self, key: EntryKey) -> bool:
+        """Delete ``key`` from this store, or (not indexed here) from the shared last tier."""
         with self._critical():
-            if key not in self._entries:
-                return False
-            self._remove(key)
-            return True
+            if key in self._entries:
+                self._remove(key)
+                return True
+        last = len(self.tiers) - 1
+        tier = self.tiers[last].tier
+        if not tier.shared or not self._healthy(last):
+            return False
+        try:
+            return tier.remove(key)
+        except TierUnavailable as e:
+            self._mark_down(last, e)
+            return False
 
     def stats(self, tenant: str | None = None) -> StoreStats:
         """Every tier's state and the counters: the store's (``tenant`` None, with each tenant's in
@@ -419,7 +449,14 @@ class TieredStore:
             with self._lock:
                 since, moving = self._seq, set(self._moving)
             try:
-                held = spec.tier.audit()
+                held = set(spec.tier.audit())
+                if spec.tier.shared:  # the tier no longer counts these as this store's (Redis evicted its
+                    # bookkeeping): those still there are counted again, the others are lost
+                    with self._lock:
+                        uncounted = [key for key, stored in self._entries.items()
+                                     if stored.stats.tier == i and key not in held and key not in self._moving]
+                    if uncounted:
+                        held |= set(spec.tier.adopt(uncounted))
             except TierUnavailable as e:
                 self._mark_down(i, e)
                 continue
@@ -431,7 +468,8 @@ class TieredStore:
                         self._count(key.tenant, "lost")
                         changes["lost"] += 1
                 # held here, but indexed nowhere or in another tier (a removal that failed left it)
-                unknown = [key for key in held if key not in self._entries or self._entries[key].stats.tier != i]
+                unknown = [key for key in held if (key not in self._entries or self._entries[key].stats.tier != i)
+                           and key not in self._adopting]
                 if not adopt:
                     for key in unknown:
                         self._drop_from(i, key)
@@ -706,8 +744,15 @@ class TieredStore:
         return self.clock() >= self._down_until[i]
 
     def _mark_down(self, i: int, error: Exception) -> None:
-        self._down_until[i] = self.clock() + self.retry_after_s
         self._tier_errors[i] += 1
+        now = self.clock()
+        if isinstance(error, TierUnavailable) and error.partial:  # one node of a cluster: the rest still serve
+            if now >= self._partial_logged[i] + self.retry_after_s:  # at most one line per retry_after_s
+                self._partial_logged[i] = now
+                log.warning("tier %s failed for some of its keys; still using it for the others: %s",
+                            self.tiers[i].tier.name, error)
+            return
+        self._down_until[i] = now + self.retry_after_s
         log.warning("tier %s failed; skipping it for %.1fs: %s", self.tiers[i].tier.name, self.retry_after_s, error)
 
     def _adopt(self, i: int, keys: list[EntryKey]) -> int:
@@ -736,6 +781,46 @@ class TieredStore:
             self._mark_down(i, e)
         if adopted:
             log.info("tier %s: %d entries recovered", tier.name, adopted)
+        return adopted
+
+    def _adopt_shared(self, keys: list[EntryKey]) -> dict[EntryKey, _Stored]:
+        """The entries of ``keys`` that other stores left in the shared last tier, now indexed here
+        in that tier (and counted there as this store's); never under the lock. Their MAC, when the
+        tier keeps one, is checked on their first read."""
+        i = len(self.tiers) - 1
+        tier = self.tiers[i].tier
+        if not tier.shared or not self._healthy(i):
+            return {}
+        with self._lock:
+            self._adopting.update(keys)
+        adopted = {}
+        try:
+            try:
+                heads = tier.adopt(keys)
+            except TierUnavailable as e:
+                self._mark_down(i, e)
+                heads = {}
+            for key, frame in heads.items():
+                try:
+                    header = codec.parse_header(frame)
+                except (CorruptEntry, ValueError) as e:
+                    log.warning("dropping unreadable entry %s from shared tier %s: %s", key, tier.name, e)
+                    header = None
+                if header is None or header.key != key:
+                    with self._critical():
+                        self._drop_from(i, key)
+                    continue
+                stored = _Stored(self._new_stats(header, codec.stored_nbytes(header, frame)), header)
+                stored.stats.tier = i
+                with self._lock:
+                    if key not in self._entries:
+                        self._index(stored)
+                    adopted[key] = self._entries[key]
+        finally:
+            with self._lock:
+                self._adopting.difference_update(keys)
+        if adopted:
+            log.info("tier %s: %d entries other stores wrote there adopted", tier.name, len(adopted))
         return adopted
 
 

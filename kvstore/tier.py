@@ -13,6 +13,11 @@ A ``remote`` tier (Redis) is reached over the network: the store never calls it 
 lock, and asks it now and then to ``audit`` its own bookkeeping against what it really holds (a
 remote system may lose entries behind the store's back). In-process tiers are exact by
 construction.
+
+A ``shared`` tier (Redis, the last tier) holds the entries of every store that writes to it, each
+store counting its own (``keys``, ``used_bytes``, ``audit``): ``get``, ``contains`` and
+``header_frame`` find any store's entry, and a store that finds one it has no index entry for
+``adopt``-s it (a lost shard's entries, read by the shard that owns their keys now).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class StorageTier(ABC):
     """One level of the hierarchy (device memory, host memory, Redis)."""
 
     remote = False
+    shared = False
 
     def __init__(self, name: str, capacity_bytes: int):
         if capacity_bytes < 0:
@@ -75,6 +81,11 @@ class StorageTier(ABC):
                 break
             n += 1
         return n
+
+    def adopt(self, keys: Sequence[EntryKey]) -> dict[EntryKey, bytes | memoryview]:
+        """For a ``shared`` tier: count the entries of ``keys`` that are here (another store wrote them)
+        as this store's too, and return their header frames; keys not here are left out."""
+        raise NotImplementedError(f"tier {self.name} is not shared: no other store writes entries into it")
 
     def audit(self) -> dict[EntryKey, int]:
         """Repair the tier's own bookkeeping (index, byte counter) against what it really holds, and

@@ -5,9 +5,16 @@ the prefill and decode workers as Ray actors: on the Ray cluster at ``ADDRESS``,
 Ray it starts. Each actor holds one model and one worker (``workers.prefill.PrefillWorker``,
 ``workers.decode_worker.DecodeWorker``) on the device its ``device`` setting names (see
 ``actor_placement``: ``cuda`` asks Ray for one GPU per actor, ``auto`` does when the cluster has
-enough), and Ray restarts it if it dies (``max_restarts``). The gateway talks to actors through ``RayBackend``
-with the very messages it sends over gRPC (``dkv.v1.PrefillRequest``, ``DecodeRequest``, ...,
-serialized), so routing, stop strings and stats are the same code as without Ray.
+enough), and Ray restarts it if it dies (``max_restarts``), on another node when its own is gone.
+The gateway talks to actors through ``RayBackend`` with the very messages it sends over gRPC
+(``dkv.v1.PrefillRequest``, ``DecodeRequest``, ..., serialized), so routing, stop strings and stats
+are the same code as without Ray; an actor that dies mid-stream ends the stream with UNAVAILABLE, as
+a gRPC worker that dies does.
+
+On a Ray cluster of several nodes the actors go where Ray's scheduler puts them (each needs one CPU,
+and one GPU with ``device`` cuda); ``start_pools``' ``prefill_options`` and ``decode_options`` pin
+them (custom resources, a scheduling strategy). The actors reach the store at the address they are
+given, so it must be one every node can reach.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import logging
 import time
 
+import grpc
 import ray
 
 from dkv.services.pb import decode_pb2, prefill_pb2
@@ -57,6 +65,10 @@ class PrefillActor:
 
         return os.getpid()
 
+    def node(self) -> str:
+        """The id of the Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
 
 # a threaded actor: each call waits for its stream in its own thread while the worker's one model
 # loop decodes them all together (as many calls as the worker's default active + queued streams)
@@ -83,6 +95,16 @@ class DecodeActor:
         import os
 
         return os.getpid()
+
+    def node(self) -> str:
+        """The id of the Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+
+def unavailable(what: str, error: ray.exceptions.RayActorError) -> grpc.aio.AioRpcError:
+    """The error a gRPC worker that died would give (the gateway passes its status on to the client)."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details=f"{what}: the worker actor died ({type(error).__name__}); Ray restarts it: retry")
 
 
 class ActorPrefill:
@@ -114,7 +136,9 @@ class RayBackend:
     """A worker actor seen by the gateway: the same async methods as ``GrpcBackend``.
 
     While Ray restarts a crashed actor (its model loads again), calls are retried for up to
-    ``restart_wait_s``; a decode stream is retried only if it failed before its first message.
+    ``restart_wait_s``; a decode stream is retried only if it failed before its first message. A
+    stream cut later, or a call still failing after ``restart_wait_s``, raises UNAVAILABLE
+    (``grpc.aio.AioRpcError``).
     """
 
     def __init__(self, actor, restart_wait_s: float = 300.0):
@@ -126,9 +150,9 @@ class RayBackend:
         while True:
             try:
                 return await attempt()
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as e:
+            except ray.exceptions.RayActorError as e:
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise unavailable(f"no answer within restart_wait_s = {self.restart_wait_s:g} s", e) from e
                 log.warning("actor unavailable (%s): retrying in %.1f s", type(e).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -151,8 +175,11 @@ class RayBackend:
 
         stream, head = await self._retrying(first)
         yield decode_pb2.DecodeResponse.FromString(head)
-        async for ref in stream:
-            yield decode_pb2.DecodeResponse.FromString(await ref)
+        try:
+            async for ref in stream:
+                yield decode_pb2.DecodeResponse.FromString(await ref)
+        except ray.exceptions.RayActorError as e:
+            raise unavailable("the decode stream was cut", e) from e
 
     async def close(self) -> None:
         pass
@@ -191,17 +218,19 @@ def actor_placement(device: str, actors: int, cluster_gpus: float) -> tuple[int,
 
 
 def start_pools(model: str, store: str, prefill_workers: int = 1, decode_workers: int = 1, security=None,
-                device: str = "auto", dtype: str = "auto"):
+                device: str = "auto", dtype: str = "auto", prefill_options: dict | None = None,
+                decode_options: dict | None = None):
     """(prefill actors, decode actors) on the connected Ray cluster, placed by ``actor_placement``.
 
-    ``security`` (a ``services.transport.Security``) is what the actors present to the store."""
+    ``security`` (a ``services.transport.Security``) is what the actors present to the store;
+    ``prefill_options`` and ``decode_options`` are more Ray actor options of each pool (``resources``,
+    ``scheduling_strategy``: which nodes it may use)."""
     gpus, actor_device = actor_placement(device, prefill_workers + decode_workers,
                                          ray.cluster_resources().get("GPU", 0))
-    prefill = [PrefillActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, security, actor_device, dtype)
-               for _ in range(prefill_workers)]
-    decode = [DecodeActor.options(num_cpus=1, num_gpus=gpus).remote(model, store, prefill[i % len(prefill)],
-                                                                         security, actor_device, dtype)
-              for i in range(decode_workers)]
+    prefill = [PrefillActor.options(num_cpus=1, num_gpus=gpus, **(prefill_options or {})).remote(
+        model, store, security, actor_device, dtype) for _ in range(prefill_workers)]
+    decode = [DecodeActor.options(num_cpus=1, num_gpus=gpus, **(decode_options or {})).remote(
+        model, store, prefill[i % len(prefill)], security, actor_device, dtype) for i in range(decode_workers)]
     ray.get([a.pid.remote() for a in prefill + decode])  # wait until every model is loaded
     log.info("ray pools ready: %d prefill and %d decode actors on %s (%s GPU each)", prefill_workers, decode_workers,
              actor_device, gpus)

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -206,9 +207,15 @@ class StoreSettings(ServerSettings):
     device_bytes: int = setting(0, "Capacity of the device-memory tier; 0 disables it.", kind="size")
     cpu_bytes: int = setting(1 << 30, "Capacity of the host-memory tier; 0 disables it.", kind="size")
     redis_url: str = setting("", "Redis URL of the last tier (redis://host:port/db); empty disables it.")
+    redis_cluster: bool = setting(False, "redis_url is one node of a Redis Cluster: the store learns the others from "
+                                  "it, follows MOVED/ASK redirections and failovers (database 0 only).")
     redis_bytes: int = setting(4 << 30, "Capacity the store may use in Redis.", kind="size")
-    redis_prefix: str = setting("dkv:", "Prefix of every key the store writes in Redis. Store shards that share a "
-                                "Redis need one each: a store counts, recovers and evicts only its own.")
+    redis_namespace: str = setting("dkv:", "Prefix of the entries' keys in Redis, the same for every store of the "
+                                   "cluster: a store reads the entries other stores wrote or demoted there (the "
+                                   "shared last tier), so a lost shard loses only its memory tiers.")
+    redis_prefix: str = setting("dkv:", "Prefix of this store's bookkeeping in Redis (the index and byte count of "
+                                "the entries it holds there). Store shards that share a Redis need one each: a store "
+                                "counts, recovers after a restart and evicts only its own entries, and reads any.")
     cpu_keep_fraction: float = setting(1.0, "Fraction of tokens an entry keeps when demoted into the host tier.")
     cpu_quant: str = setting("none", "Requantize entries demoted into the host tier.",
                              choices=("none", "int8", "int4", "mixed"))
@@ -270,8 +277,14 @@ class StoreSettings(ServerSettings):
         check_choice("policy", self.policy, ("value", "lru"))
         if self.redis_url and not re.match(r"^rediss?://", self.redis_url):
             raise SettingsError(f"setting redis_url = {self.redis_url!r} must start with redis:// or rediss://")
-        if not re.fullmatch(r"[A-Za-z0-9:._-]{1,128}", self.redis_prefix):
-            raise SettingsError(f"setting redis_prefix = {self.redis_prefix!r} must be 1-128 chars of [A-Za-z0-9:._-]")
+        for name in ("redis_prefix", "redis_namespace"):
+            if not re.fullmatch(r"[A-Za-z0-9:._-]{1,128}", getattr(self, name)):
+                raise SettingsError(f"setting {name} = {getattr(self, name)!r} must be 1-128 chars of [A-Za-z0-9:._-]")
+        if self.redis_cluster and not self.redis_url:
+            raise SettingsError("setting redis_cluster = true needs redis_url: the address of one node of the cluster")
+        if self.redis_cluster and urllib.parse.urlsplit(self.redis_url).path.strip("/") not in ("", "0"):
+            raise SettingsError(f"setting redis_url = {redact_url(self.redis_url)!r} names a database other than 0; a "
+                                "Redis Cluster (redis_cluster = true) has only database 0: use redis://host:port/0")
         if not (self.device_bytes or self.cpu_bytes or self.redis_url):
             raise SettingsError("every tier is disabled: set device_bytes, cpu_bytes or redis_url")
 
@@ -301,8 +314,9 @@ class PrefillSettings(WorkerSettings):
     component: ClassVar[str] = "prefill"
 
     port: int = setting(50053, "gRPC port of the prefill worker.")
-    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards, comma-separated: "
-                         "each entry lives on the shard its key picks (rendezvous hashing).")
+    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards: comma-separated, "
+                         "or dns:///NAME:PORT for every address NAME resolves to (a headless Service), looked up again "
+                         "every 10 s. Each entry lives on the shard its key picks (rendezvous hashing).")
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
     max_tokens: int = setting(0, "Longest context accepted; 0 = the model's maximum.")
     threads: int = setting(0, "torch threads for the model; 0 = one per core (dkv up divides the cores among "
@@ -335,8 +349,9 @@ class DecodeSettings(WorkerSettings):
 
     component: ClassVar[str] = "decode"
     port: int = setting(50054, "gRPC port of the decode worker.")
-    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards, comma-separated: "
-                         "each entry lives on the shard its key picks (rendezvous hashing).")
+    store: str = setting("127.0.0.1:50052", "Address of the KV store (host:port), or of its shards: comma-separated, "
+                         "or dns:///NAME:PORT for every address NAME resolves to (a headless Service), looked up again "
+                         "every 10 s. Each entry lives on the shard its key picks (rendezvous hashing).")
     store_timeout_s: float = setting(60.0, "Deadline of each call to the store, in seconds.")
     prefill: str = setting("127.0.0.1:50053", "Address of a prefill worker (dns:///host:port balances over its "
                            "pods), to recompute missing entries; empty = a missing entry is NOT_FOUND.")
@@ -384,7 +399,7 @@ class GatewaySettings(ServerSettings):
     timeout_s: float = setting(600.0, "Deadline of each call to a worker, in seconds.")
     max_text_bytes: int = setting(1 << 20, "Longest context_text + query_text tokenized here (characters); longer "
                                   "requests get INVALID_ARGUMENT (send token ids).", kind="size")
-    store: str = setting("", "Address of the KV store (or its shards, comma-separated): a context it holds whole "
+    store: str = setting("", "Address of the KV store (or its shards, as for the workers): a context it holds whole "
                          "goes straight to decode (one Lookup, no Prefill call). Empty = every request goes through "
                          "a prefill worker.")
     store_timeout_s: float = setting(5.0, "Deadline of the gateway's store Lookup, in seconds; when it fails the "

@@ -100,7 +100,7 @@ def build_store(settings: StoreSettings) -> TieredStore:
     if settings.redis_url:
         mac = EntryMac(settings.cluster_secret) if settings.cluster_secret else None
         tiers.append(TierSpec(RedisTier("redis", settings.redis_bytes, settings.redis_url, prefix=settings.redis_prefix,
-                                        mac=mac),
+                                        namespace=settings.redis_namespace, cluster=settings.redis_cluster, mac=mac),
                               ShrinkRule(settings.redis_keep_fraction, settings.redis_quant), settings.tenant_redis_bytes))
     return TieredStore(tiers, make_policy(settings.policy), settings.max_entry_bytes)
 
@@ -260,8 +260,8 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
 
     def _probe(self, texts) -> store_pb2.ProbeResponse:
         reply = store_pb2.ProbeResponse()
-        for key in [_parse_key(k) for k in texts]:
-            found = self.store.probe(key)
+        keys = [_parse_key(k) for k in texts]
+        for key, found in zip(keys, self.store.probe(keys)):
             if found is None:
                 reply.entries.add(key=str(key), present=False)
                 continue

@@ -17,6 +17,7 @@ period), last started first, and Redis with them: nothing is left running.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dkv.kvstore.redis_server import RedisServer, free_port, redis_server_available
 from dkv.services.server import check_port_free
+from dkv.services.settings import SettingsError
 
 log = logging.getLogger("dkv.up")
 
@@ -245,9 +247,17 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
     from dkv.workers.model import load_tokenizer
 
     o = cluster.options
-    ray.init(address=None if o.ray == "local" else o.ray, include_dashboard=False, log_to_driver=True,
-             **({"num_cpus": max(2, o.prefill_workers + o.decode_workers)} if o.ray == "local" else {}))
     try:
+        ray.init(address=None if o.ray == "local" else o.ray, include_dashboard=False, log_to_driver=True,
+                 **({"num_cpus": max(2, o.prefill_workers + o.decode_workers)} if o.ray == "local" else {}))
+    except ConnectionError as e:
+        if any(isinstance(c, ray.exceptions.AuthenticationError) for c in _causes(e)):
+            raise SettingsError(f"the Ray cluster at {o.ray} asks for a token: run dkv up with RAY_AUTH_MODE=token and "
+                                "the cluster's token (in ~/.ray/auth_token, or RAY_AUTH_TOKEN), as its nodes have") from e
+        raise
+    try:
+        check_ray_reachable(o.host, ray.util.get_node_ip_address(),
+                            [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]])
         prefill, decode = start_pools(o.model, cluster.addresses["store"], o.prefill_workers, o.decode_workers,
                                       Security(token=o.token), o.device, o.dtype)
         router = Router([Worker(f"ray-decode-{i}", RayBackend(actor)) for i, actor in enumerate(decode)])
@@ -260,6 +270,31 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
         await serve_until_signal(GatewayServer(settings, gateway))
     finally:
         ray.shutdown()
+
+
+def _causes(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _loopback(address: str) -> bool:
+    """True for a loopback address (and for 0.0.0.0 or ::, which actors elsewhere would dial as themselves)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # a name
+        return address == "localhost"
+    return ip.is_loopback or ip.is_unspecified
+
+
+def check_ray_reachable(host: str, here: str, nodes: list[str]) -> None:
+    """``SettingsError`` when the store listens on a loopback ``host`` (the address the actors are
+    given) but Ray ``nodes`` run on other machines than this one (``here``): their actors could not
+    reach it."""
+    elsewhere = sorted({n for n in nodes if n != here and not _loopback(n)})
+    if _loopback(host.strip("[]")) and elsewhere:
+        raise SettingsError(f"the store listens on {host}, which the actors on the Ray nodes at {', '.join(elsewhere)} "
+                            f"cannot reach: listen on an address of this machine they can reach (--host {here})")
 
 
 def run(options: UpOptions) -> int:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server (never a fake) for the Redis tier's tests, a test PKI for TLS.
+"""Shared fixtures: a real redis-server and a real Redis Cluster (never a fake) for the Redis tier's tests, a test
+PKI for TLS.
 
 Markers (``redis``, ``gpu``, ``slow``) are declared in pyproject.toml.
 """
@@ -23,7 +24,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from in_process import InProcessServer  # noqa: E402
-from dkv.kvstore.redis_server import RedisServer, redis_server_available  # noqa: E402
+from dkv.kvstore.redis_server import LocalRedisCluster, RedisServer, redis_server_available  # noqa: E402
 
 _SKIP_REASON = "redis-server not on PATH: apt-get install -y redis-server (make test installs it)"
 
@@ -67,6 +68,38 @@ def fresh_redis():
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """One Redis Cluster (3 masters, 3 replicas on loopback) for the whole session; tests that kill
+    its nodes use ``fresh_redis_cluster``."""
+    if not redis_server_available():
+        pytest.skip(_SKIP_REASON)
+    with LocalRedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster):
+    """URL of a node of the shared cluster, every master emptied (FLUSHALL) for this test."""
+    import redis
+
+    client = redis.RedisCluster.from_url(redis_cluster.url, socket_timeout=5)
+    try:
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    finally:
+        client.close()
+    return redis_cluster.url
+
+
+@pytest.fixture
+def fresh_redis_cluster():
+    """A dedicated Redis Cluster this test may kill nodes of; stopped at teardown."""
+    if not redis_server_available():
+        pytest.skip(_SKIP_REASON)
+    with LocalRedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import redis
+import torch
 
 from dkv.kvstore import codec
 from dkv.kvstore.entry import EntryKey
@@ -28,11 +29,23 @@ def key(i: int) -> EntryKey:
     return EntryKey("t", "model", "recipe", f"h{i}")
 
 
+INDEX, VERSIONS, USED = "{dkv:}index", "{dkv:}versions", "{dkv:}used"  # the bookkeeping of prefix dkv:
+
+
+def manifest(k: EntryKey) -> str:
+    return f"dkv:m:{{{k}}}"
+
+
+def data(k: EntryKey) -> str:
+    """What the names of the data keys of entry ``k`` start with (then version:frame)."""
+    return f"dkv:d:{{{k}}}:"
+
+
 def raw(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5)
 
 
-def string_keys(client: redis.Redis, pattern: str = "dkv:*") -> list[bytes]:
+def string_keys(client: redis.Redis, pattern: str = "*") -> list[bytes]:
     return [k for k in client.scan_iter(match=pattern, count=1000) if client.type(k) == b"string"]
 
 
@@ -62,7 +75,7 @@ def test_values_are_split_into_at_most_4_mib(tier, redis_url):
         # jemalloc rounds a full 4 MiB frame up to its 5 MiB size class (see the next test)
         assert client.memory_usage(k) <= 1.25 * MAX_VALUE_BYTES + 1024
         assert client.ttl(k) == -1  # published keys never expire
-    assert client.hget("dkv:index", str(key(1))) == str(total).encode()
+    assert client.hget(INDEX, str(key(1))) == str(total).encode()
     client.close()
 
 
@@ -71,7 +84,7 @@ def test_redis_efficient_frames_cost_no_allocator_overhead(tier, redis_url):
     client = raw(redis_url)
     for i, frame_bytes in enumerate((MAX_VALUE_BYTES, MAX_FRAME_BYTES)):
         tier.put(key(i), [os.urandom(frame_bytes) for _ in range(3)])
-        full = string_keys(client, f"dkv:d:{key(i)}:*")
+        full = string_keys(client, f"{data(key(i))}*")
         assert [client.strlen(k) for k in full] == [frame_bytes] * 3
         usage = [client.memory_usage(k) / frame_bytes for k in full]
         if frame_bytes == MAX_VALUE_BYTES:
@@ -115,8 +128,8 @@ def test_half_written_entry_is_never_readable_and_staging_expires(redis_url):
 
 def test_data_keys_without_manifest_are_not_an_entry(tier, redis_url):
     client = raw(redis_url)
-    client.set(f"dkv:d:{key(2)}:abcd:0", b"frame0")
-    client.set(f"dkv:d:{key(2)}:abcd:1", b"frame1")
+    client.set(f"{data(key(2))}abcd:0", b"frame0")
+    client.set(f"{data(key(2))}abcd:1", b"frame1")
     assert tier.get(key(2)) is None
     assert not tier.contains(key(2))
     assert tier.keys() == []
@@ -153,7 +166,7 @@ def test_evicted_data_key_makes_a_clean_miss(tier, redis_url):
     tier.put(key(1), frames)
     tier.put(key(2), other)
     client = raw(redis_url)
-    victim = sorted(string_keys(client, f"dkv:d:{key(1)}:*"))[2]
+    victim = sorted(string_keys(client, f"{data(key(1))}*"))[2]
     client.delete(victim)  # as maxmemory eviction would
     assert tier.get(key(1)) is None  # not a partial list of frames
     assert not tier.contains(key(1))
@@ -169,7 +182,7 @@ def test_evicted_data_key_makes_a_clean_miss(tier, redis_url):
 def test_evicted_header_frame_is_a_miss(tier, redis_url):
     tier.put(key(1), [b"header", b"data"])
     client = raw(redis_url)
-    client.delete(f"dkv:d:{key(1)}:{_version(client, key(1))}:0")
+    client.delete(f"{data(key(1))}{_version(client, key(1))}:0")
     assert tier.header_frame(key(1)) is None
     assert not tier.contains(key(1)) and tier.used_bytes() == 0
     client.close()
@@ -178,7 +191,7 @@ def test_evicted_header_frame_is_a_miss(tier, redis_url):
 def _version(client: redis.Redis, k: EntryKey) -> str:
     import json
 
-    return json.loads(client.get(f"dkv:m:{k}"))["v"]
+    return json.loads(client.get(manifest(k)))["v"]
 
 
 def _all_methods(tier: RedisTier):
@@ -265,7 +278,7 @@ def test_put_failing_midway_on_oom_leaves_nothing(tmp_path):
         assert tier.used_bytes() == used_before
         assert tier.keys() == [key(0)]
         client = raw(server.url)
-        assert list(client.scan_iter(match=f"dkv:d:{key(1)}:*")) == []  # staged frames deleted
+        assert list(client.scan_iter(match=f"{data(key(1))}*")) == []  # staged frames deleted
         client.close()
         assert [bytes(f) for f in tier.get(key(0))] == small  # what was there still reads
         tier.put(key(2), [os.urandom(1000)])  # and memory was given back: small writes work
@@ -333,40 +346,54 @@ def test_concurrent_mixed_ops_keep_index_counter_and_data_consistent(tier, redis
         t.join(30)
     assert not errors, errors
     client = raw(redis_url)
-    index = {EntryKey.parse(k.decode()): int(v) for k, v in client.hgetall("dkv:index").items()}
+    index = {EntryKey.parse(k.decode()): int(v) for k, v in client.hgetall(INDEX).items()}
     assert tier.used_bytes() == sum(index.values())
     assert sorted(tier.keys()) == sorted(index)
     expected_data_keys = set()
     for k, size in index.items():
-        manifest = json.loads(client.get(f"dkv:m:{k}"))
-        assert sum(manifest["sizes"]) == size
+        m = json.loads(client.get(manifest(k)))
+        assert sum(m["sizes"]) == size
         assert sum(len(f) for f in tier.get(k)) == size
-        expected_data_keys |= {f"dkv:d:{k}:{manifest['v']}:{i}".encode() for i in range(len(manifest["sizes"]))}
+        expected_data_keys |= {f"{data(k)}{m['v']}:{i}".encode() for i in range(len(m["sizes"]))}
     assert set(string_keys(client, "dkv:d:*")) == expected_data_keys  # nothing leaked
     assert string_keys(client, "dkv:m:*") and len(string_keys(client, "dkv:m:*")) == len(index)
     client.close()
 
 
-def test_stores_sharing_a_redis_under_their_own_prefixes_see_only_their_own_entries(redis_url):
-    """Store shards share one Redis, each under its own prefix (the chart sets dkv:<pod name>:): a
-    store counts, recovers after a restart and evicts only its own entries."""
+def test_stores_sharing_a_redis_count_their_own_entries_and_read_each_others(redis_url):
+    """Store shards share one Redis: entries under the shared namespace, each shard's bookkeeping under
+    its own prefix (the chart sets dkv:<pod name>:). A store counts, recovers after a restart and
+    evicts only its own entries, and adopts another's when asked for it (a lost shard's entries)."""
+    from dkv.kvstore.errors import EntryNotFound
     from dkv.services.settings import StoreSettings
     from dkv.services.store_server import build_store
 
     def store(shard: str):
         return build_store(StoreSettings(cpu_bytes=0, redis_url=redis_url, redis_bytes=CAP, redis_prefix=f"dkv:{shard}:"))
 
+    client = raw(redis_url)
     a = store("a")
     entries = [synthetic_entry(seq_len=32, num_layers=1, seed=i) for i in range(3)]
     for entry in entries:
         a.put(codec.encode(entry))
     assert a.stats().entries == 3
     b = store("b")
-    assert b.stats().entries == 0 and b.stats().tiers[0].used_bytes == 0
-    assert all(b.probe(e.key) is None for e in entries)
+    assert b.stats().entries == 0 and b.stats().tiers[0].used_bytes == 0  # nothing of a's counted at start
     again = store("a")  # a restarted shard recovers its own entries
-    assert again.stats().entries == 3 and all(again.probe(e.key) is not None for e in entries)
-    assert string_keys(raw(redis_url), "dkv:b:*") == [] and string_keys(raw(redis_url), "dkv:a:*")
+    assert again.stats().entries == 3 and all(again.probe([e.key for e in entries]))
+    assert client.exists("{dkv:b:}index") == 0 and client.hlen("{dkv:a:}index") == 3
+
+    got = codec.decode(b.get(entries[0].key).frames)  # b reads a's entry, and counts it from now on
+    assert got.key == entries[0].key and torch.equal(got.layers[0].keys, entries[0].layers[0].keys)
+    assert b.probe([entries[1].key, key(7)])[1] is None  # adopted by a lookup too; an unknown key is a miss
+    assert b.stats().entries == 2 and sorted(client.hkeys("{dkv:b:}index")) == sorted(
+        str(e.key).encode() for e in entries[:2])
+    assert client.hlen("{dkv:a:}index") == 3
+    assert b.delete(entries[2].key)  # b never held it: deleted from the shared tier all the same
+    with pytest.raises(EntryNotFound):
+        again.get(entries[2].key)
+    assert again.stats().lost == 1 and again.stats().entries == 2
+    client.close()
 
 
 # --- drift: what Redis loses behind the store's back, and what the audit repairs --------------------
@@ -374,10 +401,10 @@ def test_stores_sharing_a_redis_under_their_own_prefixes_see_only_their_own_entr
 
 def layout(client: redis.Redis) -> dict:
     """The tier's bookkeeping as Redis holds it."""
-    return {"index": {k.decode(): int(v) for k, v in client.hgetall("dkv:index").items()},
-            "versions": {k.decode(): v.decode() for k, v in client.hgetall("dkv:versions").items()},
-            "used": int(client.get("dkv:used") or 0),
-            "manifests": sorted(k.decode()[len("dkv:m:"):] for k in client.scan_iter(match="dkv:m:*")),
+    return {"index": {k.decode(): int(v) for k, v in client.hgetall(INDEX).items()},
+            "versions": {k.decode(): v.decode() for k, v in client.hgetall(VERSIONS).items()},
+            "used": int(client.get(USED) or 0),
+            "manifests": sorted(k.decode()[len("dkv:m:{"):-1] for k in client.scan_iter(match="dkv:m:*")),
             "data": len(string_keys(client, "dkv:d:*"))}
 
 
@@ -386,33 +413,79 @@ def test_a_missing_manifest_is_a_miss_that_frees_the_entry_s_accounting_and_data
     tier.put(key(1), [b"a" * 100, b"b" * 50])
     tier.put(key(2), [b"c" * 10])
     version, _ = layout(client)["versions"][str(key(1))].split(":")
-    client.delete(f"dkv:m:{key(1)}")  # what maxmemory eviction does to a manifest
+    client.delete(manifest(key(1)))  # what maxmemory eviction does to a manifest
     assert tier.get(key(1)) is None
     state = layout(client)
     assert state["index"] == {str(key(2)): 10} and state["used"] == 10 and list(state["versions"]) == [str(key(2))]
-    assert state["data"] == 1 and not string_keys(client, f"dkv:d:{key(1)}:{version}:*")
+    assert state["data"] == 1 and not string_keys(client, f"{data(key(1))}{version}:*")
     assert tier.audit() == {key(2): 10}  # nothing left to repair
     client.close()
 
 
-def test_the_audit_rebuilds_index_versions_and_counter_and_collects_orphaned_data_keys(tier, redis_url):
+def test_a_malformed_manifest_is_a_miss_and_is_removed_with_what_the_store_counted(tier, redis_url):
+    client = raw(redis_url)
+    tier.put(key(1), [b"a" * 10, b"b" * 20])
+    version = layout(client)["versions"][str(key(1))].split(":")[0]
+    client.set(manifest(key(1)), b'{"v": "x", "sizes": {"0": 1}}')  # not a manifest dkv wrote
+    assert tier.get(key(1)) is None and not tier.contains(key(1))
+    assert layout(client) == {"index": {}, "versions": {}, "used": 0, "manifests": [], "data": 0}
+    assert not string_keys(client, f"{data(key(1))}{version}:*")
+    tier.put(key(1), [b"again"])
+    assert [bytes(f) for f in tier.get(key(1))] == [b"again"]
+    client.close()
+
+
+def test_the_audit_repairs_the_bookkeeping_from_the_manifests_of_the_entries_it_counts(tier, redis_url):
     client = raw(redis_url)
     for i in range(6):
         tier.put(key(i), [bytes([i]) * (100 + i), b"x" * 7])
-    client.delete(f"dkv:m:{key(0)}", f"dkv:m:{key(1)}")  # manifests evicted ...
-    client.delete("dkv:index", "dkv:used", "dkv:versions")  # ... then the bookkeeping itself
-    tier.put(key(9), [b"new" * 10])  # written after: the index and counter start again from it
-    client.set("dkv:d:t/model/recipe/h7:0123456789abcdef:0", b"orphan")  # persisted, never published
-    client.set("dkv:d:t/model/recipe/h8:0123456789abcdef:0", b"staging", px=60_000)  # a write under way
+    lost_versions = [layout(client)["versions"][str(key(i))].split(":")[0] for i in (0, 1)]
+    client.delete(manifest(key(0)), manifest(key(1)))  # manifests evicted
+    client.hdel(INDEX, str(key(2)), str(key(3)))  # fields of the index lost (as when Redis evicted the hash) ...
+    client.hdel(VERSIONS, str(key(4)))  # ... and of the versions hash
+    client.hset(INDEX, str(key(5)), 1)  # a size that another write of the key made stale
+    client.delete(USED)
     held = tier.audit()
-    expected = {key(i): 100 + i + 7 for i in range(2, 6)} | {key(9): 30}
+    expected = {key(i): 100 + i + 7 for i in range(2, 6)}
     assert held == expected
     state = layout(client)
     assert state["index"] == {str(k): n for k, n in expected.items()} and state["used"] == sum(expected.values())
     assert sorted(state["versions"]) == sorted(map(str, expected)) and state["manifests"] == sorted(map(str, expected))
-    # the data keys of the two lost entries and the orphan are gone; the staging key is left to expire
-    assert state["data"] == 4 * 2 + 1 + 1 and client.exists("dkv:d:t/model/recipe/h8:0123456789abcdef:0")
+    # the data keys of the two lost entries are gone (found through the versions hash), the others kept
+    assert state["data"] == 4 * 2 and not any(string_keys(client, f"{data(key(i))}{v}:*")
+                                              for i, v in zip((0, 1), lost_versions))
     assert tier.used_bytes() == sum(expected.values()) and sorted(tier.keys()) == sorted(expected)
+    assert tier.audit() == expected and layout(client) == state  # nothing left to repair
+    client.close()
+
+
+def test_entries_whose_bookkeeping_redis_lost_are_counted_again(redis_url):
+    """Redis evicted a store's index, versions and counter: the store's audit counts its entries that
+    are still there again (it knows them: no scan), the others are lost; an entry no store indexes
+    any more is counted again by the first store that reads it."""
+    from dkv.services.settings import StoreSettings
+    from dkv.services.store_server import build_store
+
+    def store():
+        return build_store(StoreSettings(cpu_bytes=0, redis_url=redis_url, redis_bytes=CAP))
+
+    entries = [synthetic_entry(seq_len=32, num_layers=1, seed=i) for i in range(4)]
+    first = store()
+    for entry in entries:
+        first.put(codec.encode(entry))
+    client = raw(redis_url)
+    client.delete(manifest(entries[0].key))  # evicted ...
+    client.delete(INDEX, VERSIONS, USED)  # ... and then the bookkeeping
+    assert first.audit()["lost"] == 1 and first.stats().entries == 3
+    state = layout(client)
+    assert sorted(state["index"]) == sorted(str(e.key) for e in entries[1:]) == state["manifests"]
+    assert state["used"] == sum(state["index"].values()) == first.stats().tiers[0].used_bytes
+
+    client.delete(INDEX, VERSIONS, USED)
+    second = store()  # a restart: nothing counted, nothing known
+    assert second.stats().entries == 0
+    assert codec.decode(second.get(entries[1].key).frames).key == entries[1].key
+    assert second.stats().entries == 1 and list(layout(client)["index"]) == [str(entries[1].key)]
     client.close()
 
 
@@ -424,8 +497,7 @@ def test_with_a_cluster_secret_an_entry_written_without_it_is_corrupt_never_serv
     frames = [b"header", b"data" * 100]
     signed.put(key(1), frames)
     assert [bytes(f) for f in signed.get(key(1))] == frames
-    manifest = raw(redis_url).get(f"dkv:m:{key(1)}")
-    assert len(json.loads(manifest)["mac"]) == 64
+    assert len(json.loads(raw(redis_url).get(manifest(key(1))))["mac"]) == 64
     # whoever can write to Redis but lacks the secret: no MAC, or another secret's
     for forger in (RedisTier("redis", CAP, redis_url), RedisTier("redis", CAP, redis_url, mac=EntryMac("guess"))):
         forger.put(key(1), [b"header", b"forged" * 100])

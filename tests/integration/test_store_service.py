@@ -121,7 +121,7 @@ def test_a_flipped_byte_in_redis_is_a_miss_never_wrong_bytes(store_service, redi
     with StoreClient(server.address) as client:
         key = client.put(entry).key
         r = redis.Redis.from_url(redis_url)
-        data_key = sorted(r.scan_iter(match=f"dkv:d:{key}:*"))[1]
+        data_key = sorted(r.scan_iter(match=f"dkv:d:{{{key}}}:*"))[1]
         value = bytearray(r.get(data_key))
         value[1234] ^= 0xFF
         r.set(data_key, bytes(value))

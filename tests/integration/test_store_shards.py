@@ -95,3 +95,73 @@ def test_a_chunked_prompt_is_found_across_shards_and_a_lost_shard_costs_only_mis
         assert client.get(found.keys[0]) is not None  # the other shards still serve
     finally:
         client.close()
+
+
+@pytest.mark.redis
+def test_a_lost_shard_s_entries_in_redis_cluster_are_served_by_the_shards_its_keys_move_to(
+        smollm2, store_service, redis_cluster_url):
+    """Three shards share a Redis Cluster as their last tier (each its own bookkeeping prefix). One is
+    stopped: reads of its keys go to the shards that rank second for them (first while it is still
+    listed, then after the membership drops it), which find its entries in the cluster: the prompt is
+    not recomputed."""
+    from dkv.services.settings import StoreSettings
+
+    model, tokenizer = smollm2
+    shards = [store_service(StoreSettings(port=0, cpu_bytes=0, redis_url=redis_cluster_url, redis_cluster=True,
+                                          redis_prefix=f"dkv:shard-{i}:")) for i in range(3)]
+    members = [s.address for s in shards]
+    client = ShardedStoreClient(lambda: list(members), timeout_s=120, refresh_s=3600)
+    worker = PrefillWorker(model, tokenizer, client, max_tokens=2048)
+    ids = tokenizer(TEXT).input_ids
+    try:
+        first = worker.prefill(ids, RECIPE)
+        homes = [owner(k, members) for k in first.keys]
+        lost = max(set(homes), key=homes.count)  # the shard with the most of the prompt's chunks
+        lost_keys = [k for k, h in zip(first.keys, homes) if h == lost]
+        with StoreClient(shards[lost].address) as direct:
+            assert {p.tier for p in direct.probe(lost_keys)} == {"redis"}
+        shards[lost].stop()
+
+        # still listed: the owner is UNAVAILABLE, the second-ranked shard answers from the cluster
+        found = client.lookup(model.dkv_fingerprint, RECIPE, ids)
+        assert found.cached_tokens == len(ids) and [str(k) for k in found.keys] == list(first.keys)
+        entry = client.get(lost_keys[0])
+        assert entry is not None and str(entry.key) == lost_keys[0]
+
+        members.remove(shards[lost].address)  # the membership (a headless Service) drops it
+        client.refresh()
+        assert client.addresses == members
+        again = worker.prefill(ids, RECIPE)  # nothing recomputed
+        assert (again.cached_tokens, again.prefilled_tokens, list(again.keys)) == (len(ids), 0, list(first.keys))
+        # the lost shard's entries are counted by the shards they moved to
+        assert sum(entries_per_shard([s for i, s in enumerate(shards) if i != lost])) == len(first.keys)
+    finally:
+        client.close()
+
+
+def test_shards_named_by_dns_are_every_address_the_name_resolves_to(store_service):
+    server = store_service()
+    with open_store(f"dns:///localhost:{server.port}") as client:
+        assert isinstance(client, ShardedStoreClient)
+        assert client.addresses == [f"localhost:{server.port}"]  # 127.0.0.1, by its own name
+        entry = synthetic_entry(seq_len=32, num_layers=1, seed=5)
+        client.put(entry)
+        assert client.get(entry.key).key == entry.key
+        client.refresh()  # looked up again: the same shard, the same connection
+        assert client.addresses == [f"localhost:{server.port}"] and client.get(entry.key) is not None
+
+
+def test_calls_fail_unavailable_until_the_membership_names_a_shard(store_service):
+    server = store_service()
+    members = []
+    entry = synthetic_entry(seq_len=32, num_layers=1, seed=6)
+    with ShardedStoreClient(lambda: list(members), refresh_s=3600) as client:  # the store's pods not ready yet
+        for call in (lambda: client.get(entry.key), lambda: client.put(entry),
+                     lambda: client.lookup("synthetic-model", entry.identity.recipe, [1, 2, 3])):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no store shard" in e.value.details()
+        members.append(server.address)
+        client.refresh()
+        client.put(entry)
+        assert client.get(entry.key).key == entry.key

@@ -453,7 +453,7 @@ def test_5_redis_evicting_manifests_then_index_and_counter_under_load_misses_nev
             evicted = manifests[: len(manifests) // 2]
             r.delete(*evicted)  # what allkeys-lru does to cold manifests
             time.sleep(1)
-            r.delete("dkv:used", "dkv:index", "dkv:versions")  # and then to the bookkeeping itself
+            r.delete("{dkv:}used", "{dkv:}index", "{dkv:}versions")  # and then to the bookkeeping itself
             time.sleep(2.5)  # the load goes on; the store audits every second
         finally:
             stop.set()
@@ -461,10 +461,11 @@ def test_5_redis_evicting_manifests_then_index_and_counter_under_load_misses_nev
                 t.join(30)
         server.server.store.audit()  # one more, now that no write is under way
         index = redis_state(r)  # consistent: manifests == index, data keys whole, used == sum(index)
+        assert index.keys() == {k.decode() for k in r.hkeys("{dkv:}index")}  # every published entry counted
         really = sum(int(r.strlen(k)) for k in r.scan_iter(match="dkv:d:*") if r.ttl(k) == -1)
         stats = client.stats()
         (redis_tier,) = [t for t in stats.tiers if t.name == "redis"]
-        assert int(r.get("dkv:used") or 0) == really == sum(index.values()) == redis_tier.used_bytes
+        assert int(r.get("{dkv:}used") or 0) == really == sum(index.values()) == redis_tier.used_bytes
         # new Puts fit: the tier is not full of entries that are gone
         fresh = [entry_of(512, heads=2, seed=100 + i, token_ids=list(range(90_000 + 1000 * i, 90_000 + 1000 * i + 512)))
                  for i in range(12)]

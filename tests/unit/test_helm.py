@@ -420,10 +420,15 @@ def test_store_shards_and_headless_service():
     assert store["DKV_STORE_CPU_BYTES"] == "8GiB"
     assert store["DKV_STORE_DEVICE_BYTES"] == str(4 << 30)  # not 4.294967296e+09
     assert S.parse_size(store["DKV_STORE_DEVICE_BYTES"]) == 4 << 30
-    # the workers list every shard by its stable name, in order (ShardedStoreClient places entries)
-    shards = ",".join(f"{FULL}-store-{i}.{FULL}-store-headless:50052" for i in range(3))
+    # the workers and the gateway find the shards through the headless Service's DNS, looked up again
+    # as pods come and go (ShardedStoreClient places entries on them)
+    shards = f"dns:///{FULL}-store-headless:50052"
     assert env_values(docs, "prefill")["DKV_PREFILL_STORE"] == env_values(docs, "decode")["DKV_DECODE_STORE"] == shards
+    assert env_values(docs, "gateway")["DKV_GATEWAY_STORE"] == shards
     assert S.load(S.PrefillSettings, {}, env={"DKV_PREFILL_STORE": shards}).store == shards
+    # entries under one namespace every shard reads, each shard's bookkeeping under its own prefix
+    assert store["DKV_STORE_REDIS_NAMESPACE"] == "dkv:" and store["DKV_STORE_REDIS_PREFIX"] == "dkv:$(POD_NAME):"
+    assert store["DKV_STORE_REDIS_CLUSTER"] == "false"
 
 
 def test_resources_and_gpu_limits(everything_docs, default_docs):
@@ -564,6 +569,21 @@ def test_external_redis_without_password():
     docs = render({"redis": {"enabled": False}, "externalRedis": {"url": "rediss://r.example:6380/2"}})
     assert env_values(docs, "store")["DKV_STORE_REDIS_URL"] == "rediss://r.example:6380/2"
     assert "REDIS_PASSWORD" not in env(docs, "store")
+
+
+def test_external_redis_cluster():
+    docs = render({"redis": {"enabled": False}, "externalRedis": {"url": "redis://redis-cluster.db:6379/0", "cluster": True},
+                   "store": {"shards": 4, "redisNamespace": "team-a:"}})
+    store = env_values(docs, "store")
+    assert store["DKV_STORE_REDIS_URL"] == "redis://redis-cluster.db:6379/0" and store["DKV_STORE_REDIS_CLUSTER"] == "true"
+    settings = S.load(S.StoreSettings, {}, env={k: v.replace("$(POD_NAME)", "rel-dkv-store-2") for k, v in store.items()
+                                                 if k.startswith("DKV_STORE_")})
+    assert (settings.redis_cluster, settings.redis_namespace, settings.redis_prefix) == (True, "team-a:",
+                                                                                         "dkv:rel-dkv-store-2:")
+    with pytest.raises(helm.HelmRenderError, match="in-chart Redis is one server"):
+        render({"externalRedis": {"url": "redis://c:6379/0", "cluster": True}})
+    with pytest.raises(helm.HelmValuesError, match="redisNamespace"):
+        render({"store": {"redisNamespace": "has space"}})
 
 
 def test_no_redis_fails_unless_the_redis_tier_is_off():

@@ -99,7 +99,7 @@ def test_rejects_bad_token_values(bad):
     with pytest.raises(InvalidEntry, match="token ids"):
         chain_hashes(bad, CHUNK, MODEL, RECIPE.recipe_id)
     with pytest.raises(InvalidEntry, match="token ids"):
-        longest_cached_prefix(bad, RECIPE, MODEL, "t", lambda k: 0)
+        longest_cached_prefix(bad, RECIPE, MODEL, "t", lambda keys: [0] * len(keys))
 
 
 def test_accepts_largest_token_id():
@@ -112,7 +112,7 @@ def test_rejects_non_1d(bad):
         chain_hashes(bad, CHUNK, MODEL, RECIPE.recipe_id)
     if not isinstance(bad, int):
         with pytest.raises(InvalidEntry, match="one-dimensional"):
-            longest_cached_prefix(bad, RECIPE, MODEL, "t", lambda k: 0)
+            longest_cached_prefix(bad, RECIPE, MODEL, "t", lambda keys: [0] * len(keys))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,9 +130,9 @@ class Store:
         self.starts[key] = start
         return key
 
-    def start_of(self, key: EntryKey) -> int | None:
-        self.asked.append(key)
-        return self.starts.get(key)
+    def start_of(self, keys: list[EntryKey]) -> list[int | None]:
+        self.asked += keys
+        return [self.starts.get(key) for key in keys]
 
 
 def test_nothing_stored_is_none():
@@ -142,7 +142,7 @@ def test_nothing_stored_is_none():
 
 
 def test_empty_prompt_is_none():
-    assert longest_cached_prefix([], RECIPE, MODEL, "t", lambda k: 0) is None
+    assert longest_cached_prefix([], RECIPE, MODEL, "t", lambda keys: [0] * len(keys)) is None
 
 
 def test_longest_chunk_boundary_wins():

@@ -1,4 +1,5 @@
-"""The StorageTier contract: every tier (device memory, host memory, Redis) passes this one suite.
+"""The StorageTier contract: every tier (device memory, host memory, Redis, Redis Cluster) passes this
+one suite.
 
 The device tier runs here as ``MemoryTier(device="cpu")``, the same code a GPU host runs on cuda.
 """
@@ -29,10 +30,15 @@ def _make_tier(kind: str, request) -> StorageTier:
         from dkv.kvstore.redis_tier import RedisTier
 
         return RedisTier("redis", CAPACITY, request.getfixturevalue("redis_url"))
+    if kind == "redis-cluster":
+        from dkv.kvstore.redis_tier import RedisTier
+
+        return RedisTier("redis", CAPACITY, request.getfixturevalue("redis_cluster_url"), cluster=True)
     raise AssertionError(kind)
 
 
-@pytest.fixture(params=["device", "cpu", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["device", "cpu", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("redis-cluster", marks=pytest.mark.redis)])
 def tier(request):
     t = _make_tier(request.param, request)
     try:

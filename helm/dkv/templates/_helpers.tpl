@@ -84,12 +84,9 @@ calls round robin (connections are aged, so new pods get calls too).
 {{- $full := include "dkv.fullname" . }}
 {{- $port := int .Values.store.port }}
 {{- if gt (int .Values.store.shards) 1 }}
-{{- /* every shard by its stable name: the clients place each entry on one (rendezvous hashing) */}}
-{{- $shards := list }}
-{{- range $i := until (int .Values.store.shards) }}
-{{- $shards = append $shards (printf "%s-store-%d.%s-store-headless:%d" $full $i $full $port) }}
-{{- end }}
-{{- join "," $shards }}
+{{- /* the shards are the ready pods behind the headless Service, looked up again every 10 s; the
+clients place each entry on one (rendezvous hashing of its key over the pods' stable names) */}}
+{{- printf "dns:///%s-store-headless:%d" $full $port }}
 {{- else }}
 {{- printf "%s-store:%d" $full $port }}
 {{- end }}
@@ -154,6 +151,9 @@ Checks across values that the schema cannot express; each fails rendering with w
 {{- end }}
 {{- if and (not $v.store.redisTier) (include "dkv.isZeroSize" $v.store.deviceBytes) (include "dkv.isZeroSize" $v.store.cpuBytes) }}
 {{- fail "every store tier is disabled: set store.cpuBytes or store.deviceBytes above 0, or store.redisTier=true" }}
+{{- end }}
+{{- if and $v.externalRedis.cluster $v.redis.enabled }}
+{{- fail "externalRedis.cluster is true but redis.enabled is true: the in-chart Redis is one server, not a cluster; set redis.enabled=false and externalRedis.url to a node of your Redis Cluster" }}
 {{- end }}
 {{- if and $v.externalRedis.existingSecret (contains "@" $v.externalRedis.url) }}
 {{- fail "externalRedis.url must not contain credentials when externalRedis.existingSecret is set: the chart inserts the password" }}
