@@ -66,7 +66,7 @@ def test_the_store_failing_or_down_never_fails_a_request_and_caching_resumes(smo
     model, tokenizer = smollm2
     query = tokenizer("\nQuestion: Summarize the sentence that is not about gulls. Answer:",
                       add_special_tokens=False).input_ids
-    options = UpOptions(port=free_port(), cpu_bytes="1MiB", redis_bytes="256MiB", metrics=True,
+    options = UpOptions(port=free_port(), http_port=0, cpu_bytes="1MiB", redis_bytes="256MiB", metrics=True,
                         device="cpu", dtype="float32")
     with Cluster(options) as cluster, DkvClient(cluster.gateway, timeout_s=300) as client:
         def ask(i: int):
