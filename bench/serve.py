@@ -322,7 +322,7 @@ def plot(result: dict, path: str) -> None:
 
 def run(context_tokens: int = 1024, new_tokens: int = 64, systems=("transformers", "vllm", "dkv-full", "dkv-default"),
         capacity_contexts: int = 0, kv_cache_gib: float = 1.0, capacity_kv_gib: float = 0.25,
-        clients: tuple[int, ...] = CONCURRENCY, log=None) -> dict:
+        clients: tuple[int, ...] = CONCURRENCY, capacity_only: bool = False, log=None) -> dict:
     from dkv.workers.model import load_tokenizer
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -330,7 +330,7 @@ def run(context_tokens: int = 1024, new_tokens: int = 64, systems=("transformers
     load = workload(tokenizer, context_tokens, new_tokens, clients)
     result = {"benchmark": "serve", "model": "smollm2-135m", "dtype": "float32", "cpus": os.cpu_count(),
               "context_tokens": context_tokens, "new_tokens": new_tokens, "systems": {}, "capacity": {}}
-    for name in systems:
+    for name in () if capacity_only else systems:
         log(f"== {name}")
         if name == "transformers":
             result["systems"][name] = run_transformers(load, log)
@@ -356,7 +356,8 @@ def run(context_tokens: int = 1024, new_tokens: int = 64, systems=("transformers
 
 def main(args: argparse.Namespace) -> int:
     result = run(args.context_tokens, args.new_tokens, args.systems.split(","), args.capacity_contexts,
-                 args.kv_cache_gib, args.capacity_kv_gib, tuple(int(c) for c in args.clients.split(",")))
+                 args.kv_cache_gib, args.capacity_kv_gib, tuple(int(c) for c in args.clients.split(",")),
+                 args.capacity_only)
     if args.plot:
         plot(result, args.plot)
     print(json.dumps(result, indent=None if args.json else 2))
@@ -372,6 +373,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity-contexts", type=int, default=0,
                         help="contexts of the capacity scenario (about 4x what vLLM's KV cache holds at "
                         "--capacity-kv-gib); 0 skips it")
+    parser.add_argument("--capacity-only", action="store_true",
+                        help="run only the capacity scenario (vLLM's part when --systems names vllm)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache space for the main phases")
     parser.add_argument("--capacity-kv-gib", type=float, default=0.25,
                         help="vLLM's KV cache space in the capacity scenario; dkv's host tier gets as much, Redis 4x")
