@@ -20,8 +20,9 @@ def test_a_small_serve_benchmark_measures_every_phase_of_each_system(tmp_path):
         assert set(system["concurrency"]) == {"1", "2"}
         assert system["concurrency"]["2"]["tokens"] == 2 * 2 * 4  # 2 clients x 2 requests x 4 tokens
     assert result["systems"]["transformers"]["batched_generate"]["aggregate_tokens_per_s"] > 0
-    assert result["targets"]["single_vs_transformers"]["measured"] > 0
-    assert result["targets"]["aggregate8_vs_vllm"]["measured"] is None  # no vLLM here, no 8 clients
+    assert result["targets"]["dkv-full"]["single_vs_transformers"]["measured"] > 0
+    assert result["targets"]["dkv-full"]["aggregate8_vs_vllm"]["measured"] is None  # no vLLM here, no 8 clients
+    assert result["targets"]["dkv-default"]["capacity_ttft_vs_vllm"]["measured"] is None  # no vLLM: no ratio
     capacity = result["capacity"]["dkv-default"]["capacity"]
     assert capacity["contexts"] == 3 and capacity["second_pass_hits"] == 3  # the tiers held all three
     assert capacity["pass2_mean_ttft_ms"] < capacity["pass1_mean_ttft_ms"]
