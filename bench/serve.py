@@ -353,9 +353,10 @@ def run(context_tokens: int = 1024, new_tokens: int = 64, systems=("transformers
         log(f"== capacity: {capacity_contexts} contexts of {context_tokens} tokens, KV space {capacity_kv_gib} GiB")
         if "vllm" in systems:
             result["capacity"]["vllm"] = run_vllm(scenario, log, capacity_kv_gib)
-        gib = f"{capacity_kv_gib}GiB"
-        result["capacity"]["dkv-default"] = run_dkv("dkv-default", None, scenario, log, cpu_bytes=gib,
-                                                    redis_bytes=f"{4 * capacity_kv_gib}GiB", worker_cache=False)
+        if any(name.startswith("dkv") for name in systems):  # dkv's part always runs the default recipe
+            gib = f"{capacity_kv_gib}GiB"
+            result["capacity"]["dkv-default"] = run_dkv("dkv-default", None, scenario, log, cpu_bytes=gib,
+                                                        redis_bytes=f"{4 * capacity_kv_gib}GiB", worker_cache=False)
     result["targets"] = ratios(result["systems"], result["capacity"])
     return result
 
@@ -380,7 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="contexts of the capacity scenario (about 4x what vLLM's KV cache holds at "
                         "--capacity-kv-gib); 0 skips it")
     parser.add_argument("--capacity-only", action="store_true",
-                        help="run only the capacity scenario (vLLM's part when --systems names vllm)")
+                        help="run only the capacity scenario: vLLM's part where --systems names vllm, dkv's (default "
+                        "recipe) where it names a dkv system")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache space for the main phases")
     parser.add_argument("--capacity-kv-gib", type=float, default=0.25,
                         help="vLLM's KV cache space in the capacity scenario; dkv's host tier gets as much, Redis 4x")

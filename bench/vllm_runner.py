@@ -75,7 +75,8 @@ async def serve(model_dir: str, workload: dict, kv_cache_gib: float) -> dict:
     try:
         # A query alone starts no workload prompt (they all start with a context), so whatever the
         # prefix cache keeps of the warm-up never turns a later miss into a hit.
-        async for _ in generate(workload["queries"][0][0], 2):
+        warm_up = workload["queries"][0][0] if workload["queries"] else workload["capacity"]["query"]
+        async for _ in generate(warm_up, 2):
             pass
         cache = engine.vllm_config.cache_config
         startup_s = time.perf_counter() - started
