@@ -61,7 +61,7 @@ def test_batched_greedy_tokens_equal_each_stream_alone(smollm2, streams):
     out = [[] for _ in streams]
     ended: list = []
     made = [Stream(e, q, NEW, out[i].append, ended.append,
-                   selection=row_selection(sel, e[0].page_size, 64 if sel != "dense" else 0))
+                   selection=row_selection(sel, 64 if sel != "dense" else 0))
             for i, (e, q, sel) in enumerate(streams)]
     rows_at_join = []
     with torch.inference_mode():

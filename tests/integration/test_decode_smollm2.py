@@ -38,7 +38,8 @@ def test_sparse_selections_keep_the_passkey_at_an_eighth_of_the_tokens(smollm2, 
     stats = DecodeStats()
     out = generate(model, tokenizer, entry, query, 6, selection=selection, budget=budget, stats=stats)
     assert "71432" in tokenizer.decode(out)
-    assert stats.steps >= 1 and max(stats.selected_per_step) <= budget + 16 + 4 + len(out) + query.shape[1] + 32
+    # everything counted (sinks, recent, query and generated tokens, every layer): within one page of the budget
+    assert stats.steps >= 1 and all(budget - 8 <= s <= budget for s in stats.selected_per_step)
 
 
 def test_selection_cache_is_used_and_changes_nothing_for_dense(smollm2, passkey):
