@@ -9,9 +9,10 @@ head dim 64) and a Llama-8B shape (32, 8, 128), at contexts of 4K, 16K and 64K t
 - ``attention_ms``: the attention part alone.
 
 On a GPU it also reports the bytes the sparse kernel reads over its time, as a fraction of the
-copy bandwidth measured in the same run. Then the quality of selection on SmolLM2 (the quality
-benchmark's tasks): retrieval accuracy and extra NLL at budgets 1/4, 1/8 and 1/16 of the cached
-tokens, against dense. Prints one JSON object.
+copy bandwidth measured in the same run. Then the quality of selection on SmolLM2 (``quality_rows``:
+passkeys and needles at 350-1400 tokens, the quality benchmark's fidelity texts): retrieval
+accuracy, extra NLL and the needle's selection rate per layer at budgets 1/4, 1/8 and 1/16 of the
+context attended per step (everything counted), against dense. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -108,67 +109,94 @@ def _device_name(device: str) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _teacher_forced(model, entry, continuation: list[int], first_logits: torch.Tensor, selection: str,
-                    budget: int | None) -> tuple[float, list[int]]:
-    """Mean NLL of ``continuation`` and the argmax at each position, one decode step per token (the
-    decode worker's batched decoder, fed the continuation instead of its own picks)."""
-    from dkv.workers.decode import generate
+class NeedleCounter:
+    """``observe`` hook of ``workers.decode.generate``: per layer, the share of the needle's
+    (token, KV head) slots that selection attended, over every step."""
 
-    rows = [first_logits]
-    forced = iter(continuation[1:])
+    def __init__(self, num_layers: int):
+        self.hits = [0] * num_layers
+        self.slots = [0] * num_layers
+        self.span = (0, 0)
 
-    def feed(logits: torch.Tensor) -> int:
-        rows.append(logits.float())
-        return next(forced)
+    def __call__(self, layer: int, keep: torch.Tensor, view) -> None:
+        needle = (view.positions >= self.span[0]) & (view.positions < self.span[1]) & view.valid
+        needle[:, view.entry_slots:] = False  # appended slots reuse positions past the entry only
+        self.hits[layer] += int((keep & needle).sum())
+        self.slots[layer] += int(needle.sum())
 
-    generate(model, None, entry, torch.tensor([continuation[:1]]), len(continuation) - 1, selection, budget,
-             stop_ids=set(), pick=feed)
-    logits = torch.stack(rows)
-    nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(continuation).unsqueeze(1)).squeeze(1)
-    return float(nll.mean()), logits.argmax(-1).tolist()
+    def rates(self) -> list[float | None]:
+        return [round(h / n, 3) if n else None for h, n in zip(self.hits, self.slots)]
 
 
-def quality_rows(budgets=(1 / 4, 1 / 8, 1 / 16), quick: bool = False) -> list[dict]:
+# (selection, fraction of the context attended per step, dense layers), each measured against
+# dense decoding; with 2 dense layers, 1/16 on the other 28 attends 1/8 in all
+QUALITY_CONFIGS = ([(s, f, 0) for s in ("topk", "pages") for f in (1 / 4, 1 / 8, 1 / 16)]
+                   + [("topk", 1 / 8, 2), ("topk", 1 / 16, 2)])
+
+
+def quality_rows(quick: bool = False, configs=QUALITY_CONFIGS) -> list[dict]:
     """Retrieval accuracy and extra NLL of each selection at each budget against dense, on SmolLM2.
 
-    The tasks and the protocol are the quality benchmark's (``bench.quality_tasks``): the context
-    is cached whole (method ``full``); only decode-time selection differs. Budgets are fractions
-    of the cached tokens per KV head.
+    The first row is dense decoding, the reference of the others' extra NLL and top-1 agreement.
+    Retrieval: passkeys and needles at 350-1400 tokens (``quality_tasks.short_retrieval_tasks``);
+    fidelity: the quality benchmark's texts. The context is cached whole (method ``full``); only
+    decode-time selection differs. A budget is a fraction of the context's tokens per KV head per
+    step with everything counted (sinks, recent, the query's and the generated tokens, every
+    layer); ``attended`` is what the decoder reports it attended (``DecodeStats``) over the
+    context's length, mean over steps and tasks. ``needle_selected`` is the share of the
+    needle's (token, KV head) slots selected per step, mean over layers (``..._by_layer``: per
+    layer), on the retrieval tasks.
     """
-    from dkv.bench.quality import last_logits
-    from dkv.bench.quality_tasks import build_tasks
+    from dkv.bench.quality import last_logits, log, teacher_forced
+    from dkv.bench.quality_tasks import build_tasks, short_retrieval_tasks
     from dkv.workers.compression import compress
     from dkv.workers.decode import generate
-    from dkv.workers.model import load_model
+    from dkv.workers.engine import DecodeStats
+    from dkv.workers.model import load_model, model_info
 
     model, tokenizer = load_model()
-    tasks = build_tasks(tokenizer, quick=quick)
+    layers = model_info(model).num_layers
+    tasks = short_retrieval_tasks(tokenizer, quick=quick) + [t for t in build_tasks(tokenizer, quick=quick)
+                                                            if t["kind"] == "fidelity"]
     entries = {t["id"]: compress(model, torch.tensor([t["context_ids"]]), "full") for t in tasks}
     firsts = {t["id"]: last_logits(model, t["context_ids"]) for t in tasks if t["kind"] == "fidelity"}
-    configs = [("dense", None)] + [(sel, f) for sel in ("topk", "pages") for f in budgets]
     reference: dict[str, tuple[float, list[int]]] = {}
     rows = []
-    for selection, fraction in configs:
-        correct, extra, agree = [], [], []
+    for selection, fraction, dense_layers in [("dense", None, 0), *configs]:
+        correct, extra, agree, attended = [], [], [], []
+        needle = NeedleCounter(layers)
         for task in tasks:
             n = len(task["context_ids"])
             budget = None if fraction is None else max(16, int(n * fraction))
-            entry = entries[task["id"]]
+            entry, stats = entries[task["id"]], DecodeStats()
+            params = dict(dense_layers=dense_layers, stats=stats)
             if task["kind"] == "retrieval":
+                needle.span = tuple(task["needle"])
                 out = generate(model, tokenizer, entry, torch.tensor([task["query_ids"]]),
-                               int(task.get("max_new_tokens", 16)), selection=selection, budget=budget)
+                               int(task.get("max_new_tokens", 16)), selection=selection, budget=budget,
+                               observe=needle if selection != "dense" else None, **params)
                 correct.append(str(task["answer"]) in tokenizer.decode(out, skip_special_tokens=True))
             else:
-                nll, argmax = _teacher_forced(model, entry, task["continuation_ids"], firsts[task["id"]], selection,
-                                              budget)
+                nll, argmax = teacher_forced(model, entry, task["continuation_ids"], firsts[task["id"]], selection,
+                                             budget, **params)
+                nll = float(nll.mean())
                 ref_nll, ref_argmax = reference.setdefault(task["id"], (nll, argmax))
                 extra.append(nll - ref_nll)
                 agree.append(sum(a == b for a, b in zip(argmax, ref_argmax)) / len(argmax))
+            if stats.selected_per_step:
+                attended.append(statistics.mean(stats.selected_per_step) / n)
+        by_layer = needle.rates()
+        seen = [r for r in by_layer if r is not None]
         rows.append({"selection": selection, "budget": "all" if fraction is None else f"1/{round(1 / fraction)}",
+                     "dense_layers": dense_layers,
                      "retrieval_accuracy": round(sum(correct) / len(correct), 3) if correct else None,
                      "extra_nll": round(sum(extra) / len(extra), 4) if extra else None,
                      "top1_agreement": round(sum(agree) / len(agree), 3) if agree else None,
-                     "tasks": len(tasks)})
+                     "attended": round(statistics.mean(attended), 4) if attended else None,
+                     "needle_selected": round(statistics.mean(seen), 3) if seen else None,
+                     "needle_selected_by_layer": by_layer if seen else None,
+                     "tasks": len(tasks), "retrieval_tasks": len(correct)})
+        log(f"decode quality: {json.dumps({k: v for k, v in rows[-1].items() if not k.endswith('_by_layer')})}")
     return rows
 
 

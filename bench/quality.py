@@ -21,6 +21,13 @@ compression for snapkv and the best method at 0.5 and 0.75. Then, when ``.venv-p
 kvpress's presses on the same token ids through ``bench/kvpress_runner.py`` (a subprocess in
 its own venv, started after the timing phase and run beside dkv's rows).
 
+Equal attended tokens (issue 16): kvpress at ratio r (0.75, 0.9) attends 1 - r of the context
+per step. dkv's rows for it store the full cache, or the best method and lagkv at 0.5 + int4,
+and decode with ``topk`` or ``pages`` at a budget of 1 - r of the context's tokens per KV head
+and step, everything counted (sinks, recent, query and generated tokens, every layer); their
+fidelity is teacher-forced one decode step per token so selection applies at every position.
+``attended`` is what the decoder reports it attended over the context's length.
+
 Bytes: ``bytes_vs_fp16_kv`` is an entry's stored bytes over the context's raw fp16 K/V
 (2·layers·kv_heads·tokens·head_dim·2 B); ``bytes_vs_full_entry`` over the ``full`` method's
 entry stored in fp16 (its K/V plus positions, scores and page summaries). Dense K/V count at
@@ -71,7 +78,15 @@ KVPRESS_PRESSES = ("snapkv", "pyramidkv", "expected_attention", "tova", "knorm",
 QUICK_METHODS = ("snapkv", "knorm")
 MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
 NLL_TOLERANCE = 1e-3  # nats/token: "matches" on extra NLL allows float noise between two implementations
-TARGETS = {"prefill_overhead": 0.15, "int4_bytes": 1 / 7, "int4_retrieval_drop": 0.05}
+# int4_bytes: issue 16's bound at SmolLM2's head_dim 64 (1/7 at head_dim 128: tests/unit/test_entry_format.py)
+TARGETS = {"prefill_overhead": 0.15, "int4_bytes": 0.150, "int4_retrieval_drop": 0.05}
+# The equal-attended-tokens comparison (issue 16): kvpress at these ratios attends 1 - ratio of the
+# context per step; dkv's rows keep a store recipe and attend as many tokens by decode selection.
+EQUAL_RATIOS = (0.75, 0.9)
+EQUAL_SELECTIONS = ("topk", "pages")
+EQUAL_STORE_METHODS = ("lagkv",)  # beside the best method, each at EQUAL_STORE_RATIO + int4
+EQUAL_STORE_RATIO = 0.5
+EQUAL_MARGIN = {0.75: 0.30, 0.9: 0.40}  # retrieval dkv must gain over kvpress's best press
 
 
 @dataclass(frozen=True)
@@ -81,12 +96,19 @@ class Config:
     quant: str = "none"
     merge: bool = False
     chunked: bool = False
+    selection: str = "dense"  # decode-time selection (``workers.selection``)
+    attend: float = 1.0  # with a selection: the fraction of the context attended per step, everything counted
 
     @property
     def label(self) -> str:
         extra = "".join([f"+{self.quant}" if self.quant != "none" else "", "+merge" if self.merge else "",
-                         "+chunked" if self.chunked else ""])
-        return f"{self.method}@{self.ratio}{extra}" if self.method != "full" else "full"
+                         "+chunked" if self.chunked else "",
+                         f"+{self.selection}@{self.attend:g}" if self.selection != "dense" else ""])
+        return f"{self.method}@{self.ratio}{extra}" if self.method != "full" else f"full{extra}"
+
+    def budget(self, n_tokens: int) -> int | None:
+        """Slots per KV head per decode step for a context of ``n_tokens`` (None: all)."""
+        return None if self.selection == "dense" else max(16, int(n_tokens * self.attend))
 
 
 def log(msg: str) -> None:
@@ -96,7 +118,8 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------ protocol
 
 def _stitch(entries):
-    """One entry holding the chunk entries of a chunked recipe back to back (dense entries only)."""
+    """One entry holding the chunk entries of a chunked recipe back to back; quantized rows come
+    dequantized, as the decoder reads them."""
     from dkv.kvstore.entry import Identity, make_layer
 
     if len(entries) == 1:
@@ -104,13 +127,15 @@ def _stitch(entries):
     first, last = entries[0], entries[-1]
     layers = []
     for per_chunk in zip(*(e.layers for e in entries)):
+        dense = [layer.dequantized(first.page_size, torch.float32) for layer in per_chunk]
         pos, keys, values, scores = [], [], [], []
         for h in range(first.num_kv_heads):
-            rows = [(layer.head_offsets[h].item(), layer.head_offsets[h + 1].item(), layer) for layer in per_chunk]
-            pos.append(torch.cat([layer.positions[a:b] for a, b, layer in rows]))
-            keys.append(torch.cat([layer.keys[a:b] for a, b, layer in rows]))
-            values.append(torch.cat([layer.values[a:b] for a, b, layer in rows]))
-            scores.append(torch.cat([layer.scores[a:b] for a, b, layer in rows]))
+            rows = [(layer.head_offsets[h].item(), layer.head_offsets[h + 1].item(), layer, kv)
+                    for layer, kv in zip(per_chunk, dense)]
+            pos.append(torch.cat([layer.positions[a:b] for a, b, layer, _ in rows]))
+            keys.append(torch.cat([kv[0][a:b] for a, b, _, kv in rows]))
+            values.append(torch.cat([kv[1][a:b] for a, b, _, kv in rows]))
+            scores.append(torch.cat([layer.scores[a:b] for a, b, layer, _ in rows]))
         layers.append(make_layer(pos, keys, values, scores, first.page_size))
     ident = last.identity
     identity = Identity(ident.model_fingerprint, ident.recipe, ident.chunk_hashes, ident.seq_len, ident.tenant, start=0)
@@ -118,15 +143,13 @@ def _stitch(entries):
 
 
 def stored_bytes(entry) -> int:
-    """Bytes of ``entry`` with dense float tensors (K/V, page summaries) counted at fp16; scores float32."""
-    total = 0
-    for layer in entry.layers:
-        for name, t in layer.tensors().items():
-            size = t.element_size()
-            if t.is_floating_point() and name != "scores":
-                size = min(size, 2)
-            total += t.numel() * size
-    return total
+    """Bytes of ``entry`` as the store keeps it (``CompressedKV.stored_layers``), dense float
+    tensors (K/V, page summaries) counted at fp16."""
+    return sum(_stored_size(t) for layer in entry.stored_layers() for t in layer.values())
+
+
+def _stored_size(t: torch.Tensor) -> int:
+    return t.numel() * (min(t.element_size(), 2) if t.is_floating_point() else t.element_size())
 
 
 def make_entry(model, ids: torch.Tensor, cfg: Config):
@@ -145,15 +168,14 @@ def bytes_breakdown(model, context_ids: list[int], method: str, ratio: float = 0
     """Where an entry's bytes go: bytes per stored row (one token of one KV head of one layer), by field.
 
     The fp16 K/V of a row is ``2 * head_dim * 2`` bytes; everything else an entry stores per row
-    (positions, scores, bit widths, value ranges) or per page (key min/max) is metadata.
+    (positions, scores, bit widths, value ranges) or per page (key min/max codes) is metadata.
     """
     entry, _ = make_entry(model, torch.tensor([context_ids]), Config(method, ratio, quant=quant))
     rows = sum(layer.num_tokens for layer in entry.layers)
     fields: dict[str, float] = {}
-    for layer in entry.layers:
-        for name, t in layer.tensors().items():
-            size = min(t.element_size(), 2) if t.is_floating_point() and name != "scores" else t.element_size()
-            fields[name] = fields.get(name, 0.0) + t.numel() * size
+    for layer in entry.stored_layers():
+        for name, t in layer.items():
+            fields[name] = fields.get(name, 0.0) + _stored_size(t)
     per_row = {name: round(b / rows, 3) for name, b in fields.items()}
     total = sum(fields.values()) / rows
     fp16_row = 2 * entry.head_dim * 2
@@ -171,18 +193,60 @@ def fp16_kv_bytes(model, n_tokens: int) -> int:
     return 2 * info.num_layers * info.num_kv_heads * n_tokens * info.head_dim * 2
 
 
-def run_retrieval(model, tokenizer, task: dict, cfg: Config) -> dict:
-    from dkv.workers.decode import generate
-
-    ids = torch.tensor([task["context_ids"]])
+def _task_entry(model, task: dict, cfg: Config, memo: dict | None) -> tuple:
+    """(entry, stored bytes, compress seconds) of ``task``'s context under ``cfg``'s store recipe;
+    ``memo`` keeps them for the rows that differ only in decode-time selection."""
+    key = (task["id"], cfg.method, cfg.ratio, cfg.quant, cfg.merge, cfg.chunked)
+    if memo is not None and key in memo:
+        return memo[key]
     t0 = time.perf_counter()
-    entry, nbytes = make_entry(model, ids, cfg)
-    prefill_s = time.perf_counter() - t0
+    entry, nbytes = make_entry(model, torch.tensor([task["context_ids"]]), cfg)
+    made = (entry, nbytes, time.perf_counter() - t0)
+    if memo is not None:
+        memo[key] = made
+    return made
+
+
+def run_retrieval(model, tokenizer, task: dict, cfg: Config, memo: dict | None = None) -> dict:
+    from dkv.workers.decode import generate
+    from dkv.workers.engine import DecodeStats
+
+    n = len(task["context_ids"])
+    entry, nbytes, prefill_s = _task_entry(model, task, cfg, memo)
+    stats = DecodeStats()
     new_ids = generate(model, tokenizer, entry, torch.tensor([task["query_ids"]]),
-                       int(task.get("max_new_tokens", 16)), selection="dense")
+                       int(task.get("max_new_tokens", 16)), selection=cfg.selection, budget=cfg.budget(n),
+                       stats=stats)
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return {"kind": "retrieval", "correct": str(task["answer"]) in text, "text": text, "new_ids": new_ids,
-            "nbytes": nbytes, "kv_kept": _kept(entry, len(task["context_ids"])), "prefill_s": prefill_s}
+            "nbytes": nbytes, "kv_kept": _kept(entry, n), "attended": _attended(stats, n), "prefill_s": prefill_s}
+
+
+def _attended(stats, n_tokens: int) -> float | None:
+    """Slots attended per KV head and step (``DecodeStats``, everything counted) over the context's length."""
+    steps = stats.selected_per_step
+    return sum(steps) / len(steps) / n_tokens if steps else None
+
+
+def teacher_forced(model, entry, continuation: list[int], first_logits: torch.Tensor, selection: str,
+                   budget: int | None, stats=None, **params) -> tuple[torch.Tensor, list[int]]:
+    """Per-token NLL of ``continuation`` and the argmax at each position, one decode step per
+    token through the decode worker's batched decoder (fed the continuation instead of its own
+    picks), so decode-time selection applies at every position."""
+    from dkv.workers.decode import generate
+
+    rows = [first_logits]
+    forced = iter(continuation[1:])
+
+    def feed(logits: torch.Tensor) -> int:
+        rows.append(logits.float())
+        return next(forced)
+
+    generate(model, None, entry, torch.tensor([continuation[:1]]), len(continuation) - 1, selection, budget,
+             stop_ids=set(), pick=feed, stats=stats, **params)
+    logits = torch.stack(rows)
+    nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(continuation).unsqueeze(1)).squeeze(1)
+    return nll, logits.argmax(-1).tolist()
 
 
 def last_logits(model, context_ids: list[int]) -> torch.Tensor:
@@ -191,28 +255,35 @@ def last_logits(model, context_ids: list[int]) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
-def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, reference: dict | None) -> dict:
+def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, reference: dict | None,
+                 memo: dict | None = None) -> dict:
+    from dkv.workers.engine import DecodeStats
+
     context, cont = task["context_ids"], task["continuation_ids"]
-    ids = torch.tensor([context])
-    t0 = time.perf_counter()
-    entry, nbytes = make_entry(model, ids, cfg)
-    prefill_s = time.perf_counter() - t0
-    rows = [first_logits.unsqueeze(0)]
-    if len(cont) > 1:
-        cache = entry.to_hf_cache()
-        position_ids = torch.arange(len(context), len(context) + len(cont) - 1).unsqueeze(0)
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([cont[:-1]]), cache=cache, position_ids=position_ids,
-                        use_cache=True)
-        rows.append(out.logits[0].float())
-    logits = torch.cat(rows, dim=0)  # row i predicts cont[i]
-    nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(cont).unsqueeze(1)).squeeze(1)
-    argmax = logits.argmax(dim=-1).tolist()
+    entry, nbytes, prefill_s = _task_entry(model, task, cfg, memo)
+    attended = _kept(entry, len(context))
+    if cfg.selection != "dense":  # step by step, so selection applies at every position
+        stats = DecodeStats()
+        nll, argmax = teacher_forced(model, entry, cont, first_logits, cfg.selection, cfg.budget(len(context)), stats)
+        attended = _attended(stats, len(context))
+    else:
+        rows = [first_logits.unsqueeze(0)]
+        if len(cont) > 1:
+            cache = entry.to_hf_cache()
+            position_ids = torch.arange(len(context), len(context) + len(cont) - 1).unsqueeze(0)
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([cont[:-1]]), cache=cache, position_ids=position_ids,
+                            use_cache=True)
+            rows.append(out.logits[0].float())
+        logits = torch.cat(rows, dim=0)  # row i predicts cont[i]
+        nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(cont).unsqueeze(1)).squeeze(1)
+        argmax = logits.argmax(dim=-1).tolist()
     mean_nll = float(nll.mean())
     ref_argmax, ref_mean = (argmax, mean_nll) if reference is None else (reference["argmax"], reference["mean_nll"])
     return {"kind": "fidelity", "mean_nll": mean_nll, "extra_nll": mean_nll - ref_mean,
             "top1_agreement": sum(a == b for a, b in zip(argmax, ref_argmax)) / len(argmax),
-            "argmax": argmax, "nbytes": nbytes, "kv_kept": _kept(entry, len(context)), "prefill_s": prefill_s}
+            "argmax": argmax, "nbytes": nbytes, "kv_kept": _kept(entry, len(context)), "attended": attended,
+            "prefill_s": prefill_s}
 
 
 def _kept(entry, n_tokens: int) -> float:
@@ -225,16 +296,16 @@ def _mean(values):
 
 
 def evaluate(model, tokenizer, tasks: list[dict], cfg: Config, reference: dict | None, first_logits: dict,
-             full_bytes: dict, step=lambda label: None) -> dict:
+             full_bytes: dict, step=lambda label: None, memo: dict | None = None) -> dict:
     """One dkv config over ``tasks``: the result row (schema in ``main``) plus per-task results."""
     per_task = {}
     for task in tasks:
         torch.manual_seed(0)
         if task["kind"] == "retrieval":
-            res = run_retrieval(model, tokenizer, task, cfg)
+            res = run_retrieval(model, tokenizer, task, cfg, memo)
         else:
             ref = None if reference is None else reference[task["id"]]
-            res = run_fidelity(model, task, cfg, first_logits[task["id"]], ref)
+            res = run_fidelity(model, task, cfg, first_logits[task["id"]], ref, memo)
         n = len(task["context_ids"])
         res["bytes_vs_fp16_kv"] = res["nbytes"] / fp16_kv_bytes(model, n)
         res["bytes_vs_full_entry"] = res["nbytes"] / full_bytes[task["id"]] if task["id"] in full_bytes else 1.0
@@ -244,7 +315,7 @@ def evaluate(model, tokenizer, tasks: list[dict], cfg: Config, reference: dict |
     fidelity = [r for r in per_task.values() if r["kind"] == "fidelity"]
     return {
         "impl": "dkv", "method": cfg.method, "ratio": cfg.ratio, "quant": cfg.quant, "merge": cfg.merge,
-        "chunked": cfg.chunked,
+        "chunked": cfg.chunked, "selection": cfg.selection, "attend": cfg.attend,
         "retrieval_accuracy": _mean([1.0 if r["correct"] else 0.0 for r in retrieval]),
         "extra_nll": _mean([r["extra_nll"] for r in fidelity]),
         "top1_agreement": _mean([r["top1_agreement"] for r in fidelity]),
@@ -252,6 +323,7 @@ def evaluate(model, tokenizer, tasks: list[dict], cfg: Config, reference: dict |
         "bytes_vs_full_entry": _mean([r["bytes_vs_full_entry"] for r in per_task.values()]),
         "prefill_overhead": None,
         "kv_kept": _mean([r["kv_kept"] for r in per_task.values()]),
+        "attended": _mean([r["attended"] for r in per_task.values()]),
         "prefill_s": _mean([r["prefill_s"] for r in per_task.values()]),
         "tasks": per_task,
     }
@@ -363,7 +435,8 @@ def kvpress_rows(report: dict) -> list[dict]:
     for r in report["results"]:
         rows.append({
             "impl": "kvpress", "method": r["press"], "ratio": r["ratio"], "quant": "none", "merge": False,
-            "chunked": False, "retrieval_accuracy": r["retrieval_accuracy"], "extra_nll": r["extra_nll"],
+            "chunked": False, "selection": "dense", "attend": 1.0, "attended": r["kv_kept"],
+            "retrieval_accuracy": r["retrieval_accuracy"], "extra_nll": r["extra_nll"],
             "top1_agreement": r["top1_agreement"], "bytes_vs_fp16_kv": r["kv_kept"], "bytes_vs_full_entry": None,
             "prefill_overhead": None, "kv_kept": r["kv_kept"], "prefill_s": r["prefill_s"], "error": r["error"],
             "per_task": {tid: (t["correct"] if t["kind"] == "retrieval" else round(t["extra_nll"], 4))
@@ -376,7 +449,49 @@ def kvpress_rows(report: dict) -> list[dict]:
 
 def plain_rows(results: list[dict], impl: str) -> list[dict]:
     return [r for r in results if r["impl"] == impl and r["method"] != "full" and r["quant"] == "none"
-            and not r["merge"] and not r["chunked"] and not r.get("error")]
+            and not r["merge"] and not r["chunked"] and r.get("selection", "dense") == "dense" and not r.get("error")]
+
+
+def equal_rows(results: list[dict], ratio: float) -> list[dict]:
+    """dkv's rows that attend ``1 - ratio`` of the context per step by decode selection."""
+    return [r for r in results if r["impl"] == "dkv" and r.get("selection", "dense") != "dense"
+            and abs(r["attend"] - (1 - ratio)) < 1e-6 and not r.get("error")]
+
+
+def equal_tokens(results: list[dict]) -> list[dict]:
+    """Per kvpress ratio: kvpress's best press against dkv's best configuration attending as many
+    tokens per step (best = highest retrieval, then lowest extra NLL; the lowest NLL beside it)."""
+    out = []
+    for ratio in EQUAL_RATIOS:
+        ours = equal_rows(results, ratio)
+        theirs = [r for r in plain_rows(results, "kvpress") if abs(r["ratio"] - ratio) < 1e-9]
+        if not ours or not theirs:
+            continue
+
+        def rank(r):
+            return (-(r["retrieval_accuracy"] or 0.0), r["extra_nll"] if r["extra_nll"] is not None else math.inf)
+
+        best, peer = min(ours, key=rank), min(theirs, key=rank)
+        nll = [r for r in ours if r["extra_nll"] is not None]
+        peer_nll = [r for r in theirs if r["extra_nll"] is not None]
+        out.append({
+            "ratio": ratio, "attend": round(1 - ratio, 4),
+            "dkv": _equal_label(best), "dkv_retrieval": best["retrieval_accuracy"], "dkv_extra_nll": best["extra_nll"],
+            "dkv_bytes_vs_fp16_kv": best["bytes_vs_fp16_kv"], "dkv_attended": best.get("attended"),
+            "dkv_lowest_nll": min(r["extra_nll"] for r in nll) if nll else None,
+            "dkv_lowest_nll_config": _equal_label(min(nll, key=lambda r: r["extra_nll"])) if nll else None,
+            "kvpress": peer["method"], "kvpress_retrieval": peer["retrieval_accuracy"],
+            "kvpress_extra_nll": peer["extra_nll"],
+            "kvpress_lowest_nll": min(r["extra_nll"] for r in peer_nll) if peer_nll else None,
+            "kvpress_bytes_vs_fp16_kv": peer["bytes_vs_fp16_kv"],
+        })
+    return out
+
+
+def _equal_label(r: dict) -> str:
+    store = "full cache" if r["method"] == "full" else f"{r['method']} {r['ratio']}" + (
+        f" + {r['quant']}" if r["quant"] != "none" else "")
+    return f"{store}, {r['selection']}"
 
 
 def best_method(rows: list[dict]) -> str:
@@ -420,7 +535,8 @@ def targets(results: list[dict], timing: dict | None, best: str, full_accuracy: 
         out[f"prefill_overhead:{m}"] = {"value": t["overhead"], "threshold": TARGETS["prefill_overhead"],
                                         "met": t["overhead"] <= TARGETS["prefill_overhead"], "rule": "<="}
     q = next((r for r in results if r["impl"] == "dkv" and r["method"] == best and r["quant"] == "int4"
-              and abs(r["ratio"] - 0.5) < 1e-9 and not r["merge"] and not r["chunked"]), None)
+              and abs(r["ratio"] - 0.5) < 1e-9 and not r["merge"] and not r["chunked"]
+              and r.get("selection", "dense") == "dense"), None)
     if q is not None:
         out["int4@0.5_bytes_vs_fp16_kv"] = {"value": q["bytes_vs_fp16_kv"], "threshold": TARGETS["int4_bytes"],
                                             "met": q["bytes_vs_fp16_kv"] <= TARGETS["int4_bytes"], "rule": "<=",
@@ -431,6 +547,20 @@ def targets(results: list[dict], timing: dict | None, best: str, full_accuracy: 
                                           "met": None if drop is None
                                           else drop <= TARGETS["int4_retrieval_drop"] + 1e-9,
                                           "rule": "<=", "method": best}
+    for e in equal_tokens(results):
+        r = e["ratio"]
+        margin = EQUAL_MARGIN[r]
+        threshold = e["kvpress_retrieval"] + margin if e["kvpress_retrieval"] is not None else None
+        out[f"equal_tokens_retrieval@{r}"] = {
+            "value": e["dkv_retrieval"], "threshold": threshold,
+            "met": None if threshold is None or e["dkv_retrieval"] is None else e["dkv_retrieval"] >= threshold - 1e-9,
+            "rule": f"dkv's best at equal attended tokens >= kvpress's best press + {margin}",
+            "dkv_config": e["dkv"], "kvpress_press": e["kvpress"]}
+        ours, theirs = e["dkv_lowest_nll"], e["kvpress_lowest_nll"]
+        out[f"equal_tokens_extra_nll@{r}"] = {
+            "value": ours, "threshold": theirs, "met": None if ours is None or theirs is None else ours < theirs,
+            "rule": "dkv's lowest extra NLL at equal attended tokens < kvpress's lowest",
+            "dkv_config": e["dkv_lowest_nll_config"]}
     return out
 
 
@@ -441,7 +571,8 @@ def prefix_reuse(results: list[dict]) -> list[dict]:
         if c["impl"] != "dkv" or not c["chunked"]:
             continue
         w = next((r for r in results if r["impl"] == "dkv" and r["method"] == c["method"] and r["ratio"] == c["ratio"]
-                  and r["quant"] == c["quant"] and r["merge"] == c["merge"] and not r["chunked"]), None)
+                  and r["quant"] == c["quant"] and r["merge"] == c["merge"] and not r["chunked"]
+                  and r.get("selection", "dense") == "dense"), None)
         if w is None:
             continue
         out.append({"method": c["method"], "ratio": c["ratio"],
@@ -511,7 +642,8 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="dkv-quality-"))
     if peers and PEERS_PYTHON.exists():
         presses = QUICK_METHODS if quick else KVPRESS_PRESSES
-        runner = Peers(tasks, cache_root() / model_name, presses, ratios, max(threads, 1), workdir)
+        runner = Peers(tasks, cache_root() / model_name, presses, sorted({*ratios, *EQUAL_RATIOS}), max(threads, 1),
+                       workdir)
         log(f"kvpress runner started (log: {runner.log_file})")
         bar.peers = runner
     elif peers:
@@ -533,9 +665,15 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
             variants += [Config(m, r, merge=True) for r in VARIANT_RATIOS]
         for m in dict.fromkeys(["snapkv", best]):
             variants += [Config(m, r, chunked=True) for r in VARIANT_RATIOS]
+    stores = [Config(m, EQUAL_STORE_RATIO, quant="int4") for m in dict.fromkeys([best, *EQUAL_STORE_METHODS])]
+    stores = stores[:1] if quick else [Config("full", 0.0), *stores]
+    variants += [Config(c.method, c.ratio, quant=c.quant, selection=sel, attend=round(1 - r, 4))
+                 for r in EQUAL_RATIOS for c in stores for sel in EQUAL_SELECTIONS]
     bar.reset(len(tasks) * len(variants), f"variants (best: {best})")
+    memo: dict = {}  # the equal-token rows share their stores
     for cfg in variants:
-        results.append(_evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, bar.step))
+        results.append(_evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, bar.step,
+                                      memo if cfg.selection != "dense" else None))
     if timing:
         for m, t in timing["methods"].items():
             for row in results:
@@ -567,6 +705,7 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
         "results": rows,
         "targets": targets(rows, timing, best, full["retrieval_accuracy"], ratios),
         "prefix_reuse": prefix_reuse(rows),
+        "equal_tokens": equal_tokens(rows),
         "timing": timing,
         "int4_bytes_breakdown": breakdown,
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -589,16 +728,16 @@ def _public(row: dict) -> dict:
     return out
 
 
-def _evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, step) -> dict:
+def _evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, step, memo=None) -> dict:
     """``evaluate``, or a row with ``error`` (the run goes on) when the config fails."""
     try:
-        row = evaluate(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, step)
+        row = evaluate(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, step, memo)
         row["error"] = None
         return row
     except Exception as exc:  # noqa: BLE001  reported in the row, as the kvpress runner does
         log(f"{cfg.label} failed: {type(exc).__name__}: {exc}")
         return {"impl": "dkv", "method": cfg.method, "ratio": cfg.ratio, "quant": cfg.quant, "merge": cfg.merge,
-                "chunked": cfg.chunked, "retrieval_accuracy": None, "extra_nll": None, "top1_agreement": None,
+                "chunked": cfg.chunked, "selection": cfg.selection, "attend": cfg.attend, "retrieval_accuracy": None, "extra_nll": None, "top1_agreement": None,
                 "bytes_vs_fp16_kv": None, "bytes_vs_full_entry": None, "prefill_overhead": None,
                 "error": f"{type(exc).__name__}: {exc}"}
 
@@ -689,7 +828,7 @@ def markdown(report: dict, image: str | None) -> str:
         "| prefill overhead |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = sorted(report["results"], key=lambda r: (r["impl"] != "dkv", r["method"] != "full", r["method"],
+    rows = sorted((r for r in report["results"] if r.get("selection", "dense") == "dense"), key=lambda r: (r["impl"] != "dkv", r["method"] != "full", r["method"],
                                                      _variant(r) != "–", _variant(r), r["ratio"]))
     for r in rows:
         err = f" (error: {r['error'][:60]})" if r.get("error") else ""
@@ -700,6 +839,7 @@ def markdown(report: dict, image: str | None) -> str:
             f"| {_fmt(r['bytes_vs_full_entry'])} | {_fmt(r['prefill_overhead'], pct=True)} |")
     if image:
         lines += ["", f"![retrieval accuracy and extra NLL against ratio]({image})"]
+    lines += _equal_tokens_markdown(report)
     lines += ["", "Targets (issue 3):", ""]
     for name, t in report["targets"].items():
         status = "met" if t["met"] else ("not met" if t["met"] is False else "not evaluated")
@@ -738,6 +878,31 @@ def markdown(report: dict, image: str | None) -> str:
     return "\n".join(lines)
 
 
+def _equal_tokens_markdown(report: dict) -> list[str]:
+    rows = [r for r in report["results"] if r.get("selection", "dense") != "dense"]
+    if not rows:
+        return []
+    lines = ["", "### Equal attended tokens", "",
+             "kvpress at ratio r keeps (and attends) 1 - r of the context; dkv stores a recipe and its decoder "
+             "selects as many tokens per step, everything counted (sinks, recent, the query's and generated "
+             "tokens, every layer). Attended = what the decoder reports it attended per KV head and step over "
+             "the context's length (kvpress: its kept fraction).", "",
+             "| attended per step | impl | configuration | retrieval | extra NLL | top-1 | attended | bytes/fp16 KV |",
+             "|---|---|---|---|---|---|---|---|"]
+    for ratio in EQUAL_RATIOS:
+        peers = sorted((r for r in plain_rows(report["results"], "kvpress") if abs(r["ratio"] - ratio) < 1e-9),
+                       key=lambda r: (-(r["retrieval_accuracy"] or 0), r["extra_nll"] or 0))
+        ours = sorted((r for r in rows if abs(r["attend"] - (1 - ratio)) < 1e-6),
+                      key=lambda r: (-(r["retrieval_accuracy"] or 0), r["extra_nll"] or 0))
+        for r in ours + peers:
+            label = _equal_label(r) if r["impl"] == "dkv" else f"{r['method']} @ {ratio}"
+            err = f" (error: {r['error'][:60]})" if r.get("error") else ""
+            lines.append(f"| {1 - ratio:.2f} | {r['impl']} | {label}{err} | {_fmt(r['retrieval_accuracy'], pct=True)} "
+                         f"| {_fmt(r['extra_nll'])} | {_fmt(r['top1_agreement'], pct=True)} | {_fmt(r.get('attended'))} "
+                         f"| {_fmt(r['bytes_vs_fp16_kv'])} |")
+    return lines
+
+
 def write_docs(report: dict, out: Path) -> None:
     image = None
     try:
@@ -770,7 +935,8 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     series: dict[tuple[str, str], list[dict]] = {}
     for r in report["results"]:
-        if r["method"] == "full" or r["quant"] != "none" or r["merge"] or r["chunked"] or r.get("error"):
+        if r["method"] == "full" or r["quant"] != "none" or r["merge"] or r["chunked"] or r.get("error") \
+                or r.get("selection", "dense") != "dense":
             continue
         series.setdefault((r["impl"], r["method"]), []).append(r)
     names = sorted({m for _, m in series})

@@ -3,7 +3,7 @@
 Three kinds, in the task format of ``bench/kvpress_runner.py`` (its docstring)::
 
     {"id", "kind": "retrieval", "context_ids", "query_ids", "answer", "max_new_tokens",
-     "length", "depth"}
+     "length", "depth", "needle": [start, end]}   (the needle sentence's token positions)
     {"id", "kind": "fidelity", "context_ids", "continuation_ids"}
 
 - **passkey** (retrieval): "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a
@@ -24,7 +24,9 @@ needle sits exactly where it was put and lengths are exact to a sentence. No cha
 135M model answers these plain-continuation prompts with the full cache (checked by
 ``dkv bench quality``, which drops a retrieval task the full cache fails and says how many).
 
-``build_tasks(tokenizer, quick=...)`` returns the list; ``python -m dkv.bench.quality_tasks`` prints a
+``build_tasks(tokenizer, quick=...)`` returns the list; ``short_retrieval_tasks`` passkeys and
+needles at 350-1400 tokens, where a fraction of the context is few tokens per head (``dkv bench
+decode``'s selection quality); ``python -m dkv.bench.quality_tasks`` prints a
 summary (``--json`` the tasks themselves).
 """
 
@@ -76,6 +78,19 @@ NEEDLE_PLAN: tuple[tuple[int, tuple[float, ...]], ...] = (
 )
 FIDELITY_PASSAGES = 2
 QUICK = {"passkey": ((512, (0.5,)),), "needle": ((512, (0.5,)),), "fidelity": 1, "fidelity_context": 384}
+# Short contexts for decode-time selection (``dkv bench decode``): a fraction of a short context
+# is few tokens per head, where selection errors show first.
+SHORT_PASSKEY_PLAN: tuple[tuple[int, tuple[float, ...]], ...] = (
+    (350, (0.2, 0.5, 0.8)),
+    (700, (0.1, 0.5, 0.9)),
+    (1400, (0.2, 0.5, 0.8)),
+)
+SHORT_NEEDLE_PLAN: tuple[tuple[int, tuple[float, ...]], ...] = (
+    (400, (0.3, 0.7)),
+    (700, (0.5,)),
+    (1000, (0.25, 0.75)),
+)
+QUICK_SHORT = {"passkey": ((350, (0.5,)), (1400, (0.5,))), "needle": ((700, (0.5,)),)}
 
 
 @dataclass(frozen=True)
@@ -151,8 +166,9 @@ class _Ids:
         return self._cache[text]
 
 
-def _haystack(ids: _Ids, sentences: list[str], length: int, needle: str, depth: float) -> list[int]:
-    """``sentences`` (joined by spaces) until ``length`` tokens, with ``needle`` at ``depth``."""
+def _haystack(ids: _Ids, sentences: list[str], length: int, needle: str, depth: float) -> tuple[list[int], int]:
+    """``sentences`` (joined by spaces) until ``length`` tokens, with ``needle`` at ``depth``; and
+    where the needle's tokens start."""
     needle_ids = ids(" " + needle)
     budget = length - len(needle_ids)
     pieces: list[list[int]] = []
@@ -174,10 +190,11 @@ def _haystack(ids: _Ids, sentences: list[str], length: int, needle: str, depth: 
     out: list[int] = []
     for p in pieces[:at]:
         out += p
+    start = len(out)
     out += needle_ids
     for p in pieces[at:]:
         out += p
-    return out
+    return out, start
 
 
 def passkey_tasks(ids: _Ids, plan, seed: int = 0) -> list[dict]:
@@ -188,12 +205,12 @@ def passkey_tasks(ids: _Ids, plan, seed: int = 0) -> list[dict]:
             key = f"{rng.randrange(10000, 100000)}"
             filler = [rng.choice(FILLER) for _ in range(length)]  # more than enough sentences
             needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+            context, start = _haystack(ids, filler, length, needle, depth)
             tasks.append({
                 "id": f"passkey-{length}-{depth}", "kind": "retrieval",
-                "context_ids": _haystack(ids, filler, length, needle, depth),
-                "query_ids": ids(PASSKEY_QUERY), "answer": key,
+                "context_ids": context, "query_ids": ids(PASSKEY_QUERY), "answer": key,
                 "max_new_tokens": len(ids(" " + key)) + EXTRA_NEW_TOKENS,
-                "length": length, "depth": depth,
+                "length": length, "depth": depth, "needle": [start, start + len(ids(" " + needle))],
             })
     return tasks
 
@@ -209,11 +226,12 @@ def needle_tasks(ids: _Ids, plan, seed: int = 1) -> list[dict]:
             number = f"{rng.randrange(1000, 10000)}"
             start = rng.randrange(0, max(1, len(sentences) // 2))  # a different stretch of prose each time
             needle = f"The special magic number for {city} is {number}."
+            context, at = _haystack(ids, sentences[start:], length, needle, depth)
             tasks.append({
                 "id": f"needle-{length}-{depth}", "kind": "retrieval",
-                "context_ids": _haystack(ids, sentences[start:], length, needle, depth),
-                "query_ids": ids(NEEDLE_QUERY.format(city=city)), "answer": number,
+                "context_ids": context, "query_ids": ids(NEEDLE_QUERY.format(city=city)), "answer": number,
                 "max_new_tokens": len(ids(" " + number)) + EXTRA_NEW_TOKENS, "length": length, "depth": depth,
+                "needle": [at, at + len(ids(" " + needle))],
             })
             k += 1
     return tasks
@@ -255,6 +273,13 @@ def build_tasks(tokenizer, quick: bool = False) -> list[dict]:
         return (passkey_tasks(ids, QUICK["passkey"]) + needle_tasks(ids, QUICK["needle"])
                 + fidelity_tasks(ids, QUICK["fidelity"], context=QUICK["fidelity_context"]))
     return passkey_tasks(ids, PASSKEY_PLAN) + needle_tasks(ids, NEEDLE_PLAN) + fidelity_tasks(ids, FIDELITY_PASSAGES)
+
+
+def short_retrieval_tasks(tokenizer, quick: bool = False) -> list[dict]:
+    """Passkeys and needles at 350-1400 tokens, several depths (``quick``: three of them)."""
+    ids = _Ids(tokenizer)
+    plans = (QUICK_SHORT["passkey"], QUICK_SHORT["needle"]) if quick else (SHORT_PASSKEY_PLAN, SHORT_NEEDLE_PLAN)
+    return passkey_tasks(ids, plans[0], seed=2) + needle_tasks(ids, plans[1], seed=3)
 
 
 def summary(tasks: list[dict]) -> list[str]:

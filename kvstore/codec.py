@@ -3,7 +3,7 @@
 Every frame is a 40-byte little-endian head followed by its payload::
 
     magic     4s   b"DKVF"
-    version   u16  FORMAT_VERSION
+    version   u16  FORMAT_VERSION (2); format 1 still reads
     kind      u8   0 = header (JSON payload), 1 = data
     flags     u8   0
     entry_id  8s   blake2b-64 of the header payload: ties every data frame to its header
@@ -14,7 +14,9 @@ Every frame is a 40-byte little-endian head followed by its payload::
     checksum  u64  xxh3-64 of the first 32 bytes of the head and the payload
 
 The data frames carry the entry's tensors back to back, layer by layer, as the header's tensor
-table describes (offset and byte count of each). The header also holds the xxh3-128 of all the
+table describes (offset and byte count of each): the stored form of each layer
+(``kvstore.entry.pack_layer``: positions as a bitmap or int16 offsets, 8-bit page bound codes,
+one bit width per row for K and V). The header also holds the xxh3-128 of all the
 data, so ``entry_id`` differs between entries that differ anywhere, and the whole is checked too. No pickle: the header is JSON and tensors are
 raw little-endian bytes. Any truncated, reordered, foreign or corrupted frame fails ``CorruptEntry``.
 """
@@ -33,7 +35,9 @@ from typing import Iterable, Iterator
 import torch
 import xxhash
 
-from dkv.kvstore.entry import FORMAT_VERSION, CompressedKV, Identity, LayerKV, Recipe
+from dkv.kvstore.entry import (
+    FORMAT_VERSION, READABLE_VERSIONS, STORED_FIELDS, CompressedKV, Identity, Recipe, unpack_layer,
+)
 from dkv.kvstore.errors import CorruptEntry, EntryTooLarge, InvalidEntry
 
 MAGIC = b"DKVF"
@@ -47,7 +51,7 @@ KIND_HEADER, KIND_DATA = 0, 1
 MAX_HEADER_BYTES = 1 << 20
 DTYPES = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-    "int32": torch.int32, "uint8": torch.uint8,
+    "int32": torch.int32, "int16": torch.int16, "uint8": torch.uint8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -78,6 +82,7 @@ class EntryHeader:
     data_xxh3: str
     total_frames: int
     entry_id: bytes
+    format_version: int = FORMAT_VERSION
 
     @property
     def key(self):
@@ -87,7 +92,7 @@ class EntryHeader:
         """Kept (token, KV head) rows of each layer."""
         kept = [0] * self.num_layers
         for t in self.tensors:
-            if t.name == "positions":
+            if t.name == "scores":  # one per row in every format
                 kept[t.layer] = t.shape[0]
         return kept
 
@@ -95,6 +100,7 @@ class EntryHeader:
 @dataclass(frozen=True)
 class Frame:
     kind: int
+    version: int
     entry_id: bytes
     seq: int
     total: int
@@ -146,8 +152,9 @@ def encode(entry: CompressedKV, max_frame_bytes: int = MAX_FRAME_BYTES) -> list[
     if payload_max < 1024 or max_frame_bytes > FRAME_LIMIT:
         raise ValueError(f"max_frame_bytes {max_frame_bytes} must be in [{1024 + FRAME_HEAD_BYTES}, {FRAME_LIMIT}]")
     specs, buffers, offset = [], [], 0
-    for li, layer in enumerate(entry.layers):
-        for name, t in layer.tensors().items():
+    ident = entry.identity
+    for li, layer in enumerate(entry.stored_layers()):
+        for name, t in layer.items():
             buf = _tensor_bytes(t)
             specs.append([li, name, DTYPE_NAMES[t.dtype], list(t.shape), offset, len(buf)])
             buffers.append(buf)
@@ -156,7 +163,6 @@ def encode(entry: CompressedKV, max_frame_bytes: int = MAX_FRAME_BYTES) -> list[
     data_hash = xxhash.xxh3_128()
     for buf in buffers:
         data_hash.update(buf)
-    ident = entry.identity
     header = {
         "format_version": FORMAT_VERSION,
         "identity": {
@@ -203,8 +209,9 @@ def parse_frame(frame: bytes | memoryview) -> Frame:
     magic, version, kind, _flags, entry_id, seq, total, length, _ = HEAD.unpack_from(view)
     if magic != MAGIC:
         raise CorruptEntry(f"frame magic {bytes(magic)!r} is not {MAGIC!r}: not a dkv frame")
-    if version != FORMAT_VERSION:
-        raise CorruptEntry(f"frame format version {version}; this store reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CorruptEntry(f"frame format version {version}; this store reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
     if length != len(view) - FRAME_HEAD_BYTES:
         raise CorruptEntry(f"frame says {length} payload bytes but carries {len(view) - FRAME_HEAD_BYTES}: truncated")
     (checksum,) = struct.unpack_from("<Q", view, HEAD.size)
@@ -214,7 +221,7 @@ def parse_frame(frame: bytes | memoryview) -> Frame:
         raise CorruptEntry(f"frame {seq} failed its checksum: corrupted in transit or at rest")
     if kind not in (KIND_HEADER, KIND_DATA) or (kind == KIND_HEADER) != (seq == 0) or not seq < total:
         raise CorruptEntry(f"frame kind {kind}, seq {seq}, total {total} are inconsistent")
-    return Frame(kind, bytes(entry_id), seq, total, view[FRAME_HEAD_BYTES:])
+    return Frame(kind, version, bytes(entry_id), seq, total, view[FRAME_HEAD_BYTES:])
 
 
 def parse_header(frame: bytes | memoryview) -> EntryHeader:
@@ -253,9 +260,10 @@ def parse_header(frame: bytes | memoryview) -> EntryHeader:
             data_xxh3=str(h["data_xxh3"]),
             total_frames=f.total,
             entry_id=f.entry_id,
+            format_version=int(h["format_version"]),
         )
-        if int(h["format_version"]) != FORMAT_VERSION:
-            raise InvalidEntry(f"format_version {h['format_version']}; this store reads {FORMAT_VERSION}")
+        if header.format_version != f.version:
+            raise InvalidEntry(f"format_version {h['format_version']} in a frame of format version {f.version}")
     except InvalidEntry:
         raise
     except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as e:
@@ -271,8 +279,8 @@ def _check_tensor_table(h: EntryHeader) -> None:
     seen = set()
     for t in h.tensors:
         where = f"tensor {t.name!r} of layer {t.layer}"
-        if t.name not in LayerKV.TENSOR_FIELDS:
-            raise InvalidEntry(f"{where}: unknown tensor name; expected one of {LayerKV.TENSOR_FIELDS}")
+        if t.name not in STORED_FIELDS:
+            raise InvalidEntry(f"{where}: unknown tensor name; expected one of {STORED_FIELDS}")
         if not 0 <= t.layer < h.num_layers or (t.layer, t.name) in seen:
             raise InvalidEntry(f"{where}: layer out of range or tensor repeated")
         if t.dtype not in DTYPES:
@@ -325,7 +333,7 @@ class FrameAssembler:
             return
         f = parse_frame(frame)
         expected = len(self.frames)
-        if f.entry_id != self.header.entry_id:
+        if f.entry_id != self.header.entry_id or f.version != self.header.format_version:
             raise CorruptEntry(f"frame {f.seq} belongs to another entry")
         if f.seq != expected or f.total != self.header.total_frames:
             raise CorruptEntry(f"frame {f.seq} of {f.total} arrived where frame {expected} of "
@@ -389,18 +397,20 @@ def decode_checked(header: EntryHeader, checked: list) -> CompressedKV:
     layers: list[dict] = [{} for _ in range(header.num_layers)]
     for t in header.tensors:
         layers[t.layer][t.name] = _tensor_at(payloads, starts, t)
-    try:
-        entry = CompressedKV(
-            identity=header.identity,
-            layers=[LayerKV(**fields) for fields in layers],
-            num_kv_heads=header.num_kv_heads,
-            head_dim=header.head_dim,
-            page_size=header.page_size,
-            importance=header.importance,
-            derived=header.derived,
-        )
-    except TypeError as e:
-        raise InvalidEntry(f"a layer is missing required tensors: {e}") from e
+    ident = header.identity
+    if not 1 <= header.page_size <= 4096:
+        raise InvalidEntry(f"page_size {header.page_size} must be in [1, 4096]")
+    entry = CompressedKV(
+        identity=ident,
+        layers=[unpack_layer(fields, ident.start, ident.seq_len, header.page_size, f"layer {i}")
+                for i, fields in enumerate(layers)],
+        num_kv_heads=header.num_kv_heads,
+        head_dim=header.head_dim,
+        page_size=header.page_size,
+        importance=header.importance,
+        derived=header.derived,
+        format_version=header.format_version,
+    )
     entry.validate()
     return entry
 

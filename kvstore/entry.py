@@ -4,15 +4,31 @@ Layout of one layer (``LayerKV``), for ``H`` KV heads of head dim ``D`` and page
 
     positions     int32 [N]          kept token positions, head-major, ascending within a head
     head_offsets  int32 [H + 1]      rows of head h are positions[head_offsets[h]:head_offsets[h+1]]
-    scores        float32 [N]        importance of each kept token (higher = keep)
+    scores        float16 [N]        importance of each kept token (higher = keep); float32 in format 1
     page_min/max  [pages, D]         elementwise min / max of K over each page of P rows of a head
     keys, values  [N, D] float       dense (fp16, bf16, fp32), or quantized rows (see ``kvstore.quant``)
+    key_lo/hi     float16 [H, D]     quantized layers: each head's key range, the grid of its page bounds
 
 Rows are grouped per head and pages never straddle heads, so head ``h`` owns
 ``ceil(n_h / P)`` pages. Quantized keys use the page min/max as their per-channel range
 (KIVI-style key quantization with the page as the token group); quantized values carry a
 per-token range. Every row may have its own bit width, which is how ZipCache-style mixed
 precision is stored.
+
+Stored form (``pack_layer`` / ``unpack_layer``, what ``kvstore.codec`` writes): format 2 keeps
+the fields above except that, where it is smaller,
+
+- positions become a bitmap per head over the entry's span ``[start, seq_len)``
+  (``position_bitmap`` uint8 ``[H, ceil(span / 8)]``, bit ``j % 8`` of byte ``j // 8`` = position
+  ``start + j``; smaller once a head keeps more than 1/16 of the span), else offsets from
+  ``start`` (``position_offsets`` int16 ``[N]``, spans up to 32768), else ``positions``;
+- a quantized layer's page bounds are 8-bit codes on its heads' key ranges
+  (``page_min_codes`` / ``page_max_codes`` uint8 ``[pages, D]``: ``min = lo + code * (hi - lo) /
+  255``): ``quantize_layer`` puts them on that grid, rounding outwards, and quantizes the keys on
+  the bounds the codes give back, so nothing changes on the way through the store;
+- K and V of a row share one bit width (``bits`` uint8 ``[N]``) where they agree.
+
+Format 1 (positions int32, scores float32, page bounds in fp16, two bit-width bytes) still reads.
 
 Entries are immutable once published; ``shrink`` and ``requantize`` return new entries.
 """
@@ -29,7 +45,10 @@ from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore import quant
 from dkv.kvstore.recipe import KEY_PART, Recipe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: see the module docstring
+PAGE_CODE_LEVELS = 255  # 8-bit page bound codes
+FP16_MAX = 65504.0
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -116,10 +135,12 @@ class LayerKV:
     value_bits: torch.Tensor | None = None  # uint8 [N]
     value_min: torch.Tensor | None = None  # float16 [N]
     value_max: torch.Tensor | None = None  # float16 [N]
+    key_lo: torch.Tensor | None = None  # float16 [H, D]: page bounds are 8-bit codes on [key_lo, key_hi]
+    key_hi: torch.Tensor | None = None  # float16 [H, D]
 
     TENSOR_FIELDS = (
         "positions", "head_offsets", "scores", "page_min", "page_max", "keys", "values",
-        "key_bits", "value_bits", "value_min", "value_max",
+        "key_bits", "value_bits", "value_min", "value_max", "key_lo", "key_hi",
     )
 
     @property
@@ -161,7 +182,8 @@ class LayerKV:
         return LayerKV(keys=_packed_rows(self.keys, self.key_bits, head_dim, rows),
                        values=_packed_rows(self.values, self.value_bits, head_dim, rows),
                        key_bits=self.key_bits[rows], value_bits=self.value_bits[rows],
-                       value_min=self.value_min[rows], value_max=self.value_max[rows], **picked)
+                       value_min=self.value_min[rows], value_max=self.value_max[rows],
+                       key_lo=self.key_lo, key_hi=self.key_hi, **picked)
 
     def dequantized(self, page_size: int, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K and V, [N, D] each, in ``dtype``."""
@@ -249,6 +271,16 @@ class CompressedKV:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
+    def stored_layers(self) -> list[dict[str, torch.Tensor]]:
+        """Each layer's tensors as format 2 stores them (``pack_layer``): what ``kvstore.codec`` writes."""
+        return [pack_layer(layer, self.identity.start, self.seq_len, self.page_size, f"layer {i}")
+                for i, layer in enumerate(self.layers)]
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Data bytes of the stored form (the codec's ``data_bytes``)."""
+        return sum(t.numel() * t.element_size() for layer in self.stored_layers() for t in layer.values())
+
     def kept_tokens(self) -> list[int]:
         """Kept tokens summed over heads, per layer."""
         return [layer.num_tokens for layer in self.layers]
@@ -268,10 +300,11 @@ class CompressedKV:
 
     def cast(self, dtype: torch.dtype) -> "CompressedKV":
         """The entry with its dense K/V and page summaries in ``dtype`` (how the store keeps it);
-        quantized rows are left as they are. Rounding is monotonic, so page bounds still bound."""
-        layers = [dataclasses.replace(layer, page_min=layer.page_min.to(dtype), page_max=layer.page_max.to(dtype),
-                                      **({} if layer.quantized else
-                                         {"keys": layer.keys.to(dtype), "values": layer.values.to(dtype)}))
+        quantized rows and their page bounds (on the grid of the key ranges) are left as they are.
+        Rounding is monotonic, so page bounds still bound."""
+        layers = [layer if layer.quantized else
+                  dataclasses.replace(layer, page_min=layer.page_min.to(dtype), page_max=layer.page_max.to(dtype),
+                                      keys=layer.keys.to(dtype), values=layer.values.to(dtype))
                   for layer in self.layers]
         return self.replace(layers=layers)
 
@@ -285,13 +318,13 @@ def make_layer(
 ) -> LayerKV:
     """Build a dense layer from per-head lists: positions [n_h], keys/values [n_h, D], scores [n_h].
 
-    Rows of each head are sorted by position.
+    Rows of each head are sorted by position; scores are kept in fp16 (clamped into its range).
     """
     order = [torch.argsort(p) for p in positions]
     pos = torch.cat([p[o] for p, o in zip(positions, order)]).to(torch.int32)
     k = torch.cat([x[o] for x, o in zip(keys, order)])
     v = torch.cat([x[o] for x, o in zip(values, order)])
-    s = torch.cat([x[o] for x, o in zip(scores, order)]).float()
+    s = torch.cat([x[o] for x, o in zip(scores, order)]).float().clamp(-FP16_MAX, FP16_MAX).half()
     counts = torch.tensor([len(p) for p in positions], dtype=torch.int32)
     offsets = torch.zeros(len(positions) + 1, dtype=torch.int32)
     offsets[1:] = torch.cumsum(counts, 0)
@@ -303,28 +336,171 @@ def quantize_layer(layer: LayerKV, key_bits: torch.Tensor, page_size: int,
                    value_bits: torch.Tensor | None = None) -> LayerKV:
     """The layer with K and V quantized at ``key_bits`` / ``value_bits`` (uint8 [N]) per row.
 
-    Keys use their page's min/max (kept in fp16) as the per-channel range; values their own
-    row's min/max. ``value_bits`` defaults to ``key_bits``.
+    Each head's key range (``key_lo``/``key_hi``, fp16 per channel) is the grid of its page
+    bounds: 8-bit codes, the min rounded down and the max up. Keys are quantized on the bounds
+    the codes give back (their page's per-channel range), values on their own row's min/max.
+    ``value_bits`` defaults to ``key_bits``.
     """
     value_bits = key_bits.clone() if value_bits is None else value_bits
     k, v = layer.dequantized(page_size, torch.float32)
-    pmin, pmax = layer.page_min.half(), layer.page_max.half()
+    true_min, true_max = page_summaries(k, layer.head_offsets, page_size)
+    page_head = head_of_pages(layer.head_offsets, page_size)
+    heads, d = len(layer.head_offsets) - 1, k.shape[1]
+    index = page_head.unsqueeze(1).expand(-1, d)
+    key_lo = torch.zeros(heads, d).scatter_reduce(0, index, true_min, "amin", include_self=False)
+    key_hi = torch.zeros(heads, d).scatter_reduce(0, index, true_max, "amax", include_self=False)
+    key_lo, key_hi = (x.clamp(-FP16_MAX, FP16_MAX).half() for x in (key_lo, key_hi))
+    lo, step = _code_grid(key_lo, key_hi, page_head)
+    code_min = ((true_min - lo) / step).floor().clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
+    code_max = ((true_max - lo) / step).ceil().clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
+    pmin, pmax = page_bounds(code_min, code_max, key_lo, key_hi, page_head)
     row_page = page_of_rows(layer.head_offsets, page_size)
     vmin = v.amin(1).half() if len(v) else torch.empty(0, dtype=torch.float16)
     vmax = v.amax(1).half() if len(v) else torch.empty(0, dtype=torch.float16)
     return LayerKV(
         positions=layer.positions, head_offsets=layer.head_offsets, scores=layer.scores,
         page_min=pmin, page_max=pmax,
-        keys=quant.quantize_rows(k, key_bits, pmin.float()[row_page], pmax.float()[row_page]),
+        keys=quant.quantize_rows(k, key_bits, pmin[row_page], pmax[row_page]),
         values=quant.quantize_rows(v, value_bits, vmin.float().unsqueeze(1), vmax.float().unsqueeze(1)),
-        key_bits=key_bits, value_bits=value_bits, value_min=vmin, value_max=vmax,
+        key_bits=key_bits, value_bits=value_bits, value_min=vmin, value_max=vmax, key_lo=key_lo, key_hi=key_hi,
     )
+
+
+def head_of_pages(head_offsets: torch.Tensor, page_size: int) -> torch.Tensor:
+    """The head of every page, int64 [pages]."""
+    pages = page_counts((head_offsets[1:] - head_offsets[:-1]).long(), page_size)
+    return torch.repeat_interleave(torch.arange(len(pages)), pages)
+
+
+def _code_grid(key_lo: torch.Tensor, key_hi: torch.Tensor, page_head: torch.Tensor):
+    """Per page and channel: the grid's origin and step, float32 [pages, D] each."""
+    lo = key_lo.float()[page_head]
+    return lo, (key_hi.float()[page_head] - lo) / PAGE_CODE_LEVELS
+
+
+def page_bounds(code_min: torch.Tensor, code_max: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor,
+                page_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page bounds, float32 [pages, D], from their 8-bit codes on the heads' key ranges."""
+    lo, step = _code_grid(key_lo, key_hi, page_head)
+    return lo + code_min.float() * step, lo + code_max.float() * step
+
+
+def _page_codes(layer: LayerKV, page_head: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of a quantized layer's page bounds; ``InvalidEntry`` unless they are on the grid."""
+    lo, step = _code_grid(layer.key_lo, layer.key_hi, page_head)
+    codes = []
+    for bound in (layer.page_min, layer.page_max):
+        code = ((bound.float() - lo) / step).round().nan_to_num(0.0).clamp(0, PAGE_CODE_LEVELS)
+        if not torch.equal(lo + code * step, bound.float()):
+            raise InvalidEntry(f"{where}: page bounds are not on the 8-bit grid of key_lo/key_hi "
+                               "(build quantized layers with quantize_layer)")
+        codes.append(code.to(torch.uint8))
+    return codes[0], codes[1]
+
+
+def pack_layer(layer: LayerKV, start: int, seq_len: int, page_size: int, where: str = "layer") -> dict[str, torch.Tensor]:
+    """The tensors format 2 stores for ``layer`` of an entry spanning ``[start, seq_len)`` (module docstring)."""
+    out = {"head_offsets": layer.head_offsets}
+    heads, n, span = len(layer.head_offsets) - 1, layer.num_tokens, seq_len - start
+    if heads * -(-span // 8) < 2 * n:
+        out["position_bitmap"] = _bitmap(layer, start, span)
+    elif span <= 1 << 15:
+        out["position_offsets"] = (layer.positions - start).to(torch.int16)
+    else:
+        out["positions"] = layer.positions
+    out["scores"] = layer.scores
+    if layer.key_lo is not None:
+        out["page_min_codes"], out["page_max_codes"] = _page_codes(
+            layer, head_of_pages(layer.head_offsets, page_size), where)
+        out["key_lo"], out["key_hi"] = layer.key_lo, layer.key_hi
+    else:
+        out["page_min"], out["page_max"] = layer.page_min, layer.page_max
+    out["keys"], out["values"] = layer.keys, layer.values
+    if layer.quantized:
+        if torch.equal(layer.key_bits, layer.value_bits):
+            out["bits"] = layer.key_bits
+        else:
+            out["key_bits"], out["value_bits"] = layer.key_bits, layer.value_bits
+        out["value_min"], out["value_max"] = layer.value_min, layer.value_max
+    return out
+
+
+STORED_FIELDS = LayerKV.TENSOR_FIELDS + ("position_bitmap", "position_offsets", "page_min_codes", "page_max_codes",
+                                         "bits")
+
+
+def _bitmap(layer: LayerKV, start: int, span: int) -> torch.Tensor:
+    heads = len(layer.head_offsets) - 1
+    width = -(-span // 8)
+    head_of_row = torch.repeat_interleave(torch.arange(heads), layer.head_counts())
+    bits = torch.zeros(heads, width * 8, dtype=torch.uint8)
+    bits[head_of_row, layer.positions.long() - start] = 1
+    return (bits.view(heads, width, 8) << torch.arange(8, dtype=torch.uint8)).sum(2, dtype=torch.uint8)
+
+
+def unpack_layer(t: dict[str, torch.Tensor], start: int, seq_len: int, page_size: int,
+                 where: str = "layer") -> LayerKV:
+    """Inverse of ``pack_layer`` (format 1's tensors read as they are); ``InvalidEntry`` when the
+    stored tensors do not fit together. The result still needs ``validate_entry``."""
+    t = dict(t)
+    offsets = t.get("head_offsets")
+    if offsets is None or offsets.dtype != torch.int32 or offsets.dim() != 1 or len(offsets) < 2:
+        raise InvalidEntry(f"{where}: head_offsets must be int32 [H + 1]")
+    heads, span = len(offsets) - 1, seq_len - start
+    if int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any()):
+        raise InvalidEntry(f"{where}: head_offsets must start at 0 and not decrease")
+    forms = [name for name in ("positions", "position_offsets", "position_bitmap") if name in t]
+    if len(forms) != 1:
+        raise InvalidEntry(f"{where}: exactly one of positions, position_offsets, position_bitmap is needed, got {forms}")
+    if "position_bitmap" in t:
+        bitmap = t.pop("position_bitmap")
+        if bitmap.dtype != torch.uint8 or bitmap.shape != (heads, -(-span // 8)):
+            raise InvalidEntry(f"{where}: position_bitmap must be uint8 [{heads}, {-(-span // 8)}]")
+        bits = (bitmap.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1  # [H, width, 8]
+        kept = bits.view(heads, -1).bool()
+        if bool(kept[:, span:].any()):
+            raise InvalidEntry(f"{where}: position_bitmap marks positions at or after seq_len {seq_len}")
+        if not torch.equal(kept.sum(1), (offsets[1:] - offsets[:-1]).long()):
+            raise InvalidEntry(f"{where}: position_bitmap disagrees with head_offsets")
+        t["positions"] = (kept.nonzero()[:, 1] + start).to(torch.int32)  # head-major, ascending: the row order
+    elif "position_offsets" in t:
+        off = t.pop("position_offsets")
+        if off.dtype != torch.int16:
+            raise InvalidEntry(f"{where}: position_offsets must be int16")
+        t["positions"] = off.to(torch.int32) + start
+    if "bits" in t:
+        if "key_bits" in t or "value_bits" in t:
+            raise InvalidEntry(f"{where}: bits is shared by K and V: key_bits and value_bits must be absent")
+        t["key_bits"] = t["value_bits"] = t.pop("bits")
+    if "page_min_codes" in t or "page_max_codes" in t:
+        if "page_min" in t or "page_max" in t:
+            raise InvalidEntry(f"{where}: page bounds are stored as codes or as values, not both")
+        codes = (t.pop("page_min_codes", None), t.pop("page_max_codes", None))
+        lo, hi = t.get("key_lo"), t.get("key_hi")
+        pages = int(page_counts((offsets[1:] - offsets[:-1]).long().clamp_min(0), page_size).sum())
+        for name, x, dtype, shape in (("page_min_codes", codes[0], torch.uint8, None),
+                                      ("page_max_codes", codes[1], torch.uint8, None),
+                                      ("key_lo", lo, torch.float16, (heads, None)),
+                                      ("key_hi", hi, torch.float16, (heads, None))):
+            if x is None or x.dtype != dtype or x.dim() != 2 or (shape and x.shape[0] != heads) \
+                    or (not shape and x.shape[0] != pages):
+                raise InvalidEntry(f"{where}: {name} must be {dtype} [{heads if shape else pages}, D]")
+        if not codes[0].shape[1] == codes[1].shape[1] == lo.shape[1] == hi.shape[1]:
+            raise InvalidEntry(f"{where}: page codes and key ranges must have the same head_dim")
+        if bool((codes[0] > codes[1]).any()):
+            raise InvalidEntry(f"{where}: page_min_codes must be <= page_max_codes")
+        t["page_min"], t["page_max"] = page_bounds(codes[0], codes[1], lo, hi, head_of_pages(offsets, page_size))
+    try:
+        return LayerKV(**t)
+    except TypeError as e:
+        raise InvalidEntry(f"{where}: a layer is missing required tensors: {e}") from e
 
 
 def validate_entry(entry: CompressedKV) -> None:
     h, d, p = entry.num_kv_heads, entry.head_dim, entry.page_size
-    if entry.format_version != FORMAT_VERSION:
-        raise InvalidEntry(f"format_version {entry.format_version} is not supported; this store reads {FORMAT_VERSION}")
+    if entry.format_version not in READABLE_VERSIONS:
+        raise InvalidEntry(f"format_version {entry.format_version} is not supported; this store reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
     if not 1 <= h <= 1024 or not 4 <= d <= 1024 or d % 4:
         raise InvalidEntry(f"num_kv_heads={h}, head_dim={d}: need 1..1024 heads and a head_dim in 4..1024 that is "
                            "a multiple of 4 (so 2-bit rows fill whole bytes)")
@@ -368,8 +544,8 @@ def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, start: int, 
         head_starts = offs[1:-1]
         _check(bool(torch.isin(not_ascending, head_starts).all()), i,
                "positions must be strictly ascending within each head")
-    _check(layer.scores.dtype == torch.float32 and layer.scores.shape == (n,), i,
-           f"scores must be float32 [{n}], got {layer.scores.dtype} {tuple(layer.scores.shape)}")
+    _check(layer.scores.dtype in (torch.float16, torch.float32) and layer.scores.shape == (n,), i,
+           f"scores must be float16 (float32 in format 1) [{n}], got {layer.scores.dtype} {tuple(layer.scores.shape)}")
     _check(all_finite(layer.scores), i, "scores contain NaN or Inf")
     pages = int(page_counts(counts, p).sum())
     for name in ("page_min", "page_max"):
@@ -384,8 +560,9 @@ def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, start: int, 
             _check(t.dtype in DENSE_DTYPES.values() and t.shape == (n, d), i,
                    f"{name} must be float16/bfloat16/float32 [{n}, {d}], got {t.dtype} {tuple(t.shape)}")
             _check(all_finite(t), i, f"{name} contain NaN or Inf")
-        _check(layer.value_bits is None and layer.value_min is None and layer.value_max is None, i,
-               "dense keys need dense values: value_bits, value_min and value_max must be absent")
+        _check(layer.value_bits is None and layer.value_min is None and layer.value_max is None
+               and layer.key_lo is None and layer.key_hi is None, i,
+               "dense keys need dense values: value_bits, value_min, value_max, key_lo and key_hi must be absent")
         return
     for name in ("key_bits", "value_bits"):
         bits = getattr(layer, name)
@@ -401,9 +578,17 @@ def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, start: int, 
         t = getattr(layer, name)
         _check(t is not None and t.dtype == torch.float16 and t.shape == (n,), i, f"{name} must be float16 [{n}]")
         _check(all_finite(t), i, f"{name} contains NaN or Inf")
+    _check((layer.key_lo is None) == (layer.key_hi is None), i, "key_lo and key_hi come together")
+    if layer.key_lo is not None:
+        for name in ("key_lo", "key_hi"):
+            t = getattr(layer, name)
+            _check(t.dtype == torch.float16 and t.shape == (h, d), i, f"{name} must be float16 [{h}, {d}]")
+            _check(all_finite(t), i, f"{name} contains NaN or Inf")
+        _check(bool((layer.key_lo <= layer.key_hi).all()), i, "key_lo must be <= key_hi")
 
 
 __all__ = [
-    "FORMAT_VERSION", "Recipe", "EntryKey", "Identity", "LayerKV", "CompressedKV", "make_layer", "quantize_layer",
-    "page_summaries", "page_of_rows", "page_counts", "validate_entry",
+    "FORMAT_VERSION", "READABLE_VERSIONS", "STORED_FIELDS", "Recipe", "EntryKey", "Identity", "LayerKV", "CompressedKV",
+    "make_layer", "quantize_layer", "pack_layer", "unpack_layer", "page_bounds", "head_of_pages", "page_summaries",
+    "page_of_rows", "page_counts", "validate_entry",
 ]

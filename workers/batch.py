@@ -30,6 +30,7 @@ explicit ``position_ids``: each row continues at its own ``seq_len``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,10 +45,13 @@ _SLOT_ALIGN = 64  # capacity grows in whole multiples (fewer reallocations, alig
 
 @dataclass
 class RowSelection:
-    """A row's decode-time selection: the selector, its page size and page summaries per layer."""
+    """A row's decode-time selection: the selector, the page size of the page summaries it reads
+    (0: none) and those summaries per layer. ``observe(layer, keep, view)``, when given, sees
+    every choice (the benchmarks count which tokens were attended)."""
 
     selector: Selection | SelectionCache
-    page_size: int
+    page_size: int = 0
+    observe: Callable[[int, torch.Tensor, SlotView], None] | None = None
     pages: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     selected: list[float] = field(default_factory=list)  # mean slots per head, per sparse layer, this step
 
@@ -56,7 +60,7 @@ class BatchCache(Cache):
     """The rows of every active stream (see the module docstring). Not thread-safe: one model loop owns it."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", dense_layers: int = 2):
+                 device: torch.device | str = "cpu", dense_layers: int = 0):
         super().__init__(layers=[])
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device, self.dense_layers = dtype, torch.device(device), dense_layers
@@ -128,8 +132,8 @@ class BatchCache(Cache):
         counts = [sum((e.layers[layer].head_counts() for e in entries), torch.zeros(first.num_kv_heads, dtype=torch.long))
                   for layer in range(self.num_layers)]
         slots = [int(c.max()) if len(c) else 0 for c in counts]
-        page = first.page_size  # whole pages fit, so page summaries can view the row
-        self._reserve(row + 1, [-(-s // page) * page + room for s in slots])
+        sizes = (first.page_size, selection.page_size if selection is not None and selection.page_size else 1)
+        self._reserve(row + 1, [max(-(-s // p) * p for p in sizes) + room for s in slots])  # whole pages fit
         for layer in range(self.num_layers):
             keys, values, valid, positions = (self.keys[layer][row], self.values[layer][row], self.valid[layer][row],
                                               self.positions[layer][row])
@@ -156,8 +160,9 @@ class BatchCache(Cache):
         self.appended[row] = 0
         self.seq_len[row] = entries[-1].seq_len
         if selection is not None:
-            selection.pages = [self._page_summaries(layer, row, selection.page_size) if layer >= self.dense_layers
-                               else None for layer in range(self.num_layers)]
+            selection.pages = [self._page_summaries(layer, row, selection.page_size)
+                               if layer >= self.dense_layers and selection.page_size else None
+                               for layer in range(self.num_layers)]
         self.selections[row] = selection
         self.rows += 1
         return row
@@ -176,13 +181,10 @@ class BatchCache(Cache):
         empty = ~ok.any(2)
         return page_min.masked_fill(empty, 0), page_max.masked_fill(empty, 0), num_pages.to(torch.int32)
 
-    def entry_tokens(self, row: int) -> float:
-        """Kept entry tokens per KV head of ``row``, mean over the layers after ``dense_layers``."""
-        layers = range(self.dense_layers, self.num_layers) if self.num_layers > self.dense_layers \
-            else range(self.num_layers)
-        counts = [float(self.valid[layer][row, :, : int(self.entry_slots[layer, row])].sum()) / self.num_kv_heads
-                  for layer in layers]
-        return sum(counts) / len(counts)
+    def entry_tokens(self, row: int) -> list[float]:
+        """Kept entry tokens per KV head of ``row`` (mean over the heads), per layer."""
+        return [float(self.valid[layer][row, :, : int(self.entry_slots[layer, row])].sum()) / self.num_kv_heads
+                for layer in range(self.num_layers)]
 
     def remove(self, row: int) -> None:
         """Free ``row``: the last active row moves into it (one copy of that row)."""
@@ -288,6 +290,8 @@ class BatchCache(Cache):
                 narrowed = valid.clone()
             narrowed[i, :, :used] = keep
             sel.selected.append(float(keep.sum(1).float().mean()))
+            if sel.observe is not None:
+                sel.observe(layer, keep, view)
         return narrowed
 
 

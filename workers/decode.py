@@ -23,7 +23,7 @@ from dkv.workers.cache import ATTN_IMPLEMENTATION, DkvCache
 from dkv.workers.engine import DENSE_LAYERS, Batch, DecodeStats, Sampler, Stream
 from dkv.workers.model import model_info
 from dkv.workers.paged import FetchStats, RemoteEntry, page_cache, paged_cache
-from dkv.workers.selection import Dense, SelectionCache, make_selection
+from dkv.workers.selection import Dense, Pages, SelectionCache, SlotView, make_selection
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -44,7 +44,8 @@ def stream(model, tokenizer_or_none, entries: CompressedKV | Sequence[Compressed
            max_new_tokens: int, selection: str = "dense", budget: int | None = None, *, temperature: float = 0.0,
            top_p: float = 1.0, seed: int | None = None, stop_ids: set[int] | None = None,
            stats: DecodeStats | None = None, budget_fraction: float = 0.0, selection_cache: float = 0.0,
-           dense_layers: int = DENSE_LAYERS, pick: Callable[[torch.Tensor], int] | None = None, **params):
+           dense_layers: int = DENSE_LAYERS, pick: Callable[[torch.Tensor], int] | None = None,
+           observe: Callable[[int, torch.Tensor, SlotView], None] | None = None, **params):
     """``generate`` as an iterator: each token as soon as it is chosen (a batch of one stream)."""
     entries = [entries] if isinstance(entries, CompressedKV) else list(entries)
     _check_query(query_ids)
@@ -54,8 +55,7 @@ def stream(model, tokenizer_or_none, entries: CompressedKV | Sequence[Compressed
     one = Stream(entries, query_ids[0].tolist(), max_new_tokens, out.append, ended.append,
                  pick=pick or Sampler(temperature, top_p, seed),
                  stop_ids=frozenset(stop_token_ids(model, tokenizer_or_none) if stop_ids is None else stop_ids),
-                 selection=row_selection(selection, entries[0].page_size, budget or 0, budget_fraction,
-                                         selection_cache, **params),
+                 selection=row_selection(selection, budget or 0, budget_fraction, selection_cache, observe, **params),
                  stats=stats if stats is not None else DecodeStats())
     batch = Batch(model, dense_layers)
     with torch.inference_mode():
@@ -70,15 +70,17 @@ def stream(model, tokenizer_or_none, entries: CompressedKV | Sequence[Compressed
         raise ended[0]
 
 
-def row_selection(selection: str, page_size: int, budget: int = 0, budget_fraction: float = 0.0,
-                  selection_cache: float = 0.0, **params) -> RowSelection | None:
+def row_selection(selection: str, budget: int = 0, budget_fraction: float = 0.0, selection_cache: float = 0.0,
+                  observe: Callable[[int, torch.Tensor, SlotView], None] | None = None,
+                  **params) -> RowSelection | None:
     """The per-stream selection of the batched decoder; None for ``dense`` (plain attention)."""
     selector = make_selection(selection, budget=budget, budget_fraction=budget_fraction, **params)
     if isinstance(selector, Dense):
         return None
+    page_size = selector.page_size if isinstance(selector, Pages) else 0
     if selection_cache:
         selector = SelectionCache(selector, threshold=selection_cache)
-    return RowSelection(selector, page_size)
+    return RowSelection(selector, page_size, observe)
 
 
 def generate(model, tokenizer_or_none, entries: CompressedKV | Sequence[CompressedKV], query_ids: torch.Tensor,
@@ -87,8 +89,9 @@ def generate(model, tokenizer_or_none, entries: CompressedKV | Sequence[Compress
 
     ``budget`` is the slots each KV head attends per step (None = all); other keyword arguments:
     ``temperature``, ``top_p``, ``seed``, ``stop_ids``, ``stats`` (a ``DecodeStats`` to fill), ``pick``
-    (a function of the logits that returns the next token, instead of sampling) and the
-    selection's (``budget_fraction``, ``sink``, ``recent``, ``selection_cache``). Stops at the
+    (a function of the logits that returns the next token, instead of sampling), ``observe`` (called
+    with each layer's choice: ``workers.batch.RowSelection``) and the selection's
+    (``budget_fraction``, ``sink``, ``recent``, ``page_size``, ``selection_cache``). Stops at the
     tokenizer's end-of-turn / end-of-sequence token (included in the output) or after
     ``max_new_tokens``. Greedy unless ``temperature`` > 0. The same batched decoder as the decode
     worker's, with one stream.

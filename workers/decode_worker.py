@@ -252,8 +252,7 @@ class DecodeWorker:
         return Stream(entries, list(job.query_ids), job.max_new_tokens, on_token=_unset, on_end=_unset,
                       pick=Sampler(job.temperature, job.top_p, job.seed),
                       stop_ids=frozenset() if job.ignore_eos else self.stop_ids,
-                      selection=row_selection(job.selection, first.page_size, job.budget, job.budget_fraction,
-                                              job.selection_cache),
+                      selection=row_selection(job.selection, job.budget, job.budget_fraction, job.selection_cache),
                       stats=stats)
 
     def _paged_stream(self, job: DecodeJob, keys: list[str], stats: DecodeStats,

@@ -39,7 +39,11 @@ from dkv.workers.model import model_info
 
 log = logging.getLogger("dkv.decode.engine")
 
-DENSE_LAYERS = 2  # Quest and HATA keep the first two layers dense: their attention is broad
+# Quest and HATA keep the first two layers dense (their attention is broad). Counted in the
+# attended tokens, that costs more than it gives: on SmolLM2 at 1/8 of the context attended in all,
+# two dense layers leave the other 28 a 1/16 budget, and exact top-k loses 0.098 nats/token of
+# extra NLL against 0.038 with every layer selecting at 1/8 (docs/benchmarks.md, decode).
+DENSE_LAYERS = 0
 IDLE_RELEASE_S = 60.0  # an idle model loop gives its batch rows' memory back after this long
 
 
@@ -53,7 +57,12 @@ class Cancelled(RuntimeError):
 
 @dataclass
 class DecodeStats:
-    """What a generation did: attended slots per step (mean per KV head over layers), timings."""
+    """What a generation did: attended slots per step, timings.
+
+    ``selected_per_step``: the slots one KV head attended at each step, mean over the heads and
+    every layer (dense layers attend all of theirs), everything counted: sinks, recent tokens,
+    the query's and the generated tokens.
+    """
 
     steps: int = 0
     cached_slots: int = 0  # entry slots per layer and KV head (mean)
@@ -99,7 +108,7 @@ class Stream:
     produced: int = 0
     last: int = -1
     cancelled: bool = False
-    entry_tokens: float = 0.0  # kept tokens per KV head, mean over the sparse-capable layers
+    entry_tokens: list[float] = field(default_factory=list)  # kept tokens per KV head (mean), per layer
 
     def cancel(self) -> None:
         """Leave at the next step boundary (safe from any thread)."""
@@ -173,15 +182,18 @@ class Batch:
         for row, stream in enumerate(self.streams):
             stream.stats.steps += 1
             stream.stats.seconds_per_token.append(seconds)
-            selection = self.cache.selections[row]
-            if selection is None:  # dense: every kept token of the entry and everything appended
-                stream.stats.selected_per_step.append(stream.entry_tokens + float(self.cache.appended[row]))
-            elif selection.selected:
-                stream.stats.selected_per_step.append(sum(selection.selected) / len(selection.selected))
+            stream.stats.selected_per_step.append(self._attended(row, stream))
             if self._pick(row, logits[row]):
                 done.append(row)
         for row in reversed(done):
             self._finish(row, None)
+
+    def _attended(self, row: int, stream: Stream) -> float:
+        """Slots one KV head attended in this step, mean over heads and layers (``DecodeStats``)."""
+        selection = self.cache.selections[row]
+        selected = selection.selected if selection is not None else []
+        dense = stream.entry_tokens[: len(stream.entry_tokens) - len(selected)]  # every kept token, all appended
+        return (sum(dense) + len(dense) * float(self.cache.appended[row]) + sum(selected)) / len(stream.entry_tokens)
 
     def cancel_all(self, error: BaseException) -> None:
         for row in reversed(range(self.rows)):

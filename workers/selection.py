@@ -64,7 +64,7 @@ class Selection(ABC):
     budget: int = 0
     budget_fraction: float = 0.0
     sink: int = 4
-    recent: int = 32
+    recent: int = 8
 
     def __post_init__(self) -> None:
         if self.budget < 0:
@@ -90,12 +90,11 @@ class Selection(ABC):
 
 
 def always_kept(view: SlotView, sink: int, recent: int) -> torch.Tensor:
-    """``[H_kv, T]`` bool: valid sink positions, the last ``recent`` entry slots, every appended slot."""
-    t = view.keys.shape[1]
-    slot = torch.arange(t)
-    keep = (view.positions < sink) | (slot >= view.entry_slots)
-    counts = view.valid[:, : view.entry_slots].sum(1, keepdim=True)  # real entry slots per head
-    keep |= (slot < view.entry_slots) & (slot >= counts - recent)
+    """``[H_kv, T]`` bool: the entry's valid sink positions and the ``recent`` newest valid slots
+    (appended slots are the newest: the query's and the generated tokens, then the entry's last)."""
+    slot = torch.arange(view.keys.shape[1])
+    newer = view.valid.flip(1).cumsum(1).flip(1)  # valid slots at or after each slot
+    keep = ((view.positions < sink) & (slot < view.entry_slots)) | (newer <= recent)
     return keep & view.valid
 
 
@@ -108,17 +107,19 @@ def pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _top(score: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
-    """``keep`` plus, per head, the best-scoring valid slots until the head has ``budget``: ``[H_kv, T]``."""
-    extra = (budget - keep.sum(1)).clamp(min=0)  # [H_kv]
-    k = min(int(extra.max()), score.shape[1])
+    """``keep`` plus the best-scoring valid slots of any head until the layer holds ``budget``
+    slots per head on average: ``[H_kv, T]``. Heads share the layer's budget, so ``score`` must be
+    comparable across heads (attention weights are): a head whose attention is spread out takes
+    slots that a head attending to a few tokens does not need."""
+    extra = budget * keep.shape[0] - int(keep.sum())
+    rest = score.masked_fill(keep | ~valid, float("-inf")).flatten()
+    k = min(extra, rest.numel())
     if k <= 0:
         return keep
-    rest = score.masked_fill(keep | ~valid, float("-inf"))
-    top = torch.topk(rest, k, dim=1)
-    wanted = (torch.arange(k) < extra.unsqueeze(1)) & torch.isfinite(top.values)
-    chosen = torch.zeros_like(keep)
-    chosen.scatter_(1, top.indices, wanted)
-    return keep | chosen
+    top = torch.topk(rest, k)
+    chosen = torch.zeros_like(rest, dtype=torch.bool)
+    chosen[top.indices] = torch.isfinite(top.values)
+    return keep | chosen.view_as(keep)
 
 
 @register
@@ -133,15 +134,18 @@ class Dense(Selection):
 @register
 @dataclass
 class TopK(Selection):
-    """Exact q·k, soft vote over each group's query heads (TokenSelect)."""
+    """Exact attention weights, soft vote over each group's query heads (TokenSelect)."""
 
     name: ClassVar[str] = "topk"
 
     def keep(self, q, view):
-        h_kv = view.keys.shape[0]
+        h_kv, _, d = view.keys.shape
         groups = q.shape[0] // h_kv
+        # the model's own softmax scale (1/sqrt(D) in the Llama family): without it the vote is
+        # sharper than the attention, over-weights the head with the largest logits, and the
+        # weights of different heads are not comparable when they share the layer's budget
         logits = torch.einsum("gd,gtd->gt", q.float(),
-                              view.keys.float().repeat_interleave(groups, dim=0))  # [H_q, T]
+                              view.keys.float().repeat_interleave(groups, dim=0)) * d ** -0.5  # [H_q, T]
         logits = logits.masked_fill(~view.valid.repeat_interleave(groups, dim=0), float("-inf"))
         vote = torch.softmax(logits, dim=1).view(h_kv, groups, -1).sum(1)  # [H_kv, T]
         keep = always_kept(view, self.sink, self.recent)
@@ -151,23 +155,58 @@ class TopK(Selection):
 @register
 @dataclass
 class Pages(Selection):
-    """Quest: pages ranked by the upper bound of q·k from their min/max keys."""
+    """Quest: pages ranked by the upper bound of q·k from their min/max keys.
+
+    The entry's slots are paged as the view's summaries say; the appended slots (the query's and
+    the generated tokens) get pages of their own, summarized here from their keys. Each head's
+    bounds become weights (a softmax over its pages at the model's scale), so the heads of a layer
+    share its budget as ``topk``'s do; pages are taken best first while their slots fit the budget.
+    """
 
     name: ClassVar[str] = "pages"
+    page_size: int = 8  # of the summaries a decode worker computes from the row's keys
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.page_size < 1:
+            raise ValueError(f"page_size {self.page_size} must be >= 1 slot")
 
     def keep(self, q, view):
         if view.page_min is None:
             raise ValueError("selection 'pages' needs the entry's page summaries")
-        bound = page_scores(q, view.page_min, view.page_max, view.num_pages)  # [H_kv, P]
-        n_pages = max(1, -(-self.tokens(view) // view.page_size))
-        top = torch.topk(bound, min(n_pages, bound.shape[1]), dim=1)
-        t = view.keys.shape[1]
-        slot_page = torch.arange(t) // view.page_size
-        chosen = torch.zeros(bound.shape, dtype=torch.bool)
-        chosen.scatter_(1, top.indices, torch.isfinite(top.values))
-        in_page = torch.gather(chosen, 1, slot_page.clamp(max=bound.shape[1] - 1).expand(len(chosen), t))
-        in_page &= torch.arange(t) < view.entry_slots
-        return always_kept(view, self.sink, self.recent) | (in_page & view.valid)
+        h_kv, t, d = view.keys.shape
+        size, entry = view.page_size, view.entry_slots
+        entry_pages = view.page_min.shape[1]
+        tail_min, tail_max, tail_pages = _tail_summaries(view)
+        bound = torch.cat([page_scores(q, view.page_min, view.page_max, view.num_pages),
+                           page_scores(q, tail_min, tail_max, tail_pages)], dim=1) * d ** -0.5  # [H_kv, P]
+        weight = torch.softmax(bound, dim=1).nan_to_num(0.0)  # a head without pages: all -inf
+        keep = always_kept(view, self.sink, self.recent)
+        slot = torch.arange(t)
+        page_of = torch.where(slot < entry, slot // size, entry_pages + (slot - entry) // size).expand(h_kv, t)
+        cost = torch.zeros_like(bound, dtype=torch.long).scatter_add_(1, page_of, (view.valid & ~keep).long())
+        order = torch.argsort(weight.flatten(), descending=True)
+        spent = torch.cumsum(cost.flatten()[order], 0)
+        chosen = torch.zeros(bound.numel(), dtype=torch.bool)
+        chosen[order] = spent <= self.tokens(view) * h_kv - int(keep.sum())
+        return keep | (torch.gather(chosen.view_as(bound), 1, page_of) & view.valid)
+
+
+def _tail_summaries(view: SlotView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min/max keys ``[H_kv, P_tail, D]`` of the appended slots' pages, and their count per head."""
+    h_kv, t, d = view.keys.shape
+    size = view.page_size
+    n = t - view.entry_slots
+    pages = -(-n // size)
+    keys = torch.zeros(h_kv, pages * size, d, dtype=torch.float32)
+    valid = torch.zeros(h_kv, pages * size, dtype=torch.bool)
+    keys[:, :n] = view.keys[:, view.entry_slots:].float()
+    valid[:, :n] = view.valid[:, view.entry_slots:]
+    k = keys.view(h_kv, pages, size, d)
+    ok = valid.view(h_kv, pages, size, 1)
+    page_min = k.masked_fill(~ok, float("inf")).amin(2).nan_to_num(posinf=0.0)
+    page_max = k.masked_fill(~ok, float("-inf")).amax(2).nan_to_num(neginf=0.0)
+    return page_min, page_max, torch.full((h_kv,), pages, dtype=torch.int32)
 
 
 @dataclass

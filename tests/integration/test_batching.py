@@ -61,7 +61,7 @@ def test_batched_greedy_tokens_equal_each_stream_alone(smollm2, streams):
     out = [[] for _ in streams]
     ended: list = []
     made = [Stream(e, q, NEW, out[i].append, ended.append,
-                   selection=row_selection(sel, e[0].page_size, 64 if sel != "dense" else 0))
+                   selection=row_selection(sel, 64 if sel != "dense" else 0))
             for i, (e, q, sel) in enumerate(streams)]
     rows_at_join = []
     with torch.inference_mode():
@@ -85,7 +85,7 @@ def test_streams_that_join_together_run_their_queries_in_one_forward_and_equal_e
     batch = Batch(model)
     out = [[] for _ in same_query]
     made = [Stream(e, q, NEW, out[i].append, lambda e: None,
-                   selection=row_selection(sel, e[0].page_size, 64 if sel != "dense" else 0))
+                   selection=row_selection(sel, 64 if sel != "dense" else 0))
             for i, (e, q, sel) in enumerate(same_query)]
     with torch.inference_mode():
         batch.join(made[:1])

@@ -29,7 +29,7 @@ from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
 from dkv.services.store_client import StoreClient
 from dkv.workers.decode_worker import DecodeWorker
-from dkv.workers.gateway import INLINE_TEXT
+from dkv.workers.gateway import DEFAULT_RECIPE, INLINE_TEXT
 from dkv.workers.prefill import PrefillWorker
 from dkv.workers.prompts import chat_prompt, completion_prompt
 
@@ -157,7 +157,7 @@ def test_http_and_grpc_give_the_same_greedy_text(cluster, client):
     completion = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12)
     with DkvClient(cluster.gateway.address, token=SERVICE_TOKEN) as dkv:
         text, _ = dkv.ask(*chat_prompt(cluster.tokenizer, messages), max_new_tokens=12,
-                          recipe=Recipe(method="snapkv", ratio=0.25, chunked=True, chunk_size=256))
+                          recipe=Recipe(**{**DEFAULT_RECIPE, "ratio": 0.25}))  # fields left out: the default's
         assert text == over_http.choices[0].message.content
         text, _ = dkv.ask(*completion_prompt(cluster.tokenizer, prompt), max_new_tokens=12)
         assert text == completion.choices[0].text

@@ -12,6 +12,7 @@ from kernel_cases import LSE_TOL, TOL, generator, selection
 from dkv.kernels.quant_attention import sparse_decode_attention_quant
 from dkv.kernels.sparse_attention import combine_partials, sparse_decode_attention
 from dkv.kvstore import quant
+from dkv.kvstore.entry import make_layer, quantize_layer
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -88,6 +89,37 @@ def test_kernel_matches_dequantize_then_attend(case, device):
     assert out.dtype == dtype and out.shape == (h_q, d)
     torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
     torch.testing.assert_close(lse.cpu(), ref_lse, **LSE_TOL)
+
+
+def _format_2_cache(h_kv, t, d, page_size, bits, gen):
+    """Random K/V encoded by the store itself (``kvstore.entry.quantize_layer``, format 2): key page
+    bounds are float32, 8-bit codes on each head's key range, and the keys are quantized on them."""
+    k = torch.randn(h_kv, t, d, generator=gen)
+    v = torch.randn(h_kv, t, d, generator=gen)
+    layer = make_layer([torch.arange(t)] * h_kv, list(k), list(v), [torch.zeros(t)] * h_kv, page_size)
+    q = quantize_layer(layer, torch.full((h_kv * t,), bits, dtype=torch.uint8), page_size)
+    p = -(-t // page_size)
+    return (q.keys.view(h_kv, t, -1), q.values.view(h_kv, t, -1), q.page_min.view(h_kv, p, d),
+            q.page_max.view(h_kv, p, d), q.value_min.view(h_kv, t), q.value_max.view(h_kv, t))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_reads_format_2_entries_as_the_store_dequantizes_them(bits, device):
+    t, s, d, h_q, h_kv, page_size = 217, 37, 64, 9, 3, 16
+    gen = generator(200 + bits)
+    codes = _format_2_cache(h_kv, t, d, page_size, bits, gen)
+    assert codes[2].dtype == torch.float32  # the bounds the codes give back, not fp16
+    q = torch.randn(h_q, d, generator=gen)
+    indices, lengths = selection(h_kv, t, s, gen)
+    scale = 1 / math.sqrt(d)
+    k_deq, v_deq = _dequantized(codes, bits, page_size, d)
+    want, want_lse = sparse_decode_attention(q, k_deq, v_deq, indices, lengths, scale, backend="torch",
+                                             return_lse=True)
+    out, lse = sparse_decode_attention_quant(*(x.to(device) for x in (q, *codes)), bits, page_size,
+                                             indices.to(device), lengths.to(device), scale, num_splits=2,
+                                             backend="triton", return_lse=True)
+    torch.testing.assert_close(out.cpu(), want, **TOL[F32])
+    torch.testing.assert_close(lse.cpu(), want_lse, **LSE_TOL)
 
 
 @pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.3)])

@@ -67,7 +67,7 @@ def test_round_trip_exact(kind, max_frame_bytes):
     if max_frame_bytes == codec.MAX_FRAME_BYTES:
         assert len(frames) == 2  # header + one data frame
     else:
-        assert len(frames) > 4
+        assert len(frames) > 3
     assert all(len(f) <= max_frame_bytes for f in frames)
     out = codec.decode(frames)
     assert_same_entry(entry, out)
@@ -101,7 +101,7 @@ def test_frames_of_a_20mb_entry_stay_under_4_mib():
     assert len(frames) >= 1 + entry.nbytes // (4 << 20)
     assert all(len(f) <= codec.MAX_FRAME_BYTES <= 4 << 20 for f in frames)
     header = codec.parse_header(frames[0])
-    assert header.data_bytes == entry.nbytes
+    assert header.data_bytes == entry.stored_nbytes
     assert header.total_frames == len(frames)
     assert_same_entry(entry, codec.decode(frames))
 
@@ -114,9 +114,9 @@ def test_header_describes_entry():
     assert (h.num_layers, h.num_kv_heads, h.head_dim, h.page_size) == (2, 2, 16, 4)
     assert h.kept_tokens_per_layer() == entry.kept_tokens()
     assert h.total_frames == len(frames)
-    assert h.data_bytes == entry.nbytes
+    assert h.data_bytes == entry.stored_nbytes
     assert len(h.entry_id) == 8
-    assert [t.name for t in h.tensors if t.layer == 0] == list(entry.layers[0].TENSOR_FIELDS)
+    assert [t.name for t in h.tensors if t.layer == 0] == list(entry.stored_layers()[0])
     for f in frames[1:]:
         pf = codec.parse_frame(f)
         assert pf.kind == codec.KIND_DATA and pf.entry_id == h.entry_id and pf.total == len(frames)
@@ -141,7 +141,7 @@ def test_frame_head_layout():
     entry = _small()
     f = codec.encode(entry, SMALL_FRAME)[1]
     magic, version, kind, flags, entry_id, seq, total, length, reserved = codec.HEAD.unpack_from(f)
-    assert (magic, version, kind, flags, seq, reserved) == (b"DKVF", 1, 1, 0, 1, 0)
+    assert (magic, version, kind, flags, seq, reserved) == (b"DKVF", 2, 1, 0, 1, 0)
     assert length == len(f) - 40 and codec.FRAME_HEAD_BYTES == 40
 
 
@@ -280,7 +280,7 @@ def test_flipped_byte_anywhere_is_detected(frames, data):
 def test_parse_frame_rejects_bad_magic_version_kind():
     entry_id = b"\1" * 8
 
-    def frame(magic=codec.MAGIC, version=1, kind=1, seq=1, total=2):
+    def frame(magic=codec.MAGIC, version=2, kind=1, seq=1, total=2):
         payload = b"x" * 10
         head = codec.HEAD.pack(magic, version, kind, 0, entry_id, seq, total, len(payload), 0)
         import xxhash
@@ -291,7 +291,7 @@ def test_parse_frame_rejects_bad_magic_version_kind():
     with pytest.raises(CorruptEntry, match="magic"):
         codec.parse_frame(frame(magic=b"XXXX"))
     with pytest.raises(CorruptEntry, match="version"):
-        codec.parse_frame(frame(version=2))
+        codec.parse_frame(frame(version=3))
     for kw in (dict(kind=2), dict(kind=0, seq=1), dict(kind=1, seq=0), dict(seq=2, total=2)):
         with pytest.raises(CorruptEntry, match="inconsistent"):
             codec.parse_frame(frame(**kw))
@@ -386,7 +386,7 @@ def _wrong_hash_count(h):
 
 
 def _format_version(h):
-    h["format_version"] = 2
+    h["format_version"] = 3
 
 
 def _zero_layers(h):

@@ -192,8 +192,8 @@ def test_make_layer_sorts_by_position_per_head():
     assert layer.head_offsets.tolist() == [0, 4, 5, 5, 7]
     assert torch.equal(layer.keys[:, 0], layer.positions.float() + 0.5)
     assert torch.equal(layer.values[:, 0], -layer.positions.float())
-    assert layer.scores.dtype == torch.float32
-    assert torch.allclose(layer.scores, layer.positions.float() / 10)
+    assert layer.scores.dtype == torch.float16  # format 2 stores scores in fp16
+    assert torch.allclose(layer.scores.float(), layer.positions.float() / 10, atol=1e-3)
     assert layer.head_counts().tolist() == [4, 1, 0, 2]
     assert not layer.quantized and layer.key_bits is None
 
@@ -372,11 +372,11 @@ DENSE_CASES = [
     (_keys_short, "keys must be float16/bfloat16/float32"),
     (_keys_wrong_dim, "keys must be float16/bfloat16/float32"),
     (_keys_int, "keys must be float16/bfloat16/float32"),
-    (_scores_float64, "scores must be float32"),
+    (_scores_float64, "scores must be float16"),
     (_page_min_above_max, "page_min must be <= page_max"),
     (_page_max_nan, "page_max contains NaN or Inf"),
     (_page_min_wrong_pages, "page_min must be float"),
-    (_dense_with_value_bits, "dense keys need dense values: value_bits, value_min and value_max must be absent"),
+    (_dense_with_value_bits, "dense keys need dense values: value_bits, value_min, value_max, key_lo and key_hi must be absent"),
 ]
 
 
@@ -465,7 +465,7 @@ def test_validate_catches_quantized_defect(mutate, message):
 def test_validate_entry_level_fields():
     entry = _entry()
     for changes, message in (
-        ({"format_version": 2}, "format_version 2"),
+        ({"format_version": 3}, "format_version 3"),
         ({"num_kv_heads": 0}, "num_kv_heads=0"),
         ({"head_dim": 7}, "head_dim=7"),
         ({"page_size": 0}, "page_size 0"),

@@ -159,7 +159,7 @@ def test_demotion_shrinks_entries_by_the_tier_rule():
     assert header.derived == ("quant:int4", "shrink:0.5")
     assert 0 < header.importance < 1.0
     shrunk = codec.decode(store.get(first).frames)
-    assert shrunk.nbytes < ENTRY_BYTES / 5
+    assert shrunk.stored_nbytes < ENTRY_BYTES / 5
     assert shrunk.kept_tokens()[0] == 3 * 64  # 128 tokens, 3 heads, half kept
     assert shrunk.layers[0].quantized
 
