@@ -13,8 +13,8 @@ the turns before it. OpenAI fields: ``model`` (the name ``/v1/models`` lists), `
 0 is greedy), ``top_p``, ``seed`` (0 = unseeded, as over gRPC), ``stop`` (up to 4 strings),
 ``stream`` with ``stream_options.include_usage``, ``n`` (1 only) and ``user`` (not used). dkv's own
 fields (``extra_body`` in the openai client): ``recipe`` (``method``, ``ratio``, ``budget``,
-``quant``, ``chunk_size``, ``chunked``, ``params``; a field left out keeps the gateway's default,
-chunked SnapKV removing half), ``selection``, ``budget``, ``budget_fraction``, ``ignore_eos`` and
+``quant``, ``chunk_size``, ``chunked``, ``params``; without ``method`` they adjust the gateway's
+default recipe, chunked LagKV keeping half in int4; with ``method`` they are a recipe of their own), ``selection``, ``budget``, ``budget_fraction``, ``ignore_eos`` and
 ``tenant``. Any other field is refused, so a misspelt option never goes unnoticed.
 
 Replies carry ``usage`` (``prompt_tokens_details.cached_tokens``: the context tokens the store
@@ -120,7 +120,9 @@ class _Strict(BaseModel):
 
 
 class RecipeFields(_Strict):
-    """``dkv.kvstore.recipe.Recipe``'s fields; those left out keep the gateway's default."""
+    """``dkv.kvstore.recipe.Recipe``'s fields. Without ``method`` they adjust the gateway's default
+    recipe (the fields left out keep its values); with ``method`` they are a recipe of their own,
+    as over gRPC (the fields left out take ``Recipe``'s defaults: no quantization, one entry)."""
 
     method: str | None = None
     ratio: float | None = None
@@ -133,7 +135,8 @@ class RecipeFields(_Strict):
     def recipe(self) -> Recipe:
         given = self.model_dump(exclude_none=True)
         params = tuple(given.pop("params", {}).items())
-        return Recipe(**{**DEFAULT_RECIPE, **given, "params": params})
+        base = {} if "method" in given else DEFAULT_RECIPE
+        return Recipe(**{**base, **given, "params": params})
 
 
 class StreamOptions(_Strict):

@@ -24,6 +24,7 @@ from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient
 from dkv.services.decode_server import DecodeServer
 from dkv.services.gateway_server import GatewayServer
+from dkv.services.http_api import RecipeFields
 from dkv.services.prefill_client import PrefillClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
@@ -161,6 +162,19 @@ def test_http_and_grpc_give_the_same_greedy_text(cluster, client):
         assert text == over_http.choices[0].message.content
         text, _ = dkv.ask(*completion_prompt(cluster.tokenizer, prompt), max_new_tokens=12)
         assert text == completion.choices[0].text
+        # a recipe that names its method is its own, as over gRPC: the default's int4 is not added to it
+        whole = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12,
+                                          extra_body={"recipe": {"method": "full"}})
+        text, _ = dkv.ask(*completion_prompt(cluster.tokenizer, prompt), max_new_tokens=12,
+                          recipe=Recipe(method="full"))
+        assert text == whole.choices[0].text
+
+
+def test_a_recipe_without_method_adjusts_the_default_and_one_with_method_is_its_own():
+    assert RecipeFields(ratio=0.25).recipe() == Recipe(**{**DEFAULT_RECIPE, "ratio": 0.25})
+    assert RecipeFields(method="full").recipe() == Recipe(method="full")
+    assert RecipeFields(method="snapkv", ratio=0.5, params={"window": 8}).recipe() == Recipe(
+        method="snapkv", ratio=0.5, params=(("window", 8),))
 
 
 @pytest.mark.parametrize("fields, message", [
