@@ -9,7 +9,7 @@ needle retrieval at 0.5K-2K tokens, fidelity on real English prose), with the pr
   the answer is a substring of the new tokens decoded with ``skip_special_tokens``;
 - fidelity: the first continuation token is scored from the full prefill's last logits (the
   same for every method: compression happens after the context's forward), the rest
-  teacher-forced in one forward after ``entry.to_hf_cache()``; ``extra_nll`` = mean NLL minus
+  teacher-forced in one forward after ``to_hf_cache(entry)``; ``extra_nll`` = mean NLL minus
   the full cache's (nats/token), ``top1_agreement`` = share of positions whose argmax equals the
   full cache's.
 
@@ -192,6 +192,8 @@ def last_logits(model, context_ids: list[int]) -> torch.Tensor:
 
 
 def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, reference: dict | None) -> dict:
+    from dkv.workers.cache import to_hf_cache
+
     context, cont = task["context_ids"], task["continuation_ids"]
     ids = torch.tensor([context])
     t0 = time.perf_counter()
@@ -199,7 +201,7 @@ def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, ref
     prefill_s = time.perf_counter() - t0
     rows = [first_logits.unsqueeze(0)]
     if len(cont) > 1:
-        cache = entry.to_hf_cache()
+        cache = to_hf_cache(entry)
         position_ids = torch.arange(len(context), len(context) + len(cont) - 1).unsqueeze(0)
         with torch.no_grad():
             out = model(input_ids=torch.tensor([cont[:-1]]), cache=cache, position_ids=position_ids,

@@ -257,12 +257,6 @@ class CompressedKV:
         """Check every shape, dtype and value; raise ``InvalidEntry`` saying what is wrong."""
         validate_entry(self)
 
-    def to_hf_cache(self):
-        """A ``transformers`` cache the same model can continue from at position ``seq_len``."""
-        from dkv.workers.cache import to_hf_cache
-
-        return to_hf_cache(self)
-
     def replace(self, **changes) -> "CompressedKV":
         return dataclasses.replace(self, **changes)
 
