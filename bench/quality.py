@@ -473,10 +473,9 @@ def run(quick: bool = False, peers: bool = True, progress: bool = True, threads:
 
 
 def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
-    from dkv.workers.compression import METHODS, make_method
-    from dkv.workers.model import DEFAULT_MODEL, cache_root, load_model
-
     from dkv.bench.quality_tasks import build_tasks
+    from dkv.workers.methods import METHODS, make_method
+    from dkv.workers.model import DEFAULT_MODEL, cache_root, load_model
 
     started = time.perf_counter()
     model_name = model_name or DEFAULT_MODEL
@@ -576,7 +575,7 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
         "kvpress": None if peer_report is None else {k: peer_report.get(k) for k in (
             "kvpress_version", "transformers_version", "threads", "wall_s", "attn_implementation")},
         "quick": quick,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     return report
@@ -597,7 +596,7 @@ def _evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_b
         row = evaluate(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, step)
         row["error"] = None
         return row
-    except Exception as exc:  # noqa: BLE001  reported in the row, as the kvpress runner does
+    except Exception as exc:
         log(f"{cfg.label} failed: {type(exc).__name__}: {exc}")
         return {"impl": "dkv", "method": cfg.method, "ratio": cfg.ratio, "quant": cfg.quant, "merge": cfg.merge,
                 "chunked": cfg.chunked, "retrieval_accuracy": None, "extra_nll": None, "top1_agreement": None,

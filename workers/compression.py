@@ -1,9 +1,9 @@
-"""Compression methods and ``compress``: prefill a context, keep what matters, build the entry.
+"""``compress``: prefill a context, keep what matters, build the entry.
 
-Each method is a small dataclass in one registry (``METHODS``, by name, as requests name them).
-A method scores the new tokens of every layer (``score``: ``[H_kv, n]``, higher = keep; GQA
-scores are aggregated over the query heads of each KV head) and may split the budget unevenly
-over layers (``budgets``). Everything else lives here once: the prefill capture it asks for, the
+The methods are small dataclasses in one registry (``workers.methods.METHODS``, by name, as
+requests name them). A method scores the new tokens of every layer (``score``: ``[H_kv, n]``,
+higher = keep; GQA scores are aggregated over the query heads of each KV head) and may split the
+budget unevenly over layers (``budgets``). Everything else lives here once: the prefill capture it asks for, the
 per-head top-k and gather, optional D2O-style merging of evicted tokens, quantization, the
 entry's importance, and the chunked recipe.
 
@@ -15,113 +15,17 @@ longest-prefix lookup can hand them to any prompt that starts with that prefix.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from dkv.kvstore import quant as kvquant
-from dkv.kvstore.entry import CompressedKV, Identity, LayerKV, Recipe, make_layer, quantize_layer
+from dkv.kvstore.entry import CompressedKV, Identity, Recipe, make_layer, quantize_layer
 from dkv.kvstore.prefix import chain_hashes
 from dkv.workers.cache import DkvCache, DkvLayer
-from dkv.workers.capture import Capture, LayerCapture, prefill
+from dkv.workers.capture import LayerCapture, prefill
+from dkv.workers.methods import group_heads, make_method
 
-METHODS: dict[str, type["Method"]] = {}
-
-
-def register(cls: type["Method"]) -> type["Method"]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-@dataclass
-class Method:
-    """Base class. Subclasses set ``name``, the capture they need, and override ``score``."""
-
-    name: ClassVar[str] = ""
-    needs_colsum: ClassVar[bool] = False  # full accumulated attention (H2O-style)
-    # One token set for every KV head of a layer, ranked by the scores averaged over heads (as
-    # WindowKV and FastKV share indices): a token any head needs is kept for all of them.
-    share_heads: bool = False
-
-    @property
-    def window(self) -> int:
-        """Observation-window queries to capture (0 = none)."""
-        return getattr(self, "window_size", 0)
-
-    def score(self, layer: int, cap: LayerCapture, capture: Capture) -> torch.Tensor:
-        """Scores of the new tokens of ``layer``, ``[H_kv, n_new]`` float32, higher = keep."""
-        raise NotImplementedError(f"method {self.name!r} must define score()")
-
-    def budgets(self, scores: list[torch.Tensor], n_keep: int, capture: Capture) -> list[int]:
-        """Tokens to keep per KV head in each layer; the average must stay ``n_keep``. Uniform here."""
-        return [n_keep] * len(scores)
-
-
-def group_heads(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Mean over the query heads of each KV head: ``[H_q, ...]`` -> ``[H_kv, ...]``."""
-    return x.reshape(num_kv_heads, x.shape[0] // num_kv_heads, *x.shape[1:]).mean(1)
-
-
-def make_method(name: str, **params) -> Method:
-    """The registered method ``name`` with ``params`` (its dataclass fields)."""
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown compression method {name!r}; use one of {sorted(METHODS)}") from None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise ValueError(f"method {name!r} has no parameter {unknown}; its parameters are {sorted(fields)}")
-    return cls(**{k: _as_field_type(fields[k], k, v) for k, v in params.items()})
-
-
-def _as_field_type(f: dataclasses.Field, name: str, value):
-    """Requests carry parameters as doubles; give each field the type it declares."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-    if kind in ("int", "float") and not math.isfinite(float(value)):
-        raise ValueError(f"parameter {name} must be a finite number, got {value}")
-    if kind == "int":
-        if float(value) != int(value):
-            raise ValueError(f"parameter {name} must be an integer, got {value}")
-        return int(value)
-    if kind == "float":
-        return float(value)
-    if kind == "bool":
-        return bool(value)
-    return value
-
-
-@register
-@dataclass
-class Full(Method):
-    """No compression: every token, every layer (the reference)."""
-
-    name: ClassVar[str] = "full"
-
-    def score(self, layer, cap, capture):
-        return torch.ones(capture.num_kv_heads, cap.n_new)
-
-
-@register
-@dataclass
-class StreamingLLM(Method):
-    """Attention sinks + a recent window (Xiao et al.): the first ``sink`` tokens and the most recent."""
-
-    name: ClassVar[str] = "streaming_llm"
-    sink: int = 4
-
-    def score(self, layer, cap, capture):
-        positions = cap.positions[:, cap.new_slice].float()
-        score = positions / max(capture.seq_len, 1)  # recent first
-        score[positions < self.sink] = 2.0  # sinks above everything
-        return score
-
-
-# --------------------------------------------------------------------------------------- compress
 
 def _n_keep(n: int, ratio: float, budget: int) -> int:
     if not 0.0 <= ratio < 1.0:
@@ -280,5 +184,3 @@ def _attention_mass(cap: LayerCapture, num_kv_heads: int) -> torch.Tensor | None
         return group_heads(cap.attention_colsum[:, cap.new_slice], num_kv_heads)
     return None
 
-
-from dkv.workers import methods as _methods  # noqa: E402,F401  registers the methods

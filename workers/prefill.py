@@ -18,9 +18,10 @@ from dkv.kvstore.entry import CompressedKV, Recipe
 from dkv.kvstore.errors import EntryNotFound
 from dkv.kvstore.prefix import chunk_keys
 from dkv.services.store_client import StoreClient
-from dkv.workers.compression import compress, compress_chunks, make_method
+from dkv.workers.compression import compress, compress_chunks
 from dkv.workers.degradation import Degradation
 from dkv.workers.lru import BytesLRU
+from dkv.workers.methods import make_method
 from dkv.workers.model import model_info
 
 log = logging.getLogger("dkv.prefill")
@@ -143,7 +144,7 @@ class PrefillWorker:
         """The entries of a context, in order: those it holds (the store could not keep them), else
         the store's, else prefilled now. What a decode worker asks for when the store cannot give it
         an entry."""
-        for attempt in range(2):
+        for _ in range(2):
             result = self.prefill(token_ids, recipe, tenant)
             got = [self.held.get(key) or self._store_call("get", self.store.get, key) for key in result.keys]
             if all(e is not None for e in got):

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from dkv.workers.cache import to_hf_cache
-from dkv.workers.compression import METHODS, compress
+from dkv.workers.compression import compress
+from dkv.workers.methods import METHODS
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dkv.workers import methods as M
 from dkv.workers.cache import to_hf_cache
 from dkv.workers.capture import prefill
-from dkv.workers.compression import METHODS, compress, compress_chunks, group_heads, make_method
+from dkv.workers.compression import compress, compress_chunks
 from dkv.workers.merge import d2o_merge
+from dkv.workers.methods import METHODS, group_heads, make_method
 
 N = 300  # context tokens: 0.75 keeps 75, above SnapKV's 64-token window
 VOCAB = 256
