@@ -36,9 +36,8 @@ import redis
 from dkv.kvstore import codec
 from dkv.kvstore.redis_server import RedisServer, free_port, redis_server_available
 from dkv.kvstore.synthetic import synthetic_entry
-from dkv.services.cli import MALLOC_TUNING
+from dkv.services.server import GRPC_OPTIONS, MALLOC_TUNING
 from dkv.services.store_client import StoreClient
-from dkv.services.server import GRPC_OPTIONS
 
 RAW_SERVICE = "dkv.bench.Raw"
 VARIANTS = {"full": 1.0, "keep20": 0.2, "keep10": 0.1}

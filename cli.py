@@ -1,5 +1,8 @@
 """``dkv``: the command line of the disaggregated KV-cache store.
 
+The top layer: it dispatches to the services (``serve``, ``up``, ``generate``), the benchmarks and
+the demo (``bench``, ``demo``), so it lives beside them in none of their folders.
+
     dkv store serve [--port P --device-bytes N --cpu-bytes N --redis-url URL ...]
     dkv store stats [--address HOST:PORT]
     dkv prefill serve [--port P --store HOST:PORT --model NAME ...]
@@ -31,18 +34,19 @@ import os
 import sys
 
 from dkv.services.logs import setup_logging
-from dkv.services.settings import (DecodeSettings, GatewaySettings, PrefillSettings, SettingsError, StoreSettings,
-                                   add_arguments, describe, load)
+from dkv.services.server import MALLOC_TUNING
+from dkv.services.settings import (
+    DecodeSettings,
+    GatewaySettings,
+    PrefillSettings,
+    SettingsError,
+    StoreSettings,
+    add_arguments,
+    describe,
+    load,
+)
 from dkv.workers.model_source import DTYPES, FORMS, ModelError
 
-# glibc returns large blocks to the OS on free and maps fresh zeroed pages for the next one, so
-# every 4 MiB frame pays its page faults again. Keeping the heap (see docs/benchmarks.md) makes
-# large copies several times faster on this kind of machine.
-MALLOC_TUNING = {
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-}
 COMPONENTS = {"store": StoreSettings, "prefill": PrefillSettings, "decode": DecodeSettings,
               "gateway": GatewaySettings}
 
@@ -124,7 +128,6 @@ def _store_stats(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from dkv.services.store_client import StoreClient
-
     from dkv.services.transport import Security
 
     with StoreClient(args.address, timeout_s=args.timeout, security=Security(args.token, args.tls_ca)) as client:
@@ -157,7 +160,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dkv.services.demo import main as demo_main
+    from dkv.bench.demo import main as demo_main
 
     return demo_main(args)
 
