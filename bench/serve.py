@@ -193,7 +193,7 @@ class Dkv:
                                          device="cpu", dtype="float32", extra_env=env))
         self.stats: list = []
 
-    def __enter__(self) -> "Dkv":
+    def __enter__(self) -> Dkv:
         self.cluster.__enter__()
         return self
 

@@ -33,12 +33,28 @@ import math
 import torch
 
 from dkv.kernels._common import (
-    DENSE_DTYPES, check_inner_contiguous, check_num_splits, check_same_device, check_tensor, jit, tl,
+    DENSE_DTYPES,
+    check_inner_contiguous,
+    check_num_splits,
+    check_same_device,
+    check_tensor,
+    jit,
+    tl,
     use_triton,
 )
 from dkv.kernels.sparse_attention import (  # the device functions are shared so both kernels stay in step
-    LOG2E, MAX_HEAD_DIM, MAX_SPLITS, _online_softmax_block, _round_to, _store_partial, auto_num_splits,
-    combine_partials, combine_splits, dot_precision, launch_config, sparse_decode_attention_reference,
+    LOG2E,
+    MAX_HEAD_DIM,
+    MAX_SPLITS,
+    _online_softmax_block,
+    _round_to,
+    _store_partial,
+    auto_num_splits,
+    combine_partials,
+    combine_splits,
+    dot_precision,
+    launch_config,
+    sparse_decode_attention_reference,
 )
 from dkv.kvstore import quant
 

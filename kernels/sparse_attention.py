@@ -36,8 +36,18 @@ import math
 import torch
 
 from dkv.kernels._common import (
-    DENSE_DTYPES, INTERPRET, cdiv, check_inner_contiguous, check_num_splits, check_same_device, check_tensor, jit,
-    next_pow2, num_sms, tl, use_triton,
+    DENSE_DTYPES,
+    INTERPRET,
+    cdiv,
+    check_inner_contiguous,
+    check_num_splits,
+    check_same_device,
+    check_tensor,
+    jit,
+    next_pow2,
+    num_sms,
+    tl,
+    use_triton,
 )
 
 LOG2E = 1.4426950408889634

@@ -27,8 +27,8 @@ import itertools
 import json
 import struct
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 import xxhash
@@ -237,7 +237,7 @@ def parse_header(frame: bytes | memoryview) -> EntryHeader:
             tenant=ident["tenant"],
             start=int(ident["start"]),
         )
-        identity.key  # validates every key part
+        identity.key  # noqa: B018  the property validates every key part
         specs = tuple(TensorSpec(int(a), str(b), str(c), tuple(int(x) for x in d), int(e), int(g))
                       for a, b, c, d, e, g in h["tensors"])
         header = EntryHeader(

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore import quant
+from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore.recipe import KEY_PART, Recipe
 
 FORMAT_VERSION = 1
@@ -56,7 +56,7 @@ class EntryKey:
         return f"{self.tenant}/{self.model_fingerprint}/{self.recipe_id}/{self.prefix_hash}"
 
     @classmethod
-    def parse(cls, text: str) -> "EntryKey":
+    def parse(cls, text: str) -> EntryKey:
         parts = text.split("/")
         if len(parts) != 4:
             raise InvalidEntry(
@@ -141,7 +141,7 @@ class LayerKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def select_pages(self, pages: torch.Tensor, page_size: int) -> "LayerKV":
+    def select_pages(self, pages: torch.Tensor, page_size: int) -> LayerKV:
         """The layer restricted to ``pages`` (ascending page indices, head-major): a valid layer.
 
         Quantized rows are copied as their packed bytes, so nothing is requantized.
@@ -257,10 +257,10 @@ class CompressedKV:
         """Check every shape, dtype and value; raise ``InvalidEntry`` saying what is wrong."""
         validate_entry(self)
 
-    def replace(self, **changes) -> "CompressedKV":
+    def replace(self, **changes) -> CompressedKV:
         return dataclasses.replace(self, **changes)
 
-    def cast(self, dtype: torch.dtype) -> "CompressedKV":
+    def cast(self, dtype: torch.dtype) -> CompressedKV:
         """The entry with its dense K/V and page summaries in ``dtype`` (how the store keeps it);
         quantized rows are left as they are. Rounding is monotonic, so page bounds still bound."""
         layers = [dataclasses.replace(layer, page_min=layer.page_min.to(dtype), page_max=layer.page_max.to(dtype),

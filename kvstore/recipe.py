@@ -70,7 +70,7 @@ class Recipe:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
+    def from_dict(cls, d: dict) -> Recipe:
         try:
             return cls(
                 method=str(d["method"]),

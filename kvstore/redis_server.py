@@ -123,7 +123,7 @@ class RedisServer:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         """Start the server (again, on the same port after a stop/kill) and wait until PING answers."""
         if self.running:
             return self
@@ -295,7 +295,7 @@ class RedisServer:
     def _address_in_use(self) -> bool:
         return "Address already in use" in self._log_tail(since=self._log_start)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -360,7 +360,7 @@ class LocalRedisCluster:
             raise RedisServerError("no node of the cluster is running: call start() first")
         return f"redis://{self.host}:{node.port}/0"
 
-    def start(self) -> "LocalRedisCluster":
+    def start(self) -> LocalRedisCluster:
         if shutil.which(CLI) is None:
             raise RedisServerError(f"{CLI!r} is not on PATH: install it with redis-server (apt-get install -y "
                                    "redis-server)")
@@ -499,7 +499,7 @@ class LocalRedisCluster:
             node.close()
         self.nodes = []
 
-    def __enter__(self) -> "LocalRedisCluster":
+    def __enter__(self) -> LocalRedisCluster:
         try:
             return self.start()
         except BaseException:

@@ -185,7 +185,7 @@ def _redis_call(what: str):
 
     def decorate(method):
         @functools.wraps(method)
-        def wrapper(self: "RedisTier", *args, **kwargs):
+        def wrapper(self: RedisTier, *args, **kwargs):
             try:
                 return method(self, *args, **kwargs)
             except TierUnavailable:

@@ -170,7 +170,7 @@ class StoreStats:
     over_quota: int
     lost: int
     tenant: str | None = None
-    tenants: list["StoreStats"] = field(default_factory=list)  # each tenant's, in the store-wide view
+    tenants: list[StoreStats] = field(default_factory=list)  # each tenant's, in the store-wide view
 
 
 class TieredStore:

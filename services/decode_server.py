@@ -139,7 +139,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 yield reply
         except grpc.RpcError as e:  # store or prefill failed: pass its status on
             await context.abort(e.code(), f"upstream: {e.details()}")
-        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+        except Exception as e:
             await abort_with(context, e, STATUS)
         finally:
             if handle is not None:  # the client went away, its deadline passed, or it finished: free the row

@@ -76,7 +76,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield reply
         except grpc.aio.AioRpcError as e:  # a worker failed: pass its status on
             await context.abort(e.code(), f"{e.details()}")
-        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+        except Exception as e:
             await abort_with(context, e, STATUS)
 
 

@@ -59,7 +59,13 @@ from dkv.kvstore.recipe import Recipe
 from dkv.services.pb import gateway_pb2
 from dkv.services.server import check_port_free
 from dkv.services.transport import (
-    MAX_MESSAGE_BYTES, Authenticator, PermissionDenied, allowed_tenant, new_request_id, request_id, tenant_for,
+    MAX_MESSAGE_BYTES,
+    Authenticator,
+    PermissionDenied,
+    allowed_tenant,
+    new_request_id,
+    request_id,
+    tenant_for,
 )
 from dkv.services.wire import recipe_to_proto
 from dkv.workers.gateway import DEFAULT_RECIPE, INLINE_TEXT
@@ -311,7 +317,7 @@ class OpenAIApi:
             except BaseException:
                 await replies.aclose()
                 raise
-        except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error reply
+        except Exception as e:
             raise api_error(e) from None
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -324,7 +330,7 @@ class OpenAIApi:
                     pieces.append(item.token.text)
                 else:
                     stats = item.stats
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise api_error(e) from None
         finally:
             await replies.aclose()
@@ -343,7 +349,7 @@ class OpenAIApi:
                 yield _sse({**chunk(about, "", FINISH_REASONS[item.stats.finish_reason]), "dkv": _stats(item.stats)})
                 if usage:
                     yield _sse({**chunk(about, "", None), "choices": [], "usage": about.usage(item.stats)})
-        except Exception as e:  # noqa: BLE001 - the status line has been sent: the error is the last event
+        except Exception as e:
             error = api_error(e)
             log.warning("%s ended by an error: %s", about.id, error.message)
             yield _sse(error.body())

@@ -65,7 +65,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             result = await asyncio.to_thread(self.worker.prefill, ids, recipe, tenant_for(request.tenant))
         except grpc.RpcError as e:  # the store failed: pass its status on
             await context.abort(e.code(), f"store: {e.details()}")
-        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+        except Exception as e:
             await abort_with(context, e, STATUS)
         self._observe(result)
         return prefill_response(result)
@@ -76,7 +76,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             ids = prefill_ids(request, self.worker)
             entries = await asyncio.to_thread(self.worker.entries, ids, recipe, tenant_for(request.tenant))
             frames = await asyncio.to_thread(lambda: [f for e in entries for f in codec.encode(e)])
-        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+        except Exception as e:
             await abort_with(context, e, STATUS)
         for frame in frames:
             yield frame

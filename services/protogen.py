@@ -21,9 +21,8 @@ _IMPORT = re.compile(r"^from dkv\.v1 import (\w+) as (\w+)$", re.MULTILINE)
 
 def generate() -> dict[str, str]:
     """File name -> content of the generated code, imports rewritten."""
-    from grpc_tools import protoc
-
     import grpc_tools
+    from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.glob("dkv/v1/*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")

@@ -121,7 +121,7 @@ class StoreClient:
         self._stats = self.channel.unary_unary(f"/{SERVICE}/Stats", request_serializer=pb.StatsRequest.SerializeToString,
                                                response_deserializer=pb.StatsResponse.FromString)
 
-    def __enter__(self) -> "StoreClient":
+    def __enter__(self) -> StoreClient:
         return self
 
     @property

@@ -26,7 +26,13 @@ from dkv.kvstore import codec
 from dkv.kvstore.codec import FrameAssembler
 from dkv.kvstore.entry import EntryKey
 from dkv.kvstore.errors import (
-    CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry, KVStoreError, OverQuota, TierUnavailable,
+    CorruptEntry,
+    EntryNotFound,
+    EntryTooLarge,
+    InvalidEntry,
+    KVStoreError,
+    OverQuota,
+    TierUnavailable,
 )
 from dkv.kvstore.mac import EntryMac
 from dkv.kvstore.memory_tier import MemoryTier
@@ -34,13 +40,18 @@ from dkv.kvstore.policy import make_policy
 from dkv.kvstore.redis_tier import RedisTier
 from dkv.kvstore.shrink import ShrinkRule
 from dkv.kvstore.store import StoreStats, TieredStore, TierSpec
+from dkv.services.metrics import StoreCollector
 from dkv.services.pb import store_pb2, store_pb2_grpc
 from dkv.services.server import GrpcServer, abort_with, serve_until_signal
-from dkv.services.metrics import StoreCollector
 from dkv.services.settings import StoreSettings
 from dkv.services.transport import DEFAULT_TENANT, PermissionDenied, allowed_tenant, tenant_for
 from dkv.services.wire import (
-    frame_message, pages_checksum, parse_frame_message, recipe_from_proto, summary_checksum, tensor_to_proto,
+    frame_message,
+    pages_checksum,
+    parse_frame_message,
+    recipe_from_proto,
+    summary_checksum,
+    tensor_to_proto,
 )
 
 log = logging.getLogger("dkv.store.server")
@@ -185,7 +196,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                         frame = await asyncio.wait_for(frames.__anext__(), self.settings.put_idle_timeout_s)
                     except StopAsyncIteration:
                         break
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         raise IdleStream(f"no frame for {self.settings.put_idle_timeout_s:g} s: a Put must send its "
                                          "next frame within put_idle_timeout_s") from None
                     if frame is None:
@@ -198,7 +209,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             result = await asyncio.to_thread(self.store.put, frames, header)
             return store_pb2.PutResponse(key=str(result.key), stored_bytes=result.stored_bytes, tier=result.tier,
                                          replaced=result.replaced)
-        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+        except Exception as e:
             e.__cause__ = e.__context__ = None
             return e.with_traceback(None)
         finally:
@@ -209,7 +220,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         try:
             key = _parse_key(request.key)
             result = await asyncio.to_thread(self.store.get, key)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         context.set_trailing_metadata((("dkv-tier", result.tier),))
         for frame in result.frames:
@@ -231,7 +242,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                 raise InvalidEntry(f"recipe chunk_size {recipe.chunk_size} is below this store's min_chunk_size "
                                    f"{self.settings.min_chunk_size}: use larger chunks")
             reply, tier = await asyncio.to_thread(self._lookup, tenant_for(request.tenant), request)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         self.lookups.labels(tier).inc()
         return reply
@@ -255,7 +266,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                 raise InvalidEntry(f"{keys} keys in one Probe; send at most {self.max_probe_keys} (a prompt of "
                                    "max_lookup_tokens in chunks of min_chunk_size)")
             return await asyncio.to_thread(self._probe, request.keys)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
 
     def _probe(self, texts) -> store_pb2.ProbeResponse:
@@ -273,14 +284,14 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     async def Delete(self, request, context):
         try:
             deleted = await asyncio.to_thread(self.store.delete, _parse_key(request.key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         return store_pb2.DeleteResponse(deleted=deleted)
 
     async def Summaries(self, request, context):
         try:
             replies = await asyncio.to_thread(self._summaries, _parse_key(request.key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         for reply in replies:
             yield reply
@@ -301,7 +312,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     async def Select(self, request, context):
         try:
             replies = await asyncio.to_thread(self._select, _parse_key(request.key), request.layer, request.pages)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         for reply in replies:
             yield reply
@@ -429,7 +440,7 @@ class StoreServer(GrpcServer):
             await asyncio.sleep(interval_s)
             try:
                 await asyncio.to_thread(self.store.audit)
-            except Exception:  # noqa: BLE001 - the next audit tries again; the server keeps serving
+            except Exception:
                 log.exception("store audit failed")
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:

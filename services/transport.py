@@ -80,7 +80,7 @@ class Security:
     tls_key: str = ""
 
     @classmethod
-    def of(cls, settings) -> "Security":
+    def of(cls, settings) -> Security:
         """The outbound security of a component: its service token and TLS files."""
         return cls(settings.auth_token, settings.tls_ca, settings.tls_cert, settings.tls_key)
 
@@ -146,7 +146,7 @@ class Authenticator:
         self.tenant_tokens = parse_tenant_tokens(tenant_tokens)
 
     @classmethod
-    def of(cls, settings) -> "Authenticator":
+    def of(cls, settings) -> Authenticator:
         return cls(settings.auth_token, settings.tenant_tokens)
 
     @property

@@ -94,7 +94,7 @@ class Cluster:
         tls = {**os.environ, **o.extra_env}.get("DKV_GATEWAY_TLS_CERT")  # the gateway's own TLS setting
         return f"{'https' if tls else 'http'}://{o.host}:{o.http_port}/v1"
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         try:
             self.start()
         except BaseException:
@@ -212,7 +212,7 @@ class Cluster:
     def stop(self, grace_s: float = 15.0) -> None:
         if not self.processes and self.redis is None:
             return  # nothing was started (a check failed first)
-        for name, proc in reversed(self.processes):
+        for _name, proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s

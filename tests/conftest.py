@@ -21,10 +21,10 @@ from cryptography.x509.oid import NameOID
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
+from in_process import InProcessServer
 
-from in_process import InProcessServer  # noqa: E402
-from dkv.kvstore.redis_server import LocalRedisCluster, RedisServer, redis_server_available  # noqa: E402
+from dkv.kvstore.redis_server import LocalRedisCluster, RedisServer, redis_server_available
 
 _SKIP_REASON = "redis-server not on PATH: apt-get install -y redis-server (make test installs it)"
 
@@ -124,7 +124,7 @@ def store_service():
 # --- TLS: a test CA and certificates it signed --------------------------------------------------
 
 def _certificate(subject: str, key, issuer_cert=None, issuer_key=None, ca: bool = False):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (x509.CertificateBuilder().subject_name(name)
                .issuer_name(issuer_cert.subject if issuer_cert else name)

@@ -106,7 +106,9 @@ class Gateway:
             query = encode(request.query_text) if query_kind == "query_text" else list(request.query_ids.ids)
         if not context or not query:
             raise ValueError("the context and the query must each have at least one token")
-        from dkv.workers.decode_worker import check_decoding  # refuse before prefilling: a refused request stores nothing
+        from dkv.workers.decode_worker import (
+            check_decoding,  # refuse before prefilling: a refused request stores nothing
+        )
 
         check_decoding(request.selection or "dense", request.budget_fraction, 0.0, request.temperature,
                        request.top_p or 1.0)

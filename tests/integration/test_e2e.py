@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import urllib.request
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import httpx2
 import openai
 import pytest
-
 from in_process import InProcessServer
+
 from dkv.kvstore.recipe import Recipe
 from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from in_process import serving
 from model_fixtures import FAMILIES, random_model_folder
+
 from dkv.kvstore.entry import Recipe
 from dkv.services.client import DkvClient
 from dkv.services.prefill_server import PrefillServer

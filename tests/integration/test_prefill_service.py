@@ -5,16 +5,16 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-
 from in_process import InProcessServer
+
 from dkv.kvstore.entry import Recipe
 from dkv.services.pb import prefill_pb2, prefill_pb2_grpc
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import PrefillSettings
 from dkv.services.store_client import StoreClient
 from dkv.services.wire import recipe_to_proto
-from dkv.workers.prefill import PrefillWorker
 from dkv.workers.cache import to_hf_cache
+from dkv.workers.prefill import PrefillWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

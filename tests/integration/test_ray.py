@@ -32,6 +32,7 @@ def pools(store_service_module):
 @pytest.fixture(scope="module")
 def store_service_module():
     from in_process import InProcessServer
+
     from dkv.services.settings import StoreSettings
     from dkv.services.store_server import StoreServer
 

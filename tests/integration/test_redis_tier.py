@@ -12,10 +12,10 @@ import redis
 import torch
 
 from dkv.kvstore import codec
+from dkv.kvstore.codec import MAX_FRAME_BYTES
 from dkv.kvstore.entry import EntryKey
 from dkv.kvstore.errors import TierUnavailable
 from dkv.kvstore.redis_server import RedisServer
-from dkv.kvstore.codec import MAX_FRAME_BYTES
 from dkv.kvstore.redis_tier import MAX_VALUE_BYTES, RedisTier
 from dkv.kvstore.synthetic import synthetic_entry
 

@@ -149,7 +149,7 @@ def decodes(message_type, payload: bytes) -> bool:
     try:
         message_type.FromString(payload)
         return True
-    except Exception:  # noqa: BLE001 - DecodeError and friends
+    except Exception:
         return False
 
 

@@ -34,18 +34,60 @@ import time
 import grpc
 import pytest
 import torch
+from bad_input_fixtures import (
+    DECODE,
+    GATEWAY,
+    GOOD_AUTH,
+    GOOD_ENTRY,
+    GOOD_FRAMES,
+    GOOD_KEY,
+    GOOD_PAGES,
+    KEY_PART,
+    KVSTORE,
+    MAX_MESSAGE,
+    MODEL_RPCS,
+    OK,
+    PREFILL,
+    PREFILL_MAX_TOKENS,
+    RPCS,
+    SERVICE_TOKEN,
+    SERVING,
+    TEMPLATES,
+    TENANT_OF,
+    TENANT_TOKENS,
+    UINT32,
+    UINT64,
+    Outcome,
+    Plan,
+    any_floats,
+    assert_sane,
+    auths,
+    bad_parts,
+    decodes,
+    health,
+    hostile_recipes,
+    json_values,
+    key_parts,
+    keys,
+    leaf_paths,
+    make_frame,
+    max_new_tokens,
+    messages,
+    payload_of,
+    print_summary,
+    raw_call,
+    reencode,
+    set_path,
+    short_text,
+    temperatures,
+    token_ids,
+    uint32s,
+    valid_recipes,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-from bad_input_fixtures import (
-    DECODE, GATEWAY, GOOD_AUTH, GOOD_ENTRY, GOOD_FRAMES, GOOD_KEY, GOOD_PAGES, KEY_PART, KVSTORE,
-    MAX_MESSAGE, MODEL_RPCS, OK, PREFILL, PREFILL_MAX_TOKENS, RPCS, SERVICE_TOKEN, SERVING, TALLY, Plan,
-    TEMPLATES, TENANT_OF, TENANT_TOKENS, UINT32, UINT64, Outcome, any_floats, assert_sane, auths, bad_parts,
-    decodes, health, json_values, key_parts, keys, leaf_paths, make_frame, max_new_tokens,
-    hostile_recipes, messages, payload_of, print_summary, raw_call, reencode, set_path, short_text,
-    temperatures, token_ids, uint32s, valid_recipes,
-)
 from in_process import InProcessServer
+
 from dkv.kvstore import codec
 from dkv.kvstore.codec import DTYPES, FRAME_HEAD_BYTES, FRAME_LIMIT, KIND_DATA, KIND_HEADER
 from dkv.kvstore.errors import InvalidEntry, KVStoreError
@@ -295,7 +337,6 @@ def test_random_bytes_are_refused_cleanly(system, rpc, data):
         return
     truncated = st.integers(0, max(0, len(valid) - 1)).map(lambda cut: valid[:cut])
     payload = data.draw(st.one_of(random, truncated), "payload")
-    message_type = RPCS[rpc][2]
     outcome = system.call(rpc, payload, auth)
     assert_sane(outcome, expected=UNAUTH if auth not in GOOD_AUTH else None)
 

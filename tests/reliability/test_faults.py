@@ -36,9 +36,9 @@ import grpc
 import pytest
 import redis
 import torch
+from fault_proxy import FaultProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fault_proxy import FaultProxy
 from dkv.kvstore import codec
 from dkv.kvstore.redis_server import free_port
 from dkv.kvstore.synthetic import synthetic_entry
@@ -124,7 +124,7 @@ class InThread:
     def _run(self, fn, *args):
         try:
             self.value = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to result()
+        except BaseException as e:
             self.error = e
         self.ended_at = time.monotonic()
 
@@ -157,7 +157,7 @@ class StoreProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 90.0) -> "StoreProcess":
+    def start(self, timeout_s: float = 90.0) -> StoreProcess:
         """Start (again on the same port) and wait until health says SERVING."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

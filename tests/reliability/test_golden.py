@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from in_process import InProcessServer
+
 from dkv.kvstore.entry import Recipe
 from dkv.kvstore.shrink import ShrinkRule
 from dkv.kvstore.synthetic import synthetic_entry

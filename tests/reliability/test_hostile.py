@@ -38,14 +38,21 @@ import grpc
 import numpy as np
 import pytest
 import redis
-
 from bad_input_fixtures import make_frame
 from fault_proxy import FaultProxy
 from helm_chart import FULL, env, pod_env, render, render_raw
 from test_faults import (
-    InThread, assert_same_entry, call_error, entry_of, health, in_process_store, one_torch_thread,  # noqa: F401
-    redis_state, same_entry, store_process, wait_for,
+    InThread,
+    assert_same_entry,
+    call_error,
+    entry_of,
+    health,
+    in_process_store,
+    redis_state,
+    same_entry,
+    wait_for,
 )
+
 from dkv.kvstore import codec
 from dkv.kvstore.codec import FRAME_HEAD_BYTES, KIND_DATA, KIND_HEADER, MAX_FRAME_BYTES
 from dkv.kvstore.entry import FORMAT_VERSION, Identity, Recipe
@@ -135,7 +142,7 @@ class Latencies:
             start = time.monotonic()
             try:
                 self.call()
-            except Exception as e:  # noqa: BLE001 - reported by the test
+            except Exception as e:
                 self.errors.append(e)
             self.seconds.append(time.monotonic() - start)
             self.stop.wait(self.interval_s)
