@@ -117,7 +117,7 @@ class GatewayServer(GrpcServer):
         return port
 
     def _build(self):
-        from dkv.workers.gateway import Gateway, Router, Worker
+        from dkv.services.gateway import Gateway, Router, Worker
         from dkv.workers.model import load_tokenizer
 
         s = self.settings

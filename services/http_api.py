@@ -56,6 +56,7 @@ from starlette.exceptions import HTTPException
 
 from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore.recipe import Recipe
+from dkv.services.gateway import DEFAULT_RECIPE, INLINE_TEXT
 from dkv.services.pb import gateway_pb2
 from dkv.services.server import check_port_free
 from dkv.services.transport import (
@@ -68,7 +69,6 @@ from dkv.services.transport import (
     tenant_for,
 )
 from dkv.services.wire import recipe_to_proto
-from dkv.workers.gateway import DEFAULT_RECIPE, INLINE_TEXT
 from dkv.workers.prompts import chat_prompt, completion_prompt
 
 log = logging.getLogger("dkv.gateway.http")

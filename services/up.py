@@ -238,12 +238,12 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
     """The gateway in this process, over Ray actor pools, until SIGTERM or SIGINT."""
     import ray
 
+    from dkv.services.gateway import Gateway, Router, Worker
     from dkv.services.gateway_server import GatewayServer
     from dkv.services.ray_pool import RayBackend, RoundRobin, start_pools
     from dkv.services.server import serve_until_signal
     from dkv.services.settings import GatewaySettings
     from dkv.services.transport import Security
-    from dkv.workers.gateway import Gateway, Router, Worker
     from dkv.workers.model import load_tokenizer
 
     o = cluster.options

@@ -23,13 +23,13 @@ from dkv.kvstore.recipe import Recipe
 from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient
 from dkv.services.decode_server import DecodeServer
+from dkv.services.gateway import INLINE_TEXT
 from dkv.services.gateway_server import GatewayServer
 from dkv.services.prefill_client import PrefillClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
 from dkv.services.store_client import StoreClient
 from dkv.workers.decode_worker import DecodeWorker
-from dkv.workers.gateway import INLINE_TEXT
 from dkv.workers.prefill import PrefillWorker
 from dkv.workers.prompts import chat_prompt, completion_prompt
 

@@ -9,10 +9,10 @@ import ray
 import torch
 
 from dkv.kvstore.entry import Recipe
+from dkv.services.gateway import Gateway, Router, Worker
 from dkv.services.pb import gateway_pb2
 from dkv.services.ray_pool import RayBackend, start_pools
 from dkv.services.wire import recipe_to_proto
-from dkv.workers.gateway import Gateway, Router, Worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
