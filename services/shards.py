@@ -44,7 +44,8 @@ import grpc
 from dkv.kvstore import codec
 from dkv.kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
 from dkv.kvstore.prefix import longest_cached_prefix
-from dkv.services.store_client import LayerSummary, LookupReply, PutReply, StoreClient
+from dkv.kvstore.remote import LookupReply, PutReply
+from dkv.services.store_client import LayerSummary, StoreClient
 from dkv.services.transport import DEFAULT_TENANT, Security
 
 log = logging.getLogger("dkv.store.shards")

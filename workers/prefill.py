@@ -17,7 +17,7 @@ import torch
 from dkv.kvstore.entry import CompressedKV, Recipe
 from dkv.kvstore.errors import EntryNotFound
 from dkv.kvstore.prefix import chunk_keys
-from dkv.services.store_client import StoreClient
+from dkv.kvstore.remote import RemoteStore
 from dkv.workers.compression import compress, compress_chunks
 from dkv.workers.degradation import Degradation
 from dkv.workers.lru import BytesLRU
@@ -48,7 +48,7 @@ class StoreDown(RuntimeError):
 
 
 class PrefillWorker:
-    def __init__(self, model, tokenizer, store: StoreClient, max_tokens: int | None = None,
+    def __init__(self, model, tokenizer, store: RemoteStore, max_tokens: int | None = None,
                  storage_dtype: str = "auto", min_chunk_size: int = 16, held_bytes: int = 512 << 20,
                  held_ttl_s: float = 120.0):
         """``storage_dtype``: the dtype entries are stored in (``auto``: float16 for a float32 model,
