@@ -130,6 +130,12 @@ class LayerKV:
     def quantized(self) -> bool:
         return self.key_bits is not None
 
+    def _quant_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(key_bits, value_bits, value_min, value_max) of a quantized layer."""
+        if self.key_bits is None or self.value_bits is None or self.value_min is None or self.value_max is None:
+            raise InvalidEntry("the layer is not quantized: it has no bits, value_min or value_max")
+        return self.key_bits, self.value_bits, self.value_min, self.value_max
+
     def head_counts(self) -> torch.Tensor:
         """Kept tokens per KV head, int64 [H]."""
         return (self.head_offsets[1:] - self.head_offsets[:-1]).long()
@@ -158,10 +164,11 @@ class LayerKV:
         if not self.quantized:
             return LayerKV(keys=self.keys[rows], values=self.values[rows], **picked)
         head_dim = self.page_min.shape[1]
-        return LayerKV(keys=_packed_rows(self.keys, self.key_bits, head_dim, rows),
-                       values=_packed_rows(self.values, self.value_bits, head_dim, rows),
-                       key_bits=self.key_bits[rows], value_bits=self.value_bits[rows],
-                       value_min=self.value_min[rows], value_max=self.value_max[rows], **picked)
+        key_bits, value_bits, value_min, value_max = self._quant_rows()
+        return LayerKV(keys=_packed_rows(self.keys, key_bits, head_dim, rows),
+                       values=_packed_rows(self.values, value_bits, head_dim, rows),
+                       key_bits=key_bits[rows], value_bits=value_bits[rows],
+                       value_min=value_min[rows], value_max=value_max[rows], **picked)
 
     def dequantized(self, page_size: int, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K and V, [N, D] each, in ``dtype``."""
@@ -169,10 +176,9 @@ class LayerKV:
             return self.keys.to(dtype), self.values.to(dtype)
         head_dim = self.page_min.shape[1]
         row_page = page_of_rows(self.head_offsets, page_size)
-        k = quant.dequantize_rows(self.keys, self.key_bits, head_dim, self.page_min[row_page], self.page_max[row_page])
-        v = quant.dequantize_rows(
-            self.values, self.value_bits, head_dim, self.value_min.unsqueeze(1), self.value_max.unsqueeze(1)
-        )
+        key_bits, value_bits, value_min, value_max = self._quant_rows()
+        k = quant.dequantize_rows(self.keys, key_bits, head_dim, self.page_min[row_page], self.page_max[row_page])
+        v = quant.dequantize_rows(self.values, value_bits, head_dim, value_min.unsqueeze(1), value_max.unsqueeze(1))
         return k.to(dtype), v.to(dtype)
 
 
