@@ -67,7 +67,7 @@ test: setup redis-server
 	$(BIN)/python -m pytest
 
 proto: setup
-	$(BIN)/python -m dkv.services.protogen
+	$(BIN)/python proto/generate.py
 
 # every benchmark; each prints one JSON object (kept in bench/out/). quality also rewrites its
 # section of docs/benchmarks.md and runs kvpress beside dkv when .venv-peers exists (bench-peers).

@@ -19,9 +19,9 @@ import grpc
 from tqdm import tqdm
 
 from dkv.kvstore.entry import Recipe
-from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient
 from dkv.services.store_client import StoreClient
+from dkv.services.transport import free_port
 from dkv.services.up import Cluster, UpOptions
 
 DOCUMENTS = {

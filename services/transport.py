@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -57,6 +58,13 @@ request_id: ContextVar[str] = ContextVar("dkv_request_id", default="")
 
 class PermissionDenied(Exception):
     """The caller's token does not allow acting for the tenant the request names."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it); callers retry if it is taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def tenant_for(requested: str) -> str:

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dkv.kvstore.redis_server import RedisServer, free_port, redis_server_available
+from dkv.services.redis_server import RedisServer, redis_server_available
 from dkv.services.server import check_port_free
 from dkv.services.settings import SettingsError
+from dkv.services.transport import free_port
 
 log = logging.getLogger("dkv.up")
 

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 import pytest
 from in_process import InProcessServer
 
-from dkv.kvstore.redis_server import LocalRedisCluster, RedisServer, redis_server_available
+from dkv.services.redis_server import LocalRedisCluster, RedisServer, redis_server_available
 
 _SKIP_REASON = "redis-server not on PATH: apt-get install -y redis-server (make test installs it)"
 

@@ -20,7 +20,6 @@ import pytest
 from in_process import InProcessServer
 
 from dkv.kvstore.recipe import Recipe
-from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient
 from dkv.services.decode_server import DecodeServer
 from dkv.services.gateway import INLINE_TEXT
@@ -29,6 +28,7 @@ from dkv.services.prefill_client import PrefillClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
 from dkv.services.store_client import StoreClient
+from dkv.services.transport import free_port
 from dkv.workers.decode_worker import DecodeWorker
 from dkv.workers.prefill import PrefillWorker
 from dkv.workers.prompts import chat_prompt, completion_prompt

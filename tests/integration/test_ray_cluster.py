@@ -29,13 +29,13 @@ from in_process import InProcessServer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dkv.kvstore.entry import Recipe
-from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient
 from dkv.services.gateway import Gateway, Router, Worker, split_chat
 from dkv.services.gateway_server import GatewayServer
 from dkv.services.ray_pool import RayBackend, start_pools
 from dkv.services.settings import GatewaySettings, StoreSettings
 from dkv.services.store_server import StoreServer
+from dkv.services.transport import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

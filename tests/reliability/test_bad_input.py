@@ -91,7 +91,6 @@ from in_process import InProcessServer
 from dkv.kvstore import codec
 from dkv.kvstore.codec import DTYPES, FRAME_HEAD_BYTES, FRAME_LIMIT, KIND_DATA, KIND_HEADER
 from dkv.kvstore.errors import InvalidEntry, KVStoreError
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.decode_server import DecodeServer
 from dkv.services.gateway_server import GatewayServer
 from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, store_pb2
@@ -102,6 +101,7 @@ from dkv.services.store_client import StoreClient
 from dkv.services.store_server import StoreServer
 from dkv.services.transport import Security
 from dkv.services.wire import parse_frame_message, recipe_from_proto
+from dkv.testing import synthetic_entry
 from dkv.workers.decode_worker import DecodeWorker
 from dkv.workers.prefill import PrefillWorker
 

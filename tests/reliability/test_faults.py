@@ -40,14 +40,13 @@ from fault_proxy import FaultProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dkv.kvstore import codec
-from dkv.kvstore.redis_server import free_port
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.pb import store_pb2
 from dkv.services.settings import StoreSettings
 from dkv.services.store_client import StoreClient, StoreUnavailable
 from dkv.services.store_server import SERVICE
-from dkv.services.transport import open_channel
+from dkv.services.transport import free_port, open_channel
 from dkv.services.wire import frame_message
+from dkv.testing import synthetic_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20

@@ -59,13 +59,13 @@ from dkv.kvstore.entry import FORMAT_VERSION, Identity, Recipe
 from dkv.kvstore.mac import EntryMac
 from dkv.kvstore.prefix import chain_hashes, check_chain
 from dkv.kvstore.redis_tier import RedisTier
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.pb import common_pb2, store_pb2
 from dkv.services.settings import StoreSettings
 from dkv.services.store_client import StoreClient
 from dkv.services.store_server import SERVICE
 from dkv.services.transport import Security
 from dkv.services.wire import frame_message, parse_frame_message
+from dkv.testing import synthetic_entry
 
 MiB = 1 << 20
 SERVING = 1

@@ -26,6 +26,8 @@ import time
 import weakref
 from pathlib import Path
 
+from dkv.services.transport import free_port
+
 DEFAULT_EXECUTABLE = "redis-server"
 CLI = "redis-cli"
 CLUSTER_BUS_OFFSET = 10000  # a cluster node also listens on its port + 10000 (the cluster bus)
@@ -42,13 +44,6 @@ class _PortTaken(RedisServerError):
 def redis_server_available(executable: str = DEFAULT_EXECUTABLE) -> bool:
     """True if ``redis-server`` is on PATH (tests skip, ``dkv up`` explains, when it is not)."""
     return shutil.which(executable) is not None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it); callers retry if it is taken."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _kill_quietly(proc: subprocess.Popen) -> None:
@@ -513,4 +508,4 @@ class LocalRedisCluster:
         return f"LocalRedisCluster({self.masters} masters x {1 + self.replicas}, {[n.port for n in self.nodes]})"
 
 
-__all__ = ["RedisServer", "RedisServerError", "LocalRedisCluster", "redis_server_available", "free_port"]
+__all__ = ["LocalRedisCluster", "RedisServer", "RedisServerError", "redis_server_available"]
