@@ -83,3 +83,8 @@ class Recipe:
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise InvalidEntry(f"recipe is malformed ({e}); expected method, ratio, budget, quant, chunk_size") from e
+
+
+# What a request that names no recipe gets (the gateway, the HTTP API, dkv generate, the demo):
+# chunked SnapKV keeping half of the tokens, 256-token chunks.
+DEFAULT_RECIPE = Recipe(method="snapkv", ratio=0.5, chunk_size=256, chunked=True)

@@ -27,14 +27,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
-from dkv.services.wire import recipe_from_proto
+from dkv.kvstore.recipe import DEFAULT_RECIPE as RECIPE
+from dkv.services.pb import decode_pb2, gateway_pb2, prefill_pb2
+from dkv.services.wire import recipe_from_proto, recipe_to_proto
 from dkv.workers.degradation import Degradation
 
 log = logging.getLogger("dkv.gateway")
 INLINE_TEXT = 4096  # characters tokenized on the event loop; longer texts go to a thread
 
-DEFAULT_RECIPE = dict(method="snapkv", ratio=0.5, chunk_size=256, chunked=True, quant="none")
+DEFAULT_RECIPE = recipe_to_proto(RECIPE)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class Gateway:
                              f"{self.max_text_bytes} (max_text_bytes): send token ids, or a shorter text")
         # a long text takes the tokenizer milliseconds: off the event loop, which serves every stream
         context, query = self.tokens(request) if texts < INLINE_TEXT else await asyncio.to_thread(self.tokens, request)
-        recipe = request.recipe if request.HasField("recipe") else common_pb2.Recipe(**DEFAULT_RECIPE)
+        recipe = request.recipe if request.HasField("recipe") else DEFAULT_RECIPE
         prefilled = await self._cached(context, recipe, request.tenant)
         if prefilled is None:
             prefill_request = prefill_pb2.PrefillRequest(recipe=recipe, tenant=request.tenant)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -55,8 +56,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from dkv.kvstore.errors import InvalidEntry
-from dkv.kvstore.recipe import Recipe
-from dkv.services.gateway import DEFAULT_RECIPE, INLINE_TEXT
+from dkv.kvstore.recipe import DEFAULT_RECIPE, Recipe
+from dkv.services.gateway import INLINE_TEXT
 from dkv.services.pb import gateway_pb2
 from dkv.services.server import check_port_free
 from dkv.services.transport import (
@@ -139,7 +140,7 @@ class RecipeFields(_Strict):
     def recipe(self) -> Recipe:
         given = self.model_dump(exclude_none=True)
         params = tuple(given.pop("params", {}).items())
-        return Recipe(**{**DEFAULT_RECIPE, **given, "params": params})
+        return dataclasses.replace(DEFAULT_RECIPE, **given, params=params)
 
 
 class StreamOptions(_Strict):
