@@ -200,7 +200,7 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
 
 
 class GrpcServer:
-    """Subclasses set ``service_name`` and implement ``handlers()``; ``close()`` frees resources.
+    """Subclasses set ``service_name`` and implement ``add_service()``; ``close()`` frees resources.
 
     ``settings`` needs ``host``, ``port``, ``grace_s`` and ``drain_delay_s``.
     """
@@ -215,7 +215,8 @@ class GrpcServer:
         self.metrics = Metrics(self.service_name.rsplit(".", 1)[-1].lower())
         self.draining = False  # stop() has begun: health answers NOT_SERVING
 
-    def handlers(self) -> grpc.GenericRpcHandler:
+    def add_service(self, server: grpc.aio.Server) -> None:
+        """Add the component's servicer to ``server`` (the generated ``add_*Servicer_to_server``)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -236,7 +237,7 @@ class GrpcServer:
         options = GRPC_OPTIONS + [("grpc.so_reuseport", 0)] + self.grpc_options()
         self.server = grpc.aio.server(
             options=options, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
-        self.server.add_generic_rpc_handlers((self.handlers(),))
+        self.add_service(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([self.service_name, health_name, reflection.SERVICE_NAME], self.server)

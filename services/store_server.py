@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -56,7 +57,7 @@ from dkv.services.wire import (
 
 log = logging.getLogger("dkv.store.server")
 
-SERVICE = "dkv.v1.KVStore"
+SERVICE = store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 # Threads of the store's calls: one blocked for a Redis timeout (2 s) must not hold up a read
 # from host memory, so there are many more than cores (they wait, they do not compute).
 STORE_THREADS = 64
@@ -157,7 +158,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             return Oversized(len(data))
         return store_pb2.ProbeRequest.FromString(data)
 
-    async def Put(self, request_iterator, context):
+    async def Put(self, request_iterator: AsyncIterator[memoryview | None], context: grpc.aio.ServicerContext):
         outcome = await self._put(request_iterator)
         if isinstance(outcome, Exception):
             await _abort(context, outcome, put=True)
@@ -216,7 +217,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             self.put_streams -= 1
             self.put_bytes -= reserved
 
-    async def Get(self, request, context):
+    async def Get(self, request: store_pb2.GetRequest, context: grpc.aio.ServicerContext):
         try:
             key = _parse_key(request.key)
             result = await asyncio.to_thread(self.store.get, key)
@@ -226,7 +227,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         for frame in result.frames:
             yield frame
 
-    async def Lookup(self, request, context):
+    async def Lookup(self, request: store_pb2.LookupRequest | Oversized, context: grpc.aio.ServicerContext):
         try:
             if isinstance(request, Oversized):
                 raise InvalidEntry(f"a Lookup of {request.nbytes} bytes holds more token ids than this store takes "
@@ -259,7 +260,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             stored_bytes=found.stored_bytes, importance=[h.importance for h in found.headers],
             kept_tokens_per_layer=kept), found.tiers[-1]
 
-    async def Probe(self, request, context):
+    async def Probe(self, request: store_pb2.ProbeRequest | Oversized, context: grpc.aio.ServicerContext):
         try:
             if isinstance(request, Oversized) or len(request.keys) > self.max_probe_keys:
                 keys = "more" if isinstance(request, Oversized) else len(request.keys)
@@ -281,14 +282,14 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                               importance=header.importance, kept_tokens_per_layer=header.kept_tokens_per_layer())
         return reply
 
-    async def Delete(self, request, context):
+    async def Delete(self, request: store_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
         try:
             deleted = await asyncio.to_thread(self.store.delete, _parse_key(request.key))
         except Exception as e:
             await _abort(context, e)
         return store_pb2.DeleteResponse(deleted=deleted)
 
-    async def Summaries(self, request, context):
+    async def Summaries(self, request: store_pb2.GetRequest, context: grpc.aio.ServicerContext):
         try:
             replies = await asyncio.to_thread(self._summaries, _parse_key(request.key))
         except Exception as e:
@@ -309,7 +310,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             replies.append(reply)
         return replies
 
-    async def Select(self, request, context):
+    async def Select(self, request: store_pb2.SelectRequest, context: grpc.aio.ServicerContext):
         try:
             replies = await asyncio.to_thread(self._select, _parse_key(request.key), request.layer, request.pages)
         except Exception as e:
@@ -338,7 +339,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             replies.append(reply)
         return replies
 
-    async def Stats(self, request, context):
+    async def Stats(self, request: store_pb2.StatsRequest, context: grpc.aio.ServicerContext):
         # a tenant's token sees its own numbers; the service token (or no auth) the whole store's
         return _stats_message(await asyncio.to_thread(self.store.stats, allowed_tenant.get()))
 
@@ -363,7 +364,8 @@ def _page_groups(pages: torch.Tensor, layer, entry, limit: int = 4 << 20) -> lis
 
 
 def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
-    """The generated handler table, with Put/Get moving frames without protobuf copies."""
+    """The generated handler table, but Put/Get move frames without protobuf copies and Lookup/Probe
+    refuse an oversized request before parsing it (so it is written out, not ``add_KVStoreServicer_to_server``)."""
     pb = store_pb2
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Put": grpc.stream_unary_rpc_method_handler(
@@ -411,8 +413,8 @@ class StoreServer(GrpcServer):
                             "Redis can forge entries this store will serve; set cluster_secret "
                             "(DKV_STORE_CLUSTER_SECRET) to the same secret on every store")
 
-    def handlers(self) -> grpc.GenericRpcHandler:
-        return _handlers(KVStoreServicer(self.store, self.settings, self.lookups))
+    def add_service(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((_handlers(KVStoreServicer(self.store, self.settings, self.lookups)),))
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Keepalive pings drop clients that vanished without closing (and their half-sent Puts)."""
