@@ -35,7 +35,7 @@ import sys
 
 from dkv.kvstore.recipe import DEFAULT_RECIPE, SCHEMES
 from dkv.services.logs import setup_logging
-from dkv.services.server import MALLOC_TUNING
+from dkv.services.malloc import MALLOC_TUNING
 from dkv.services.settings import (
     DecodeSettings,
     GatewaySettings,

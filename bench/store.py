@@ -34,8 +34,9 @@ import numpy as np
 import redis
 
 from dkv.kvstore import codec
+from dkv.services.malloc import MALLOC_TUNING
 from dkv.services.redis_server import RedisServer, redis_server_available
-from dkv.services.server import GRPC_OPTIONS, MALLOC_TUNING
+from dkv.services.server import GRPC_OPTIONS
 from dkv.services.store_client import StoreClient
 from dkv.services.transport import free_port
 from dkv.testing import synthetic_entry

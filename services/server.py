@@ -40,15 +40,6 @@ from dkv.services.transport import (
 
 log = logging.getLogger("dkv.server")
 
-# glibc returns large blocks to the OS on free and maps fresh zeroed pages for the next one, so
-# every 4 MiB frame pays its page faults again. Keeping the heap (see docs/benchmarks.md) makes
-# large copies several times faster on this kind of machine. The CLI re-executes itself with it.
-MALLOC_TUNING = {
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-}
-
 # how loudly a finished call is logged, by status code (OK and the codes of normal misses: debug)
 _LOUD = {"INTERNAL": logging.ERROR, "UNKNOWN": logging.ERROR, "DATA_LOSS": logging.WARNING,
          "UNAVAILABLE": logging.WARNING, "UNAUTHENTICATED": logging.INFO, "PERMISSION_DENIED": logging.INFO,
