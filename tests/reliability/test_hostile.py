@@ -48,8 +48,10 @@ from test_faults import (
     entry_of,
     health,
     in_process_store,
+    one_torch_thread,  # noqa: F401  an autouse fixture: imported, it applies here too
     redis_state,
     same_entry,
+    store_process,  # noqa: F401  a fixture
     wait_for,
 )
 
