@@ -17,8 +17,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN pip install --index-url "$TORCH_INDEX" "$TORCH"
 
 WORKDIR /opt/dkv
-# the root is the dkv package (its __init__.py), the folders its subpackages: one top-level import, dkv
-COPY pyproject.toml README.md requirements.lock __init__.py __main__.py ./
+# the root is the dkv package (its __init__.py, the command in cli.py), the folders its subpackages: one top-level import, dkv
+COPY pyproject.toml README.md requirements.lock __init__.py __main__.py cli.py testing.py ./
 COPY proto proto
 COPY services services
 COPY kvstore kvstore

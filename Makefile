@@ -11,7 +11,7 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.installed
 LATEST := build/venv-latest
 
-.PHONY: setup lock test-latest demo test proto bench redis-server clean loadtest soak
+.PHONY: setup lock test-latest demo lint test proto bench redis-server clean loadtest soak
 
 # Exactly the lock: a new venv whenever the lock or pyproject.toml changes (so a package the lock
 # dropped goes too), the lock installed --no-deps (nothing is resolved on the day), dkv itself
@@ -63,11 +63,19 @@ redis-server:
 demo: setup redis-server
 	$(BIN)/dkv demo
 
-test: setup redis-server
+# ruff; the layers contract (import-linter, [tool.importlinter] in pyproject.toml); mypy on the typed
+# packages, which finds dkv by name through the link build/mypy/dkv -> this folder. Fast: make test runs it first.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports --cache-dir build/import-linter
+	mkdir -p build/mypy && ln -sfn ../.. build/mypy/dkv
+	$(BIN)/mypy
+
+test: lint redis-server
 	$(BIN)/python -m pytest
 
 proto: setup
-	$(BIN)/python -m dkv.services.protogen
+	$(BIN)/python proto/generate.py
 
 # every benchmark; each prints one JSON object (kept in bench/out/). quality also rewrites its
 # section of docs/benchmarks.md and runs kvpress beside dkv when .venv-peers exists (bench-peers).

@@ -3,8 +3,10 @@
 The repository root is this package: ``pyproject.toml`` maps ``dkv`` to ``.`` (setuptools
 ``package-dir``), so each top-level folder is a subpackage: ``dkv.kvstore`` (entries, codec,
 tiers, store), ``dkv.kernels`` (Triton kernels and their torch references), ``dkv.workers``
-(model, compression, prefill and decode), ``dkv.services`` (gRPC servers, clients, CLI),
-``dkv.bench`` and ``dkv.loadtest``.
+(model, compression, prefill and decode), ``dkv.services`` (gRPC servers and clients, the
+gateway, ``dkv up``), ``dkv.bench`` and ``dkv.loadtest``, layered in that order (README, Layout).
+Beside them: ``dkv.cli`` (the ``dkv`` command, on top of every layer) and ``dkv.testing``
+(synthetic entries for tests, benchmarks and load tests).
 
 The folders have no ``__init__.py`` on purpose: they are namespace portions of ``dkv``, so
 Python started in the repository root never takes ``kernels/`` for Hugging Face's ``kernels``

@@ -1,5 +1,5 @@
 """``python -m dkv``: the ``dkv`` command."""
 
-from dkv.services.cli import main
+from dkv.cli import main
 
 raise SystemExit(main())

@@ -91,7 +91,7 @@ def attention_rows(device: str, dtype: torch.dtype, repeats: int, contexts=CONTE
                     bytes_read = 2 * h_kv * budget * d * k.element_size() + indices.numel() * 4
                     row["achieved_gbps"] = round(bytes_read / attention / 1e6, 1)
                 rows.append(row)
-            del k, v
+            k = v = None  # free this context's K/V before the next one is allocated
     return rows
 
 

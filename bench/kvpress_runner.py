@@ -86,12 +86,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
-
-import kvpress  # noqa: E402  (importing it patches ALL_ATTENTION_FUNCTIONS for head-wise presses)
+import kvpress
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 DEFAULT_PRESSES = "snapkv,pyramidkv,expected_attention,tova,knorm,lagkv,streaming_llm"
 DEFAULT_RATIOS = "0.5,0.75,0.9"
@@ -379,7 +378,7 @@ def run_config(name, ratio, models, tokenizer, tasks, device, reference, progres
         press = None if name == "full" else make_press(name, ratio)
         model = models.get("sdpa" if name == "full" else PRESSES[name][1])
         stops = stop_ids(tokenizer, model)
-    except Exception as exc:  # noqa: BLE001  reported, not raised
+    except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         for _ in tasks:
             progress.step(label)
@@ -399,7 +398,7 @@ def run_config(name, ratio, models, tokenizer, tasks, device, reference, progres
                     results[tid] = run_fidelity(model, task, press, device, ref)
                 else:
                     raise ValueError(f"unknown task kind {task['kind']!r}")
-        except Exception as exc:  # noqa: BLE001  reported, not raised
+        except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}"
             if os.environ.get("KVPRESS_RUNNER_DEBUG"):
                 traceback.print_exc()

@@ -9,7 +9,7 @@ needle retrieval at 0.5K-2K tokens, fidelity on real English prose), with the pr
   the answer is a substring of the new tokens decoded with ``skip_special_tokens``;
 - fidelity: the first continuation token is scored from the full prefill's last logits (the
   same for every method: compression happens after the context's forward), the rest
-  teacher-forced in one forward after ``entry.to_hf_cache()``; ``extra_nll`` = mean NLL minus
+  teacher-forced in one forward after ``to_hf_cache(entry)``; ``extra_nll`` = mean NLL minus
   the full cache's (nats/token), ``top1_agreement`` = share of positions whose argmax equals the
   full cache's.
 
@@ -257,6 +257,7 @@ def last_logits(model, context_ids: list[int]) -> torch.Tensor:
 
 def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, reference: dict | None,
                  memo: dict | None = None) -> dict:
+    from dkv.workers.cache import to_hf_cache
     from dkv.workers.engine import DecodeStats
 
     context, cont = task["context_ids"], task["continuation_ids"]
@@ -269,7 +270,7 @@ def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, ref
     else:
         rows = [first_logits.unsqueeze(0)]
         if len(cont) > 1:
-            cache = entry.to_hf_cache()
+            cache = to_hf_cache(entry)
             position_ids = torch.arange(len(context), len(context) + len(cont) - 1).unsqueeze(0)
             with torch.no_grad():
                 out = model(input_ids=torch.tensor([cont[:-1]]), cache=cache, position_ids=position_ids,
@@ -602,10 +603,9 @@ def run(quick: bool = False, peers: bool = True, progress: bool = True, threads:
 
 
 def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
-    from dkv.workers.compression import METHODS, make_method
-    from dkv.workers.model import DEFAULT_MODEL, cache_root, load_model
-
     from dkv.bench.quality_tasks import build_tasks
+    from dkv.workers.methods import METHODS, make_method
+    from dkv.workers.model import DEFAULT_MODEL, cache_root, load_model
 
     started = time.perf_counter()
     model_name = model_name or DEFAULT_MODEL
@@ -713,7 +713,7 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
         "kvpress": None if peer_report is None else {k: peer_report.get(k) for k in (
             "kvpress_version", "transformers_version", "threads", "wall_s", "attn_implementation")},
         "quick": quick,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     return report
@@ -734,7 +734,7 @@ def _evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_b
         row = evaluate(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, step, memo)
         row["error"] = None
         return row
-    except Exception as exc:  # noqa: BLE001  reported in the row, as the kvpress runner does
+    except Exception as exc:
         log(f"{cfg.label} failed: {type(exc).__name__}: {exc}")
         return {"impl": "dkv", "method": cfg.method, "ratio": cfg.ratio, "quant": cfg.quant, "merge": cfg.merge,
                 "chunked": cfg.chunked, "selection": cfg.selection, "attend": cfg.attend, "retrieval_accuracy": None, "extra_nll": None, "top1_agreement": None,

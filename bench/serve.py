@@ -184,7 +184,7 @@ class Dkv:
 
     def __init__(self, recipe: dict | None, cpu_bytes: str = "2GiB", redis_bytes: str = "4GiB",
                  worker_cache: bool = True):
-        from dkv.kvstore.redis_server import free_port
+        from dkv.services.transport import free_port
         from dkv.services.up import Cluster, UpOptions
 
         self.recipe = recipe
@@ -193,7 +193,7 @@ class Dkv:
                                          device="cpu", dtype="float32", extra_env=env))
         self.stats: list = []
 
-    def __enter__(self) -> "Dkv":
+    def __enter__(self) -> Dkv:
         self.cluster.__enter__()
         return self
 

@@ -34,11 +34,12 @@ import numpy as np
 import redis
 
 from dkv.kvstore import codec
-from dkv.kvstore.redis_server import RedisServer, free_port, redis_server_available
-from dkv.kvstore.synthetic import synthetic_entry
-from dkv.services.cli import MALLOC_TUNING
-from dkv.services.store_client import StoreClient
+from dkv.services.malloc import MALLOC_TUNING
+from dkv.services.redis_server import RedisServer, redis_server_available
 from dkv.services.server import GRPC_OPTIONS
+from dkv.services.store_client import StoreClient
+from dkv.services.transport import free_port
+from dkv.testing import synthetic_entry
 
 RAW_SERVICE = "dkv.bench.Raw"
 VARIANTS = {"full": 1.0, "keep20": 0.2, "keep10": 0.1}

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_load  # noqa: E402  (standard library only: the same driver as dkv's side)
+import serve_load
 
 
 def log(line: str) -> None:

@@ -28,7 +28,7 @@ compile for a CPU tensor.
 from __future__ import annotations
 
 import functools
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -83,7 +83,7 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

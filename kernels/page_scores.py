@@ -24,8 +24,16 @@ from __future__ import annotations
 import torch
 
 from dkv.kernels._common import (
-    DENSE_DTYPES, cdiv, check_backend, check_inner_contiguous, check_same_device, check_tensor, jit,
-    next_pow2, tl, use_triton,
+    DENSE_DTYPES,
+    cdiv,
+    check_backend,
+    check_inner_contiguous,
+    check_same_device,
+    check_tensor,
+    jit,
+    next_pow2,
+    tl,
+    use_triton,
 )
 
 MAX_HEAD_DIM = 1024

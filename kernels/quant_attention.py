@@ -33,12 +33,29 @@ import math
 import torch
 
 from dkv.kernels._common import (
-    DENSE_DTYPES, check_inner_contiguous, check_num_splits, check_same_device, check_tensor, jit, tl,
+    DENSE_DTYPES,
+    check_inner_contiguous,
+    check_num_splits,
+    check_same_device,
+    check_tensor,
+    jit,
+    tl,
     use_triton,
 )
 from dkv.kernels.sparse_attention import (  # the device functions are shared so both kernels stay in step
-    LOG2E, MAX_HEAD_DIM, MAX_SPLITS, _online_softmax_block, _round_to, _store_partial, auto_num_splits,
-    combine_partials, combine_splits, dot_precision, launch_config, sparse_decode_attention_reference,
+    LOG2E,
+    MAX_HEAD_DIM,
+    MAX_SPLITS,
+    _online_softmax_block,
+    _round_to,
+    _split_prologue,
+    _store_partial,
+    auto_num_splits,
+    combine_partials,
+    combine_splits,
+    dot_precision,
+    launch_config,
+    sparse_decode_attention_reference,
 )
 from dkv.kvstore import quant
 
@@ -108,21 +125,9 @@ def _sparse_decode_quant_split_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    kv_head = tl.program_id(0)
-    split = tl.program_id(1)
-    length = tl.minimum(tl.maximum(tl.load(len_ptr + kv_head), 0), S)
-    per_split = tl.cdiv(length, num_splits)
-    start = split * per_split
-    end = tl.minimum(start + per_split, length)
-
-    offs_g = tl.arange(0, BLOCK_G)
+    kv_head, split, start, end, q_heads, g_mask, offs_d, d_mask, q = _split_prologue(
+        q_ptr, len_ptr, S, D, G, num_splits, stride_q_h, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    g_mask = offs_g < G
-    d_mask = offs_d < D
-    q_heads = kv_head * G + offs_g
-    q = tl.load(q_ptr + q_heads[:, None] * stride_q_h + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
 
     head = kv_head.to(tl.int64)
     kc_base = kc_ptr + head * stride_kc_h

@@ -36,8 +36,18 @@ import math
 import torch
 
 from dkv.kernels._common import (
-    DENSE_DTYPES, INTERPRET, cdiv, check_inner_contiguous, check_num_splits, check_same_device, check_tensor, jit,
-    next_pow2, num_sms, tl, use_triton,
+    DENSE_DTYPES,
+    INTERPRET,
+    cdiv,
+    check_inner_contiguous,
+    check_num_splits,
+    check_same_device,
+    check_tensor,
+    jit,
+    next_pow2,
+    num_sms,
+    tl,
+    use_triton,
 )
 
 LOG2E = 1.4426950408889634
@@ -67,6 +77,39 @@ def _round_to(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # RTNE to the top 16 bits
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@jit
+def _split_prologue(
+    q_ptr,  # [H_q, D]
+    len_ptr,  # int32 [H_kv]
+    S,
+    D,
+    G,
+    num_splits,
+    stride_q_h,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """This program's KV head, split and slot range ``[start, end)``, and its query heads' rows.
+
+    The range splits the head's real length, not S, so the programs of a short head do equal work.
+    Returns (kv_head, split, start, end, q_heads ``[BLOCK_G]``, g_mask, offs_d, d_mask, q ``[BLOCK_G, BLOCK_D]``).
+    """
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    length = tl.minimum(tl.maximum(tl.load(len_ptr + kv_head), 0), S)
+    per_split = tl.cdiv(length, num_splits)
+    start = split * per_split
+    end = tl.minimum(start + per_split, length)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    q_heads = kv_head * G + offs_g
+    q = tl.load(q_ptr + q_heads[:, None] * stride_q_h + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    return kv_head, split, start, end, q_heads, g_mask, offs_d, d_mask, q
 
 
 @jit
@@ -154,22 +197,9 @@ def _sparse_decode_split_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    kv_head = tl.program_id(0)
-    split = tl.program_id(1)
-    length = tl.minimum(tl.maximum(tl.load(len_ptr + kv_head), 0), S)
-    # split by the head's real length, not S, so the programs of a short head do equal work
-    per_split = tl.cdiv(length, num_splits)
-    start = split * per_split
-    end = tl.minimum(start + per_split, length)
-
-    offs_g = tl.arange(0, BLOCK_G)
+    kv_head, split, start, end, q_heads, g_mask, offs_d, d_mask, q = _split_prologue(
+        q_ptr, len_ptr, S, D, G, num_splits, stride_q_h, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    g_mask = offs_g < G
-    d_mask = offs_d < D
-    q_heads = kv_head * G + offs_g
-    q = tl.load(q_ptr + q_heads[:, None] * stride_q_h + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
 
     # int64 bases: H_kv * T * D elements can pass 2**31 on long contexts
     k_base = k_ptr + kv_head.to(tl.int64) * stride_k_h

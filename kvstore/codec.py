@@ -29,8 +29,8 @@ import itertools
 import json
 import struct
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 import xxhash
@@ -109,7 +109,7 @@ class Frame:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def _frame(kind: int, entry_id: bytes, seq: int, total: int, pieces: list) -> bytes:
@@ -127,7 +127,9 @@ def _layout(sizes: list[int], payload_max: int) -> list[list[tuple[int, int, int
     A tensor that fits in one frame but not in the rest of the current one starts a new frame,
     so decoding can take it as a zero-copy view; larger tensors span whole frames.
     """
-    frames, current, room = [], [], payload_max
+    frames: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = payload_max
     for i, n in enumerate(sizes):
         if current and room < n <= payload_max:
             frames.append(current)
@@ -244,7 +246,7 @@ def parse_header(frame: bytes | memoryview) -> EntryHeader:
             tenant=ident["tenant"],
             start=int(ident["start"]),
         )
-        identity.key  # validates every key part
+        identity.key  # noqa: B018  the property validates every key part
         specs = tuple(TensorSpec(int(a), str(b), str(c), tuple(int(x) for x in d), int(e), int(g))
                       for a, b, c, d, e, g in h["tensors"])
         header = EntryHeader(
@@ -317,11 +319,11 @@ class FrameAssembler:
         self.max_entry_bytes = max_entry_bytes
         self.on_header = on_header
         self.header: EntryHeader | None = None
-        self.frames: list[bytes] = []
+        self.frames: list[bytes | memoryview] = []
         self.data_received = 0
         self._data_hash = xxhash.xxh3_128()
 
-    def add(self, frame: bytes) -> None:
+    def add(self, frame: bytes | memoryview) -> None:
         if self.header is None:
             self.header = parse_header(frame)
             if self.on_header is not None:
@@ -344,7 +346,7 @@ class FrameAssembler:
         self._data_hash.update(f.payload)
         self.frames.append(frame)
 
-    def finish(self) -> tuple[EntryHeader, list[bytes]]:
+    def finish(self) -> tuple[EntryHeader, list[bytes | memoryview]]:
         if self.header is None:
             raise CorruptEntry("no frames received: the stream must start with the header frame")
         if len(self.frames) != self.header.total_frames or self.data_received != self.header.data_bytes:
@@ -356,7 +358,8 @@ class FrameAssembler:
         return self.header, self.frames
 
 
-def check_frames(frames: Iterable[bytes], max_entry_bytes: int | None = None) -> tuple[EntryHeader, list[bytes]]:
+def check_frames(frames: Iterable[bytes | memoryview], max_entry_bytes: int | None = None
+                 ) -> tuple[EntryHeader, list[bytes | memoryview]]:
     """Verify a whole frame sequence; return its header and the frames."""
     asm = FrameAssembler(max_entry_bytes)
     for f in frames:
@@ -390,7 +393,7 @@ def decode(frames: Iterable[bytes]) -> CompressedKV:
     return decode_checked(*check_frames(frames))
 
 
-def decode_checked(header: EntryHeader, checked: list) -> CompressedKV:
+def decode_checked(header: EntryHeader, checked: Sequence[bytes | memoryview]) -> CompressedKV:
     """``decode`` of frames that ``check_frames`` or a ``FrameAssembler`` already verified."""
     payloads = [memoryview(f)[FRAME_HEAD_BYTES:] for f in checked[1:]]
     starts = list(itertools.accumulate((len(p) for p in payloads), initial=0))
@@ -421,6 +424,7 @@ def _tensor_at(payloads: list[memoryview], starts: list[int], t: TensorSpec) -> 
         return torch.empty(t.shape, dtype=dtype)
     f = bisect.bisect_right(starts, t.offset) - 1
     lo = t.offset - starts[f]
+    buf: memoryview | bytearray
     if lo + t.nbytes <= len(payloads[f]):
         buf, offset = payloads[f], lo
     else:

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore import quant
+from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore.recipe import KEY_PART, Recipe
 
 FORMAT_VERSION = 2
@@ -75,7 +75,7 @@ class EntryKey:
         return f"{self.tenant}/{self.model_fingerprint}/{self.recipe_id}/{self.prefix_hash}"
 
     @classmethod
-    def parse(cls, text: str) -> "EntryKey":
+    def parse(cls, text: str) -> EntryKey:
         parts = text.split("/")
         if len(parts) != 4:
             raise InvalidEntry(
@@ -151,6 +151,12 @@ class LayerKV:
     def quantized(self) -> bool:
         return self.key_bits is not None
 
+    def _quant_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(key_bits, value_bits, value_min, value_max) of a quantized layer."""
+        if self.key_bits is None or self.value_bits is None or self.value_min is None or self.value_max is None:
+            raise InvalidEntry("the layer is not quantized: it has no bits, value_min or value_max")
+        return self.key_bits, self.value_bits, self.value_min, self.value_max
+
     def head_counts(self) -> torch.Tensor:
         """Kept tokens per KV head, int64 [H]."""
         return (self.head_offsets[1:] - self.head_offsets[:-1]).long()
@@ -162,7 +168,7 @@ class LayerKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def select_pages(self, pages: torch.Tensor, page_size: int) -> "LayerKV":
+    def select_pages(self, pages: torch.Tensor, page_size: int) -> LayerKV:
         """The layer restricted to ``pages`` (ascending page indices, head-major): a valid layer.
 
         Quantized rows are copied as their packed bytes, so nothing is requantized.
@@ -179,10 +185,11 @@ class LayerKV:
         if not self.quantized:
             return LayerKV(keys=self.keys[rows], values=self.values[rows], **picked)
         head_dim = self.page_min.shape[1]
-        return LayerKV(keys=_packed_rows(self.keys, self.key_bits, head_dim, rows),
-                       values=_packed_rows(self.values, self.value_bits, head_dim, rows),
-                       key_bits=self.key_bits[rows], value_bits=self.value_bits[rows],
-                       value_min=self.value_min[rows], value_max=self.value_max[rows],
+        key_bits, value_bits, value_min, value_max = self._quant_rows()
+        return LayerKV(keys=_packed_rows(self.keys, key_bits, head_dim, rows),
+                       values=_packed_rows(self.values, value_bits, head_dim, rows),
+                       key_bits=key_bits[rows], value_bits=value_bits[rows],
+                       value_min=value_min[rows], value_max=value_max[rows],
                        key_lo=self.key_lo, key_hi=self.key_hi, **picked)
 
     def dequantized(self, page_size: int, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,10 +198,9 @@ class LayerKV:
             return self.keys.to(dtype), self.values.to(dtype)
         head_dim = self.page_min.shape[1]
         row_page = page_of_rows(self.head_offsets, page_size)
-        k = quant.dequantize_rows(self.keys, self.key_bits, head_dim, self.page_min[row_page], self.page_max[row_page])
-        v = quant.dequantize_rows(
-            self.values, self.value_bits, head_dim, self.value_min.unsqueeze(1), self.value_max.unsqueeze(1)
-        )
+        key_bits, value_bits, value_min, value_max = self._quant_rows()
+        k = quant.dequantize_rows(self.keys, key_bits, head_dim, self.page_min[row_page], self.page_max[row_page])
+        v = quant.dequantize_rows(self.values, value_bits, head_dim, value_min.unsqueeze(1), value_max.unsqueeze(1))
         return k.to(dtype), v.to(dtype)
 
 
@@ -289,16 +295,10 @@ class CompressedKV:
         """Check every shape, dtype and value; raise ``InvalidEntry`` saying what is wrong."""
         validate_entry(self)
 
-    def to_hf_cache(self):
-        """A ``transformers`` cache the same model can continue from at position ``seq_len``."""
-        from dkv.workers.cache import to_hf_cache
-
-        return to_hf_cache(self)
-
-    def replace(self, **changes) -> "CompressedKV":
+    def replace(self, **changes) -> CompressedKV:
         return dataclasses.replace(self, **changes)
 
-    def cast(self, dtype: torch.dtype) -> "CompressedKV":
+    def cast(self, dtype: torch.dtype) -> CompressedKV:
         """The entry with its dense K/V and page summaries in ``dtype`` (how the store keeps it);
         quantized rows and their page bounds (on the grid of the key ranges) are left as they are.
         Rounding is monotonic, so page bounds still bound."""

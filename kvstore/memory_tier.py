@@ -40,7 +40,7 @@ class MemoryTier(StorageTier):
 
     @staticmethod
     def _view(held: torch.Tensor | bytes | memoryview) -> bytes | memoryview:
-        return memoryview(held.cpu().numpy()) if isinstance(held, torch.Tensor) else held
+        return held.cpu().numpy().data if isinstance(held, torch.Tensor) else held
 
     def put(self, key: EntryKey, frames: Frames) -> None:
         held = [self._hold(f) for f in frames]

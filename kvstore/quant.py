@@ -94,9 +94,11 @@ def bits_for_scheme(scheme: str, scores: torch.Tensor) -> torch.Tensor:
 
     ``scores`` float [N] is the importance of each row (higher = more important).
     """
-    if scheme not in SCHEMES or SCHEMES[scheme] is None:
-        raise ValueError(f"quant scheme {scheme!r} is not a quantized scheme; use one of int8, int4, mixed")
-    high, low = SCHEMES[scheme]
+    split = SCHEMES.get(scheme)
+    if split is None:
+        raise ValueError(f"quant scheme {scheme!r} is not a quantized scheme; use one of "
+                         f"{', '.join(s for s, bits in SCHEMES.items() if bits)}")
+    high, low = split
     n = scores.numel()
     bits = torch.full((n,), low, dtype=torch.uint8)
     if high != low and n:

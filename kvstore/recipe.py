@@ -70,7 +70,7 @@ class Recipe:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
+    def from_dict(cls, d: dict) -> Recipe:
         try:
             return cls(
                 method=str(d["method"]),
@@ -83,3 +83,10 @@ class Recipe:
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise InvalidEntry(f"recipe is malformed ({e}); expected method, ratio, budget, quant, chunk_size") from e
+
+
+# What a request that names no recipe gets (the gateway, the HTTP API, dkv generate, the demo).
+# Chosen in docs/benchmarks.md (issue 16): of the chunked recipes within 1/4 of the fp16 bytes
+# (ratio 0.5 + int4: 0.159), LagKV answers the most retrieval tasks (11 of 21; KNorm 10, TOVA 7,
+# SnapKV 6) at 0.080 extra NLL; SnapKV's answers drop when the question comes after the context.
+DEFAULT_RECIPE = Recipe(method="lagkv", ratio=0.5, chunk_size=256, chunked=True, quant="int4")

@@ -74,6 +74,7 @@ import secrets
 import threading
 import zlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -185,7 +186,7 @@ def _redis_call(what: str):
 
     def decorate(method):
         @functools.wraps(method)
-        def wrapper(self: "RedisTier", *args, **kwargs):
+        def wrapper(self: RedisTier, *args, **kwargs):
             try:
                 return method(self, *args, **kwargs)
             except TierUnavailable:
@@ -264,9 +265,10 @@ class RedisTier(StorageTier):
     # -- connection ---------------------------------------------------------------------------
 
     @property
-    def _client(self) -> redis.Redis | redis.RedisCluster:
+    def _client(self) -> Any:
         """The client, made on first use: a ``RedisCluster`` reads the slot map from the cluster as it
-        is made, which must not stop a store from starting while the cluster is down."""
+        is made, which must not stop a store from starting while the cluster is down. Typed ``Any``:
+        redis-py types every reply ``bytes | str`` (``decode_responses`` decides); this client's are bytes."""
         if self._redis is None:
             with self._connect_lock:
                 if self._redis is None:
@@ -279,6 +281,7 @@ class RedisTier(StorageTier):
                         # client refreshes its slot map on the next call after a failure).
                         retry=Retry(NoBackoff(), 0),
                     )
+                    client: redis.Redis | redis.RedisCluster
                     if self.cluster:
                         client = redis.RedisCluster.from_url(self.url, **options)
                     else:
@@ -303,7 +306,7 @@ class RedisTier(StorageTier):
     def _data_prefix(self, key: EntryKey | str) -> str:
         return f"{self.namespace}d:{{{key}}}:"
 
-    def _data_keys(self, key: EntryKey, version: str, n: int) -> list[str]:
+    def _data_keys(self, key: EntryKey | str, version: str, n: int) -> list[str]:
         base = self._data_prefix(key)
         return [f"{base}{version}:{i}" for i in range(n)]
 
@@ -597,7 +600,7 @@ class RedisTier(StorageTier):
             return
         try:
             client.close()
-            if not self.cluster:
+            if isinstance(client, redis.Redis):
                 client.connection_pool.disconnect()
         except (redis.exceptions.RedisError, RedisClusterException, OSError):
             pass

@@ -42,7 +42,8 @@ class ShrinkRule:
 
 
 def _max_bits(scheme: str) -> int:
-    return 16 if quant.SCHEMES[scheme] is None else max(quant.SCHEMES[scheme])
+    bits = quant.SCHEMES[scheme]
+    return 16 if bits is None else max(bits)
 
 
 def requantize(entry: CompressedKV, scheme: str) -> CompressedKV:
@@ -51,7 +52,7 @@ def requantize(entry: CompressedKV, scheme: str) -> CompressedKV:
         return entry
     layers, changed = [], False
     for layer in entry.layers:
-        if layer.quantized and int(layer.key_bits.max()) <= _max_bits(scheme):
+        if layer.key_bits is not None and int(layer.key_bits.max()) <= _max_bits(scheme):
             layers.append(layer)
             continue
         layers.append(quantize_layer(layer, quant.bits_for_scheme(scheme, layer.scores), entry.page_size))
@@ -98,7 +99,7 @@ def drop_tokens(entry: CompressedKV, keep_fraction: float) -> CompressedKV:
             [layer.scores[keep][i] for i in per_head],
             entry.page_size,
         )
-        if layer.quantized:
+        if layer.key_bits is not None and layer.value_bits is not None:
             new = quantize_layer(new, layer.key_bits[keep], entry.page_size, layer.value_bits[keep])
         layers.append(new)
     share = kept_mass / total_mass if total_mass > 0 else keep_fraction

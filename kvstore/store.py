@@ -93,9 +93,9 @@ class _Stored:
 class _Batch:
     """Remote-tier I/O decided under the lock, run after it is released, in order."""
 
-    ops: list = field(default_factory=list)  # ("put", i, stored, frames) or ("remove", i, key)
+    ops: list[tuple] = field(default_factory=list)  # ("put", i, stored, frames) or ("remove", i, key)
     new: _Stored | None = None  # the entry a Put places (its failed write is the Put's, not an eviction)
-    failed: list = field(default_factory=list)  # the _Stored whose remote write failed
+    failed: list[_Stored] = field(default_factory=list)  # the entries whose remote write failed
 
 
 @dataclass
@@ -170,7 +170,7 @@ class StoreStats:
     over_quota: int
     lost: int
     tenant: str | None = None
-    tenants: list["StoreStats"] = field(default_factory=list)  # each tenant's, in the store-wide view
+    tenants: list[StoreStats] = field(default_factory=list)  # each tenant's, in the store-wide view
 
 
 class TieredStore:
@@ -218,8 +218,8 @@ class TieredStore:
         self._seq = 0
         n = len(self.tiers)
         self._used = [0] * n
-        self._tenant_used = [Counter() for _ in range(n)]
-        self._tenant_entries = [Counter() for _ in range(n)]
+        self._tenant_used: list[Counter[str]] = [Counter() for _ in range(n)]
+        self._tenant_entries: list[Counter[str]] = [Counter() for _ in range(n)]
         self._counters: defaultdict[str, Counters] = defaultdict(lambda: Counters(hits=[0] * n))
         self._down_until = [0.0] * n
         self._partial_logged = [float("-inf")] * n
@@ -302,6 +302,7 @@ class TieredStore:
         tier_index = stored.stats.tier
         tier = self.tiers[tier_index].tier
         try:
+            frames: Sequence[bytes | memoryview] | None
             if moving is not None and moving[0] is stored:
                 frames = moving[1]  # on its way into this tier: the frames in hand
             else:
@@ -363,8 +364,9 @@ class TieredStore:
         if found is None:
             return None
         keys, tokens = found
-        stored = [self._entries.get(k) for k in keys]
-        if None in stored:  # evicted meanwhile
+        maybe = [self._entries.get(k) for k in keys]
+        stored = [s for s in maybe if s is not None]
+        if len(stored) < len(maybe):  # evicted meanwhile
             return None
         return LookupResult(keys, tokens, [self.tiers[s.stats.tier].tier.name for s in stored],
                             [s.header for s in stored], [s.stats.nbytes for s in stored])
@@ -376,7 +378,7 @@ class TieredStore:
             missing = [key for key in keys if key not in self._entries]
         if missing:
             self._adopt_shared(missing)
-        found = []
+        found: list[tuple[EntryHeader, str, int] | None] = []
         for key in keys:
             stored = self._entries.get(key)
             if stored is None or not self._healthy(stored.stats.tier):
@@ -514,8 +516,9 @@ class TieredStore:
                 except TierUnavailable as e:
                     self._mark_down(i, e)
                 continue
-            stored, frames = args
-            key = stored.stats.key
+            placed: _Stored = args[0]
+            frames = args[1]
+            key = placed.stats.key
             try:
                 if not self._healthy(i):
                     raise TierUnavailable(f"tier {tier.name} is being skipped after a failure")
@@ -523,25 +526,30 @@ class TieredStore:
             except TierUnavailable as e:
                 if self._healthy(i):
                     self._mark_down(i, e)
-                batch.failed.append(stored)
+                batch.failed.append(placed)
                 with self._lock:
-                    self._done_moving(key, stored)
-                    if self._entries.get(key) is stored:
-                        self._unindex(stored)
-                        if stored is not batch.new:  # a demotion that could not land
+                    self._done_moving(key, placed)
+                    if self._entries.get(key) is placed:
+                        self._unindex(placed)
+                        if placed is not batch.new:  # a demotion that could not land
                             self._count(key.tenant, "evictions")
                 continue
             with self._lock:
-                self._done_moving(key, stored)
+                self._done_moving(key, placed)
                 current = self._entries.get(key)
                 # removed or replaced while it was written: take it back out, unless a newer write
                 # of the same key went to this tier (and replaced it there)
-                stale = current is not stored and (current is None or current.stats.tier != i)
+                stale = current is not placed and (current is None or current.stats.tier != i)
             if stale:
                 try:
                     tier.remove(key)
                 except TierUnavailable as e:
                     self._mark_down(i, e)
+
+    def _queue(self, op: tuple) -> None:
+        """Queue a remote tier's put or remove to run after the lock is released (``_run``)."""
+        assert self._batch is not None, "remote tier operations are decided inside a batch"
+        self._batch.ops.append(op)
 
     def _done_moving(self, key: EntryKey, stored: _Stored) -> None:
         if key in self._moving and self._moving[key][0] is stored:
@@ -551,7 +559,7 @@ class TieredStore:
         """Remove ``key`` from tier ``i``: now for an in-process tier, after the lock for a remote one."""
         tier = self.tiers[i].tier
         if tier.remote:
-            self._batch.ops.append(("remove", i, key))
+            self._queue(("remove", i, key))
             return
         try:
             tier.remove(key)
@@ -624,7 +632,7 @@ class TieredStore:
             placed = _Stored(dataclasses.replace(stats, tier=i), header)
             if spec.tier.remote:
                 self._moving[key] = (placed, frames)
-                self._batch.ops.append(("put", i, placed, frames))
+                self._queue(("put", i, placed, frames))
             else:
                 try:
                     spec.tier.put(key, frames)
@@ -651,9 +659,10 @@ class TieredStore:
         if over > 0:  # room from the tenant's own entries, except those still waiting for their first read
             own = [s for s in residents if s.key.tenant == tenant]
             unread = self._protected(own, spec.tenant_quota, now)
-            victims = self.policy.choose_victims([s for s in own if s.key not in unread], over, now)
-            if victims is None:
+            own_victims = self.policy.choose_victims([s for s in own if s.key not in unread], over, now)
+            if own_victims is None:
                 return None
+            victims = own_victims
         need = self._used[i] - sum(v.nbytes for v in victims) + incoming.nbytes - spec.tier.capacity_bytes
         if need > 0:
             chosen = {v.key for v in victims}
@@ -768,7 +777,7 @@ class TieredStore:
                 except (CorruptEntry, ValueError) as e:
                     log.warning("dropping unreadable entry %s in tier %s: %s", key, tier.name, e)
                     header = None
-                if header is None or header.key != key:
+                if header is None or frame is None or header.key != key:
                     tier.remove(key)
                     continue
                 stored = _Stored(self._new_stats(header, codec.stored_nbytes(header, frame)), header)

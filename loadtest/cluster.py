@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dkv.kvstore.redis_server import free_port
+    from dkv.services.transport import free_port
     from dkv.services.up import Cluster, UpOptions
 
     levels = {f"DKV_{c}_LOG_LEVEL": args.log_level for c in ("STORE", "PREFILL", "DECODE", "GATEWAY")}

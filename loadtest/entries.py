@@ -1,6 +1,6 @@
 """Synthetic store entries for the store users: real shapes and sizes, any number of distinct keys.
 
-An entry is built by ``kvstore.synthetic`` with SmolLM2-135M's shapes (30 layers, 3 KV heads,
+An entry is built by ``dkv.testing`` with SmolLM2-135M's shapes (30 layers, 3 KV heads,
 head dim 64). Building one takes a second or more of CPU, so a few templates are built once and
 every key reuses a template's layers under its own identity (its own token ids, hence its own
 prefix hash and key); encoding it then costs milliseconds. Keys are numbered: key ``i`` always has
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dkv.kvstore import codec
 from dkv.kvstore.entry import CompressedKV, Identity
 from dkv.kvstore.prefix import chain_hashes
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.testing import synthetic_entry
 
 MODEL_FINGERPRINT = "loadtest-synthetic"
 SHAPE = dict(num_layers=30, num_kv_heads=3, head_dim=64)  # SmolLM2-135M

@@ -2,7 +2,7 @@
 
     python -m dkv.loadtest.failover --before 5 --after 10 --json build/failover.json
 
-Starts a local Redis Cluster (3 masters with a replica each, ``kvstore.redis_server.LocalRedisCluster``)
+Starts a local Redis Cluster (3 masters with a replica each, ``services.redis_server.LocalRedisCluster``)
 and a store whose only tier is that cluster (``redis_cluster``). ``--writers`` threads put new
 entries as fast as they can and ``--readers`` threads read back a random entry written before
 every 5 ms each, every read checked byte for byte against what was put. After ``--before`` seconds the master serving the most entries
@@ -31,10 +31,10 @@ from redis.crc import key_slot
 
 from dkv.kvstore import codec
 from dkv.kvstore.errors import CorruptEntry, EntryNotFound, KVStoreError
-from dkv.kvstore.redis_server import LocalRedisCluster
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.redis_server import LocalRedisCluster
 from dkv.services.settings import StoreSettings
 from dkv.services.store_server import build_store
+from dkv.testing import synthetic_entry
 
 log = logging.getLogger("dkv.failover")
 

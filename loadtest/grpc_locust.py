@@ -176,7 +176,7 @@ class CallFailed(Exception):
         self.code, self.details = code, details
 
     @classmethod
-    def of(cls, error: grpc.RpcError) -> "CallFailed":
+    def of(cls, error: grpc.RpcError) -> CallFailed:
         code = error.code() if callable(getattr(error, "code", None)) else None
         details = error.details() if callable(getattr(error, "details", None)) else str(error)
         return cls(code, details or "")

@@ -45,20 +45,20 @@ gRPC and HTTP alike.
 
 from __future__ import annotations
 
+import grpc.experimental.gevent as grpc_gevent
+
 # locust patches the standard library for gevent when it is imported; gRPC must then be told to
 # run its I/O on gevent too, before any channel exists, or every call blocks the whole process.
 import locust  # noqa: F401  (monkey-patches first)
 
-import grpc.experimental.gevent as grpc_gevent
-
 grpc_gevent.init_gevent()
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
-import functools  # noqa: E402
 from functools import lru_cache  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -391,7 +391,7 @@ class HttpChatUser(User):
                     stats = event.get("dkv", stats)
             if stats is None:
                 raise RuntimeError("the stream ended without its stats")
-        except Exception as e:  # noqa: BLE001 - reported as this call's failure
+        except Exception as e:
             error = e
         elapsed_ms = (time.perf_counter() - started) * 1e3
         CTX.environment.events.request.fire(request_type="POST", name=CHAT_ROUTE, response_time=elapsed_ms,
@@ -430,7 +430,7 @@ def _on_test_stop(environment, **_kwargs) -> None:
             "checksum_failures": s.checksum_failures,
             "tiers": [{"name": t.name, "entries": t.entries, "used_bytes": t.used_bytes,
                        "capacity_bytes": t.capacity_bytes} for t in s.tiers]}
-    except Exception as e:  # noqa: BLE001 - the summary goes on without it
+    except Exception as e:
         log.warning("could not read the store's stats: %s", e)
 
 

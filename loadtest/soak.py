@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import grpc
 from tqdm import tqdm
 
-from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient
 from dkv.services.logs import setup_logging
+from dkv.services.transport import free_port
 from dkv.services.up import Cluster, UpOptions
 
 log = logging.getLogger("dkv.soak")

@@ -42,7 +42,7 @@ class DkvClient:
         self.channel = open_channel(address, self.security)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
-    def __enter__(self) -> "DkvClient":
+    def __enter__(self) -> DkvClient:
         return self
 
     def __exit__(self, *exc) -> None:

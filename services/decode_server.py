@@ -22,7 +22,7 @@ from dkv.services.wire import recipe_from_proto
 from dkv.workers.engine import QueueFull
 
 log = logging.getLogger("dkv.decode.server")
-SERVICE = "dkv.v1.Decode"
+SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 STATUS = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EntryNotFound: grpc.StatusCode.NOT_FOUND,
@@ -139,7 +139,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 yield reply
         except grpc.RpcError as e:  # store or prefill failed: pass its status on
             await context.abort(e.code(), f"upstream: {e.details()}")
-        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+        except Exception as e:
             await abort_with(context, e, STATUS)
         finally:
             if handle is not None:  # the client went away, its deadline passed, or it finished: free the row
@@ -181,12 +181,8 @@ class DecodeServer(GrpcServer):
                                   entry_cache_ttl_s=settings.entry_cache_ttl_s)
         self.worker = worker
 
-    def handlers(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Decode": grpc.unary_stream_rpc_method_handler(
-                DecodeServicer(self.worker, self.metrics).Decode, request_deserializer=decode_pb2.DecodeRequest.FromString,
-                response_serializer=decode_pb2.DecodeResponse.SerializeToString),
-        })
+    def add_service(self, server: grpc.aio.Server) -> None:
+        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.worker, self.metrics), server)
 
     def describe(self) -> str:
         return f"decode (model {self.worker.model.dkv_fingerprint}, store {self.worker.store.address})"

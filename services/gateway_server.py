@@ -1,4 +1,4 @@
-"""The Gateway gRPC service: a thin servicer over ``workers.gateway.Gateway``; with ``http_port``,
+"""The Gateway gRPC service: a thin servicer over ``services.gateway.Gateway``; with ``http_port``,
 the OpenAI-compatible HTTP API beside it (``services.http_api``), on the same event loop."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dkv.services.shards import open_store
 from dkv.services.transport import Security, call_metadata, open_channel, tenant_for
 
 log = logging.getLogger("dkv.gateway.server")
-SERVICE = "dkv.v1.Gateway"
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT}
 
 
@@ -67,7 +67,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                       "prefill, answered all the same); the log says why.",
                       lambda: float(self.gateway.degraded.active))
 
-    async def Generate(self, request, context):
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             request.tenant = tenant_for(request.tenant)
             async for reply in self.gateway.generate(request):
@@ -76,7 +76,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield reply
         except grpc.aio.AioRpcError as e:  # a worker failed: pass its status on
             await context.abort(e.code(), f"{e.details()}")
-        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+        except Exception as e:
             await abort_with(context, e, STATUS)
 
 
@@ -117,7 +117,7 @@ class GatewayServer(GrpcServer):
         return port
 
     def _build(self):
-        from dkv.workers.gateway import Gateway, Router, Worker
+        from dkv.services.gateway import Gateway, Router, Worker
         from dkv.workers.model import load_tokenizer
 
         s = self.settings
@@ -130,12 +130,8 @@ class GatewayServer(GrpcServer):
         return Gateway(tokenizer, prefill, Router([Worker(a, b) for a, b in zip(s.decode.split(","), decoders)]),
                        max_positions=s.max_positions, store=self.store, max_text_bytes=s.max_text_bytes)
 
-    def handlers(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                self.servicer.Generate, request_deserializer=gateway_pb2.GenerateRequest.FromString,
-                response_serializer=gateway_pb2.GenerateResponse.SerializeToString),
-        })
+    def add_service(self, server: grpc.aio.Server) -> None:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
 
     def describe(self) -> str:
         return f"gateway (prefill {self.settings.prefill}, decode {self.settings.decode})"

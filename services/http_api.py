@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -55,14 +56,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from dkv.kvstore.errors import InvalidEntry
-from dkv.kvstore.recipe import Recipe
+from dkv.kvstore.recipe import DEFAULT_RECIPE, Recipe
+from dkv.services.gateway import INLINE_TEXT
 from dkv.services.pb import gateway_pb2
 from dkv.services.server import check_port_free
 from dkv.services.transport import (
-    MAX_MESSAGE_BYTES, Authenticator, PermissionDenied, allowed_tenant, new_request_id, request_id, tenant_for,
+    MAX_MESSAGE_BYTES,
+    Authenticator,
+    PermissionDenied,
+    allowed_tenant,
+    new_request_id,
+    request_id,
+    tenant_for,
 )
 from dkv.services.wire import recipe_to_proto
-from dkv.workers.gateway import DEFAULT_RECIPE, INLINE_TEXT
 from dkv.workers.prompts import chat_prompt, completion_prompt
 
 log = logging.getLogger("dkv.gateway.http")
@@ -135,8 +142,9 @@ class RecipeFields(_Strict):
     def recipe(self) -> Recipe:
         given = self.model_dump(exclude_none=True)
         params = tuple(given.pop("params", {}).items())
-        base = {} if "method" in given else DEFAULT_RECIPE
-        return Recipe(**{**base, **given, "params": params})
+        if "method" in given:  # a recipe of its own, as over gRPC
+            return Recipe(**given, params=params)
+        return dataclasses.replace(DEFAULT_RECIPE, **given, params=params)
 
 
 class StreamOptions(_Strict):
@@ -242,7 +250,7 @@ class _Reply:
 
 
 class OpenAIApi:
-    """The FastAPI app (``.app``) over a ``workers.gateway.Gateway``.
+    """The FastAPI app (``.app``) over a ``services.gateway.Gateway``.
 
     ``observe(stats)`` records each finished generation (the gateway's metrics); ``serving()``
     says whether ``/health`` answers 200.
@@ -314,7 +322,7 @@ class OpenAIApi:
             except BaseException:
                 await replies.aclose()
                 raise
-        except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error reply
+        except Exception as e:
             raise api_error(e) from None
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -327,7 +335,7 @@ class OpenAIApi:
                     pieces.append(item.token.text)
                 else:
                     stats = item.stats
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise api_error(e) from None
         finally:
             await replies.aclose()
@@ -346,7 +354,7 @@ class OpenAIApi:
                 yield _sse({**chunk(about, "", FINISH_REASONS[item.stats.finish_reason]), "dkv": _stats(item.stats)})
                 if usage:
                     yield _sse({**chunk(about, "", None), "choices": [], "usage": about.usage(item.stats)})
-        except Exception as e:  # noqa: BLE001 - the status line has been sent: the error is the last event
+        except Exception as e:
             error = api_error(e)
             log.warning("%s ended by an error: %s", about.id, error.message)
             yield _sse(error.body())

@@ -38,7 +38,7 @@ class PrefillClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "PrefillClient":
+    def __enter__(self) -> PrefillClient:
         return self
 
     def __exit__(self, *exc) -> None:

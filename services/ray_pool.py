@@ -74,7 +74,7 @@ class PrefillActor:
 # loop decodes them all together (as many calls as the worker's default active + queued streams)
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16 + 64)
 class DecodeActor:
-    def __init__(self, model: str, store: str, prefill: "ray.actor.ActorHandle", security=None, device: str = "cpu",
+    def __init__(self, model: str, store: str, prefill: ray.actor.ActorHandle, security=None, device: str = "cpu",
                  dtype: str = "auto"):
         from dkv.services.shards import open_store
         from dkv.workers.decode_worker import DecodeWorker
@@ -110,7 +110,7 @@ def unavailable(what: str, error: ray.exceptions.RayActorError) -> grpc.aio.AioR
 class ActorPrefill:
     """A prefill actor as the decode worker's prefill client (``PrefillClient``'s ``keys`` and ``entries``)."""
 
-    def __init__(self, actor: "ray.actor.ActorHandle"):
+    def __init__(self, actor: ray.actor.ActorHandle):
         self.actor = actor
 
     @staticmethod

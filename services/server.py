@@ -27,8 +27,15 @@ from grpc_reflection.v1alpha import reflection
 
 from dkv.services.metrics import Metrics
 from dkv.services.transport import (
-    GRPC_OPTIONS, OPEN_SERVICES, WORKER_CONNECTION_AGE, Authenticator, PermissionDenied, allowed_tenant,
-    new_request_id, request_id, server_credentials,
+    GRPC_OPTIONS,
+    OPEN_SERVICES,
+    WORKER_CONNECTION_AGE,
+    Authenticator,
+    PermissionDenied,
+    allowed_tenant,
+    new_request_id,
+    request_id,
+    server_credentials,
 )
 
 log = logging.getLogger("dkv.server")
@@ -43,7 +50,7 @@ _LOUD = {"INTERNAL": logging.ERROR, "UNKNOWN": logging.ERROR, "DATA_LOSS": loggi
 class _Call:
     """One RPC as the interceptor sees it: who may do what, since when, how it ended."""
 
-    def __init__(self, interceptor: "CallInterceptor", method: str, metadata):
+    def __init__(self, interceptor: CallInterceptor, method: str, metadata):
         self.interceptor, self.method = interceptor, method
         self.allowed, self.code, self.why = interceptor.auth.check(method, metadata)
         self.request_id = new_request_id(metadata)
@@ -106,7 +113,7 @@ def _tolerant(deserializer):
     def parse(data: bytes):
         try:
             return deserializer(data)
-        except Exception as e:  # noqa: BLE001 - any parse failure is the caller's bad message
+        except Exception as e:
             return _Undecodable(e)
     return parse
 
@@ -184,7 +191,7 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
 
 
 class GrpcServer:
-    """Subclasses set ``service_name`` and implement ``handlers()``; ``close()`` frees resources.
+    """Subclasses set ``service_name`` and implement ``add_service()``; ``close()`` frees resources.
 
     ``settings`` needs ``host``, ``port``, ``grace_s`` and ``drain_delay_s``.
     """
@@ -199,7 +206,8 @@ class GrpcServer:
         self.metrics = Metrics(self.service_name.rsplit(".", 1)[-1].lower())
         self.draining = False  # stop() has begun: health answers NOT_SERVING
 
-    def handlers(self) -> grpc.GenericRpcHandler:
+    def add_service(self, server: grpc.aio.Server) -> None:
+        """Add the component's servicer to ``server`` (the generated ``add_*Servicer_to_server``)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -220,7 +228,7 @@ class GrpcServer:
         options = GRPC_OPTIONS + [("grpc.so_reuseport", 0)] + self.grpc_options()
         self.server = grpc.aio.server(
             options=options, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
-        self.server.add_generic_rpc_handlers((self.handlers(),))
+        self.add_service(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([self.service_name, health_name, reflection.SERVICE_NAME], self.server)

@@ -14,14 +14,16 @@ import dataclasses
 import os
 import re
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import yaml
 
-from dkv.workers.model_source import DTYPES, FORMS
+from dkv.kvstore.recipe import SCHEMES
 from dkv.kvstore.redis_url import redact_url
+from dkv.workers.model_source import DTYPES, FORMS
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -179,7 +181,9 @@ class ServerSettings:
     def __post_init__(self) -> None:
         check_range("port", self.port, 0, 65535)
         check_range("metrics_port", self.metrics_port, 0, 65535)
-        check_choice("log_format", self.log_format, ("auto", "json", "text"))
+        for f in dataclasses.fields(self):  # each field's choices, declared once beside it
+            if f.metadata.get("choices"):
+                check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SettingsError("settings tls_cert and tls_key go together: set both (TLS on) or neither (TLS off)")
         for name in ("tls_cert", "tls_key", "tls_ca"):
@@ -193,7 +197,6 @@ class ServerSettings:
                                     f"digits, '_', '.', '-' and a non-empty token; got an entry {tenant.strip()!r}")
         check_range("grace_s", self.grace_s, 0, 3600)
         check_range("drain_delay_s", self.drain_delay_s, 0, 3600)
-        check_choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
 
 
 @dataclass
@@ -218,9 +221,9 @@ class StoreSettings(ServerSettings):
                                 "counts, recovers after a restart and evicts only its own entries, and reads any.")
     cpu_keep_fraction: float = setting(1.0, "Fraction of tokens an entry keeps when demoted into the host tier.")
     cpu_quant: str = setting("none", "Requantize entries demoted into the host tier.",
-                             choices=("none", "int8", "int4", "mixed"))
+                             choices=tuple(SCHEMES))
     redis_keep_fraction: float = setting(1.0, "Fraction of tokens an entry keeps when demoted into Redis.")
-    redis_quant: str = setting("none", "Requantize entries demoted into Redis.", choices=("none", "int8", "int4", "mixed"))
+    redis_quant: str = setting("none", "Requantize entries demoted into Redis.", choices=tuple(SCHEMES))
     policy: str = setting("value", "Eviction policy: value (importance x reuse x cost / bytes) or lru.",
                           choices=("value", "lru"))
     max_entry_bytes: int = setting(1 << 30, "Largest entry accepted.", kind="size")
@@ -272,9 +275,6 @@ class StoreSettings(ServerSettings):
         check_device("device", self.device)
         for name in ("cpu_keep_fraction", "redis_keep_fraction"):
             check_range(name, getattr(self, name), 0.01, 1.0)
-        for name in ("cpu_quant", "redis_quant"):
-            check_choice(name, getattr(self, name), ("none", "int8", "int4", "mixed"))
-        check_choice("policy", self.policy, ("value", "lru"))
         if self.redis_url and not re.match(r"^rediss?://", self.redis_url):
             raise SettingsError(f"setting redis_url = {self.redis_url!r} must start with redis:// or rediss://")
         for name in ("redis_prefix", "redis_namespace"):
@@ -304,7 +304,6 @@ class WorkerSettings(ServerSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_device("device", self.device)
-        check_choice("dtype", self.dtype, ("auto", *DTYPES))
 
 
 @dataclass
@@ -337,7 +336,6 @@ class PrefillSettings(WorkerSettings):
         check_range("store_timeout_s", self.store_timeout_s, 0.1, 3600)
         check_range("max_tokens", self.max_tokens, 0, 1 << 24)
         check_range("threads", self.threads, 0, 1024)
-        check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         check_range("held_bytes", self.held_bytes, 0, 1 << 50)
         check_range("held_ttl_s", self.held_ttl_s, 0.1, 24 * 3600)
         check_range("min_chunk_size", self.min_chunk_size, 1, 1 << 16)

@@ -44,7 +44,8 @@ import grpc
 from dkv.kvstore import codec
 from dkv.kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
 from dkv.kvstore.prefix import longest_cached_prefix
-from dkv.services.store_client import LookupReply, LayerSummary, PutReply, StoreClient
+from dkv.kvstore.remote import LookupReply, PutReply
+from dkv.services.store_client import LayerSummary, StoreClient
 from dkv.services.transport import DEFAULT_TENANT, Security
 
 log = logging.getLogger("dkv.store.shards")
@@ -193,7 +194,7 @@ class ShardedStoreClient:
             log.info("store shards now %s (joined %s, left %s)", addresses,
                      sorted(set(addresses) - set(old_addresses)), sorted(set(old_addresses) - set(addresses)))
 
-    def __enter__(self) -> "ShardedStoreClient":
+    def __enter__(self) -> ShardedStoreClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
-"""Python client of the KV store (used by the CLI, the tests, the benchmarks and the workers).
+"""Python client of the KV store (used by the CLI, the tests, the benchmarks and the workers, to
+which it is a ``kvstore.remote.RemoteStore``).
 
 Every call carries a deadline: ``timeout_s`` for Put and Get, which move entries, and the shorter
 ``control_timeout_s`` for the small calls (Lookup, Probe, Summaries, Select, Delete, Stats). A
@@ -25,8 +26,8 @@ import torch
 from dkv.kvstore import codec
 from dkv.kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
 from dkv.kvstore.errors import CorruptEntry
+from dkv.kvstore.remote import LookupReply, PutReply
 from dkv.services.pb import store_pb2
-from dkv.services.store_server import SERVICE
 from dkv.services.transport import Security, call_metadata, open_channel
 from dkv.services.wire import (
     frame_message,
@@ -38,15 +39,8 @@ from dkv.services.wire import (
 )
 
 log = logging.getLogger("dkv.store.client")
+SERVICE = store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 MISS_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS)
-
-
-@dataclass
-class PutReply:
-    key: EntryKey
-    stored_bytes: int
-    tier: str
-    replaced: bool
 
 
 @dataclass
@@ -59,16 +53,6 @@ class LayerSummary:
     num_kv_heads: int
     head_dim: int
     page_size: int
-
-
-@dataclass
-class LookupReply:
-    keys: list[EntryKey]  # in order; one for a whole-context recipe, one per chunk for a chunked one
-    cached_tokens: int
-    tiers: list[str]
-    stored_bytes: list[int]
-    importance: list[float]
-    kept_tokens_per_layer: list[int]
 
 
 class StoreUnavailable(grpc.RpcError):
@@ -121,7 +105,7 @@ class StoreClient:
         self._stats = self.channel.unary_unary(f"/{SERVICE}/Stats", request_serializer=pb.StatsRequest.SerializeToString,
                                                response_deserializer=pb.StatsResponse.FromString)
 
-    def __enter__(self) -> "StoreClient":
+    def __enter__(self) -> StoreClient:
         return self
 
     @property

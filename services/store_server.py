@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -26,7 +27,13 @@ from dkv.kvstore import codec
 from dkv.kvstore.codec import FrameAssembler
 from dkv.kvstore.entry import EntryKey
 from dkv.kvstore.errors import (
-    CorruptEntry, EntryNotFound, EntryTooLarge, InvalidEntry, KVStoreError, OverQuota, TierUnavailable,
+    CorruptEntry,
+    EntryNotFound,
+    EntryTooLarge,
+    InvalidEntry,
+    KVStoreError,
+    OverQuota,
+    TierUnavailable,
 )
 from dkv.kvstore.mac import EntryMac
 from dkv.kvstore.memory_tier import MemoryTier
@@ -34,18 +41,23 @@ from dkv.kvstore.policy import make_policy
 from dkv.kvstore.redis_tier import RedisTier
 from dkv.kvstore.shrink import ShrinkRule
 from dkv.kvstore.store import StoreStats, TieredStore, TierSpec
+from dkv.services.metrics import StoreCollector
 from dkv.services.pb import store_pb2, store_pb2_grpc
 from dkv.services.server import GrpcServer, abort_with, serve_until_signal
-from dkv.services.metrics import StoreCollector
 from dkv.services.settings import StoreSettings
 from dkv.services.transport import DEFAULT_TENANT, PermissionDenied, allowed_tenant, tenant_for
 from dkv.services.wire import (
-    frame_message, pages_checksum, parse_frame_message, recipe_from_proto, summary_checksum, tensor_to_proto,
+    frame_message,
+    pages_checksum,
+    parse_frame_message,
+    recipe_from_proto,
+    summary_checksum,
+    tensor_to_proto,
 )
 
 log = logging.getLogger("dkv.store.server")
 
-SERVICE = "dkv.v1.KVStore"
+SERVICE = store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 # Threads of the store's calls: one blocked for a Redis timeout (2 s) must not hold up a read
 # from host memory, so there are many more than cores (they wait, they do not compute).
 STORE_THREADS = 64
@@ -146,7 +158,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             return Oversized(len(data))
         return store_pb2.ProbeRequest.FromString(data)
 
-    async def Put(self, request_iterator, context):
+    async def Put(self, request_iterator: AsyncIterator[memoryview | None], context: grpc.aio.ServicerContext):
         outcome = await self._put(request_iterator)
         if isinstance(outcome, Exception):
             await _abort(context, outcome, put=True)
@@ -185,7 +197,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                         frame = await asyncio.wait_for(frames.__anext__(), self.settings.put_idle_timeout_s)
                     except StopAsyncIteration:
                         break
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         raise IdleStream(f"no frame for {self.settings.put_idle_timeout_s:g} s: a Put must send its "
                                          "next frame within put_idle_timeout_s") from None
                     if frame is None:
@@ -198,24 +210,24 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             result = await asyncio.to_thread(self.store.put, frames, header)
             return store_pb2.PutResponse(key=str(result.key), stored_bytes=result.stored_bytes, tier=result.tier,
                                          replaced=result.replaced)
-        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+        except Exception as e:
             e.__cause__ = e.__context__ = None
             return e.with_traceback(None)
         finally:
             self.put_streams -= 1
             self.put_bytes -= reserved
 
-    async def Get(self, request, context):
+    async def Get(self, request: store_pb2.GetRequest, context: grpc.aio.ServicerContext):
         try:
             key = _parse_key(request.key)
             result = await asyncio.to_thread(self.store.get, key)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         context.set_trailing_metadata((("dkv-tier", result.tier),))
         for frame in result.frames:
             yield frame
 
-    async def Lookup(self, request, context):
+    async def Lookup(self, request: store_pb2.LookupRequest | Oversized, context: grpc.aio.ServicerContext):
         try:
             if isinstance(request, Oversized):
                 raise InvalidEntry(f"a Lookup of {request.nbytes} bytes holds more token ids than this store takes "
@@ -231,7 +243,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                 raise InvalidEntry(f"recipe chunk_size {recipe.chunk_size} is below this store's min_chunk_size "
                                    f"{self.settings.min_chunk_size}: use larger chunks")
             reply, tier = await asyncio.to_thread(self._lookup, tenant_for(request.tenant), request)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         self.lookups.labels(tier).inc()
         return reply
@@ -248,14 +260,14 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             stored_bytes=found.stored_bytes, importance=[h.importance for h in found.headers],
             kept_tokens_per_layer=kept), found.tiers[-1]
 
-    async def Probe(self, request, context):
+    async def Probe(self, request: store_pb2.ProbeRequest | Oversized, context: grpc.aio.ServicerContext):
         try:
             if isinstance(request, Oversized) or len(request.keys) > self.max_probe_keys:
                 keys = "more" if isinstance(request, Oversized) else len(request.keys)
                 raise InvalidEntry(f"{keys} keys in one Probe; send at most {self.max_probe_keys} (a prompt of "
                                    "max_lookup_tokens in chunks of min_chunk_size)")
             return await asyncio.to_thread(self._probe, request.keys)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
 
     def _probe(self, texts) -> store_pb2.ProbeResponse:
@@ -270,17 +282,17 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                               importance=header.importance, kept_tokens_per_layer=header.kept_tokens_per_layer())
         return reply
 
-    async def Delete(self, request, context):
+    async def Delete(self, request: store_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
         try:
             deleted = await asyncio.to_thread(self.store.delete, _parse_key(request.key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         return store_pb2.DeleteResponse(deleted=deleted)
 
-    async def Summaries(self, request, context):
+    async def Summaries(self, request: store_pb2.GetRequest, context: grpc.aio.ServicerContext):
         try:
             replies = await asyncio.to_thread(self._summaries, _parse_key(request.key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         for reply in replies:
             yield reply
@@ -298,10 +310,10 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             replies.append(reply)
         return replies
 
-    async def Select(self, request, context):
+    async def Select(self, request: store_pb2.SelectRequest, context: grpc.aio.ServicerContext):
         try:
             replies = await asyncio.to_thread(self._select, _parse_key(request.key), request.layer, request.pages)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, e)
         for reply in replies:
             yield reply
@@ -327,7 +339,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             replies.append(reply)
         return replies
 
-    async def Stats(self, request, context):
+    async def Stats(self, request: store_pb2.StatsRequest, context: grpc.aio.ServicerContext):
         # a tenant's token sees its own numbers; the service token (or no auth) the whole store's
         return _stats_message(await asyncio.to_thread(self.store.stats, allowed_tenant.get()))
 
@@ -352,7 +364,8 @@ def _page_groups(pages: torch.Tensor, layer, entry, limit: int = 4 << 20) -> lis
 
 
 def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
-    """The generated handler table, with Put/Get moving frames without protobuf copies."""
+    """The generated handler table, but Put/Get move frames without protobuf copies and Lookup/Probe
+    refuse an oversized request before parsing it (so it is written out, not ``add_KVStoreServicer_to_server``)."""
     pb = store_pb2
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Put": grpc.stream_unary_rpc_method_handler(
@@ -400,8 +413,8 @@ class StoreServer(GrpcServer):
                             "Redis can forge entries this store will serve; set cluster_secret "
                             "(DKV_STORE_CLUSTER_SECRET) to the same secret on every store")
 
-    def handlers(self) -> grpc.GenericRpcHandler:
-        return _handlers(KVStoreServicer(self.store, self.settings, self.lookups))
+    def add_service(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((_handlers(KVStoreServicer(self.store, self.settings, self.lookups)),))
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Keepalive pings drop clients that vanished without closing (and their half-sent Puts)."""
@@ -429,7 +442,7 @@ class StoreServer(GrpcServer):
             await asyncio.sleep(interval_s)
             try:
                 await asyncio.to_thread(self.store.audit)
-            except Exception:  # noqa: BLE001 - the next audit tries again; the server keeps serving
+            except Exception:
                 log.exception("store audit failed")
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -59,6 +60,13 @@ class PermissionDenied(Exception):
     """The caller's token does not allow acting for the tenant the request names."""
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it); callers retry if it is taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def tenant_for(requested: str) -> str:
     """The tenant a request acts for: the one it names (or the caller's own), if the caller may."""
     allowed = allowed_tenant.get()
@@ -80,7 +88,7 @@ class Security:
     tls_key: str = ""
 
     @classmethod
-    def of(cls, settings) -> "Security":
+    def of(cls, settings) -> Security:
         """The outbound security of a component: its service token and TLS files."""
         return cls(settings.auth_token, settings.tls_ca, settings.tls_cert, settings.tls_key)
 
@@ -146,7 +154,7 @@ class Authenticator:
         self.tenant_tokens = parse_tenant_tokens(tenant_tokens)
 
     @classmethod
-    def of(cls, settings) -> "Authenticator":
+    def of(cls, settings) -> Authenticator:
         return cls(settings.auth_token, settings.tenant_tokens)
 
     @property

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dkv.kvstore.redis_server import RedisServer, free_port, redis_server_available
+from dkv.services.redis_server import RedisServer, redis_server_available
 from dkv.services.server import check_port_free
 from dkv.services.settings import SettingsError
+from dkv.services.transport import free_port
 
 log = logging.getLogger("dkv.up")
 
@@ -94,7 +95,7 @@ class Cluster:
         tls = {**os.environ, **o.extra_env}.get("DKV_GATEWAY_TLS_CERT")  # the gateway's own TLS setting
         return f"{'https' if tls else 'http'}://{o.host}:{o.http_port}/v1"
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         try:
             self.start()
         except BaseException:
@@ -212,7 +213,7 @@ class Cluster:
     def stop(self, grace_s: float = 15.0) -> None:
         if not self.processes and self.redis is None:
             return  # nothing was started (a check failed first)
-        for name, proc in reversed(self.processes):
+        for _name, proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -238,12 +239,12 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
     """The gateway in this process, over Ray actor pools, until SIGTERM or SIGINT."""
     import ray
 
+    from dkv.services.gateway import Gateway, Router, Worker
     from dkv.services.gateway_server import GatewayServer
     from dkv.services.ray_pool import RayBackend, RoundRobin, start_pools
     from dkv.services.server import serve_until_signal
     from dkv.services.settings import GatewaySettings
     from dkv.services.transport import Security
-    from dkv.workers.gateway import Gateway, Router, Worker
     from dkv.workers.model import load_tokenizer
 
     o = cluster.options

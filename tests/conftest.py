@@ -21,25 +21,26 @@ from cryptography.x509.oid import NameOID
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
+from in_process import InProcessServer
 
-from in_process import InProcessServer  # noqa: E402
-from dkv.kvstore.redis_server import LocalRedisCluster, RedisServer, redis_server_available  # noqa: E402
+from dkv.services.redis_server import LocalRedisCluster, RedisServer, redis_server_available
 
 _SKIP_REASON = "redis-server not on PATH: apt-get install -y redis-server (make test installs it)"
+
+
+def _running(kind):
+    """A started ``kind()`` (``RedisServer`` or ``LocalRedisCluster``), stopped after; skipped without redis-server."""
+    if not redis_server_available():
+        pytest.skip(_SKIP_REASON)
+    with kind() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def redis_server():
     """One redis-server for the whole session (started on first use, stopped at the end)."""
-    if not redis_server_available():
-        pytest.skip(_SKIP_REASON)
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from _running(RedisServer)
 
 
 @pytest.fixture
@@ -60,24 +61,14 @@ def redis_url(redis_server):
 @pytest.fixture
 def fresh_redis():
     """A dedicated redis-server this test may kill, stop or restart; stopped at teardown."""
-    if not redis_server_available():
-        pytest.skip(_SKIP_REASON)
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from _running(RedisServer)
 
 
 @pytest.fixture(scope="session")
 def redis_cluster():
     """One Redis Cluster (3 masters, 3 replicas on loopback) for the whole session; tests that kill
     its nodes use ``fresh_redis_cluster``."""
-    if not redis_server_available():
-        pytest.skip(_SKIP_REASON)
-    with LocalRedisCluster() as cluster:
-        yield cluster
+    yield from _running(LocalRedisCluster)
 
 
 @pytest.fixture
@@ -96,10 +87,7 @@ def redis_cluster_url(redis_cluster):
 @pytest.fixture
 def fresh_redis_cluster():
     """A dedicated Redis Cluster this test may kill nodes of; stopped at teardown."""
-    if not redis_server_available():
-        pytest.skip(_SKIP_REASON)
-    with LocalRedisCluster() as cluster:
-        yield cluster
+    yield from _running(LocalRedisCluster)
 
 
 @pytest.fixture
@@ -124,7 +112,7 @@ def store_service():
 # --- TLS: a test CA and certificates it signed --------------------------------------------------
 
 def _certificate(subject: str, key, issuer_cert=None, issuer_key=None, ca: bool = False):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (x509.CertificateBuilder().subject_name(name)
                .issuer_name(issuer_cert.subject if issuer_cert else name)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from dkv.kvstore.entry import CompressedKV
-from dkv.workers.selection import SelectionCache, Selection, SlotView
+from dkv.workers.selection import Selection, SelectionCache, SlotView
 
 _SLOT_ALIGN = 64  # capacity grows in whole multiples (fewer reallocations, aligned rows)
 

@@ -1,9 +1,9 @@
-"""Compression methods and ``compress``: prefill a context, keep what matters, build the entry.
+"""``compress``: prefill a context, keep what matters, build the entry.
 
-Each method is a small dataclass in one registry (``METHODS``, by name, as requests name them).
-A method scores the new tokens of every layer (``score``: ``[H_kv, n]``, higher = keep; GQA
-scores are aggregated over the query heads of each KV head) and may split the budget unevenly
-over layers (``budgets``). Everything else lives here once: the prefill capture it asks for, the
+The methods are small dataclasses in one registry (``workers.methods.METHODS``, by name, as
+requests name them). A method scores the new tokens of every layer (``score``: ``[H_kv, n]``,
+higher = keep; GQA scores are aggregated over the query heads of each KV head) and may split the
+budget unevenly over layers (``budgets``). Everything else lives here once: the prefill capture it asks for, the
 per-head top-k and gather, optional D2O-style merging of evicted tokens, quantization, the
 entry's importance, and the chunked recipe.
 
@@ -15,113 +15,19 @@ longest-prefix lookup can hand them to any prompt that starts with that prefix.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from dkv.kvstore import quant as kvquant
-from dkv.kvstore.entry import CompressedKV, Identity, LayerKV, Recipe, make_layer, quantize_layer
-from dkv.kvstore.prefix import chain_hashes
+from dkv.kvstore.entry import CompressedKV, EntryKey, Identity, Recipe, make_layer, quantize_layer
+from dkv.kvstore.prefix import chunk_keys
 from dkv.workers.cache import DkvCache, DkvLayer
-from dkv.workers.capture import Capture, LayerCapture, prefill
+from dkv.workers.capture import LayerCapture, prefill
+from dkv.workers.methods import Method, group_heads, make_method
 
-METHODS: dict[str, type["Method"]] = {}
-
-
-def register(cls: type["Method"]) -> type["Method"]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-@dataclass
-class Method:
-    """Base class. Subclasses set ``name``, the capture they need, and override ``score``."""
-
-    name: ClassVar[str] = ""
-    needs_colsum: ClassVar[bool] = False  # full accumulated attention (H2O-style)
-    # One token set for every KV head of a layer, ranked by the scores averaged over heads (as
-    # WindowKV and FastKV share indices): a token any head needs is kept for all of them.
-    share_heads: bool = False
-
-    @property
-    def window(self) -> int:
-        """Observation-window queries to capture (0 = none)."""
-        return getattr(self, "window_size", 0)
-
-    def score(self, layer: int, cap: LayerCapture, capture: Capture) -> torch.Tensor:
-        """Scores of the new tokens of ``layer``, ``[H_kv, n_new]`` float32, higher = keep."""
-        raise NotImplementedError(f"method {self.name!r} must define score()")
-
-    def budgets(self, scores: list[torch.Tensor], n_keep: int, capture: Capture) -> list[int]:
-        """Tokens to keep per KV head in each layer; the average must stay ``n_keep``. Uniform here."""
-        return [n_keep] * len(scores)
-
-
-def group_heads(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Mean over the query heads of each KV head: ``[H_q, ...]`` -> ``[H_kv, ...]``."""
-    return x.reshape(num_kv_heads, x.shape[0] // num_kv_heads, *x.shape[1:]).mean(1)
-
-
-def make_method(name: str, **params) -> Method:
-    """The registered method ``name`` with ``params`` (its dataclass fields)."""
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown compression method {name!r}; use one of {sorted(METHODS)}") from None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise ValueError(f"method {name!r} has no parameter {unknown}; its parameters are {sorted(fields)}")
-    return cls(**{k: _as_field_type(fields[k], k, v) for k, v in params.items()})
-
-
-def _as_field_type(f: dataclasses.Field, name: str, value):
-    """Requests carry parameters as doubles; give each field the type it declares."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-    if kind in ("int", "float") and not math.isfinite(float(value)):
-        raise ValueError(f"parameter {name} must be a finite number, got {value}")
-    if kind == "int":
-        if float(value) != int(value):
-            raise ValueError(f"parameter {name} must be an integer, got {value}")
-        return int(value)
-    if kind == "float":
-        return float(value)
-    if kind == "bool":
-        return bool(value)
-    return value
-
-
-@register
-@dataclass
-class Full(Method):
-    """No compression: every token, every layer (the reference)."""
-
-    name: ClassVar[str] = "full"
-
-    def score(self, layer, cap, capture):
-        return torch.ones(capture.num_kv_heads, cap.n_new)
-
-
-@register
-@dataclass
-class StreamingLLM(Method):
-    """Attention sinks + a recent window (Xiao et al.): the first ``sink`` tokens and the most recent."""
-
-    name: ClassVar[str] = "streaming_llm"
-    sink: int = 4
-
-    def score(self, layer, cap, capture):
-        positions = cap.positions[:, cap.new_slice].float()
-        score = positions / max(capture.seq_len, 1)  # recent first
-        score[positions < self.sink] = 2.0  # sinks above everything
-        return score
-
-
-# --------------------------------------------------------------------------------------- compress
 
 def _n_keep(n: int, ratio: float, budget: int) -> int:
     if not 0.0 <= ratio < 1.0:
@@ -139,6 +45,40 @@ def _finite_scores(s: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(s.float(), nan=0.0, posinf=top, neginf=float(finite.min()) if finite.numel() else 0.0)
 
 
+@dataclass(frozen=True)
+class PrefillPlan:
+    """One context's prefill, decided once per request: the recipe, the method it names (built and
+    checked here, once), and the key of the entry that ends at each chunk boundary of the tokens
+    (and at their end). The prefill worker makes it, finds the entries it or the store holds with
+    its keys, and hands it whole to ``compress_plan``; nothing is hashed or validated again."""
+
+    recipe: Recipe
+    method: Method
+    token_ids: list[int]
+    fingerprint: str
+    tenant: str
+    keys: list[EntryKey]  # one per chunk of recipe.chunk_size tokens, the last chunk may be partial
+
+    @classmethod
+    def make(cls, recipe: Recipe, token_ids: Sequence[int], fingerprint: str, tenant: str = "default") -> PrefillPlan:
+        """Raises ``ValueError`` saying what is wrong with the recipe's method or its parameters."""
+        if recipe.method == "full" and (recipe.ratio or recipe.budget):
+            raise ValueError(f"method 'full' keeps every token: use ratio 0 and no budget (got ratio {recipe.ratio}, "
+                             f"budget {recipe.budget}), or a compression method such as snapkv")
+        method = make_method(recipe.method, **method_params(recipe))
+        token_ids = list(token_ids)
+        return cls(recipe, method, token_ids, fingerprint, tenant, chunk_keys(token_ids, recipe, fingerprint, tenant))
+
+    def end(self, chunk: int) -> int:
+        """The token the entry of chunks ``0..chunk`` ends at."""
+        return min((chunk + 1) * self.recipe.chunk_size, len(self.token_ids))
+
+
+def method_params(recipe: Recipe) -> dict[str, float]:
+    """The method's own parameters in ``recipe.params`` (``merge`` is the compressor's)."""
+    return {k: v for k, v in recipe.params if k != "merge"}
+
+
 def compress(model, input_ids: torch.Tensor, method: str = "full", ratio: float = 0.0, *, budget: int = 0,
              quant: str = "none", merge: bool = False, tenant: str = "default", page_size: int = 16,
              timings: dict | None = None, **params) -> CompressedKV:
@@ -151,13 +91,13 @@ def compress(model, input_ids: torch.Tensor, method: str = "full", ratio: float 
     ``prefill_s`` (the model's forward and the capture) and ``compress_s`` (the rest). ``params``:
     the method's own.
     """
-    return _compress(model, input_ids, _recipe(method, ratio, budget, quant, merge, 0, params), tenant,
-                     page_size, past=None, timings=timings)
+    plan = _plan(model, input_ids, _recipe(method, ratio, budget, quant, merge, 0, params), tenant)
+    return compress_plan(model, plan, page_size=page_size, timings=timings)[0]
 
 
 def compress_chunks(model, input_ids: torch.Tensor, method: str = "full", ratio: float = 0.0, *,
                     budget: int = 0, quant: str = "none", merge: bool = False, chunk_size: int = 256,
-                    tenant: str = "default", page_size: int = 16, cached: list[CompressedKV] = (),
+                    tenant: str = "default", page_size: int = 16, cached: Sequence[CompressedKV] = (),
                     timings: dict | None = None, **params) -> list[CompressedKV]:
     """The chunked recipe: one entry per chunk of ``chunk_size`` tokens (see module docstring).
 
@@ -165,28 +105,39 @@ def compress_chunks(model, input_ids: torch.Tensor, method: str = "full", ratio:
     rest is prefilled. Returns the entries of every chunk, cached ones first. ``timings`` as
     in ``compress``, summed over the chunks.
     """
-    recipe = _recipe(method, ratio, budget, quant, merge, chunk_size, params)
-    ids = input_ids[0]
+    plan = _plan(model, input_ids, _recipe(method, ratio, budget, quant, merge, chunk_size, params), tenant)
+    return compress_plan(model, plan, cached=cached, page_size=page_size, timings=timings)
+
+
+def compress_plan(model, plan: PrefillPlan, *, cached: Sequence[CompressedKV] = (), page_size: int = 16,
+                  timings: dict | None = None) -> list[CompressedKV]:
+    """The entries of ``plan``: one per chunk for a chunked recipe, after the ``cached`` first
+    chunks (which are returned first); one of the whole context otherwise."""
+    if not plan.recipe.chunked:
+        if cached:
+            raise ValueError("cached entries are chunks of a chunked recipe; this recipe compresses the whole context")
+        return [_compress(model, plan, len(plan.keys), page_size, past=None, timings=timings)]
     entries = list(cached)
     for e in entries:
-        if e.identity.recipe != recipe:
-            raise ValueError(f"cached entry {e.key} has recipe {e.identity.recipe}, not {recipe}")
-    start = entries[-1].seq_len if entries else 0
-    while start < len(ids):
-        end = min(start + chunk_size, len(ids))
+        if e.identity.recipe != plan.recipe:
+            raise ValueError(f"cached entry {e.key} has recipe {e.identity.recipe}, not {plan.recipe}")
+    for chunk in range(len(entries), len(plan.keys)):
         past = _past_cache(entries, model) if entries else None
-        entries.append(_compress(model, ids[:end].unsqueeze(0), recipe, tenant, page_size, past=past,
-                                 timings=timings))
-        start = end
+        entries.append(_compress(model, plan, chunk + 1, page_size, past=past, timings=timings))
     return entries
 
 
+def _plan(model, input_ids: torch.Tensor, recipe: Recipe, tenant: str) -> PrefillPlan:
+    fingerprint = getattr(model, "dkv_fingerprint", None)
+    if fingerprint is None:
+        raise ValueError("the model has no fingerprint: load it with workers.model.load_model, or call "
+                         "dkv.workers.model.model_fingerprint(model, tokenizer) once before compressing")
+    return PrefillPlan.make(recipe, input_ids[0].tolist(), fingerprint, tenant)
+
+
 def _recipe(method, ratio, budget, quant, merge, chunk_size, params) -> Recipe:
-    make_method(method, **params)  # validates the name and the parameters
+    """The recipe of ``compress``'s arguments; ``ValueError`` for a ratio, budget or quant out of range."""
     _n_keep(1, ratio, budget)  # ValueError for a ratio outside [0, 1) or a negative budget
-    if method == "full" and (ratio or budget):
-        raise ValueError(f"method 'full' keeps every token: use ratio 0 and no budget (got ratio {ratio}, budget "
-                         f"{budget}), or a compression method such as snapkv")
     if quant not in kvquant.SCHEMES:
         raise ValueError(f"quant {quant!r} must be one of {sorted(kvquant.SCHEMES)}")
     extra = dict(params)
@@ -217,13 +168,11 @@ def _concat_layers(parts: list[DkvLayer]) -> DkvLayer:
     return DkvLayer(keys, values, None if bool(valid.all()) else valid, positions, parts[-1].logical_length)
 
 
-def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: int, past: DkvCache | None,
+def _compress(model, plan: PrefillPlan, chunks: int, page_size: int, past: DkvCache | None,
               timings: dict | None) -> CompressedKV:
-    fingerprint = getattr(model, "dkv_fingerprint", None)
-    if fingerprint is None:
-        raise ValueError("the model has no fingerprint: load it with workers.model.load_model, or call "
-                         "dkv.workers.model.model_fingerprint(model, tokenizer) once before compressing")
-    method = make_method(recipe.method, **{k: v for k, v in recipe.params if k != "merge"})
+    """The entry of the plan's first ``chunks`` chunks; ``past`` holds those before the new tokens."""
+    recipe, method = plan.recipe, plan.method
+    ids = torch.tensor([plan.token_ids[:plan.end(chunks - 1)]])
     start = past.get_seq_length() if past is not None else 0
     new_ids = ids[:, start:]
     if model.config._attn_implementation != "dkv":
@@ -262,9 +211,8 @@ def _compress(model, ids: torch.Tensor, recipe: Recipe, tenant: str, page_size: 
             kept_mass += float(torch.gather(mass, 1, idx).sum())
             total_mass += float(mass.sum())
     importance = kept_mass / total_mass if total_mass > 0 else sum(budgets) / (len(budgets) * n)
-    tokens = ids[0].tolist()
-    identity = Identity(fingerprint, recipe, tuple(chain_hashes(tokens, recipe.chunk_size, fingerprint, recipe.recipe_id)),
-                        len(tokens), tenant, start=start)
+    identity = Identity(plan.fingerprint, recipe, tuple(k.prefix_hash for k in plan.keys[:chunks]), ids.shape[1],
+                        plan.tenant, start=start)
     if timings is not None:
         timings["prefill_s"] = timings.get("prefill_s", 0.0) + prefilled - started
         timings["compress_s"] = timings.get("compress_s", 0.0) + time.perf_counter() - prefilled
@@ -280,5 +228,3 @@ def _attention_mass(cap: LayerCapture, num_kv_heads: int) -> torch.Tensor | None
         return group_heads(cap.attention_colsum[:, cap.new_slice], num_kv_heads)
     return None
 
-
-from dkv.workers import methods as _methods  # noqa: E402,F401  registers the methods

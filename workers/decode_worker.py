@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+
 from dkv.kvstore.entry import CompressedKV, EntryKey, Recipe
 from dkv.kvstore.errors import EntryNotFound
 from dkv.kvstore.prefix import check_chain
@@ -243,7 +244,7 @@ class DecodeWorker:
             except BaseException:
                 self.engine.release()
                 raise
-        except Exception as e:  # noqa: BLE001 - handed to the request
+        except Exception as e:
             sink(e)
 
     def _stream(self, job: DecodeJob, entries: list[CompressedKV], stats: DecodeStats) -> Stream:

@@ -218,7 +218,7 @@ class Batch:
         stream.stats.selection_cache_hits = getattr(selector, "hits", 0)
         try:
             stream.on_end(error)
-        except Exception:  # noqa: BLE001 - a consumer's failure must not stop the loop
+        except Exception:
             log.exception("a stream's end handler failed")
 
     def _remove(self, row: int) -> None:
@@ -312,7 +312,7 @@ class DecodeEngine:
                 self._join(joining)
                 try:
                     self.batch.step()
-                except Exception:  # noqa: BLE001 - the streams of the failed step were told
+                except Exception:
                     log.exception("a decode step failed; its streams were ended")
                 self._advance_solo()
         cancelled = Cancelled("the decode worker is shutting down")
@@ -333,7 +333,7 @@ class DecodeEngine:
         for group in by_length.values():
             try:
                 self.batch.join(group)
-            except Exception as e:  # noqa: BLE001 - these streams' failure, told to them
+            except Exception as e:
                 for stream in group:
                     stream.on_end(e)
 
@@ -347,7 +347,7 @@ class DecodeEngine:
                 error = Cancelled("cancelled")
             except StopIteration:
                 pass
-            except Exception as e:  # noqa: BLE001 - this stream's failure, told to it
+            except Exception as e:
                 error = e
             self._solo.remove(stream)
             stream.on_end(error)

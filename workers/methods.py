@@ -2,7 +2,8 @@
 
 Every method scores the new tokens of a layer (``score`` -> ``[H_kv, n]``, higher = keep) and may
 split the average budget unevenly over layers (``budgets``); the top-k, gather, merge and
-quantization live once in ``workers.compression``. Shapes: ``H_q`` query heads, ``H_kv`` KV
+quantization live once in ``workers.compression``. ``Method`` is the one base class: parameter
+conversion, range checks, the uniform budget default and the protected-token fit live there. Shapes: ``H_q`` query heads, ``H_kv`` KV
 heads, ``n`` new tokens of the pass, ``T`` visible tokens (past + new), ``w`` observation window.
 
 Protected tokens (observation window, sinks, recent tokens, LagKV's raw tail) score ``+inf``. When
@@ -12,9 +13,9 @@ framework's top-k breaks ties arbitrarily, so without this a tight budget would 
 slice of the window. ``budgets`` is the one hook that sees ``n_keep`` and runs before the top-k,
 so the protected sets that depend on the budget (H2O's recent share) are marked there, in place.
 
-Method parameters arrive as floats (``Recipe.params`` stores floats); ``make_method`` gives each
-field its declared type and ``__post_init__`` checks the range, raising ``ValueError`` with the
-allowed values (integers are converted there too, for methods built directly).
+Method parameters arrive as floats (``Recipe.params`` stores floats); ``Method.__post_init__``
+gives each field its declared type and checks the range, raising ``ValueError`` with the allowed
+values, whether the method came from ``make_method`` or was built directly.
 
 References: ``/work/shared/methods.md`` (§2.1 H2O, §2.2 DynamicKV and PyramidKV's budget rule,
 §2.3 CAKE, §2.7 LagKV, the SnapKV score), NVIDIA/kvpress for the shared conventions.
@@ -22,6 +23,7 @@ References: ``/work/shared/methods.md`` (§2.1 H2O, §2.2 DynamicKV and PyramidK
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,9 +32,33 @@ import torch
 import torch.nn.functional as F
 
 from dkv.workers.capture import Capture, LayerCapture
-from dkv.workers.compression import Method, group_heads, register
 
 INF = float("inf")
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(name: str, **params) -> Method:
+    """The registered method ``name`` with ``params`` (its dataclass fields)."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown compression method {name!r}; use one of {sorted(METHODS)}") from None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"method {name!r} has no parameter {unknown}; its parameters are {sorted(fields)}")
+    return cls(**params)
+
+
+def group_heads(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Mean over the query heads of each KV head: ``[H_q, ...]`` -> ``[H_kv, ...]``."""
+    return x.reshape(num_kv_heads, x.shape[0] // num_kv_heads, *x.shape[1:]).mean(1)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -153,23 +179,39 @@ def window_budgets(weights: torch.Tensor, n_keep: int, n: int, w: int, cap: int 
 
 
 @dataclass
-class Scorer(Method):
-    """Base of the methods here: validated integer fields and protected tokens that fit the budget."""
+class Method:
+    """Base class of every method: subclasses set ``name``, the capture they need, and ``score``.
 
+    Fields are converted to their declared type here, once (requests carry every parameter as a
+    float), and checked against ``INT_FIELDS`` / ``FLOAT_FIELDS``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_colsum: ClassVar[bool] = False  # full accumulated attention (H2O-style)
     INT_FIELDS: ClassVar[dict[str, int]] = {}  # field -> smallest allowed value
     FLOAT_FIELDS: ClassVar[dict[str, tuple[float, float]]] = {}  # field -> inclusive range
+    # One token set for every KV head of a layer, ranked by the scores averaged over heads (as
+    # WindowKV and FastKV share indices): a token any head needs is kept for all of them.
+    share_heads: bool = False
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _as_field_type(f, self.name, getattr(self, f.name)))
         for name, low in self.INT_FIELDS.items():
-            value = getattr(self, name)
-            if float(value) != int(value) or int(value) < low:
-                raise ValueError(f"{self.name}: {name}={value!r} must be an integer >= {low}")
-            setattr(self, name, int(value))
+            if getattr(self, name) < low:
+                raise ValueError(f"{self.name}: {name}={getattr(self, name)!r} must be an integer >= {low}")
         for name, (low, high) in self.FLOAT_FIELDS.items():
-            value = float(getattr(self, name))
-            if not low <= value <= high:
-                raise ValueError(f"{self.name}: {name}={value!r} must be in [{low}, {high}]")
-            setattr(self, name, value)
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{self.name}: {name}={getattr(self, name)!r} must be in [{low}, {high}]")
+
+    @property
+    def window(self) -> int:
+        """Observation-window queries to capture (0 = none)."""
+        return getattr(self, "window_size", 0)
+
+    def score(self, layer: int, cap: LayerCapture, capture: Capture) -> torch.Tensor:
+        """Scores of the new tokens of ``layer``, ``[H_kv, n_new]`` float32, higher = keep."""
+        raise NotImplementedError(f"method {self.name!r} must define score()")
 
     def layer_budgets(self, scores: list[torch.Tensor], n_keep: int, capture: Capture) -> list[int]:
         """Tokens per KV head of each layer, mean ``n_keep``; uniform unless a method overrides."""
@@ -179,18 +221,62 @@ class Scorer(Method):
         """Which protected tokens win when they do not all fit, ``[n]``: the most recent."""
         return torch.arange(n, dtype=torch.float32)
 
-    def budgets(self, scores, n_keep, capture):
+    def budgets(self, scores: list[torch.Tensor], n_keep: int, capture: Capture) -> list[int]:
+        """Per-layer budgets (``layer_budgets``), with the protected tokens fitted to each."""
         budgets = self.layer_budgets(scores, n_keep, capture)
         for score, keep in zip(scores, budgets):
             fit_protected(score, keep, self.priority(score.shape[1], capture))
         return budgets
 
 
+def _as_field_type(f: dataclasses.Field, method: str, value):
+    """``value`` as the type field ``f`` declares; a float that is not a whole number is no int."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if kind in ("int", "float") and not math.isfinite(float(value)):
+        raise ValueError(f"{method}: parameter {f.name} must be a finite number, got {value}")
+    if kind == "int":
+        if float(value) != int(value):
+            raise ValueError(f"{method}: parameter {f.name} must be an integer, got {value}")
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "bool":
+        return bool(value)
+    return value
+
+
 # ------------------------------------------------------------------------------------------ methods
 
 @register
 @dataclass
-class SnapKV(Scorer):
+class Full(Method):
+    """No compression: every token, every layer (the reference)."""
+
+    name: ClassVar[str] = "full"
+
+    def score(self, layer, cap, capture):
+        return torch.ones(capture.num_kv_heads, cap.n_new)
+
+
+@register
+@dataclass
+class StreamingLLM(Method):
+    """Attention sinks + a recent window (Xiao et al.): the first ``sink`` tokens and the most recent."""
+
+    name: ClassVar[str] = "streaming_llm"
+    INT_FIELDS: ClassVar[dict[str, int]] = {"sink": 0}
+    sink: int = 4
+
+    def score(self, layer, cap, capture):
+        positions = cap.positions[:, cap.new_slice].float()
+        score = positions / max(capture.seq_len, 1)  # recent first
+        score[positions < self.sink] = 2.0  # sinks above everything
+        return score
+
+
+@register
+@dataclass
+class SnapKV(Method):
     """SnapKV (Li et al. 2024): attention of the observation window, pooled.
 
     ``score`` ``[H_kv, n]``: the window's summed attention to each earlier new token,
@@ -237,7 +323,7 @@ class PyramidKV(SnapKV):
 
 @register
 @dataclass
-class H2O(Scorer):
+class H2O(Method):
     """H2O (Zhang et al. 2023): heavy hitters by accumulated attention, plus the recent tokens.
 
     ``score`` ``[H_kv, n]``: ``Σ_i softmax(q_i Kᵀ)_j`` over every new query ``i`` (the capture's
@@ -311,7 +397,7 @@ class DynamicKV(SnapKV):
 
 @register
 @dataclass
-class CAKE(Scorer):
+class CAKE(Method):
     """CAKE (Qin et al. 2025): layer preference from attention dispersion and shift; mean + variance eviction.
 
     With ``A'`` ``[H_q, w, n - w]`` the window attention (``window_size=32``) to the new tokens
@@ -367,7 +453,7 @@ class CAKE(Scorer):
 
 @register
 @dataclass
-class LagKV(Scorer):
+class LagKV(Method):
     """LagKV (Liang et al. 2025): attention-free scores from K/V statistics of the next ("lag") chunk.
 
     After ``sink`` tokens (16), the new tokens are cut into chunks of ``lag_size``. Chunk ``c``
@@ -428,7 +514,7 @@ class LagKV(Scorer):
 
 @register
 @dataclass
-class TOVA(Scorer):
+class TOVA(Method):
     """TOVA (Oren et al. 2024): attention of the last token, averaged over every head of the layer.
 
     ``score`` ``[H_kv, n]``: the last query's softmax attention to each new token, averaged over all
@@ -449,7 +535,7 @@ class TOVA(Scorer):
 
 @register
 @dataclass
-class KNorm(Scorer):
+class KNorm(Method):
     """Key norm (Devoto et al. 2024): keep the keys with the smallest L2 norm; attention-free.
 
     ``score`` ``[H_kv, n]`` = ``-‖k_j‖₂``: low-norm keys correlate with high attention.
@@ -461,5 +547,6 @@ class KNorm(Scorer):
         return -cap.keys[:, cap.new_slice].float().norm(dim=-1)
 
 
-__all__ = ["CAKE", "DynamicKV", "H2O", "KNorm", "LagKV", "PyramidKV", "Scorer", "SnapKV", "TOVA",
-           "allocate", "fit_protected", "pool1d", "unbiased_var", "snapkv_scores", "window_budgets"]
+__all__ = ["CAKE", "METHODS", "DynamicKV", "Full", "H2O", "KNorm", "LagKV", "Method", "PyramidKV", "SnapKV",
+           "StreamingLLM", "TOVA", "allocate", "fit_protected", "group_heads", "make_method", "pool1d", "register",
+           "snapkv_scores", "unbiased_var", "window_budgets"]

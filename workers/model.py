@@ -35,8 +35,8 @@ import torch
 # Never reach a model hub, whatever else the process does (set before transformers is imported).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from dkv.workers.cache import ATTN_IMPLEMENTATION  # noqa: E402  registers the "dkv" attention
-from dkv.workers.model_source import (  # noqa: E402
+from dkv.workers.cache import ATTN_IMPLEMENTATION
+from dkv.workers.model_source import (
     DTYPES,
     MODELS,
     ModelError,

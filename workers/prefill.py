@@ -16,9 +16,8 @@ import torch
 
 from dkv.kvstore.entry import CompressedKV, Recipe
 from dkv.kvstore.errors import EntryNotFound
-from dkv.kvstore.prefix import chunk_keys
-from dkv.services.store_client import StoreClient
-from dkv.workers.compression import compress, compress_chunks, make_method
+from dkv.kvstore.remote import RemoteStore
+from dkv.workers.compression import PrefillPlan, compress_plan
 from dkv.workers.degradation import Degradation
 from dkv.workers.lru import BytesLRU
 from dkv.workers.model import model_info
@@ -47,7 +46,7 @@ class StoreDown(RuntimeError):
 
 
 class PrefillWorker:
-    def __init__(self, model, tokenizer, store: StoreClient, max_tokens: int | None = None,
+    def __init__(self, model, tokenizer, store: RemoteStore, max_tokens: int | None = None,
                  storage_dtype: str = "auto", min_chunk_size: int = 16, held_bytes: int = 512 << 20,
                  held_ttl_s: float = 120.0):
         """``storage_dtype``: the dtype entries are stored in (``auto``: float16 for a float32 model,
@@ -73,8 +72,8 @@ class PrefillWorker:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
 
-    def check(self, token_ids: list[int], recipe: Recipe) -> None:
-        """Raise ``ValueError`` saying what is wrong with a request (INVALID_ARGUMENT)."""
+    def plan(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> PrefillPlan:
+        """The request's ``PrefillPlan``; ``ValueError`` saying what is wrong with it (INVALID_ARGUMENT)."""
         if not token_ids:
             raise ValueError("the context is empty: send text or token_ids")
         if len(token_ids) > self.max_tokens:
@@ -85,35 +84,28 @@ class PrefillWorker:
         if recipe.chunk_size < self.min_chunk_size:
             raise ValueError(f"recipe chunk_size {recipe.chunk_size} is below this worker's min_chunk_size "
                              f"{self.min_chunk_size}: use larger chunks")
-        make_method(recipe.method, **_method_params(recipe))
+        return PrefillPlan.make(recipe, token_ids, self.fingerprint, tenant)
 
     def prefill(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> PrefillResult:
         """Reuse what the store has, prefill and compress the rest, store it. The store is a cache:
         when it cannot be reached or refuses an entry, the context is prefilled all the same, the
         result says ``cache_stored=False`` and why, and the entries stay in ``held`` for a while."""
-        self.check(token_ids, recipe)
+        plan = self.plan(token_ids, recipe, tenant)
         t = {"lookup": time.perf_counter()}
         found = self._store_call("lookup", self.store.lookup, self.fingerprint, recipe, token_ids, tenant)
         t["fetch"] = time.perf_counter()
         if found is not None and found.cached_tokens == len(token_ids):
             return self._hit(found, token_ids, t)
         stored_prefix = self._fetch(found.keys if found else [], recipe) if recipe.chunked else []
-        held = self._held_after(stored_prefix, token_ids, recipe, tenant)  # the store did not take them earlier
+        held = self._held_after(stored_prefix, plan)  # the store did not take them earlier
         cached = stored_prefix + held
         t["prefill"] = time.perf_counter()
         timings: dict[str, float] = {}
         if cached and cached[-1].seq_len == len(token_ids):
             entries = cached  # nothing to compute: this worker still holds the rest
         else:
-            ids = torch.tensor([token_ids])
-            kwargs = dict(method=recipe.method, ratio=recipe.ratio, budget=recipe.budget, quant=recipe.quant,
-                          merge=dict(recipe.params).get("merge", 0.0) > 0, tenant=tenant, timings=timings,
-                          **_method_params(recipe))
             with self._lock:
-                if recipe.chunked:
-                    entries = compress_chunks(self.model, ids, chunk_size=recipe.chunk_size, cached=cached, **kwargs)
-                else:
-                    entries = [compress(self.model, ids, **kwargs)]
+                entries = compress_plan(self.model, plan, cached=cached, timings=timings)
             entries = cached + [e.cast(self.storage_dtype) for e in entries[len(cached):]]
         t["store"] = time.perf_counter()
         # the new entries, and the held ones again: the store may take them now it is back
@@ -143,7 +135,7 @@ class PrefillWorker:
         """The entries of a context, in order: those it holds (the store could not keep them), else
         the store's, else prefilled now. What a decode worker asks for when the store cannot give it
         an entry."""
-        for attempt in range(2):
+        for _ in range(2):
             result = self.prefill(token_ids, recipe, tenant)
             got = [self.held.get(key) or self._store_call("get", self.store.get, key) for key in result.keys]
             if all(e is not None for e in got):
@@ -152,12 +144,10 @@ class PrefillWorker:
             log.info("an entry of this context went missing from the store: prefilling it again")
         raise EntryNotFound("the context's entries went missing from the store twice while being read")
 
-    def _held_after(self, prefix: list[CompressedKV], token_ids: list[int], recipe: Recipe,
-                    tenant: str) -> list[CompressedKV]:
+    def _held_after(self, prefix: list[CompressedKV], plan: PrefillPlan) -> list[CompressedKV]:
         """The entries after ``prefix`` that this worker holds, in order (up to the first it lacks)."""
-        keys = chunk_keys(token_ids, recipe, self.fingerprint, tenant)
         held = []
-        for key in keys[len(prefix):] if recipe.chunked else keys[-1:]:
+        for key in plan.keys[len(prefix):] if plan.recipe.chunked else plan.keys[-1:]:
             entry = self.held.get(str(key))
             if entry is None:
                 break
@@ -228,6 +218,3 @@ class PrefillWorker:
             entries.append(entry)
         return entries
 
-
-def _method_params(recipe: Recipe) -> dict:
-    return {k: v for k, v in recipe.params if k != "merge"}

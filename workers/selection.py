@@ -28,10 +28,10 @@ import torch
 
 from dkv.kernels.page_scores import page_scores
 
-SELECTIONS: dict[str, type["Selection"]] = {}
+SELECTIONS: dict[str, type[Selection]] = {}
 
 
-def register(cls: type["Selection"]) -> type["Selection"]:
+def register(cls: type[Selection]) -> type[Selection]:
     SELECTIONS[cls.name] = cls
     return cls
 

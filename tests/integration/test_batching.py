@@ -15,8 +15,8 @@ import time
 import grpc
 import pytest
 import torch
-
 from in_process import InProcessServer
+
 from dkv.services.decode_server import DecodeServer
 from dkv.services.pb import decode_pb2, decode_pb2_grpc
 from dkv.services.settings import DecodeSettings

@@ -16,10 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dkv.kvstore import codec
-from dkv.kvstore.redis_server import free_port
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.pb import store_pb2
 from dkv.services.store_client import StoreClient
+from dkv.services.transport import free_port
+from dkv.testing import synthetic_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)

@@ -16,8 +16,8 @@ import sys
 import textwrap
 
 import pytest
-
 from in_process import serving
+
 from dkv.kvstore.recipe import Recipe
 from dkv.services.client import DkvClient
 from dkv.workers.model import load_tokenizer
@@ -59,6 +59,7 @@ def light_env(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def gateway(random_models):
     from in_process import InProcessServer
+
     from dkv.services.settings import StoreSettings
     from dkv.services.store_server import StoreServer
 

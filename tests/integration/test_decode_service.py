@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-
 from in_process import InProcessServer
+
 from dkv.kvstore.entry import Recipe
 from dkv.services.decode_server import DecodeServer
 from dkv.services.pb import decode_pb2, decode_pb2_grpc

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import urllib.request
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dkv.kvstore.entry import Recipe
-from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient
+from dkv.services.transport import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

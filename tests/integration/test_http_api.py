@@ -7,6 +7,7 @@ request is refused (429).
 
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import json
 import ssl
@@ -17,20 +18,20 @@ from types import SimpleNamespace
 import httpx2
 import openai
 import pytest
-
 from in_process import InProcessServer
-from dkv.kvstore.recipe import Recipe
-from dkv.kvstore.redis_server import free_port
+
+from dkv.kvstore.recipe import DEFAULT_RECIPE, Recipe
 from dkv.services.client import DkvClient
 from dkv.services.decode_server import DecodeServer
+from dkv.services.gateway import INLINE_TEXT
 from dkv.services.gateway_server import GatewayServer
 from dkv.services.http_api import RecipeFields
 from dkv.services.prefill_client import PrefillClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
 from dkv.services.store_client import StoreClient
+from dkv.services.transport import free_port
 from dkv.workers.decode_worker import DecodeWorker
-from dkv.workers.gateway import DEFAULT_RECIPE, INLINE_TEXT
 from dkv.workers.prefill import PrefillWorker
 from dkv.workers.prompts import chat_prompt, completion_prompt
 
@@ -158,7 +159,7 @@ def test_http_and_grpc_give_the_same_greedy_text(cluster, client):
     completion = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12)
     with DkvClient(cluster.gateway.address, token=SERVICE_TOKEN) as dkv:
         text, _ = dkv.ask(*chat_prompt(cluster.tokenizer, messages), max_new_tokens=12,
-                          recipe=Recipe(**{**DEFAULT_RECIPE, "ratio": 0.25}))  # fields left out: the default's
+                          recipe=dataclasses.replace(DEFAULT_RECIPE, ratio=0.25))  # fields left out: the default's
         assert text == over_http.choices[0].message.content
         text, _ = dkv.ask(*completion_prompt(cluster.tokenizer, prompt), max_new_tokens=12)
         assert text == completion.choices[0].text
@@ -171,7 +172,7 @@ def test_http_and_grpc_give_the_same_greedy_text(cluster, client):
 
 
 def test_a_recipe_without_method_adjusts_the_default_and_one_with_method_is_its_own():
-    assert RecipeFields(ratio=0.25).recipe() == Recipe(**{**DEFAULT_RECIPE, "ratio": 0.25})
+    assert RecipeFields(ratio=0.25).recipe() == dataclasses.replace(DEFAULT_RECIPE, ratio=0.25)
     assert RecipeFields(method="full").recipe() == Recipe(method="full")
     assert RecipeFields(method="snapkv", ratio=0.5, params={"window": 8}).recipe() == Recipe(
         method="snapkv", ratio=0.5, params=(("window", 8),))

@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from dkv.kvstore import codec
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.loadtest.grpc_locust import LocustInterceptor, intercepted, store_outcome
 from dkv.services.store_client import StoreClient
+from dkv.testing import synthetic_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,7 +86,7 @@ def test_interceptor_reports_failures(recorded_store):
 
 def test_interceptor_reports_unreachable_server():
     recorder = Recorder()
-    from dkv.kvstore.redis_server import free_port
+    from dkv.services.transport import free_port
 
     with intercepted(LocustInterceptor(recorder.fire, store_outcome)):
         client = StoreClient(f"127.0.0.1:{free_port()}", timeout_s=2)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dkv.workers.compression import METHODS, compress
+from dkv.workers.cache import to_hf_cache
+from dkv.workers.compression import compress
+from dkv.workers.methods import METHODS
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +83,7 @@ def passkey(smollm2):
 
 def _answer(smollm2, ids, entry=None) -> tuple[torch.Tensor, str]:
     model, tok = smollm2
-    kwargs = {} if entry is None else {"cache": entry.to_hf_cache()}
+    kwargs = {} if entry is None else {"cache": to_hf_cache(entry)}
     out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)[0, ids.shape[1]:]
     return out, tok.decode(out, skip_special_tokens=True)
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from in_process import serving
 from model_fixtures import FAMILIES, random_model_folder
+
 from dkv.kvstore.entry import Recipe
 from dkv.services.client import DkvClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import PrefillSettings
+from dkv.workers.cache import to_hf_cache
 from dkv.workers.compression import compress
 from dkv.workers.decode import generate
 from dkv.workers.model import load_model, model_info
@@ -81,7 +82,7 @@ def test_full_recipe_continues_like_plain_generation(family):
     assert (entry.num_layers, entry.num_kv_heads, entry.head_dim) == (info.num_layers, info.num_kv_heads,
                                                                          info.head_dim)
     with torch.no_grad():  # the cache is the context's: the query's logits match a plain forward
-        cached = model(torch.tensor([query]), cache=entry.to_hf_cache()).logits[0, -1]
+        cached = model(torch.tensor([query]), cache=to_hf_cache(entry)).logits[0, -1]
         plain = model(torch.tensor([context + query])).logits[0, -1]
     torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
     expected = plain_generate(model, context, query)

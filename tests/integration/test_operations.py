@@ -11,12 +11,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dkv.kvstore.redis_server import free_port
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.logs import JsonFormatter, RequestIdFilter
 from dkv.services.settings import StoreSettings
 from dkv.services.store_client import StoreClient
-from dkv.services.transport import Security, open_channel
+from dkv.services.transport import Security, free_port, open_channel
+from dkv.testing import synthetic_entry
 
 pytestmark = pytest.mark.timeout(120)
 

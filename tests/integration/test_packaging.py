@@ -51,7 +51,7 @@ def test_the_wheel_installs_exactly_one_top_level_name(wheel):
     roots = {p.split("/")[0] for p in paths if not p.split("/")[0].endswith((".dist-info", ".data"))}
     assert roots == {"dkv"}
     assert top_level == ["dkv"]
-    assert "dkv = dkv.services.cli:main" in entry_points
+    assert "dkv = dkv.cli:main" in entry_points and "dkv/cli.py" in paths
     # every subpackage travels, and nothing of the repository that is not code
     for sub in ("kvstore", "kernels", "workers", "services", "services/pb", "bench", "loadtest"):
         assert any(p.startswith(f"dkv/{sub}/") and p.endswith(".py") for p in paths), sub

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dkv.kvstore.entry import page_counts, page_of_rows
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.store_client import StoreClient
+from dkv.testing import synthetic_entry
 from dkv.workers.compression import compress
 from dkv.workers.decode import DecodeStats, generate_remote
 from dkv.workers.paged import EntryLost, FetchStats, page_cache

@@ -5,14 +5,15 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-
 from in_process import InProcessServer
+
 from dkv.kvstore.entry import Recipe
 from dkv.services.pb import prefill_pb2, prefill_pb2_grpc
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import PrefillSettings
 from dkv.services.store_client import StoreClient
 from dkv.services.wire import recipe_to_proto
+from dkv.workers.cache import to_hf_cache
 from dkv.workers.prefill import PrefillWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -56,12 +57,12 @@ def test_full_recipe_entry_continues_like_plain_generation(services):
     full = torch.tensor([ids + question])
     assert entry.layers[0].keys.dtype == torch.float16
     plain = model.generate(full, max_new_tokens=12, do_sample=False)
-    cached = model.generate(full, cache=entry.to_hf_cache(), max_new_tokens=12, do_sample=False)
+    cached = model.generate(full, cache=to_hf_cache(entry), max_new_tokens=12, do_sample=False)
     assert cached[0].tolist() == plain[0].tolist()
     # the tolerance float16 storage implies: first-step logits within 0.01 (they reach ~25) of float32's
     with torch.inference_mode():
         exact = model(input_ids=torch.tensor([ids]), use_cache=True)
-        rounded = model(input_ids=torch.tensor([question]), cache=entry.to_hf_cache(), logits_to_keep=1).logits[0, -1]
+        rounded = model(input_ids=torch.tensor([question]), cache=to_hf_cache(entry), logits_to_keep=1).logits[0, -1]
         reference = model(input_ids=torch.tensor([question]), cache=exact.cache, logits_to_keep=1).logits[0, -1]
     assert (rounded - reference).abs().max() < 0.01
     again = call(stub, Recipe(method="full"), text=TEXT)  # an exact hit: nothing prefilled

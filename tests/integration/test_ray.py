@@ -9,10 +9,10 @@ import ray
 import torch
 
 from dkv.kvstore.entry import Recipe
+from dkv.services.gateway import Gateway, Router, Worker
 from dkv.services.pb import gateway_pb2
 from dkv.services.ray_pool import RayBackend, start_pools
 from dkv.services.wire import recipe_to_proto
-from dkv.workers.gateway import Gateway, Router, Worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -32,6 +32,7 @@ def pools(store_service_module):
 @pytest.fixture(scope="module")
 def store_service_module():
     from in_process import InProcessServer
+
     from dkv.services.settings import StoreSettings
     from dkv.services.store_server import StoreServer
 

@@ -25,17 +25,17 @@ import grpc
 import pytest
 import ray
 import torch
+from in_process import InProcessServer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dkv.kvstore.entry import Recipe
-from dkv.kvstore.redis_server import free_port
 from dkv.services.client import DkvClient
+from dkv.services.gateway import Gateway, Router, Worker, split_chat
 from dkv.services.gateway_server import GatewayServer
 from dkv.services.ray_pool import RayBackend, start_pools
 from dkv.services.settings import GatewaySettings, StoreSettings
 from dkv.services.store_server import StoreServer
-from dkv.workers.gateway import Gateway, Router, Worker, split_chat
-from in_process import InProcessServer
+from dkv.services.transport import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -99,7 +99,7 @@ def wait_for_port(port: int, timeout_s: float) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the Ray head did not listen on {port} within {timeout_s:.0f} s")
+                raise TimeoutError(f"the Ray head did not listen on {port} within {timeout_s:.0f} s") from None
             time.sleep(0.2)
 
 

@@ -12,12 +12,12 @@ import redis
 import torch
 
 from dkv.kvstore import codec
+from dkv.kvstore.codec import MAX_FRAME_BYTES
 from dkv.kvstore.entry import EntryKey
 from dkv.kvstore.errors import TierUnavailable
-from dkv.kvstore.redis_server import RedisServer
-from dkv.kvstore.codec import MAX_FRAME_BYTES
 from dkv.kvstore.redis_tier import MAX_VALUE_BYTES, RedisTier
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.services.redis_server import RedisServer
+from dkv.testing import synthetic_entry
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -251,7 +251,7 @@ def test_hung_redis_raises_within_socket_timeout(fresh_redis):
 
 
 def test_redis_never_started_raises_tier_unavailable():
-    from dkv.kvstore.redis_server import free_port
+    from dkv.services.transport import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     tier = RedisTier("redis-none", CAP, url, socket_timeout_s=0.5)

@@ -14,11 +14,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dkv.kvstore import codec
 from dkv.kvstore.entry import Recipe
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.pb import store_pb2
 from dkv.services.settings import StoreSettings
 from dkv.services.store_client import StoreClient
 from dkv.services.wire import _address
+from dkv.testing import synthetic_entry
 
 pytestmark = pytest.mark.timeout(120)
 

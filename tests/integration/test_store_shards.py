@@ -9,9 +9,9 @@ import pytest
 
 from dkv.kvstore import codec
 from dkv.kvstore.entry import Recipe
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.shards import ShardedStoreClient, open_store, owner
 from dkv.services.store_client import StoreClient
+from dkv.testing import synthetic_entry
 from dkv.workers.prefill import PrefillWorker
 
 pytestmark = pytest.mark.timeout(300)

@@ -16,9 +16,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from dkv.kernels import _common  # noqa: E402
+from dkv.kernels import _common
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -17,7 +17,6 @@ import pytest
 
 from dkv.kernels import _common
 
-
 SCRIPT = textwrap.dedent('''
     import importlib, inspect, torch, triton
     from triton.backends.compiler import GPUTarget

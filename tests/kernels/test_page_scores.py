@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_cases import generator
+
 from dkv.kernels.page_scores import page_scores, top_pages
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from kernel_cases import LSE_TOL, TOL, generator, selection
+
 from dkv.kernels.quant_attention import sparse_decode_attention_quant
 from dkv.kernels.sparse_attention import combine_partials, sparse_decode_attention
 from dkv.kvstore import quant

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from kernel_cases import LSE_TOL, TOL, dense_attention, generator, selection
+
 from dkv.kernels import _common
 from dkv.kernels.sparse_attention import MAX_SPLITS, auto_num_splits, combine_partials, sparse_decode_attention
 

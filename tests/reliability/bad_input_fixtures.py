@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from dkv.kvstore import codec
 from dkv.kvstore.codec import FRAME_HEAD_BYTES, HEAD, KIND_DATA, KIND_HEADER, MAGIC
 from dkv.kvstore.entry import FORMAT_VERSION
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, store_pb2
 from dkv.services.wire import frame_message
+from dkv.testing import synthetic_entry
 
 SERVICE_TOKEN = "svc-token"
 TENANT_TOKENS = "acme=acme-token,beta=beta-token"
@@ -149,7 +149,7 @@ def decodes(message_type, payload: bytes) -> bool:
     try:
         message_type.FromString(payload)
         return True
-    except Exception:  # noqa: BLE001 - DecodeError and friends
+    except Exception:
         return False
 
 

@@ -34,22 +34,63 @@ import time
 import grpc
 import pytest
 import torch
+from bad_input_fixtures import (
+    DECODE,
+    GATEWAY,
+    GOOD_AUTH,
+    GOOD_ENTRY,
+    GOOD_FRAMES,
+    GOOD_KEY,
+    GOOD_PAGES,
+    KEY_PART,
+    KVSTORE,
+    MAX_MESSAGE,
+    MODEL_RPCS,
+    OK,
+    PREFILL,
+    PREFILL_MAX_TOKENS,
+    RPCS,
+    SERVICE_TOKEN,
+    SERVING,
+    TEMPLATES,
+    TENANT_OF,
+    TENANT_TOKENS,
+    UINT32,
+    UINT64,
+    Outcome,
+    Plan,
+    any_floats,
+    assert_sane,
+    auths,
+    bad_parts,
+    decodes,
+    health,
+    hostile_recipes,
+    json_values,
+    key_parts,
+    keys,
+    leaf_paths,
+    make_frame,
+    max_new_tokens,
+    messages,
+    payload_of,
+    print_summary,
+    raw_call,
+    reencode,
+    set_path,
+    short_text,
+    temperatures,
+    token_ids,
+    uint32s,
+    valid_recipes,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-from bad_input_fixtures import (
-    DECODE, GATEWAY, GOOD_AUTH, GOOD_ENTRY, GOOD_FRAMES, GOOD_KEY, GOOD_PAGES, KEY_PART, KVSTORE,
-    MAX_MESSAGE, MODEL_RPCS, OK, PREFILL, PREFILL_MAX_TOKENS, RPCS, SERVICE_TOKEN, SERVING, TALLY, Plan,
-    TEMPLATES, TENANT_OF, TENANT_TOKENS, UINT32, UINT64, Outcome, any_floats, assert_sane, auths, bad_parts,
-    decodes, health, json_values, key_parts, keys, leaf_paths, make_frame, max_new_tokens,
-    hostile_recipes, messages, payload_of, print_summary, raw_call, reencode, set_path, short_text,
-    temperatures, token_ids, uint32s, valid_recipes,
-)
 from in_process import InProcessServer
+
 from dkv.kvstore import codec
 from dkv.kvstore.codec import DTYPES, FRAME_HEAD_BYTES, FRAME_LIMIT, KIND_DATA, KIND_HEADER
 from dkv.kvstore.errors import InvalidEntry, KVStoreError
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.decode_server import DecodeServer
 from dkv.services.gateway_server import GatewayServer
 from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, store_pb2
@@ -60,6 +101,7 @@ from dkv.services.store_client import StoreClient
 from dkv.services.store_server import StoreServer
 from dkv.services.transport import Security
 from dkv.services.wire import parse_frame_message, recipe_from_proto
+from dkv.testing import synthetic_entry
 from dkv.workers.decode_worker import DecodeWorker
 from dkv.workers.prefill import PrefillWorker
 
@@ -295,7 +337,6 @@ def test_random_bytes_are_refused_cleanly(system, rpc, data):
         return
     truncated = st.integers(0, max(0, len(valid) - 1)).map(lambda cut: valid[:cut])
     payload = data.draw(st.one_of(random, truncated), "payload")
-    message_type = RPCS[rpc][2]
     outcome = system.call(rpc, payload, auth)
     assert_sane(outcome, expected=UNAUTH if auth not in GOOD_AUTH else None)
 

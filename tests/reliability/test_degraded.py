@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from dkv.kvstore.entry import Recipe
-from dkv.kvstore.redis_server import free_port, redis_server_available
 from dkv.services.client import DkvClient
-from dkv.services.transport import RECONNECT
+from dkv.services.redis_server import redis_server_available
+from dkv.services.transport import RECONNECT, free_port
 from dkv.services.up import Cluster, UpOptions
 from dkv.workers.compression import compress_chunks
 from dkv.workers.decode import generate

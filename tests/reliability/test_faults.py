@@ -36,18 +36,17 @@ import grpc
 import pytest
 import redis
 import torch
+from fault_proxy import FaultProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fault_proxy import FaultProxy
 from dkv.kvstore import codec
-from dkv.kvstore.redis_server import free_port
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.pb import store_pb2
 from dkv.services.settings import StoreSettings
 from dkv.services.store_client import StoreClient, StoreUnavailable
 from dkv.services.store_server import SERVICE
-from dkv.services.transport import open_channel
+from dkv.services.transport import free_port, open_channel
 from dkv.services.wire import frame_message
+from dkv.testing import synthetic_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -124,7 +123,7 @@ class InThread:
     def _run(self, fn, *args):
         try:
             self.value = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to result()
+        except BaseException as e:
             self.error = e
         self.ended_at = time.monotonic()
 
@@ -157,7 +156,7 @@ class StoreProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 90.0) -> "StoreProcess":
+    def start(self, timeout_s: float = 90.0) -> StoreProcess:
         """Start (again on the same port) and wait until health says SERVING."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

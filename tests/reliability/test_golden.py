@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from in_process import InProcessServer
+
 from dkv.kvstore.entry import Recipe
 from dkv.kvstore.shrink import ShrinkRule
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.client import DkvClient
 from dkv.services.decode_server import DecodeServer
 from dkv.services.gateway_server import GatewayServer
@@ -26,6 +25,7 @@ from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings, StoreSettings
 from dkv.services.store_client import StoreClient
 from dkv.services.store_server import StoreServer, build_store
+from dkv.testing import synthetic_entry
 from dkv.workers.compression import compress_chunks
 from dkv.workers.decode import generate
 from dkv.workers.decode_worker import DecodeWorker

@@ -38,27 +38,36 @@ import grpc
 import numpy as np
 import pytest
 import redis
-
 from bad_input_fixtures import make_frame
 from fault_proxy import FaultProxy
 from helm_chart import FULL, env, pod_env, render, render_raw
 from test_faults import (
-    InThread, assert_same_entry, call_error, entry_of, health, in_process_store, one_torch_thread,  # noqa: F401
-    redis_state, same_entry, store_process, wait_for,
+    InThread,
+    assert_same_entry,
+    call_error,
+    entry_of,
+    health,
+    in_process_store,
+    one_torch_thread,  # noqa: F401  an autouse fixture: imported, it applies here too
+    redis_state,
+    same_entry,
+    store_process,  # noqa: F401  a fixture
+    wait_for,
 )
+
 from dkv.kvstore import codec
 from dkv.kvstore.codec import FRAME_HEAD_BYTES, KIND_DATA, KIND_HEADER, MAX_FRAME_BYTES
 from dkv.kvstore.entry import FORMAT_VERSION, Identity, Recipe
 from dkv.kvstore.mac import EntryMac
 from dkv.kvstore.prefix import chain_hashes, check_chain
 from dkv.kvstore.redis_tier import RedisTier
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.pb import common_pb2, store_pb2
 from dkv.services.settings import StoreSettings
 from dkv.services.store_client import StoreClient
 from dkv.services.store_server import SERVICE
 from dkv.services.transport import Security
 from dkv.services.wire import frame_message, parse_frame_message
+from dkv.testing import synthetic_entry
 
 MiB = 1 << 20
 SERVING = 1
@@ -135,7 +144,7 @@ class Latencies:
             start = time.monotonic()
             try:
                 self.call()
-            except Exception as e:  # noqa: BLE001 - reported by the test
+            except Exception as e:
                 self.errors.append(e)
             self.seconds.append(time.monotonic() - start)
             self.stop.wait(self.interval_s)

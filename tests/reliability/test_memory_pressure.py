@@ -11,9 +11,9 @@ import hashlib
 import pytest
 import redis
 
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.services.settings import StoreSettings
 from dkv.services.store_client import StoreClient
+from dkv.testing import synthetic_entry
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(300)]
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from dkv.kvstore import codec
 from dkv.kvstore.entry import CompressedKV
 from dkv.kvstore.errors import CorruptEntry, EntryTooLarge, InvalidEntry
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.testing import synthetic_entry
 
 SMALL_FRAME = 8192
 

@@ -25,7 +25,7 @@ from dkv.kvstore.entry import (
     validate_entry,
 )
 from dkv.kvstore.errors import InvalidEntry
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.testing import synthetic_entry
 
 # ---------------------------------------------------------------------------------------------
 # Recipe

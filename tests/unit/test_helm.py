@@ -19,11 +19,23 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 import yaml
+from helm_chart import (
+    CHART,
+    FULL,
+    NAMESPACE,
+    RELEASE,
+    container,
+    env,
+    env_values,
+    of_kind,
+    one,
+    pod_env,
+    render,
+    render_raw,
+    workload,
+)
 
 from dkv.services import settings as S
-from helm_chart import (
-    CHART, FULL, NAMESPACE, RELEASE, container, env, env_values, of_kind, one, pod_env, render, render_raw, workload,
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_MONITOR = "monitoring.coreos.com/v1/ServiceMonitor"

@@ -6,7 +6,7 @@ import pytest
 
 from dkv.kvstore import codec
 from dkv.kvstore.mac import EntryMac
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.testing import synthetic_entry
 
 
 @pytest.fixture(scope="module")

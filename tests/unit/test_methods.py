@@ -15,9 +15,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dkv.workers import methods as M
+from dkv.workers.cache import to_hf_cache
 from dkv.workers.capture import prefill
-from dkv.workers.compression import METHODS, compress, compress_chunks, group_heads, make_method
+from dkv.workers.compression import compress, compress_chunks
 from dkv.workers.merge import d2o_merge
+from dkv.workers.methods import METHODS, group_heads, make_method
 
 N = 300  # context tokens: 0.75 keeps 75, above SnapKV's 64-token window
 VOCAB = 256
@@ -141,7 +143,7 @@ def test_method_matrix(model, ids, name, ratio, quant):
     assert_same_entry(entry, again)
 
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([[5, 17, 42]]), cache=entry.to_hf_cache())
+        out = model(input_ids=torch.tensor([[5, 17, 42]]), cache=to_hf_cache(entry))
     assert out.logits.shape == (1, 3, VOCAB)
     assert bool(torch.isfinite(out.logits).all())
 

@@ -6,8 +6,16 @@ import argparse
 
 import pytest
 
-from dkv.services.settings import (DecodeSettings, PrefillSettings, SettingsError, StoreSettings, add_arguments,
-                                   describe, load, parse_size)
+from dkv.services.settings import (
+    DecodeSettings,
+    PrefillSettings,
+    SettingsError,
+    StoreSettings,
+    add_arguments,
+    describe,
+    load,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -10,7 +10,7 @@ import torch
 from dkv.kvstore import codec
 from dkv.kvstore.entry import page_summaries
 from dkv.kvstore.shrink import ShrinkRule, drop_tokens, requantize
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.testing import synthetic_entry
 
 
 def _entry(quant_scheme="none", **kw):

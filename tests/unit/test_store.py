@@ -13,7 +13,7 @@ from dkv.kvstore.policy import LRUPolicy, ValuePolicy
 from dkv.kvstore.prefix import chain_hashes
 from dkv.kvstore.shrink import ShrinkRule
 from dkv.kvstore.store import MAX_CLAIMED_COMPRESSION, TieredStore, TierSpec
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.testing import synthetic_entry
 
 
 class Clock:

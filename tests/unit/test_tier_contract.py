@@ -14,8 +14,8 @@ import torch
 from dkv.kvstore import codec
 from dkv.kvstore.entry import EntryKey
 from dkv.kvstore.memory_tier import MemoryTier
-from dkv.kvstore.synthetic import synthetic_entry
 from dkv.kvstore.tier import StorageTier
+from dkv.testing import synthetic_entry
 
 CAPACITY = 1 << 30
 MiB = 1 << 20

@@ -1,5 +1,8 @@
 """``dkv``: the command line of the disaggregated KV-cache store.
 
+The top layer: it dispatches to the services (``serve``, ``up``, ``generate``), the benchmarks and
+the demo (``bench``, ``demo``), so it lives beside them in none of their folders.
+
     dkv store serve [--port P --device-bytes N --cpu-bytes N --redis-url URL ...]
     dkv store stats [--address HOST:PORT]
     dkv prefill serve [--port P --store HOST:PORT --model NAME ...]
@@ -30,19 +33,21 @@ import json
 import os
 import sys
 
+from dkv.kvstore.recipe import DEFAULT_RECIPE, SCHEMES
 from dkv.services.logs import setup_logging
-from dkv.services.settings import (DecodeSettings, GatewaySettings, PrefillSettings, SettingsError, StoreSettings,
-                                   add_arguments, describe, load)
+from dkv.services.malloc import MALLOC_TUNING
+from dkv.services.settings import (
+    DecodeSettings,
+    GatewaySettings,
+    PrefillSettings,
+    SettingsError,
+    StoreSettings,
+    add_arguments,
+    describe,
+    load,
+)
 from dkv.workers.model_source import DTYPES, FORMS, ModelError
 
-# glibc returns large blocks to the OS on free and maps fresh zeroed pages for the next one, so
-# every 4 MiB frame pays its page faults again. Keeping the heap (see docs/benchmarks.md) makes
-# large copies several times faster on this kind of machine.
-MALLOC_TUNING = {
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-}
 COMPONENTS = {"store": StoreSettings, "prefill": PrefillSettings, "decode": DecodeSettings,
               "gateway": GatewaySettings}
 
@@ -55,39 +60,18 @@ def tune_malloc_and_reexec() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "dkv", *sys.argv[1:]], env)
 
 
-def _store_serve(args: argparse.Namespace) -> int:
-    from dkv.services.store_server import serve
+# component -> the module whose ``serve(settings)`` runs it (imported when it is run)
+SERVERS = {"store": "dkv.services.store_server", "prefill": "dkv.services.prefill_server",
+           "decode": "dkv.services.decode_server", "gateway": "dkv.services.gateway_server"}
 
-    settings = load(StoreSettings, _settings_args(args, StoreSettings))
+
+def _serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    cls = COMPONENTS[args.command]
+    settings = load(cls, _settings_args(args, cls))
     setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
-    return 0
-
-
-def _prefill_serve(args: argparse.Namespace) -> int:
-    from dkv.services.prefill_server import serve
-
-    settings = load(PrefillSettings, _settings_args(args, PrefillSettings))
-    setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
-    return 0
-
-
-def _decode_serve(args: argparse.Namespace) -> int:
-    from dkv.services.decode_server import serve
-
-    settings = load(DecodeSettings, _settings_args(args, DecodeSettings))
-    setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
-    return 0
-
-
-def _gateway_serve(args: argparse.Namespace) -> int:
-    from dkv.services.gateway_server import serve
-
-    settings = load(GatewaySettings, _settings_args(args, GatewaySettings))
-    setup_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    asyncio.run(importlib.import_module(SERVERS[args.command]).serve(settings))
     return 0
 
 
@@ -124,7 +108,6 @@ def _store_stats(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from dkv.services.store_client import StoreClient
-
     from dkv.services.transport import Security
 
     with StoreClient(args.address, timeout_s=args.timeout, security=Security(args.token, args.tls_ca)) as client:
@@ -132,32 +115,14 @@ def _store_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_store(args: argparse.Namespace) -> int:
-    from dkv.bench.store import main as bench_main
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
 
-    return bench_main(args)
-
-
-def _bench_quality(args: argparse.Namespace) -> int:
-    from dkv.bench.quality import main as bench_main
-
-    return bench_main(args)
-
-
-def _bench_serve(args: argparse.Namespace) -> int:
-    from dkv.bench.serve import main as bench_main
-
-    return bench_main(args)
-
-
-def _bench_decode(args: argparse.Namespace) -> int:
-    from dkv.bench.decode import main as bench_main
-
-    return bench_main(args)
+    return importlib.import_module(f"dkv.bench.{args.suite}").main(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dkv.services.demo import main as demo_main
+    from dkv.bench.demo import main as demo_main
 
     return demo_main(args)
 
@@ -194,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Serve the tiered KV store (device / host / Redis memory) over gRPC. "
                              "Health and reflection are served on the same port.")
     add_arguments(serve, StoreSettings)
-    serve.set_defaults(func=_store_serve)
+    serve.set_defaults(func=_serve)
     stats = store.add_parser("stats", help="print a running store's tiers and counters as JSON")
     stats.add_argument("--address", default="127.0.0.1:50052", help="store address (default 127.0.0.1:50052)")
     stats.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
@@ -206,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Serve the Prefill service: tokens or text in, compressed KV-cache "
                                 "entries written to the store out. Reuses the longest cached prefix.")
     add_arguments(pserve, PrefillSettings)
-    pserve.set_defaults(func=_prefill_serve)
+    pserve.set_defaults(func=_serve)
 
     decode = sub.add_parser("decode", help="run a decode worker").add_subparsers(dest="action", required=True)
     dserve = decode.add_parser("serve", help="serve decoding over gRPC: fetch an entry, sparse attention, stream tokens",
@@ -214,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "tokens streamed out, then stats (attended slots per step, bytes per tier, time per "
                                "token). Recomputes missing entries through a prefill worker.")
     add_arguments(dserve, DecodeSettings)
-    dserve.set_defaults(func=_decode_serve)
+    dserve.set_defaults(func=_serve)
 
     gateway = sub.add_parser("gateway", help="run the gateway").add_subparsers(dest="action", required=True)
     gserve = gateway.add_parser("serve", help="serve Generate over gRPC: the one entry point for clients",
@@ -222,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the context through a prefill worker (longest cached prefix first) and decodes on "
                                 "the least loaded decode worker.")
     add_arguments(gserve, GatewaySettings)
-    gserve.set_defaults(func=_gateway_serve)
+    gserve.set_defaults(func=_serve)
 
     up = sub.add_parser("up", help="start the whole system on this machine (Ctrl-C stops all of it)",
                         description="Start Redis (when installed), the store, a prefill worker, a decode worker and "
@@ -257,10 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("context", help="the context (a document, a conversation so far)")
     gen.add_argument("query", help="the question or instruction after it")
     gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
-    gen.add_argument("--method", default="snapkv", help="compression method (snapkv, pyramidkv, h2o, ..., full)")
-    gen.add_argument("--ratio", type=float, default=0.5, help="fraction of the context's tokens removed")
-    gen.add_argument("--quant", default="none", choices=["none", "int8", "int4", "mixed"], help="K/V precision")
-    gen.add_argument("--chunk-size", type=int, default=256, help="tokens per prefix chunk")
+    gen.add_argument("--method", default=DEFAULT_RECIPE.method,
+                     help="compression method (snapkv, pyramidkv, h2o, ..., full)")
+    gen.add_argument("--ratio", type=float, default=DEFAULT_RECIPE.ratio, help="fraction of the context's tokens removed")
+    gen.add_argument("--quant", default=DEFAULT_RECIPE.quant, choices=list(SCHEMES), help="K/V precision")
+    gen.add_argument("--chunk-size", type=int, default=DEFAULT_RECIPE.chunk_size, help="tokens per prefix chunk")
     gen.add_argument("--whole", action="store_true", help="compress the whole context at once (no prefix reuse)")
     gen.add_argument("--selection", default="dense", choices=["dense", "topk", "pages"], help="decode-time selection")
     gen.add_argument("--budget", type=int, default=0, help="tokens each KV head attends per step (0 = all)")
@@ -279,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     bstore.add_argument("--json", action="store_true", help="print only the JSON result")
     bstore.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (best is kept)")
     bstore.add_argument("--tokens", type=int, default=4096, help="context tokens of the full cache")
-    bstore.set_defaults(func=_bench_store)
+    bstore.set_defaults(func=_bench)
     bquality = bench.add_parser("quality", help="retrieval, likelihood and bytes of every compression method vs kvpress",
                                 description="Score every compression method at ratios 0.5/0.75/0.9 (plus quantized, "
                                 "merged and chunked variants) on SmolLM2: passkey and needle retrieval, extra NLL "
@@ -291,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     bquality.add_argument("--out", default="docs", metavar="DIR", help="write DIR/img/quality.png and the quality "
                           "section of DIR/benchmarks.md (default docs; '' to skip)")
     bquality.add_argument("--threads", type=int, default=1, help="torch threads of dkv and of the kvpress runner")
-    bquality.set_defaults(func=_bench_quality)
+    bquality.set_defaults(func=_bench)
 
     bserve = bench.add_parser("serve", help="serving side by side with transformers and vLLM CPU: TTFT, tokens/s, "
                               "clients", description="Serve the same token ids with plain transformers, vLLM's CPU "
@@ -302,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dkv.bench.serve import add_arguments as serve_arguments
 
     serve_arguments(bserve)
-    bserve.set_defaults(func=_bench_serve)
+    bserve.set_defaults(func=_bench)
     bdec = bench.add_parser("decode", help="sparse vs dense decode attention; selection quality at small budgets",
                             description="Attention time per decode step, sparse vs dense, at 4K/16K/64K tokens for "
                             "the SmolLM2 and a Llama-8B shape (Triton on a GPU, torch on a CPU), the kernel's share "
@@ -312,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     bdec.add_argument("--repeats", type=int, default=20, help="timed repetitions (median)")
     bdec.add_argument("--quick", action="store_true", help="contexts 4K and 16K, few quality tasks")
     bdec.add_argument("--no-quality", action="store_true", help="attention timings only")
-    bdec.set_defaults(func=_bench_decode)
+    bdec.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="start the whole system, ask questions about documents, show what happened",
                           description="Start dkv on this machine, ask several questions about each of a few "

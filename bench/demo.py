@@ -18,10 +18,10 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from dkv.kvstore.entry import Recipe
-from dkv.kvstore.redis_server import free_port
+from dkv.kvstore.recipe import DEFAULT_RECIPE
 from dkv.services.client import DkvClient
 from dkv.services.store_client import StoreClient
+from dkv.services.transport import free_port
 from dkv.services.up import Cluster, UpOptions
 
 DOCUMENTS = {
@@ -61,7 +61,6 @@ GUIDE = ("You are a helpful travel assistant. Notes for Lisbon: the city is buil
          "and flat; Principe Real is quiet, with gardens and small shops. Tram 28 crosses the old town but is crowded "
          "by mid-morning. Pasteis de nata are the custard tarts of Belem; grilled sardines are a June tradition; "
          "bacalhau, salted cod, is cooked in hundreds of ways. Most museums close on Mondays. ") * 2
-RECIPE = Recipe(method="snapkv", ratio=0.5, chunk_size=256, chunked=True)
 
 
 def main(args: argparse.Namespace | None = None) -> int:
@@ -99,7 +98,7 @@ def main(args: argparse.Namespace | None = None) -> int:
 def _ask(client: DkvClient, name: str, context: str, question: str) -> dict:
     started = time.perf_counter()
     try:
-        answer, stats = client.ask(context, question, chat_template=True, recipe=RECIPE, max_new_tokens=40)
+        answer, stats = client.ask(context, question, chat_template=True, recipe=DEFAULT_RECIPE, max_new_tokens=40)
     except grpc.RpcError as e:
         return {"context": name, "question": question, "hit": False, "ttft_ms": 0.0, "answer": f"error: {e.details()}"}
     return {

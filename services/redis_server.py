@@ -26,6 +26,8 @@ import time
 import weakref
 from pathlib import Path
 
+from dkv.services.transport import free_port
+
 DEFAULT_EXECUTABLE = "redis-server"
 CLI = "redis-cli"
 CLUSTER_BUS_OFFSET = 10000  # a cluster node also listens on its port + 10000 (the cluster bus)
@@ -42,13 +44,6 @@ class _PortTaken(RedisServerError):
 def redis_server_available(executable: str = DEFAULT_EXECUTABLE) -> bool:
     """True if ``redis-server`` is on PATH (tests skip, ``dkv up`` explains, when it is not)."""
     return shutil.which(executable) is not None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it); callers retry if it is taken."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _kill_quietly(proc: subprocess.Popen) -> None:
@@ -123,7 +118,7 @@ class RedisServer:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         """Start the server (again, on the same port after a stop/kill) and wait until PING answers."""
         if self.running:
             return self
@@ -295,7 +290,7 @@ class RedisServer:
     def _address_in_use(self) -> bool:
         return "Address already in use" in self._log_tail(since=self._log_start)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -360,7 +355,7 @@ class LocalRedisCluster:
             raise RedisServerError("no node of the cluster is running: call start() first")
         return f"redis://{self.host}:{node.port}/0"
 
-    def start(self) -> "LocalRedisCluster":
+    def start(self) -> LocalRedisCluster:
         if shutil.which(CLI) is None:
             raise RedisServerError(f"{CLI!r} is not on PATH: install it with redis-server (apt-get install -y "
                                    "redis-server)")
@@ -499,7 +494,7 @@ class LocalRedisCluster:
             node.close()
         self.nodes = []
 
-    def __enter__(self) -> "LocalRedisCluster":
+    def __enter__(self) -> LocalRedisCluster:
         try:
             return self.start()
         except BaseException:
@@ -513,4 +508,4 @@ class LocalRedisCluster:
         return f"LocalRedisCluster({self.masters} masters x {1 + self.replicas}, {[n.port for n in self.nodes]})"
 
 
-__all__ = ["RedisServer", "RedisServerError", "LocalRedisCluster", "redis_server_available", "free_port"]
+__all__ = ["LocalRedisCluster", "RedisServer", "RedisServerError", "redis_server_available"]

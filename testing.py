@@ -1,4 +1,9 @@
-"""Synthetic entries of real shapes, for tests and benchmarks that need no model."""
+"""Synthetic entries of real shapes, for the tests, benchmarks and load tests that need no model.
+
+Test data, not storage: so it lives beside the package's other entry points (as ``numpy.testing``
+and ``torch.testing`` do), not in ``kvstore/``, and bench/ and loadtest/ (which may not import each
+other, nor tests/) share it from here. It imports only ``kvstore``.
+"""
 
 from __future__ import annotations
 

@@ -27,17 +27,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
-from dkv.services.wire import recipe_from_proto
+from dkv.kvstore.recipe import DEFAULT_RECIPE as RECIPE
+from dkv.services.pb import decode_pb2, gateway_pb2, prefill_pb2
+from dkv.services.wire import recipe_from_proto, recipe_to_proto
 from dkv.workers.degradation import Degradation
 
 log = logging.getLogger("dkv.gateway")
 INLINE_TEXT = 4096  # characters tokenized on the event loop; longer texts go to a thread
 
-# Chosen in docs/benchmarks.md (issue 16): of the chunked recipes within 1/4 of the fp16 bytes
-# (ratio 0.5 + int4: 0.159), LagKV answers the most retrieval tasks (11 of 21; KNorm 10, TOVA 7,
-# SnapKV 6) at 0.080 extra NLL; SnapKV's answers drop when the question comes after the context.
-DEFAULT_RECIPE = dict(method="lagkv", ratio=0.5, chunk_size=256, chunked=True, quant="int4")
+DEFAULT_RECIPE = recipe_to_proto(RECIPE)
 
 
 @dataclass
@@ -109,7 +107,9 @@ class Gateway:
             query = encode(request.query_text) if query_kind == "query_text" else list(request.query_ids.ids)
         if not context or not query:
             raise ValueError("the context and the query must each have at least one token")
-        from dkv.workers.decode_worker import check_decoding  # refuse before prefilling: a refused request stores nothing
+        from dkv.workers.decode_worker import (
+            check_decoding,  # refuse before prefilling: a refused request stores nothing
+        )
 
         check_decoding(request.selection or "dense", request.budget_fraction, 0.0, request.temperature,
                        request.top_p or 1.0)
@@ -128,7 +128,7 @@ class Gateway:
                              f"{self.max_text_bytes} (max_text_bytes): send token ids, or a shorter text")
         # a long text takes the tokenizer milliseconds: off the event loop, which serves every stream
         context, query = self.tokens(request) if texts < INLINE_TEXT else await asyncio.to_thread(self.tokens, request)
-        recipe = request.recipe if request.HasField("recipe") else common_pb2.Recipe(**DEFAULT_RECIPE)
+        recipe = request.recipe if request.HasField("recipe") else DEFAULT_RECIPE
         prefilled = await self._cached(context, recipe, request.tenant)
         if prefilled is None:
             prefill_request = prefill_pb2.PrefillRequest(recipe=recipe, tenant=request.tenant)
