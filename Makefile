@@ -63,10 +63,11 @@ redis-server:
 demo: setup redis-server
 	$(BIN)/dkv demo
 
-# ruff; the layers contract (import-linter, [tool.importlinter] in pyproject.toml); mypy on the typed
+# ruff (lint and format); the layers contract (import-linter, [tool.importlinter] in pyproject.toml); mypy on the typed
 # packages, which finds dkv by name through the link build/mypy/dkv -> this folder. Fast: make test runs it first.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --cache-dir build/import-linter
 	mkdir -p build/mypy && ln -sfn ../.. build/mypy/dkv
 	$(BIN)/mypy

@@ -34,11 +34,17 @@ def synthetic_entry(
     Every head keeps its own random positions (the first token always) with random scores.
     """
     gen = torch.Generator().manual_seed(seed)
-    recipe = Recipe(method="full" if keep_fraction >= 1 else "synthetic", ratio=round(1 - keep_fraction, 6),
-                    quant=quant_scheme)
+    recipe = Recipe(
+        method="full" if keep_fraction >= 1 else "synthetic", ratio=round(1 - keep_fraction, 6), quant=quant_scheme
+    )
     tokens = token_ids if token_ids is not None else torch.randint(0, 49152, (seq_len,), generator=gen).tolist()
-    identity = Identity(model_fingerprint, recipe, tuple(chain_hashes(tokens, recipe.chunk_size, model_fingerprint,
-                                                                     recipe.recipe_id)), len(tokens), tenant)
+    identity = Identity(
+        model_fingerprint,
+        recipe,
+        tuple(chain_hashes(tokens, recipe.chunk_size, model_fingerprint, recipe.recipe_id)),
+        len(tokens),
+        tenant,
+    )
     keep = max(1, round(len(tokens) * keep_fraction))
     layers = []
     for _ in range(num_layers):

@@ -65,9 +65,14 @@ def attention_rows(device: str, dtype: torch.dtype, repeats: int, contexts=CONTE
             kp = k.view(h_kv, pages, PAGE, d)
             page_min, page_max = kp.amin(2), kp.amax(2)
             num_pages = torch.full((h_kv,), pages, dtype=torch.int32, device=device)
-            scale = d ** -0.5
-            dense = _median_ms(lambda: F.scaled_dot_product_attention(
-                q.view(1, h_q, 1, d), k.unsqueeze(0), v.unsqueeze(0), scale=scale, enable_gqa=True), device, repeats)
+            scale = d**-0.5
+            dense = _median_ms(
+                lambda: F.scaled_dot_product_attention(
+                    q.view(1, h_q, 1, d), k.unsqueeze(0), v.unsqueeze(0), scale=scale, enable_gqa=True
+                ),
+                device,
+                repeats,
+            )
             for fraction in BUDGETS:
                 budget = int(t * fraction)
                 n_pages = budget // PAGE
@@ -81,12 +86,20 @@ def attention_rows(device: str, dtype: torch.dtype, repeats: int, contexts=CONTE
                 lengths = torch.full((h_kv,), indices.shape[1], dtype=torch.int32, device=device)
                 attend = lambda: sparse_decode_attention(q, k, v, indices, lengths, scale)  # noqa: E731
                 attention = _median_ms(attend, device, repeats)
-                sparse = _median_ms(lambda: sparse_decode_attention(q, k, v, select(), lengths, scale), device,
-                                    repeats)
-                row = {"device": _device_name(device), "shape": shape, "heads": [h_q, h_kv, d], "context": t,
-                       "budget": f"1/{round(1 / fraction)}", "budget_tokens": budget, "dtype": str(dtype).split(".")[1],
-                       "dense_ms": round(dense, 4), "sparse_ms": round(sparse, 4), "attention_ms": round(attention, 4),
-                       "speedup": round(dense / sparse, 2)}
+                sparse = _median_ms(lambda: sparse_decode_attention(q, k, v, select(), lengths, scale), device, repeats)
+                row = {
+                    "device": _device_name(device),
+                    "shape": shape,
+                    "heads": [h_q, h_kv, d],
+                    "context": t,
+                    "budget": f"1/{round(1 / fraction)}",
+                    "budget_tokens": budget,
+                    "dtype": str(dtype).split(".")[1],
+                    "dense_ms": round(dense, 4),
+                    "sparse_ms": round(sparse, 4),
+                    "attention_ms": round(attention, 4),
+                    "speedup": round(dense / sparse, 2),
+                }
                 if device == "cuda":
                     bytes_read = 2 * h_kv * budget * d * k.element_size() + indices.numel() * 4
                     row["achieved_gbps"] = round(bytes_read / attention / 1e6, 1)
@@ -120,7 +133,7 @@ class NeedleCounter:
 
     def __call__(self, layer: int, keep: torch.Tensor, view) -> None:
         needle = (view.positions >= self.span[0]) & (view.positions < self.span[1]) & view.valid
-        needle[:, view.entry_slots:] = False  # appended slots reuse positions past the entry only
+        needle[:, view.entry_slots :] = False  # appended slots reuse positions past the entry only
         self.hits[layer] += int((keep & needle).sum())
         self.slots[layer] += int(needle.sum())
 
@@ -130,8 +143,10 @@ class NeedleCounter:
 
 # (selection, fraction of the context attended per step, dense layers), each measured against
 # dense decoding; with 2 dense layers, 1/16 on the other 28 attends 1/8 in all
-QUALITY_CONFIGS = ([(s, f, 0) for s in ("topk", "pages") for f in (1 / 4, 1 / 8, 1 / 16)]
-                   + [("topk", 1 / 8, 2), ("topk", 1 / 16, 2)])
+QUALITY_CONFIGS = [(s, f, 0) for s in ("topk", "pages") for f in (1 / 4, 1 / 8, 1 / 16)] + [
+    ("topk", 1 / 8, 2),
+    ("topk", 1 / 16, 2),
+]
 
 
 def quality_rows(quick: bool = False, configs=QUALITY_CONFIGS) -> list[dict]:
@@ -156,8 +171,9 @@ def quality_rows(quick: bool = False, configs=QUALITY_CONFIGS) -> list[dict]:
 
     model, tokenizer = load_model()
     layers = model_info(model).num_layers
-    tasks = short_retrieval_tasks(tokenizer, quick=quick) + [t for t in build_tasks(tokenizer, quick=quick)
-                                                            if t["kind"] == "fidelity"]
+    tasks = short_retrieval_tasks(tokenizer, quick=quick) + [
+        t for t in build_tasks(tokenizer, quick=quick) if t["kind"] == "fidelity"
+    ]
     entries = {t["id"]: compress(model, torch.tensor([t["context_ids"]]), "full") for t in tasks}
     firsts = {t["id"]: last_logits(model, t["context_ids"]) for t in tasks if t["kind"] == "fidelity"}
     reference: dict[str, tuple[float, list[int]]] = {}
@@ -172,13 +188,22 @@ def quality_rows(quick: bool = False, configs=QUALITY_CONFIGS) -> list[dict]:
             params = dict(dense_layers=dense_layers, stats=stats)
             if task["kind"] == "retrieval":
                 needle.span = tuple(task["needle"])
-                out = generate(model, tokenizer, entry, torch.tensor([task["query_ids"]]),
-                               int(task.get("max_new_tokens", 16)), selection=selection, budget=budget,
-                               observe=needle if selection != "dense" else None, **params)
+                out = generate(
+                    model,
+                    tokenizer,
+                    entry,
+                    torch.tensor([task["query_ids"]]),
+                    int(task.get("max_new_tokens", 16)),
+                    selection=selection,
+                    budget=budget,
+                    observe=needle if selection != "dense" else None,
+                    **params,
+                )
                 correct.append(str(task["answer"]) in tokenizer.decode(out, skip_special_tokens=True))
             else:
-                nll, argmax = teacher_forced(model, entry, task["continuation_ids"], firsts[task["id"]], selection,
-                                             budget, **params)
+                nll, argmax = teacher_forced(
+                    model, entry, task["continuation_ids"], firsts[task["id"]], selection, budget, **params
+                )
                 nll = float(nll.mean())
                 ref_nll, ref_argmax = reference.setdefault(task["id"], (nll, argmax))
                 extra.append(nll - ref_nll)
@@ -187,15 +212,21 @@ def quality_rows(quick: bool = False, configs=QUALITY_CONFIGS) -> list[dict]:
                 attended.append(statistics.mean(stats.selected_per_step) / n)
         by_layer = needle.rates()
         seen = [r for r in by_layer if r is not None]
-        rows.append({"selection": selection, "budget": "all" if fraction is None else f"1/{round(1 / fraction)}",
-                     "dense_layers": dense_layers,
-                     "retrieval_accuracy": round(sum(correct) / len(correct), 3) if correct else None,
-                     "extra_nll": round(sum(extra) / len(extra), 4) if extra else None,
-                     "top1_agreement": round(sum(agree) / len(agree), 3) if agree else None,
-                     "attended": round(statistics.mean(attended), 4) if attended else None,
-                     "needle_selected": round(statistics.mean(seen), 3) if seen else None,
-                     "needle_selected_by_layer": by_layer if seen else None,
-                     "tasks": len(tasks), "retrieval_tasks": len(correct)})
+        rows.append(
+            {
+                "selection": selection,
+                "budget": "all" if fraction is None else f"1/{round(1 / fraction)}",
+                "dense_layers": dense_layers,
+                "retrieval_accuracy": round(sum(correct) / len(correct), 3) if correct else None,
+                "extra_nll": round(sum(extra) / len(extra), 4) if extra else None,
+                "top1_agreement": round(sum(agree) / len(agree), 3) if agree else None,
+                "attended": round(statistics.mean(attended), 4) if attended else None,
+                "needle_selected": round(statistics.mean(seen), 3) if seen else None,
+                "needle_selected_by_layer": by_layer if seen else None,
+                "tasks": len(tasks),
+                "retrieval_tasks": len(correct),
+            }
+        )
         log(f"decode quality: {json.dumps({k: v for k, v in rows[-1].items() if not k.endswith('_by_layer')})}")
     return rows
 

@@ -201,7 +201,11 @@ def load_config(model_dir: Path):
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     raw = json.loads((model_dir / "config.json").read_text())
     rope = raw.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" not in raw and not isinstance(getattr(config, "rope_parameters", None), dict):
+    if (
+        isinstance(rope, dict)
+        and "rope_theta" not in raw
+        and not isinstance(getattr(config, "rope_parameters", None), dict)
+    ):
         config.rope_theta = float(rope["rope_theta"])
         if rope.get("rope_type", "default") != "default":
             config.rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}

@@ -101,9 +101,14 @@ class Config:
 
     @property
     def label(self) -> str:
-        extra = "".join([f"+{self.quant}" if self.quant != "none" else "", "+merge" if self.merge else "",
-                         "+chunked" if self.chunked else "",
-                         f"+{self.selection}@{self.attend:g}" if self.selection != "dense" else ""])
+        extra = "".join(
+            [
+                f"+{self.quant}" if self.quant != "none" else "",
+                "+merge" if self.merge else "",
+                "+chunked" if self.chunked else "",
+                f"+{self.selection}@{self.attend:g}" if self.selection != "dense" else "",
+            ]
+        )
         return f"{self.method}@{self.ratio}{extra}" if self.method != "full" else f"full{extra}"
 
     def budget(self, n_tokens: int) -> int | None:
@@ -116,6 +121,7 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ protocol
+
 
 def _stitch(entries):
     """One entry holding the chunk entries of a chunked recipe back to back; quantized rows come
@@ -130,8 +136,10 @@ def _stitch(entries):
         dense = [layer.dequantized(first.page_size, torch.float32) for layer in per_chunk]
         pos, keys, values, scores = [], [], [], []
         for h in range(first.num_kv_heads):
-            rows = [(layer.head_offsets[h].item(), layer.head_offsets[h + 1].item(), layer, kv)
-                    for layer, kv in zip(per_chunk, dense)]
+            rows = [
+                (layer.head_offsets[h].item(), layer.head_offsets[h + 1].item(), layer, kv)
+                for layer, kv in zip(per_chunk, dense)
+            ]
             pos.append(torch.cat([layer.positions[a:b] for a, b, layer, _ in rows]))
             keys.append(torch.cat([kv[0][a:b] for a, b, _, kv in rows]))
             values.append(torch.cat([kv[1][a:b] for a, b, _, kv in rows]))
@@ -157,8 +165,9 @@ def make_entry(model, ids: torch.Tensor, cfg: Config):
     from dkv.workers.compression import compress, compress_chunks
 
     if cfg.chunked:
-        entries = compress_chunks(model, ids, cfg.method, cfg.ratio, quant=cfg.quant, merge=cfg.merge,
-                                  chunk_size=CHUNK_SIZE)
+        entries = compress_chunks(
+            model, ids, cfg.method, cfg.ratio, quant=cfg.quant, merge=cfg.merge, chunk_size=CHUNK_SIZE
+        )
         return _stitch(entries), sum(stored_bytes(e) for e in entries)
     entry = compress(model, ids, cfg.method, cfg.ratio, quant=cfg.quant, merge=cfg.merge)
     return entry, stored_bytes(entry)
@@ -179,11 +188,19 @@ def bytes_breakdown(model, context_ids: list[int], method: str, ratio: float = 0
     per_row = {name: round(b / rows, 3) for name, b in fields.items()}
     total = sum(fields.values()) / rows
     fp16_row = 2 * entry.head_dim * 2
-    return {"method": method, "ratio": ratio, "quant": quant, "context_tokens": len(context_ids),
-            "page_size": entry.page_size, "head_dim": entry.head_dim, "bytes_per_row": per_row,
-            "total_per_row": round(total, 3), "fp16_kv_per_row": fp16_row,
-            "kept_fraction": rows / (entry.num_layers * entry.num_kv_heads * len(context_ids)),
-            "bytes_vs_fp16_kv": stored_bytes(entry) / fp16_kv_bytes(model, len(context_ids))}
+    return {
+        "method": method,
+        "ratio": ratio,
+        "quant": quant,
+        "context_tokens": len(context_ids),
+        "page_size": entry.page_size,
+        "head_dim": entry.head_dim,
+        "bytes_per_row": per_row,
+        "total_per_row": round(total, 3),
+        "fp16_kv_per_row": fp16_row,
+        "kept_fraction": rows / (entry.num_layers * entry.num_kv_heads * len(context_ids)),
+        "bytes_vs_fp16_kv": stored_bytes(entry) / fp16_kv_bytes(model, len(context_ids)),
+    }
 
 
 def fp16_kv_bytes(model, n_tokens: int) -> int:
@@ -214,12 +231,27 @@ def run_retrieval(model, tokenizer, task: dict, cfg: Config, memo: dict | None =
     n = len(task["context_ids"])
     entry, nbytes, prefill_s = _task_entry(model, task, cfg, memo)
     stats = DecodeStats()
-    new_ids = generate(model, tokenizer, entry, torch.tensor([task["query_ids"]]),
-                       int(task.get("max_new_tokens", 16)), selection=cfg.selection, budget=cfg.budget(n),
-                       stats=stats)
+    new_ids = generate(
+        model,
+        tokenizer,
+        entry,
+        torch.tensor([task["query_ids"]]),
+        int(task.get("max_new_tokens", 16)),
+        selection=cfg.selection,
+        budget=cfg.budget(n),
+        stats=stats,
+    )
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    return {"kind": "retrieval", "correct": str(task["answer"]) in text, "text": text, "new_ids": new_ids,
-            "nbytes": nbytes, "kv_kept": _kept(entry, n), "attended": _attended(stats, n), "prefill_s": prefill_s}
+    return {
+        "kind": "retrieval",
+        "correct": str(task["answer"]) in text,
+        "text": text,
+        "new_ids": new_ids,
+        "nbytes": nbytes,
+        "kv_kept": _kept(entry, n),
+        "attended": _attended(stats, n),
+        "prefill_s": prefill_s,
+    }
 
 
 def _attended(stats, n_tokens: int) -> float | None:
@@ -228,8 +260,16 @@ def _attended(stats, n_tokens: int) -> float | None:
     return sum(steps) / len(steps) / n_tokens if steps else None
 
 
-def teacher_forced(model, entry, continuation: list[int], first_logits: torch.Tensor, selection: str,
-                   budget: int | None, stats=None, **params) -> tuple[torch.Tensor, list[int]]:
+def teacher_forced(
+    model,
+    entry,
+    continuation: list[int],
+    first_logits: torch.Tensor,
+    selection: str,
+    budget: int | None,
+    stats=None,
+    **params,
+) -> tuple[torch.Tensor, list[int]]:
     """Per-token NLL of ``continuation`` and the argmax at each position, one decode step per
     token through the decode worker's batched decoder (fed the continuation instead of its own
     picks), so decode-time selection applies at every position."""
@@ -242,8 +282,19 @@ def teacher_forced(model, entry, continuation: list[int], first_logits: torch.Te
         rows.append(logits.float())
         return next(forced)
 
-    generate(model, None, entry, torch.tensor([continuation[:1]]), len(continuation) - 1, selection, budget,
-             stop_ids=set(), pick=feed, stats=stats, **params)
+    generate(
+        model,
+        None,
+        entry,
+        torch.tensor([continuation[:1]]),
+        len(continuation) - 1,
+        selection,
+        budget,
+        stop_ids=set(),
+        pick=feed,
+        stats=stats,
+        **params,
+    )
     logits = torch.stack(rows)
     nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(continuation).unsqueeze(1)).squeeze(1)
     return nll, logits.argmax(-1).tolist()
@@ -255,8 +306,9 @@ def last_logits(model, context_ids: list[int]) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
-def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, reference: dict | None,
-                 memo: dict | None = None) -> dict:
+def run_fidelity(
+    model, task: dict, cfg: Config, first_logits: torch.Tensor, reference: dict | None, memo: dict | None = None
+) -> dict:
     from dkv.workers.cache import to_hf_cache
     from dkv.workers.engine import DecodeStats
 
@@ -273,18 +325,24 @@ def run_fidelity(model, task: dict, cfg: Config, first_logits: torch.Tensor, ref
             cache = to_hf_cache(entry)
             position_ids = torch.arange(len(context), len(context) + len(cont) - 1).unsqueeze(0)
             with torch.no_grad():
-                out = model(input_ids=torch.tensor([cont[:-1]]), cache=cache, position_ids=position_ids,
-                            use_cache=True)
+                out = model(input_ids=torch.tensor([cont[:-1]]), cache=cache, position_ids=position_ids, use_cache=True)
             rows.append(out.logits[0].float())
         logits = torch.cat(rows, dim=0)  # row i predicts cont[i]
         nll = -torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(cont).unsqueeze(1)).squeeze(1)
         argmax = logits.argmax(dim=-1).tolist()
     mean_nll = float(nll.mean())
     ref_argmax, ref_mean = (argmax, mean_nll) if reference is None else (reference["argmax"], reference["mean_nll"])
-    return {"kind": "fidelity", "mean_nll": mean_nll, "extra_nll": mean_nll - ref_mean,
-            "top1_agreement": sum(a == b for a, b in zip(argmax, ref_argmax)) / len(argmax),
-            "argmax": argmax, "nbytes": nbytes, "kv_kept": _kept(entry, len(context)), "attended": attended,
-            "prefill_s": prefill_s}
+    return {
+        "kind": "fidelity",
+        "mean_nll": mean_nll,
+        "extra_nll": mean_nll - ref_mean,
+        "top1_agreement": sum(a == b for a, b in zip(argmax, ref_argmax)) / len(argmax),
+        "argmax": argmax,
+        "nbytes": nbytes,
+        "kv_kept": _kept(entry, len(context)),
+        "attended": attended,
+        "prefill_s": prefill_s,
+    }
 
 
 def _kept(entry, n_tokens: int) -> float:
@@ -296,8 +354,17 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def evaluate(model, tokenizer, tasks: list[dict], cfg: Config, reference: dict | None, first_logits: dict,
-             full_bytes: dict, step=lambda label: None, memo: dict | None = None) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[dict],
+    cfg: Config,
+    reference: dict | None,
+    first_logits: dict,
+    full_bytes: dict,
+    step=lambda label: None,
+    memo: dict | None = None,
+) -> dict:
     """One dkv config over ``tasks``: the result row (schema in ``main``) plus per-task results."""
     per_task = {}
     for task in tasks:
@@ -315,8 +382,14 @@ def evaluate(model, tokenizer, tasks: list[dict], cfg: Config, reference: dict |
     retrieval = [r for r in per_task.values() if r["kind"] == "retrieval"]
     fidelity = [r for r in per_task.values() if r["kind"] == "fidelity"]
     return {
-        "impl": "dkv", "method": cfg.method, "ratio": cfg.ratio, "quant": cfg.quant, "merge": cfg.merge,
-        "chunked": cfg.chunked, "selection": cfg.selection, "attend": cfg.attend,
+        "impl": "dkv",
+        "method": cfg.method,
+        "ratio": cfg.ratio,
+        "quant": cfg.quant,
+        "merge": cfg.merge,
+        "chunked": cfg.chunked,
+        "selection": cfg.selection,
+        "attend": cfg.attend,
         "retrieval_accuracy": _mean([1.0 if r["correct"] else 0.0 for r in retrieval]),
         "extra_nll": _mean([r["extra_nll"] for r in fidelity]),
         "top1_agreement": _mean([r["top1_agreement"] for r in fidelity]),
@@ -331,6 +404,7 @@ def evaluate(model, tokenizer, tasks: list[dict], cfg: Config, reference: dict |
 
 
 # ------------------------------------------------------------------------------------------- timing
+
 
 def time_prefill(model, contexts: list[list[int]], methods: list[str], repeats: int) -> dict:
     """Best seconds of a plain forward and of ``compress(method, TIMING_RATIO)`` per context.
@@ -373,9 +447,15 @@ def time_prefill(model, contexts: list[list[int]], methods: list[str], repeats: 
         for m in methods:
             split[m]["capture_s"].append(min(t["prefill_s"] for t in parts[m]))
             split[m]["select_s"].append(min(t["compress_s"] for t in parts[m]))
-    result = {"plain_s": _mean(wall["plain"]), "plain_cpu_s": _mean(cpu["plain"]),
-              "contexts": [len(c) for c in contexts], "repeats": repeats, "threads": torch.get_num_threads(),
-              "load_avg": _loadavg(), "methods": {}}
+    result = {
+        "plain_s": _mean(wall["plain"]),
+        "plain_cpu_s": _mean(cpu["plain"]),
+        "contexts": [len(c) for c in contexts],
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "load_avg": _loadavg(),
+        "methods": {},
+    }
     for m in methods:
         result["methods"][m] = {
             "compress_s": _mean(wall[m]),
@@ -390,6 +470,7 @@ def time_prefill(model, contexts: list[list[int]], methods: list[str], repeats: 
 
 # ------------------------------------------------------------------------------------------ kvpress
 
+
 class Peers:
     """``bench/kvpress_runner.py`` in ``.venv-peers``, as a background subprocess."""
 
@@ -398,9 +479,22 @@ class Peers:
         self.out_file = workdir / "kvpress.json"
         self.log_file = workdir / "kvpress.log"
         self.task_file.write_text(json.dumps({"tasks": [_runner_task(t) for t in tasks]}))
-        cmd = [str(PEERS_PYTHON), str(RUNNER), "--model-dir", str(model_dir), "--tasks", str(self.task_file),
-               "--out", str(self.out_file), "--presses", ",".join(presses),
-               "--ratios", ",".join(str(r) for r in ratios), "--threads", str(threads)]
+        cmd = [
+            str(PEERS_PYTHON),
+            str(RUNNER),
+            "--model-dir",
+            str(model_dir),
+            "--tasks",
+            str(self.task_file),
+            "--out",
+            str(self.out_file),
+            "--presses",
+            ",".join(presses),
+            "--ratios",
+            ",".join(str(r) for r in ratios),
+            "--threads",
+            str(threads),
+        ]
         self._log = open(self.log_file, "wb")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log)
@@ -434,29 +528,63 @@ def _runner_task(task: dict) -> dict:
 def kvpress_rows(report: dict) -> list[dict]:
     rows = []
     for r in report["results"]:
-        rows.append({
-            "impl": "kvpress", "method": r["press"], "ratio": r["ratio"], "quant": "none", "merge": False,
-            "chunked": False, "selection": "dense", "attend": 1.0, "attended": r["kv_kept"],
-            "retrieval_accuracy": r["retrieval_accuracy"], "extra_nll": r["extra_nll"],
-            "top1_agreement": r["top1_agreement"], "bytes_vs_fp16_kv": r["kv_kept"], "bytes_vs_full_entry": None,
-            "prefill_overhead": None, "kv_kept": r["kv_kept"], "prefill_s": r["prefill_s"], "error": r["error"],
-            "per_task": {tid: (t["correct"] if t["kind"] == "retrieval" else round(t["extra_nll"], 4))
-                         for tid, t in r["tasks"].items() if "error" not in t},
-        })
+        rows.append(
+            {
+                "impl": "kvpress",
+                "method": r["press"],
+                "ratio": r["ratio"],
+                "quant": "none",
+                "merge": False,
+                "chunked": False,
+                "selection": "dense",
+                "attend": 1.0,
+                "attended": r["kv_kept"],
+                "retrieval_accuracy": r["retrieval_accuracy"],
+                "extra_nll": r["extra_nll"],
+                "top1_agreement": r["top1_agreement"],
+                "bytes_vs_fp16_kv": r["kv_kept"],
+                "bytes_vs_full_entry": None,
+                "prefill_overhead": None,
+                "kv_kept": r["kv_kept"],
+                "prefill_s": r["prefill_s"],
+                "error": r["error"],
+                "per_task": {
+                    tid: (t["correct"] if t["kind"] == "retrieval" else round(t["extra_nll"], 4))
+                    for tid, t in r["tasks"].items()
+                    if "error" not in t
+                },
+            }
+        )
     return rows
 
 
 # ------------------------------------------------------------------------------------------- report
 
+
 def plain_rows(results: list[dict], impl: str) -> list[dict]:
-    return [r for r in results if r["impl"] == impl and r["method"] != "full" and r["quant"] == "none"
-            and not r["merge"] and not r["chunked"] and r.get("selection", "dense") == "dense" and not r.get("error")]
+    return [
+        r
+        for r in results
+        if r["impl"] == impl
+        and r["method"] != "full"
+        and r["quant"] == "none"
+        and not r["merge"]
+        and not r["chunked"]
+        and r.get("selection", "dense") == "dense"
+        and not r.get("error")
+    ]
 
 
 def equal_rows(results: list[dict], ratio: float) -> list[dict]:
     """dkv's rows that attend ``1 - ratio`` of the context per step by decode selection."""
-    return [r for r in results if r["impl"] == "dkv" and r.get("selection", "dense") != "dense"
-            and abs(r["attend"] - (1 - ratio)) < 1e-6 and not r.get("error")]
+    return [
+        r
+        for r in results
+        if r["impl"] == "dkv"
+        and r.get("selection", "dense") != "dense"
+        and abs(r["attend"] - (1 - ratio)) < 1e-6
+        and not r.get("error")
+    ]
 
 
 def equal_tokens(results: list[dict]) -> list[dict]:
@@ -475,23 +603,33 @@ def equal_tokens(results: list[dict]) -> list[dict]:
         best, peer = min(ours, key=rank), min(theirs, key=rank)
         nll = [r for r in ours if r["extra_nll"] is not None]
         peer_nll = [r for r in theirs if r["extra_nll"] is not None]
-        out.append({
-            "ratio": ratio, "attend": round(1 - ratio, 4),
-            "dkv": _equal_label(best), "dkv_retrieval": best["retrieval_accuracy"], "dkv_extra_nll": best["extra_nll"],
-            "dkv_bytes_vs_fp16_kv": best["bytes_vs_fp16_kv"], "dkv_attended": best.get("attended"),
-            "dkv_lowest_nll": min(r["extra_nll"] for r in nll) if nll else None,
-            "dkv_lowest_nll_config": _equal_label(min(nll, key=lambda r: r["extra_nll"])) if nll else None,
-            "kvpress": peer["method"], "kvpress_retrieval": peer["retrieval_accuracy"],
-            "kvpress_extra_nll": peer["extra_nll"],
-            "kvpress_lowest_nll": min(r["extra_nll"] for r in peer_nll) if peer_nll else None,
-            "kvpress_bytes_vs_fp16_kv": peer["bytes_vs_fp16_kv"],
-        })
+        out.append(
+            {
+                "ratio": ratio,
+                "attend": round(1 - ratio, 4),
+                "dkv": _equal_label(best),
+                "dkv_retrieval": best["retrieval_accuracy"],
+                "dkv_extra_nll": best["extra_nll"],
+                "dkv_bytes_vs_fp16_kv": best["bytes_vs_fp16_kv"],
+                "dkv_attended": best.get("attended"),
+                "dkv_lowest_nll": min(r["extra_nll"] for r in nll) if nll else None,
+                "dkv_lowest_nll_config": _equal_label(min(nll, key=lambda r: r["extra_nll"])) if nll else None,
+                "kvpress": peer["method"],
+                "kvpress_retrieval": peer["retrieval_accuracy"],
+                "kvpress_extra_nll": peer["extra_nll"],
+                "kvpress_lowest_nll": min(r["extra_nll"] for r in peer_nll) if peer_nll else None,
+                "kvpress_bytes_vs_fp16_kv": peer["bytes_vs_fp16_kv"],
+            }
+        )
     return out
 
 
 def _equal_label(r: dict) -> str:
-    store = "full cache" if r["method"] == "full" else f"{r['method']} {r['ratio']}" + (
-        f" + {r['quant']}" if r["quant"] != "none" else "")
+    store = (
+        "full cache"
+        if r["method"] == "full"
+        else f"{r['method']} {r['ratio']}" + (f" + {r['quant']}" if r["quant"] != "none" else "")
+    )
     return f"{store}, {r['selection']}"
 
 
@@ -529,39 +667,72 @@ def targets(results: list[dict], timing: dict | None, best: str, full_accuracy: 
             if ours is not None and theirs is not None:
                 met = ours <= theirs + tol if lowest else ours >= theirs - tol
             out[f"{field}_vs_kvpress@{ratio}"] = {
-                "value": ours, "threshold": theirs, "met": met, "dkv_method": our_m, "kvpress_press": their_m,
+                "value": ours,
+                "threshold": theirs,
+                "met": met,
+                "dkv_method": our_m,
+                "kvpress_press": their_m,
                 "rule": f"dkv's best {'<=' if lowest else '>='} kvpress's best" + (f" + {tol}" if tol else ""),
             }
     for m, t in ((timing or {}).get("methods") or {}).items():
-        out[f"prefill_overhead:{m}"] = {"value": t["overhead"], "threshold": TARGETS["prefill_overhead"],
-                                        "met": t["overhead"] <= TARGETS["prefill_overhead"], "rule": "<="}
-    q = next((r for r in results if r["impl"] == "dkv" and r["method"] == best and r["quant"] == "int4"
-              and abs(r["ratio"] - 0.5) < 1e-9 and not r["merge"] and not r["chunked"]
-              and r.get("selection", "dense") == "dense"), None)
+        out[f"prefill_overhead:{m}"] = {
+            "value": t["overhead"],
+            "threshold": TARGETS["prefill_overhead"],
+            "met": t["overhead"] <= TARGETS["prefill_overhead"],
+            "rule": "<=",
+        }
+    q = next(
+        (
+            r
+            for r in results
+            if r["impl"] == "dkv"
+            and r["method"] == best
+            and r["quant"] == "int4"
+            and abs(r["ratio"] - 0.5) < 1e-9
+            and not r["merge"]
+            and not r["chunked"]
+            and r.get("selection", "dense") == "dense"
+        ),
+        None,
+    )
     if q is not None:
-        out["int4@0.5_bytes_vs_fp16_kv"] = {"value": q["bytes_vs_fp16_kv"], "threshold": TARGETS["int4_bytes"],
-                                            "met": q["bytes_vs_fp16_kv"] <= TARGETS["int4_bytes"], "rule": "<=",
-                                            "method": best, "bytes_vs_full_entry": q["bytes_vs_full_entry"]}
+        out["int4@0.5_bytes_vs_fp16_kv"] = {
+            "value": q["bytes_vs_fp16_kv"],
+            "threshold": TARGETS["int4_bytes"],
+            "met": q["bytes_vs_fp16_kv"] <= TARGETS["int4_bytes"],
+            "rule": "<=",
+            "method": best,
+            "bytes_vs_full_entry": q["bytes_vs_full_entry"],
+        }
         acc = q["retrieval_accuracy"]
         drop = None if full_accuracy is None or acc is None else full_accuracy - acc
-        out["int4@0.5_retrieval_drop"] = {"value": drop, "threshold": TARGETS["int4_retrieval_drop"],
-                                          "met": None if drop is None
-                                          else drop <= TARGETS["int4_retrieval_drop"] + 1e-9,
-                                          "rule": "<=", "method": best}
+        out["int4@0.5_retrieval_drop"] = {
+            "value": drop,
+            "threshold": TARGETS["int4_retrieval_drop"],
+            "met": None if drop is None else drop <= TARGETS["int4_retrieval_drop"] + 1e-9,
+            "rule": "<=",
+            "method": best,
+        }
     for e in equal_tokens(results):
         r = e["ratio"]
         margin = EQUAL_MARGIN[r]
         threshold = e["kvpress_retrieval"] + margin if e["kvpress_retrieval"] is not None else None
         out[f"equal_tokens_retrieval@{r}"] = {
-            "value": e["dkv_retrieval"], "threshold": threshold,
+            "value": e["dkv_retrieval"],
+            "threshold": threshold,
             "met": None if threshold is None or e["dkv_retrieval"] is None else e["dkv_retrieval"] >= threshold - 1e-9,
             "rule": f"dkv's best at equal attended tokens >= kvpress's best press + {margin}",
-            "dkv_config": e["dkv"], "kvpress_press": e["kvpress"]}
+            "dkv_config": e["dkv"],
+            "kvpress_press": e["kvpress"],
+        }
         ours, theirs = e["dkv_lowest_nll"], e["kvpress_lowest_nll"]
         out[f"equal_tokens_extra_nll@{r}"] = {
-            "value": ours, "threshold": theirs, "met": None if ours is None or theirs is None else ours < theirs,
+            "value": ours,
+            "threshold": theirs,
+            "met": None if ours is None or theirs is None else ours < theirs,
             "rule": "dkv's lowest extra NLL at equal attended tokens < kvpress's lowest",
-            "dkv_config": e["dkv_lowest_nll_config"]}
+            "dkv_config": e["dkv_lowest_nll_config"],
+        }
     return out
 
 
@@ -571,16 +742,32 @@ def prefix_reuse(results: list[dict]) -> list[dict]:
     for c in results:
         if c["impl"] != "dkv" or not c["chunked"]:
             continue
-        w = next((r for r in results if r["impl"] == "dkv" and r["method"] == c["method"] and r["ratio"] == c["ratio"]
-                  and r["quant"] == c["quant"] and r["merge"] == c["merge"] and not r["chunked"]
-                  and r.get("selection", "dense") == "dense"), None)
+        w = next(
+            (
+                r
+                for r in results
+                if r["impl"] == "dkv"
+                and r["method"] == c["method"]
+                and r["ratio"] == c["ratio"]
+                and r["quant"] == c["quant"]
+                and r["merge"] == c["merge"]
+                and not r["chunked"]
+                and r.get("selection", "dense") == "dense"
+            ),
+            None,
+        )
         if w is None:
             continue
-        out.append({"method": c["method"], "ratio": c["ratio"],
-                    "retrieval_delta": _diff(c["retrieval_accuracy"], w["retrieval_accuracy"]),
-                    "extra_nll_delta": _diff(c["extra_nll"], w["extra_nll"]),
-                    "top1_delta": _diff(c["top1_agreement"], w["top1_agreement"]),
-                    "bytes_delta": _diff(c["bytes_vs_fp16_kv"], w["bytes_vs_fp16_kv"])})
+        out.append(
+            {
+                "method": c["method"],
+                "ratio": c["ratio"],
+                "retrieval_delta": _diff(c["retrieval_accuracy"], w["retrieval_accuracy"]),
+                "extra_nll_delta": _diff(c["extra_nll"], w["extra_nll"]),
+                "top1_delta": _diff(c["top1_agreement"], w["top1_agreement"]),
+                "bytes_delta": _diff(c["bytes_vs_fp16_kv"], w["bytes_vs_fp16_kv"]),
+            }
+        )
     return out
 
 
@@ -590,8 +777,15 @@ def _diff(a, b):
 
 # --------------------------------------------------------------------------------------------- run
 
-def run(quick: bool = False, peers: bool = True, progress: bool = True, threads: int = 1,
-        repeats: int = 5, model_name: str | None = None) -> dict:
+
+def run(
+    quick: bool = False,
+    peers: bool = True,
+    progress: bool = True,
+    threads: int = 1,
+    repeats: int = 5,
+    model_name: str | None = None,
+) -> dict:
     """Run the benchmark and return the report (see ``main``); torch's thread count is restored after."""
     previous_threads = torch.get_num_threads()
     if threads > 0:
@@ -625,8 +819,9 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
         log(f"dropping {len(failed)} task(s) the full cache fails: {', '.join(failed)}")
     tasks = [t for t in tasks if t["id"] not in failed]
     full["tasks"] = {k: v for k, v in full["tasks"].items() if k not in failed}
-    full["retrieval_accuracy"] = _mean([1.0 if r["correct"] else 0.0 for r in full["tasks"].values()
-                                        if r["kind"] == "retrieval"])
+    full["retrieval_accuracy"] = _mean(
+        [1.0 if r["correct"] else 0.0 for r in full["tasks"].values() if r["kind"] == "retrieval"]
+    )
     full_bytes = {tid: r["nbytes"] for tid, r in full["tasks"].items()}
     reference = {tid: r for tid, r in full["tasks"].items() if r["kind"] == "fidelity"}
 
@@ -642,8 +837,9 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="dkv-quality-"))
     if peers and PEERS_PYTHON.exists():
         presses = QUICK_METHODS if quick else KVPRESS_PRESSES
-        runner = Peers(tasks, cache_root() / model_name, presses, sorted({*ratios, *EQUAL_RATIOS}), max(threads, 1),
-                       workdir)
+        runner = Peers(
+            tasks, cache_root() / model_name, presses, sorted({*ratios, *EQUAL_RATIOS}), max(threads, 1), workdir
+        )
         log(f"kvpress runner started (log: {runner.log_file})")
         bar.peers = runner
     elif peers:
@@ -655,8 +851,9 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
     bar.reset(len(tasks) * len(methods) * len(ratios), "methods")
     for m in methods:
         for r in ratios:
-            results.append(_evaluate_safe(model, tokenizer, tasks, Config(m, r), reference, first_logits, full_bytes,
-                                          bar.step))
+            results.append(
+                _evaluate_safe(model, tokenizer, tasks, Config(m, r), reference, first_logits, full_bytes, bar.step)
+            )
     best = best_method(plain_rows(results, "dkv"))
     quants, variant_ratios = (("int4",), (0.5,)) if quick else (QUANTS, VARIANT_RATIOS)
     variants = [Config(best, r, quant=q) for q in quants for r in variant_ratios]
@@ -667,18 +864,39 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
             variants += [Config(m, r, chunked=True) for r in VARIANT_RATIOS]
     stores = [Config(m, EQUAL_STORE_RATIO, quant="int4") for m in dict.fromkeys([best, *EQUAL_STORE_METHODS])]
     stores = stores[:1] if quick else [Config("full", 0.0), *stores]
-    variants += [Config(c.method, c.ratio, quant=c.quant, selection=sel, attend=round(1 - r, 4))
-                 for r in EQUAL_RATIOS for c in stores for sel in EQUAL_SELECTIONS]
+    variants += [
+        Config(c.method, c.ratio, quant=c.quant, selection=sel, attend=round(1 - r, 4))
+        for r in EQUAL_RATIOS
+        for c in stores
+        for sel in EQUAL_SELECTIONS
+    ]
     bar.reset(len(tasks) * len(variants), f"variants (best: {best})")
     memo: dict = {}  # the equal-token rows share their stores
     for cfg in variants:
-        results.append(_evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_bytes, bar.step,
-                                      memo if cfg.selection != "dense" else None))
+        results.append(
+            _evaluate_safe(
+                model,
+                tokenizer,
+                tasks,
+                cfg,
+                reference,
+                first_logits,
+                full_bytes,
+                bar.step,
+                memo if cfg.selection != "dense" else None,
+            )
+        )
     if timing:
         for m, t in timing["methods"].items():
             for row in results:
-                if row["impl"] == "dkv" and row["method"] == m and row["ratio"] == TIMING_RATIO \
-                        and row["quant"] == "none" and not row["merge"] and not row["chunked"]:
+                if (
+                    row["impl"] == "dkv"
+                    and row["method"] == m
+                    and row["ratio"] == TIMING_RATIO
+                    and row["quant"] == "none"
+                    and not row["merge"]
+                    and not row["chunked"]
+                ):
                     row["prefill_overhead"] = t["overhead"]
 
     breakdown = None
@@ -708,10 +926,20 @@ def _run(quick, peers, progress, threads, repeats, model_name) -> dict:
         "equal_tokens": equal_tokens(rows),
         "timing": timing,
         "int4_bytes_breakdown": breakdown,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "load_avg": _loadavg(), "python": platform.python_version(), "torch": torch.__version__},
-        "kvpress": None if peer_report is None else {k: peer_report.get(k) for k in (
-            "kvpress_version", "transformers_version", "threads", "wall_s", "attn_implementation")},
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "load_avg": _loadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "kvpress": None
+        if peer_report is None
+        else {
+            k: peer_report.get(k)
+            for k in ("kvpress_version", "transformers_version", "threads", "wall_s", "attn_implementation")
+        },
         "quick": quick,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -723,8 +951,11 @@ def _public(row: dict) -> dict:
     """The row without per-task detail, plus ``per_task``: correct (retrieval) or extra NLL (fidelity)."""
     out = {k: v for k, v in row.items() if k != "tasks"}
     if "tasks" in row:
-        out["per_task"] = {tid: (r["correct"] if r["kind"] == "retrieval" else round(r["extra_nll"], 4))
-                           for tid, r in row["tasks"].items() if "error" not in r}
+        out["per_task"] = {
+            tid: (r["correct"] if r["kind"] == "retrieval" else round(r["extra_nll"], 4))
+            for tid, r in row["tasks"].items()
+            if "error" not in r
+        }
     return out
 
 
@@ -736,10 +967,23 @@ def _evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_b
         return row
     except Exception as exc:
         log(f"{cfg.label} failed: {type(exc).__name__}: {exc}")
-        return {"impl": "dkv", "method": cfg.method, "ratio": cfg.ratio, "quant": cfg.quant, "merge": cfg.merge,
-                "chunked": cfg.chunked, "selection": cfg.selection, "attend": cfg.attend, "retrieval_accuracy": None, "extra_nll": None, "top1_agreement": None,
-                "bytes_vs_fp16_kv": None, "bytes_vs_full_entry": None, "prefill_overhead": None,
-                "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "impl": "dkv",
+            "method": cfg.method,
+            "ratio": cfg.ratio,
+            "quant": cfg.quant,
+            "merge": cfg.merge,
+            "chunked": cfg.chunked,
+            "selection": cfg.selection,
+            "attend": cfg.attend,
+            "retrieval_accuracy": None,
+            "extra_nll": None,
+            "top1_agreement": None,
+            "bytes_vs_fp16_kv": None,
+            "bytes_vs_full_entry": None,
+            "prefill_overhead": None,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
 
 
 def _cpu_name() -> str:
@@ -788,6 +1032,7 @@ class _Bar:
 
 # ------------------------------------------------------------------------------------- docs output
 
+
 def _fmt(v, digits=3, pct=False):
     if v is None:
         return "–"
@@ -814,8 +1059,12 @@ def markdown(report: dict, image: str | None) -> str:
         f"load average {m['load_avg']}, torch {m['torch']}, float32 weights on CPU; "
         f"{report['n_tasks']} tasks ({report['tasks_dropped']} dropped because the full cache failed them), "
         f"wall time {report['wall_s'] / 60:.1f} min."
-        + (f" kvpress {kv.get('kvpress_version')} (transformers {kv.get('transformers_version')}) ran in "
-           f"`.venv-peers` on the same token ids." if kv else " kvpress did not run (no `.venv-peers`)."),
+        + (
+            f" kvpress {kv.get('kvpress_version')} (transformers {kv.get('transformers_version')}) ran in "
+            f"`.venv-peers` on the same token ids."
+            if kv
+            else " kvpress did not run (no `.venv-peers`)."
+        ),
         "",
         "Tasks: " + ", ".join(f"{t['id']} ({t['context_tokens']} tok)" for t in report["tasks"]) + ".",
         "Retrieval = share of passkey/needle answers found; extra NLL = nats/token over the full cache on the "
@@ -828,15 +1077,25 @@ def markdown(report: dict, image: str | None) -> str:
         "| prefill overhead |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = sorted((r for r in report["results"] if r.get("selection", "dense") == "dense"), key=lambda r: (r["impl"] != "dkv", r["method"] != "full", r["method"],
-                                                     _variant(r) != "–", _variant(r), r["ratio"]))
+    rows = sorted(
+        (r for r in report["results"] if r.get("selection", "dense") == "dense"),
+        key=lambda r: (
+            r["impl"] != "dkv",
+            r["method"] != "full",
+            r["method"],
+            _variant(r) != "–",
+            _variant(r),
+            r["ratio"],
+        ),
+    )
     for r in rows:
         err = f" (error: {r['error'][:60]})" if r.get("error") else ""
         lines.append(
             f"| {r['impl']} | {r['method']}{err} | {r['ratio']} | {_variant(r)} "
             f"| {_fmt(r['retrieval_accuracy'], pct=True)} "
             f"| {_fmt(r['extra_nll'])} | {_fmt(r['top1_agreement'], pct=True)} | {_fmt(r['bytes_vs_fp16_kv'])} "
-            f"| {_fmt(r['bytes_vs_full_entry'])} | {_fmt(r['prefill_overhead'], pct=True)} |")
+            f"| {_fmt(r['bytes_vs_full_entry'])} | {_fmt(r['prefill_overhead'], pct=True)} |"
+        )
     if image:
         lines += ["", f"![retrieval accuracy and extra NLL against ratio]({image})"]
     lines += _equal_tokens_markdown(report)
@@ -844,36 +1103,54 @@ def markdown(report: dict, image: str | None) -> str:
     for name, t in report["targets"].items():
         status = "met" if t["met"] else ("not met" if t["met"] is False else "not evaluated")
         extra = ", ".join(f"{k} {v}" for k, v in t.items() if k in ("dkv_method", "kvpress_press", "method"))
-        lines.append(f"- `{name}`: {_fmt(t['value'], 4)} vs {_fmt(t['threshold'], 4)} ({t['rule']}): **{status}**"
-                     + (f" ({extra})" if extra else ""))
+        lines.append(
+            f"- `{name}`: {_fmt(t['value'], 4)} vs {_fmt(t['threshold'], 4)} ({t['rule']}): **{status}**"
+            + (f" ({extra})" if extra else "")
+        )
     if report["prefix_reuse"]:
-        lines += ["", "Prefix reuse: the chunked recipe (each 256-token chunk compressed on top of the compressed "
-                  "chunks before it) minus whole-context compression:", ""]
+        lines += [
+            "",
+            "Prefix reuse: the chunked recipe (each 256-token chunk compressed on top of the compressed "
+            "chunks before it) minus whole-context compression:",
+            "",
+        ]
         for p in report["prefix_reuse"]:
-            lines.append(f"- {p['method']} @ {p['ratio']}: retrieval {_fmt(p['retrieval_delta'], 3)}, extra NLL "
-                         f"{_fmt(p['extra_nll_delta'], 3)}, top-1 {_fmt(p['top1_delta'], 3)}")
+            lines.append(
+                f"- {p['method']} @ {p['ratio']}: retrieval {_fmt(p['retrieval_delta'], 3)}, extra NLL "
+                f"{_fmt(p['extra_nll_delta'], 3)}, top-1 {_fmt(p['top1_delta'], 3)}"
+            )
     b = report.get("int4_bytes_breakdown")
     if b:
         fields = ", ".join(f"{k} {v:.1f}" for k, v in b["bytes_per_row"].items())
         payload = b["bytes_per_row"].get("keys", 0) + b["bytes_per_row"].get("values", 0)
-        lines += ["", f"Where int4 bytes go ({b['method']} @ {b['ratio']}, {b['context_tokens']} tokens, page size "
-                  f"{b['page_size']}): bytes per stored row (one token of one KV head in one layer): {fields}; "
-                  f"total {b['total_per_row']:.1f} B against {b['fp16_kv_per_row']} B of fp16 K/V, so "
-                  f"{b['kept_fraction']:.3f} kept x {b['total_per_row']:.1f} / {b['fp16_kv_per_row']} = "
-                  f"{b['bytes_vs_fp16_kv']:.3f} of the fp16 cache. The 4-bit K/V alone is {payload:.0f} B a row "
-                  f"({b['kept_fraction'] * payload / b['fp16_kv_per_row']:.3f} of the fp16 cache at this ratio); "
-                  f"the rest is metadata."]
+        lines += [
+            "",
+            f"Where int4 bytes go ({b['method']} @ {b['ratio']}, {b['context_tokens']} tokens, page size "
+            f"{b['page_size']}): bytes per stored row (one token of one KV head in one layer): {fields}; "
+            f"total {b['total_per_row']:.1f} B against {b['fp16_kv_per_row']} B of fp16 K/V, so "
+            f"{b['kept_fraction']:.3f} kept x {b['total_per_row']:.1f} / {b['fp16_kv_per_row']} = "
+            f"{b['bytes_vs_fp16_kv']:.3f} of the fp16 cache. The 4-bit K/V alone is {payload:.0f} B a row "
+            f"({b['kept_fraction'] * payload / b['fp16_kv_per_row']:.3f} of the fp16 cache at this ratio); "
+            f"the rest is metadata.",
+        ]
     if report.get("timing"):
         t = report["timing"]
-        lines += ["", f"Prefill timing on {t['contexts']} tokens, best of {t['repeats']}, "
-                  f"{t['threads']} thread(s), "
-                  f"load average {t.get('load_avg')}: plain forward {t['plain_cpu_s']:.2f} s CPU ({t['plain_s']:.2f} s "
-                  "wall); " + "; ".join(
-                      f"{m} {v['compress_cpu_s']:.2f} s CPU, {100 * v['overhead']:+.1f}% "
-                      f"({v['compress_s']:.2f} s wall, "
-                      f"{100 * v['overhead_wall']:+.1f}%; wall split: capture {v['capture_s']:.2f} s + select "
-                      f"{v['select_s']:.2f} s)" for m, v in t["methods"].items()) + ". The target uses the CPU-time "
-                  "ratio: on this shared machine the wall time of one run varies by more than the overhead."]
+        lines += [
+            "",
+            f"Prefill timing on {t['contexts']} tokens, best of {t['repeats']}, "
+            f"{t['threads']} thread(s), "
+            f"load average {t.get('load_avg')}: plain forward {t['plain_cpu_s']:.2f} s CPU ({t['plain_s']:.2f} s "
+            "wall); "
+            + "; ".join(
+                f"{m} {v['compress_cpu_s']:.2f} s CPU, {100 * v['overhead']:+.1f}% "
+                f"({v['compress_s']:.2f} s wall, "
+                f"{100 * v['overhead_wall']:+.1f}%; wall split: capture {v['capture_s']:.2f} s + select "
+                f"{v['select_s']:.2f} s)"
+                for m, v in t["methods"].items()
+            )
+            + ". The target uses the CPU-time "
+            "ratio: on this shared machine the wall time of one run varies by more than the overhead.",
+        ]
     lines += [MARK_END]
     return "\n".join(lines)
 
@@ -882,24 +1159,35 @@ def _equal_tokens_markdown(report: dict) -> list[str]:
     rows = [r for r in report["results"] if r.get("selection", "dense") != "dense"]
     if not rows:
         return []
-    lines = ["", "### Equal attended tokens", "",
-             "kvpress at ratio r keeps (and attends) 1 - r of the context; dkv stores a recipe and its decoder "
-             "selects as many tokens per step, everything counted (sinks, recent, the query's and generated "
-             "tokens, every layer). Attended = what the decoder reports it attended per KV head and step over "
-             "the context's length (kvpress: its kept fraction).", "",
-             "| attended per step | impl | configuration | retrieval | extra NLL | top-1 | attended | bytes/fp16 KV |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "### Equal attended tokens",
+        "",
+        "kvpress at ratio r keeps (and attends) 1 - r of the context; dkv stores a recipe and its decoder "
+        "selects as many tokens per step, everything counted (sinks, recent, the query's and generated "
+        "tokens, every layer). Attended = what the decoder reports it attended per KV head and step over "
+        "the context's length (kvpress: its kept fraction).",
+        "",
+        "| attended per step | impl | configuration | retrieval | extra NLL | top-1 | attended | bytes/fp16 KV |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for ratio in EQUAL_RATIOS:
-        peers = sorted((r for r in plain_rows(report["results"], "kvpress") if abs(r["ratio"] - ratio) < 1e-9),
-                       key=lambda r: (-(r["retrieval_accuracy"] or 0), r["extra_nll"] or 0))
-        ours = sorted((r for r in rows if abs(r["attend"] - (1 - ratio)) < 1e-6),
-                      key=lambda r: (-(r["retrieval_accuracy"] or 0), r["extra_nll"] or 0))
+        peers = sorted(
+            (r for r in plain_rows(report["results"], "kvpress") if abs(r["ratio"] - ratio) < 1e-9),
+            key=lambda r: (-(r["retrieval_accuracy"] or 0), r["extra_nll"] or 0),
+        )
+        ours = sorted(
+            (r for r in rows if abs(r["attend"] - (1 - ratio)) < 1e-6),
+            key=lambda r: (-(r["retrieval_accuracy"] or 0), r["extra_nll"] or 0),
+        )
         for r in ours + peers:
             label = _equal_label(r) if r["impl"] == "dkv" else f"{r['method']} @ {ratio}"
             err = f" (error: {r['error'][:60]})" if r.get("error") else ""
-            lines.append(f"| {1 - ratio:.2f} | {r['impl']} | {label}{err} | {_fmt(r['retrieval_accuracy'], pct=True)} "
-                         f"| {_fmt(r['extra_nll'])} | {_fmt(r['top1_agreement'], pct=True)} | {_fmt(r.get('attended'))} "
-                         f"| {_fmt(r['bytes_vs_fp16_kv'])} |")
+            lines.append(
+                f"| {1 - ratio:.2f} | {r['impl']} | {label}{err} | {_fmt(r['retrieval_accuracy'], pct=True)} "
+                f"| {_fmt(r['extra_nll'])} | {_fmt(r['top1_agreement'], pct=True)} | {_fmt(r.get('attended'))} "
+                f"| {_fmt(r['bytes_vs_fp16_kv'])} |"
+            )
     return lines
 
 
@@ -935,29 +1223,45 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     series: dict[tuple[str, str], list[dict]] = {}
     for r in report["results"]:
-        if r["method"] == "full" or r["quant"] != "none" or r["merge"] or r["chunked"] or r.get("error") \
-                or r.get("selection", "dense") != "dense":
+        if (
+            r["method"] == "full"
+            or r["quant"] != "none"
+            or r["merge"]
+            or r["chunked"]
+            or r.get("error")
+            or r.get("selection", "dense") != "dense"
+        ):
             continue
         series.setdefault((r["impl"], r["method"]), []).append(r)
     names = sorted({m for _, m in series})
     colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}
-    for ax, field, ylabel in ((axes[0], "retrieval_accuracy", "retrieval accuracy"),
-                              (axes[1], "extra_nll", "extra NLL (nats/token)")):
+    for ax, field, ylabel in (
+        (axes[0], "retrieval_accuracy", "retrieval accuracy"),
+        (axes[1], "extra_nll", "extra NLL (nats/token)"),
+    ):
         for (impl, m), rows in sorted(series.items()):
             rows = sorted((r for r in rows if r[field] is not None), key=lambda r: r["ratio"])
             if not rows:
                 continue
             shift = 0.0 if impl == "dkv" else 0.004  # so a kvpress line that equals dkv's stays visible
-            ax.plot([r["ratio"] + shift for r in rows], [r[field] for r in rows], "-o" if impl == "dkv" else "--s",
-                    color=colors[m], label=f"{m} ({impl})", markersize=4, alpha=0.9)
+            ax.plot(
+                [r["ratio"] + shift for r in rows],
+                [r[field] for r in rows],
+                "-o" if impl == "dkv" else "--s",
+                color=colors[m],
+                label=f"{m} ({impl})",
+                markersize=4,
+                alpha=0.9,
+            )
         ax.set_xlabel("compression ratio (fraction of tokens removed)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-0.05, 1.05)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
-    fig.suptitle(f"{report['model']}: dkv (solid) vs kvpress (dashed, shifted right by 0.004), "
-                 f"{report['n_tasks']} tasks")
+    fig.suptitle(
+        f"{report['model']}: dkv (solid) vs kvpress (dashed, shifted right by 0.004), {report['n_tasks']} tasks"
+    )
     fig.tight_layout(rect=(0, 0, 0.8, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -988,8 +1292,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print only the JSON report")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 methods, 1 ratio, 3 tasks")
     parser.add_argument("--no-peers", action="store_true", help="skip kvpress even when .venv-peers exists")
-    parser.add_argument("--out", default="docs", help="write OUT/benchmarks.md's quality section and "
-                        "OUT/img/quality.png ('' to skip; default docs)")
+    parser.add_argument(
+        "--out",
+        default="docs",
+        help="write OUT/benchmarks.md's quality section and OUT/img/quality.png ('' to skip; default docs)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (dkv and the kvpress runner each)")
 
 

@@ -64,8 +64,18 @@ CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Tuni
 # Reference-manual topics that are mostly running prose (few grammar rules and code blocks).
 # Needle haystacks and fidelity passages are drawn from disjoint topics.
 HAYSTACK_TOPICS = ("execmodel", "naming", "types", "import", "exceptions", "comparisons")
-FIDELITY_TOPICS = ("compound", "specialnames", "assignment", "attribute-access", "calls", "objects",
-                   "binary", "function", "class", "strings")
+FIDELITY_TOPICS = (
+    "compound",
+    "specialnames",
+    "assignment",
+    "attribute-access",
+    "calls",
+    "objects",
+    "binary",
+    "function",
+    "class",
+    "strings",
+)
 
 # (length in tokens, depths) of the full run; lengths are of the context (query not included)
 PASSKEY_PLAN: tuple[tuple[int, tuple[float, ...]], ...] = (
@@ -73,9 +83,7 @@ PASSKEY_PLAN: tuple[tuple[int, tuple[float, ...]], ...] = (
     (1024, (0.5,)),
     (2048, (0.5,)),
 )
-NEEDLE_PLAN: tuple[tuple[int, tuple[float, ...]], ...] = (
-    (512, (0.25, 0.75)),
-)
+NEEDLE_PLAN: tuple[tuple[int, tuple[float, ...]], ...] = ((512, (0.25, 0.75)),)
 FIDELITY_PASSAGES = 2
 QUICK = {"passkey": ((512, (0.5,)),), "needle": ((512, (0.5,)),), "fidelity": 1, "fidelity_context": 384}
 # Short contexts for decode-time selection (``dkv bench decode``): a fraction of a short context
@@ -101,6 +109,7 @@ class Passage:
 
 # ------------------------------------------------------------------------------------------- prose
 
+
 def _prose_paragraphs(raw: str) -> list[str]:
     """The running-text paragraphs of one pydoc topic, reST markup stripped, one line each."""
     lines = raw.splitlines()
@@ -124,8 +133,9 @@ def _prose_paragraphs(raw: str) -> list[str]:
         if any(line[:1].isspace() for line in para):  # grammar, code, continuation of a list item
             continue
         first = para[0].lstrip()
-        if first.startswith(("* ", "+", "|", "-", ">>>", "Note:", "See also", "Added in", "Changed in",
-                             "Deprecated")) or re.match(r"^\d+\. ", first):
+        if first.startswith(
+            ("* ", "+", "|", "-", ">>>", "Note:", "See also", "Added in", "Changed in", "Deprecated")
+        ) or re.match(r"^\d+\. ", first):
             continue
         text = " ".join(line.strip() for line in para)
         text = re.sub(r"\*\*?([^*]+?)\*\*?", r"\1", text)  # *emphasis*, **strong**
@@ -152,6 +162,7 @@ def _sentences(text: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- build
+
 
 class _Ids:
     """Token ids of text pieces, each tokenized alone (no special tokens)."""
@@ -206,12 +217,19 @@ def passkey_tasks(ids: _Ids, plan, seed: int = 0) -> list[dict]:
             filler = [rng.choice(FILLER) for _ in range(length)]  # more than enough sentences
             needle = f"The pass key is {key}. Remember it. {key} is the pass key."
             context, start = _haystack(ids, filler, length, needle, depth)
-            tasks.append({
-                "id": f"passkey-{length}-{depth}", "kind": "retrieval",
-                "context_ids": context, "query_ids": ids(PASSKEY_QUERY), "answer": key,
-                "max_new_tokens": len(ids(" " + key)) + EXTRA_NEW_TOKENS,
-                "length": length, "depth": depth, "needle": [start, start + len(ids(" " + needle))],
-            })
+            tasks.append(
+                {
+                    "id": f"passkey-{length}-{depth}",
+                    "kind": "retrieval",
+                    "context_ids": context,
+                    "query_ids": ids(PASSKEY_QUERY),
+                    "answer": key,
+                    "max_new_tokens": len(ids(" " + key)) + EXTRA_NEW_TOKENS,
+                    "length": length,
+                    "depth": depth,
+                    "needle": [start, start + len(ids(" " + needle))],
+                }
+            )
     return tasks
 
 
@@ -227,18 +245,26 @@ def needle_tasks(ids: _Ids, plan, seed: int = 1) -> list[dict]:
             start = rng.randrange(0, max(1, len(sentences) // 2))  # a different stretch of prose each time
             needle = f"The special magic number for {city} is {number}."
             context, at = _haystack(ids, sentences[start:], length, needle, depth)
-            tasks.append({
-                "id": f"needle-{length}-{depth}", "kind": "retrieval",
-                "context_ids": context, "query_ids": ids(NEEDLE_QUERY.format(city=city)), "answer": number,
-                "max_new_tokens": len(ids(" " + number)) + EXTRA_NEW_TOKENS, "length": length, "depth": depth,
-                "needle": [at, at + len(ids(" " + needle))],
-            })
+            tasks.append(
+                {
+                    "id": f"needle-{length}-{depth}",
+                    "kind": "retrieval",
+                    "context_ids": context,
+                    "query_ids": ids(NEEDLE_QUERY.format(city=city)),
+                    "answer": number,
+                    "max_new_tokens": len(ids(" " + number)) + EXTRA_NEW_TOKENS,
+                    "length": length,
+                    "depth": depth,
+                    "needle": [at, at + len(ids(" " + needle))],
+                }
+            )
             k += 1
     return tasks
 
 
-def fidelity_tasks(ids: _Ids, n: int, context: int = FIDELITY_CONTEXT,
-                   continuation: int = FIDELITY_CONTINUATION) -> list[dict]:
+def fidelity_tasks(
+    ids: _Ids, n: int, context: int = FIDELITY_CONTEXT, continuation: int = FIDELITY_CONTINUATION
+) -> list[dict]:
     """``n`` disjoint passages of ``context + continuation`` tokens, each starting at a paragraph.
 
     The prose of ``FIDELITY_TOPICS`` is one stream of paragraphs (joined by blank lines); a
@@ -257,10 +283,15 @@ def fidelity_tasks(ids: _Ids, n: int, context: int = FIDELITY_CONTEXT,
         all_ids = [t for piece in pieces for t in piece]
         if len(all_ids) < need:
             break
-        tasks.append({
-            "id": f"fidelity-{first.topic}-{len(tasks)}", "kind": "fidelity",
-            "context_ids": all_ids[:context], "continuation_ids": all_ids[context:need], "length": context,
-        })
+        tasks.append(
+            {
+                "id": f"fidelity-{first.topic}-{len(tasks)}",
+                "kind": "fidelity",
+                "context_ids": all_ids[:context],
+                "continuation_ids": all_ids[context:need],
+                "length": context,
+            }
+        )
     if len(tasks) < n:
         raise ValueError(f"only {len(tasks)} of {n} fidelity passages of {need} tokens in {FIDELITY_TOPICS}")
     return tasks
@@ -270,8 +301,11 @@ def build_tasks(tokenizer, quick: bool = False) -> list[dict]:
     """The task list (see the module docstring); ``quick``: one task of each kind, 512 tokens."""
     ids = _Ids(tokenizer)
     if quick:
-        return (passkey_tasks(ids, QUICK["passkey"]) + needle_tasks(ids, QUICK["needle"])
-                + fidelity_tasks(ids, QUICK["fidelity"], context=QUICK["fidelity_context"]))
+        return (
+            passkey_tasks(ids, QUICK["passkey"])
+            + needle_tasks(ids, QUICK["needle"])
+            + fidelity_tasks(ids, QUICK["fidelity"], context=QUICK["fidelity_context"])
+        )
     return passkey_tasks(ids, PASSKEY_PLAN) + needle_tasks(ids, NEEDLE_PLAN) + fidelity_tasks(ids, FIDELITY_PASSAGES)
 
 
@@ -283,9 +317,11 @@ def short_retrieval_tasks(tokenizer, quick: bool = False) -> list[dict]:
 
 
 def summary(tasks: list[dict]) -> list[str]:
-    return [f"{t['id']}: {len(t['context_ids'])} context tokens"
-            + (f", answer {t['answer']}" if t["kind"] == "retrieval" else f", {len(t['continuation_ids'])} to score")
-            for t in tasks]
+    return [
+        f"{t['id']}: {len(t['context_ids'])} context tokens"
+        + (f", answer {t['answer']}" if t["kind"] == "retrieval" else f", {len(t['continuation_ids'])} to score")
+        for t in tasks
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

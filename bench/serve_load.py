@@ -97,8 +97,10 @@ async def timed_request(generate: Generate, prompt: list[int], max_new_tokens: i
     async for _ in generate(prompt, max_new_tokens):
         token_times.append(time.perf_counter())
     if len(token_times) != max_new_tokens:
-        raise WorkloadError(f"a request for {max_new_tokens} new tokens yielded {len(token_times)} "
-                            f"(prompt of {len(prompt)} tokens): systems must ignore end-of-sequence here")
+        raise WorkloadError(
+            f"a request for {max_new_tokens} new tokens yielded {len(token_times)} "
+            f"(prompt of {len(prompt)} tokens): systems must ignore end-of-sequence here"
+        )
     return Timing(start, token_times)
 
 
@@ -114,8 +116,10 @@ def validate(workload: dict) -> None:
         raise WorkloadError(f"the workload lacks {sorted(missing)}")
     contexts, queries = workload["contexts"], workload["queries"]
     if not isinstance(contexts, list) or not (contexts or workload.get("capacity")):
-        raise WorkloadError("workload 'contexts' must be a non-empty list of token-id lists (it may be empty "
-                            "only beside a capacity scenario, which then runs alone)")
+        raise WorkloadError(
+            "workload 'contexts' must be a non-empty list of token-id lists (it may be empty "
+            "only beside a capacity scenario, which then runs alone)"
+        )
     if not isinstance(queries, list) or len(queries) != len(contexts):
         raise WorkloadError(f"workload 'queries' must hold one entry per context ({len(contexts)})")
     for i, (context, pair) in enumerate(zip(contexts, queries)):
@@ -140,8 +144,9 @@ def validate(workload: dict) -> None:
         _check_ids(capacity.get("query"), "capacity.query")
 
 
-async def _one_at_a_time(generate: Generate, prompts: list[list[int]], max_new_tokens: int, log: Log,
-                         phase: str) -> list[Timing]:
+async def _one_at_a_time(
+    generate: Generate, prompts: list[list[int]], max_new_tokens: int, log: Log, phase: str
+) -> list[Timing]:
     timings = []
     for i, prompt in enumerate(prompts):
         timing = await timed_request(generate, prompt, max_new_tokens)
@@ -150,21 +155,28 @@ async def _one_at_a_time(generate: Generate, prompts: list[list[int]], max_new_t
     return timings
 
 
-async def _concurrent(generate: Generate, pairs: list[list[int]], clients: int, requests_per_client: int,
-                      max_new_tokens: int) -> dict:
+async def _concurrent(
+    generate: Generate, pairs: list[list[int]], clients: int, requests_per_client: int, max_new_tokens: int
+) -> dict:
     async def client(k: int) -> list[Timing]:
-        return [await timed_request(generate, pairs[(k + r) % len(pairs)], max_new_tokens)
-                for r in range(requests_per_client)]
+        return [
+            await timed_request(generate, pairs[(k + r) % len(pairs)], max_new_tokens)
+            for r in range(requests_per_client)
+        ]
 
     start = time.perf_counter()
     per_client = await asyncio.gather(*(client(k) for k in range(clients)))
     wall = time.perf_counter() - start
     timings = [t for ts in per_client for t in ts]
     tokens = sum(len(t.token_times) for t in timings)
-    return {"aggregate_tokens_per_s": tokens / wall,
-            "itl_ms": _ms_summary([gap for t in timings for gap in t.gaps]),
-            "ttft_ms": _ms_summary([t.ttft for t in timings]),
-            "requests": len(timings), "tokens": tokens, "wall_s": wall}
+    return {
+        "aggregate_tokens_per_s": tokens / wall,
+        "itl_ms": _ms_summary([gap for t in timings for gap in t.gaps]),
+        "ttft_ms": _ms_summary([t.ttft for t in timings]),
+        "requests": len(timings),
+        "tokens": tokens,
+        "wall_s": wall,
+    }
 
 
 async def run_workload(generate: Generate, workload: dict, log: Log = print) -> dict:
@@ -175,21 +187,29 @@ async def run_workload(generate: Generate, workload: dict, log: Log = print) -> 
     if contexts:
         miss = await _one_at_a_time(generate, [c + q[0] for c, q in zip(contexts, queries)], new, log, "miss")
         hit = await _one_at_a_time(generate, [c + q[1] for c, q in zip(contexts, queries)], new, log, "hit")
-        result.update({"ttft_miss_ms": _ms_summary([t.ttft for t in miss], with_mean=True),
-                       "ttft_hit_ms": _ms_summary([t.ttft for t in hit], with_mean=True),
-                       "single_stream_tokens_per_s": statistics.median(t.decode_tokens_per_s for t in hit)})
+        result.update(
+            {
+                "ttft_miss_ms": _ms_summary([t.ttft for t in miss], with_mean=True),
+                "ttft_hit_ms": _ms_summary([t.ttft for t in hit], with_mean=True),
+                "single_stream_tokens_per_s": statistics.median(t.decode_tokens_per_s for t in hit),
+            }
+        )
     pairs = [c + q[j] for j in range(2) for c, q in zip(contexts, queries)]
     for clients in workload["concurrency"] if contexts else []:
         phase = await _concurrent(generate, pairs, clients, workload["requests_per_client"], new)
         result["concurrency"][str(clients)] = phase
-        log(f"{clients} clients: {phase['aggregate_tokens_per_s']:.1f} tokens/s, itl p50 "
+        log(
+            f"{clients} clients: {phase['aggregate_tokens_per_s']:.1f} tokens/s, itl p50 "
             f"{phase['itl_ms']['p50']:.0f} ms p99 {phase['itl_ms']['p99']:.0f} ms, "
-            f"ttft p50 {phase['ttft_ms']['p50']:.0f} ms")
+            f"ttft p50 {phase['ttft_ms']['p50']:.0f} ms"
+        )
     capacity = workload.get("capacity")
     if capacity is not None:
         prompts = [c + capacity["query"] for c in capacity["contexts"]]
         passes = [await _one_at_a_time(generate, prompts, new, log, f"capacity pass {n}") for n in (1, 2)]
-        result["capacity"] = {"pass1_mean_ttft_ms": statistics.fmean(t.ttft * 1000 for t in passes[0]),
-                              "pass2_mean_ttft_ms": statistics.fmean(t.ttft * 1000 for t in passes[1]),
-                              "contexts": len(prompts)}
+        result["capacity"] = {
+            "pass1_mean_ttft_ms": statistics.fmean(t.ttft * 1000 for t in passes[0]),
+            "pass2_mean_ttft_ms": statistics.fmean(t.ttft * 1000 for t in passes[1]),
+            "contexts": len(prompts),
+        }
     return result

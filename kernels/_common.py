@@ -72,8 +72,9 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if backend == "auto":
         return HAS_TRITON and on_cuda
     if not HAS_TRITON:
-        raise ValueError("backend='triton' needs the triton package (pip install triton); "
-                         "or use backend='torch' for the reference")
+        raise ValueError(
+            "backend='triton' needs the triton package (pip install triton); or use backend='torch' for the reference"
+        )
     if on_cuda or INTERPRET:
         return True
     raise ValueError(
@@ -126,16 +127,19 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                             "move every argument to one device")
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; move every argument to one device"
+            )
 
 
 def check_inner_contiguous(**tensors: torch.Tensor) -> None:
     """The kernels read rows with unit stride (coalesced, vectorized loads); other strides are free."""
     for name, t in tensors.items():
         if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides "
-                             f"{tuple(t.stride())}; pass {name}.contiguous()")
+            raise ValueError(
+                f"{name} must be contiguous in its last dimension (stride 1), got strides "
+                f"{tuple(t.stride())}; pass {name}.contiguous()"
+            )
 
 
 def check_backend(backend: str) -> None:
@@ -144,13 +148,27 @@ def check_backend(backend: str) -> None:
 
 
 def check_num_splits(num_splits: int | None, max_splits: int) -> None:
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or not 1 <= num_splits <= max_splits):
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= max_splits
+    ):
         raise ValueError(f"num_splits={num_splits!r} must be an int in [1, {max_splits}] or None (automatic)")
 
 
 __all__ = [
-    "triton", "tl", "HAS_TRITON", "INTERPRET", "BACKENDS", "DENSE_DTYPES", "jit", "next_pow2", "cdiv",
-    "use_triton", "num_sms", "check_tensor", "check_same_device", "check_inner_contiguous",
-    "check_backend", "check_num_splits",
+    "triton",
+    "tl",
+    "HAS_TRITON",
+    "INTERPRET",
+    "BACKENDS",
+    "DENSE_DTYPES",
+    "jit",
+    "next_pow2",
+    "cdiv",
+    "use_triton",
+    "num_sms",
+    "check_tensor",
+    "check_same_device",
+    "check_inner_contiguous",
+    "check_backend",
+    "check_num_splits",
 ]

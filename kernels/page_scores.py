@@ -66,10 +66,16 @@ def _page_scores_kernel(
     d_mask = offs_d < D
     tile_mask = p_mask[:, None] & d_mask[None, :]
     # the page tile is read once and reused by every query head of the group
-    lo = tl.load(pmin_ptr + kv_head.to(tl.int64) * stride_pmin_h + offs_p[:, None] * stride_pmin_p + offs_d[None, :],
-                 mask=tile_mask, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
-    hi = tl.load(pmax_ptr + kv_head.to(tl.int64) * stride_pmax_h + offs_p[:, None] * stride_pmax_p + offs_d[None, :],
-                 mask=tile_mask, other=0.0).to(tl.float32)
+    lo = tl.load(
+        pmin_ptr + kv_head.to(tl.int64) * stride_pmin_h + offs_p[:, None] * stride_pmin_p + offs_d[None, :],
+        mask=tile_mask,
+        other=0.0,
+    ).to(tl.float32)  # [BLOCK_P, BLOCK_D]
+    hi = tl.load(
+        pmax_ptr + kv_head.to(tl.int64) * stride_pmax_h + offs_p[:, None] * stride_pmax_p + offs_d[None, :],
+        mask=tile_mask,
+        other=0.0,
+    ).to(tl.float32)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in range(G):
         # masked channels load q = 0 and add nothing to the bound
@@ -85,18 +91,25 @@ def _check_inputs(q, page_min, page_max, num_pages) -> tuple[int, int, int, int]
     h_q, d = q.shape
     check_tensor("page_min", page_min, dtypes=DENSE_DTYPES, shape=(None, None, d), dims="[H_kv, P, D] (q's D)")
     h_kv, p, _ = page_min.shape
-    check_tensor("page_max", page_max, dtypes=(page_min.dtype,), shape=(h_kv, p, d),
-                 dims="[H_kv, P, D] (page_min's shape and dtype)")
+    check_tensor(
+        "page_max",
+        page_max,
+        dtypes=(page_min.dtype,),
+        shape=(h_kv, p, d),
+        dims="[H_kv, P, D] (page_min's shape and dtype)",
+    )
     check_tensor("num_pages", num_pages, dtypes=(torch.int32,), shape=(h_kv,), dims="[H_kv]")
     check_same_device(q=q, page_min=page_min, page_max=page_max, num_pages=num_pages)
     if h_kv == 0 or h_q % h_kv:
-        raise ValueError(f"q has {h_q} heads and page_min has {h_kv}: grouped-query attention needs "
-                         "H_q = H_kv * G with H_kv >= 1")
+        raise ValueError(
+            f"q has {h_q} heads and page_min has {h_kv}: grouped-query attention needs H_q = H_kv * G with H_kv >= 1"
+        )
     return h_q, h_kv, p, d
 
 
-def page_scores_triton(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
-                       num_pages: torch.Tensor) -> torch.Tensor:
+def page_scores_triton(
+    q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, num_pages: torch.Tensor
+) -> torch.Tensor:
     """Launch ``_page_scores_kernel``; arguments and result as ``page_scores``."""
     h_q, h_kv, p, d = _check_inputs(q, page_min, page_max, num_pages)
     check_inner_contiguous(q=q, page_min=page_min, page_max=page_max)
@@ -108,16 +121,30 @@ def page_scores_triton(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.
     block_p = max(1, min(64, 2048 // block_d, next_pow2(p)))
     if p:
         _page_scores_kernel[(h_kv, cdiv(p, block_p))](
-            q, page_min, page_max, num_pages, out, p, d, h_q // h_kv,
-            q.stride(0), page_min.stride(0), page_min.stride(1), page_max.stride(0), page_max.stride(1),
+            q,
+            page_min,
+            page_max,
+            num_pages,
+            out,
+            p,
+            d,
+            h_q // h_kv,
+            q.stride(0),
+            page_min.stride(0),
+            page_min.stride(1),
+            page_max.stride(0),
+            page_max.stride(1),
             out.stride(0),
-            BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+            BLOCK_P=block_p,
+            BLOCK_D=block_d,
+            num_warps=4,
         )
     return out
 
 
-def page_scores_reference(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
-                          num_pages: torch.Tensor) -> torch.Tensor:
+def page_scores_reference(
+    q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, num_pages: torch.Tensor
+) -> torch.Tensor:
     """Plain torch, fp32: the bound per query head, max over each group, ``-inf`` on padded pages.
 
     ``Σ_d max(q_d·min_d, q_d·max_d) = relu(q)·max + min(q, 0)·min`` (``max_d >= min_d``), so the
@@ -127,14 +154,17 @@ def page_scores_reference(q: torch.Tensor, page_min: torch.Tensor, page_max: tor
     h_q, d = q.shape
     h_kv, p, _ = page_min.shape
     qg = q.float().view(h_kv, h_q // h_kv, d)  # [H_kv, G, D]
-    bound = (torch.bmm(qg.clamp(min=0), page_max.float().transpose(1, 2))
-             + torch.bmm(qg.clamp(max=0), page_min.float().transpose(1, 2))).amax(1)  # [H_kv, P]
+    bound = (
+        torch.bmm(qg.clamp(min=0), page_max.float().transpose(1, 2))
+        + torch.bmm(qg.clamp(max=0), page_min.float().transpose(1, 2))
+    ).amax(1)  # [H_kv, P]
     padded = torch.arange(p, device=q.device) >= num_pages.clamp(0, p).long().unsqueeze(1)
     return bound.masked_fill(padded, float("-inf"))
 
 
-def page_scores(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, num_pages: torch.Tensor,
-                backend: str = "auto") -> torch.Tensor:
+def page_scores(
+    q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, num_pages: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
     """Quest upper bound of ``q·k`` per page, aggregated over each KV head's query heads by max.
 
     Parameters
@@ -159,8 +189,14 @@ def page_scores(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     return page_scores_reference(q, page_min, page_max, num_pages)
 
 
-def top_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, num_pages: torch.Tensor, k: int,
-              backend: str = "auto") -> torch.Tensor:
+def top_pages(
+    q: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    num_pages: torch.Tensor,
+    k: int,
+    backend: str = "auto",
+) -> torch.Tensor:
     """The ``k`` pages of each KV head with the highest bound, best first: int32 ``[H_kv, k]``.
 
     A head with fewer than ``k`` real pages gets its real pages first, then padded pages (score

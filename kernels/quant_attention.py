@@ -126,7 +126,8 @@ def _sparse_decode_quant_split_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     kv_head, split, start, end, q_heads, g_mask, offs_d, d_mask, q = _split_prologue(
-        q_ptr, len_ptr, S, D, G, num_splits, stride_q_h, BLOCK_G, BLOCK_D)
+        q_ptr, len_ptr, S, D, G, num_splits, stride_q_h, BLOCK_G, BLOCK_D
+    )
     offs_n = tl.arange(0, BLOCK_N)
 
     head = kv_head.to(tl.int64)
@@ -148,10 +149,12 @@ def _sparse_decode_quant_split_kernel(
         tile_mask = n_mask[:, None] & d_mask[None, :]
         page = slot // page_size
         # selected slots come a page at a time (Quest), so these range rows are mostly L1/L2 hits
-        k_lo = tl.load(klo_base + page[:, None] * stride_klo_p + offs_d[None, :], mask=tile_mask,
-                       other=0.0).to(tl.float32)
-        k_hi = tl.load(khi_base + page[:, None] * stride_khi_p + offs_d[None, :], mask=tile_mask,
-                       other=0.0).to(tl.float32)
+        k_lo = tl.load(klo_base + page[:, None] * stride_klo_p + offs_d[None, :], mask=tile_mask, other=0.0).to(
+            tl.float32
+        )
+        k_hi = tl.load(khi_base + page[:, None] * stride_khi_p + offs_d[None, :], mask=tile_mask, other=0.0).to(
+            tl.float32
+        )
         k = _dequant_rows(kc_base, slot, stride_kc_t, offs_d, tile_mask, k_lo, k_hi, BITS)
         v_lo = tl.load(vlo_base + slot * stride_vlo_t, mask=n_mask, other=0.0).to(tl.float32)
         v_hi = tl.load(vhi_base + slot * stride_vhi_t, mask=n_mask, other=0.0).to(tl.float32)
@@ -161,25 +164,51 @@ def _sparse_decode_quant_split_kernel(
         v = _round_to(v, q.dtype)
         m_i, l_i, acc = _online_softmax_block(q, k, v, n_mask, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-    _store_partial(part_o_ptr, part_lse_ptr, q_heads, split, m_i, l_i, acc, g_mask, offs_d, D,
-                   stride_po_h, stride_po_s, stride_pl_h)
+    _store_partial(
+        part_o_ptr,
+        part_lse_ptr,
+        q_heads,
+        split,
+        m_i,
+        l_i,
+        acc,
+        g_mask,
+        offs_d,
+        D,
+        stride_po_h,
+        stride_po_s,
+        stride_pl_h,
+    )
 
 
-def _check_inputs(q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices, lengths, scale,
-                  num_splits) -> tuple[int, int, int, int, int]:
+def _check_inputs(
+    q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices, lengths, scale, num_splits
+) -> tuple[int, int, int, int, int]:
     check_tensor("q", q, dtypes=DENSE_DTYPES, shape=(None, None), dims="[H_q, D]")
     h_q, d = q.shape
     if bits not in SUPPORTED_BITS or isinstance(bits, bool):
-        raise ValueError(f"bits={bits!r} must be one of {SUPPORTED_BITS}; attend each bit width of a mixed entry "
-                         "in its own call and merge with combine_partials")
+        raise ValueError(
+            f"bits={bits!r} must be one of {SUPPORTED_BITS}; attend each bit width of a mixed entry "
+            "in its own call and merge with combine_partials"
+        )
     if (d * bits) % 8:
         raise ValueError(f"head dim D={d} at {bits} bits does not fill whole bytes; D must be even for int4")
     row_bytes = d * bits // 8
-    check_tensor("k_codes", k_codes, dtypes=(torch.uint8,), shape=(None, None, row_bytes),
-                 dims=f"[H_kv, T, D * bits // 8] (D={d}, bits={bits})")
+    check_tensor(
+        "k_codes",
+        k_codes,
+        dtypes=(torch.uint8,),
+        shape=(None, None, row_bytes),
+        dims=f"[H_kv, T, D * bits // 8] (D={d}, bits={bits})",
+    )
     h_kv, t, _ = k_codes.shape
-    check_tensor("v_codes", v_codes, dtypes=(torch.uint8,), shape=(h_kv, t, row_bytes),
-                 dims="[H_kv, T, D * bits // 8] (k_codes' shape)")
+    check_tensor(
+        "v_codes",
+        v_codes,
+        dtypes=(torch.uint8,),
+        shape=(h_kv, t, row_bytes),
+        dims="[H_kv, T, D * bits // 8] (k_codes' shape)",
+    )
     check_tensor("k_lo", k_lo, dtypes=DENSE_DTYPES, shape=(h_kv, None, d), dims="[H_kv, P, D]")
     p = k_lo.shape[1]
     check_tensor("k_hi", k_hi, dtypes=(k_lo.dtype,), shape=(h_kv, p, d), dims="[H_kv, P, D] (k_lo's shape and dtype)")
@@ -187,27 +216,38 @@ def _check_inputs(q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, 
     check_tensor("v_hi", v_hi, dtypes=(v_lo.dtype,), shape=(h_kv, t), dims="[H_kv, T] (v_lo's dtype)")
     check_tensor("indices", indices, dtypes=(torch.int32,), shape=(h_kv, None), dims="[H_kv, S]")
     check_tensor("lengths", lengths, dtypes=(torch.int32,), shape=(h_kv,), dims="[H_kv]")
-    check_same_device(q=q, k_codes=k_codes, v_codes=v_codes, k_lo=k_lo, k_hi=k_hi, v_lo=v_lo, v_hi=v_hi,
-                      indices=indices, lengths=lengths)
+    check_same_device(
+        q=q,
+        k_codes=k_codes,
+        v_codes=v_codes,
+        k_lo=k_lo,
+        k_hi=k_hi,
+        v_lo=v_lo,
+        v_hi=v_hi,
+        indices=indices,
+        lengths=lengths,
+    )
     if h_kv == 0 or h_q % h_kv:
-        raise ValueError(f"q has {h_q} heads and k_codes has {h_kv}: grouped-query attention needs "
-                         "H_q = H_kv * G with H_kv >= 1")
+        raise ValueError(
+            f"q has {h_q} heads and k_codes has {h_kv}: grouped-query attention needs H_q = H_kv * G with H_kv >= 1"
+        )
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size={page_size!r} must be a positive int")
     if p * page_size < t:
-        raise ValueError(f"k_lo has {p} pages of {page_size} slots, fewer than T={t} slots need "
-                         f"({-(-t // page_size)})")
+        raise ValueError(f"k_lo has {p} pages of {page_size} slots, fewer than T={t} slots need ({-(-t // page_size)})")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale={scale!r} must be a finite float (usually 1/sqrt(D))")
     check_num_splits(num_splits, MAX_SPLITS)
     return h_q, h_kv, d, indices.shape[1], p
 
 
-def sparse_decode_attention_quant_triton(q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices,
-                                         lengths, scale, num_splits=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_decode_attention_quant_triton(
+    q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices, lengths, scale, num_splits=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the quantized split kernel and the merge; returns (out ``[H_q, D]``, lse fp32 ``[H_q]``)."""
-    h_q, h_kv, d, s, _ = _check_inputs(q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices,
-                                       lengths, scale, num_splits)
+    h_q, h_kv, d, s, _ = _check_inputs(
+        q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices, lengths, scale, num_splits
+    )
     check_inner_contiguous(q=q, k_codes=k_codes, v_codes=v_codes, k_lo=k_lo, k_hi=k_hi, indices=indices)
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={d} is above the kernel's {MAX_HEAD_DIM}; use backend='torch'")
@@ -216,20 +256,51 @@ def sparse_decode_attention_quant_triton(q, k_codes, v_codes, k_lo, k_hi, v_lo, 
     part_o = torch.empty((h_q, splits, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((h_q, splits), dtype=torch.float32, device=q.device)
     _sparse_decode_quant_split_kernel[(h_kv, splits)](
-        q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, indices, lengths, part_o, part_lse,
-        float(scale) * LOG2E, page_size, s, d, group, splits,
-        q.stride(0), k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1),
-        k_lo.stride(0), k_lo.stride(1), k_hi.stride(0), k_hi.stride(1),
-        v_lo.stride(0), v_lo.stride(1), v_hi.stride(0), v_hi.stride(1), indices.stride(0),
-        part_o.stride(0), part_o.stride(1), part_lse.stride(0),
-        BITS=bits, DOT_PRECISION=dot_precision(q.dtype), num_stages=2,
+        q,
+        k_codes,
+        v_codes,
+        k_lo,
+        k_hi,
+        v_lo,
+        v_hi,
+        indices,
+        lengths,
+        part_o,
+        part_lse,
+        float(scale) * LOG2E,
+        page_size,
+        s,
+        d,
+        group,
+        splits,
+        q.stride(0),
+        k_codes.stride(0),
+        k_codes.stride(1),
+        v_codes.stride(0),
+        v_codes.stride(1),
+        k_lo.stride(0),
+        k_lo.stride(1),
+        k_hi.stride(0),
+        k_hi.stride(1),
+        v_lo.stride(0),
+        v_lo.stride(1),
+        v_hi.stride(0),
+        v_hi.stride(1),
+        indices.stride(0),
+        part_o.stride(0),
+        part_o.stride(1),
+        part_lse.stride(0),
+        BITS=bits,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_stages=2,
         **launch_config(d, group, q.dtype, dequant=True),
     )
     return combine_splits(part_o, part_lse, q.dtype)
 
 
-def sparse_decode_attention_quant_reference(q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices,
-                                            lengths, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_decode_attention_quant_reference(
+    q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices, lengths, scale
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``kvstore.quant.dequantize_rows`` on the selected rows, cast to q's dtype, then the dense reference."""
     h_kv, _, row_bytes = k_codes.shape
     d = q.shape[1]
@@ -242,8 +313,9 @@ def sparse_decode_attention_quant_reference(q, k_codes, v_codes, k_lo, k_hi, v_l
     def dequant(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         rows = codes.gather(1, idx.unsqueeze(-1).expand(-1, -1, row_bytes))  # [H_kv, S, row_bytes]
         # kvstore.quant works on CPU tensors; the reference only has to be right, not fast
-        flat = quant.dequantize_rows(rows.reshape(-1).cpu(), row_bits, d, lo.reshape(n, -1).cpu(),
-                                     hi.reshape(n, -1).cpu())
+        flat = quant.dequantize_rows(
+            rows.reshape(-1).cpu(), row_bits, d, lo.reshape(n, -1).cpu(), hi.reshape(n, -1).cpu()
+        )
         return flat.view(h_kv, s, d).to(device=q.device, dtype=q.dtype)
 
     page = (idx // page_size).unsqueeze(-1).expand(-1, -1, d)
@@ -293,8 +365,7 @@ def sparse_decode_attention_quant(
     -------
     out : Tensor ``[H_q, D]`` in q's dtype, or ``(out, lse fp32 [H_q])`` when ``return_lse``.
     """
-    _check_inputs(q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices, lengths, scale,
-                  num_splits)
+    _check_inputs(q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices, lengths, scale, num_splits)
     args = (q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, bits, page_size, indices, lengths, scale)
     if use_triton(backend, q, k_codes, v_codes, k_lo, k_hi, v_lo, v_hi, indices, lengths):
         out, lse = sparse_decode_attention_quant_triton(*args, num_splits)
@@ -304,6 +375,9 @@ def sparse_decode_attention_quant(
 
 
 __all__ = [
-    "sparse_decode_attention_quant", "sparse_decode_attention_quant_triton",
-    "sparse_decode_attention_quant_reference", "combine_partials", "SUPPORTED_BITS",
+    "sparse_decode_attention_quant",
+    "sparse_decode_attention_quant_triton",
+    "sparse_decode_attention_quant_reference",
+    "combine_partials",
+    "SUPPORTED_BITS",
 ]

@@ -107,8 +107,9 @@ def _split_prologue(
     g_mask = offs_g < G
     d_mask = offs_d < D
     q_heads = kv_head * G + offs_g
-    q = tl.load(q_ptr + q_heads[:, None] * stride_q_h + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + q_heads[:, None] * stride_q_h + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0
+    )
     return kv_head, split, start, end, q_heads, g_mask, offs_d, d_mask, q
 
 
@@ -198,7 +199,8 @@ def _sparse_decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     kv_head, split, start, end, q_heads, g_mask, offs_d, d_mask, q = _split_prologue(
-        q_ptr, len_ptr, S, D, G, num_splits, stride_q_h, BLOCK_G, BLOCK_D)
+        q_ptr, len_ptr, S, D, G, num_splits, stride_q_h, BLOCK_G, BLOCK_D
+    )
     offs_n = tl.arange(0, BLOCK_N)
 
     # int64 bases: H_kv * T * D elements can pass 2**31 on long contexts
@@ -218,8 +220,21 @@ def _sparse_decode_split_kernel(
         v = tl.load(v_base + slot[:, None] * stride_v_t + offs_d[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_block(q, k, v, n_mask, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-    _store_partial(part_o_ptr, part_lse_ptr, q_heads, split, m_i, l_i, acc, g_mask, offs_d, D,
-                   stride_po_h, stride_po_s, stride_pl_h)
+    _store_partial(
+        part_o_ptr,
+        part_lse_ptr,
+        q_heads,
+        split,
+        m_i,
+        l_i,
+        acc,
+        g_mask,
+        offs_d,
+        D,
+        stride_po_h,
+        stride_po_s,
+        stride_pl_h,
+    )
 
 
 @jit
@@ -298,8 +313,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def combine_splits(part_o: torch.Tensor, part_lse: torch.Tensor,
-                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_splits(
+    part_o: torch.Tensor, part_lse: torch.Tensor, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the splits: part_o fp32 ``[H_q, splits, D]``, part_lse fp32 ``[H_q, splits]`` (log2).
 
     Returns (out ``[H_q, D]`` in ``out_dtype``, lse fp32 ``[H_q]`` natural log).
@@ -309,16 +325,30 @@ def combine_splits(part_o: torch.Tensor, part_lse: torch.Tensor,
     lse = torch.empty((h_q,), dtype=torch.float32, device=part_o.device)
     if h_q:
         _combine_splits_kernel[(h_q,)](
-            part_o, part_lse, out, lse, splits, d,
-            part_o.stride(0), part_o.stride(1), part_lse.stride(0), out.stride(0),
-            BLOCK_D=next_pow2(d), num_warps=1 if d <= 128 else 2,
+            part_o,
+            part_lse,
+            out,
+            lse,
+            splits,
+            d,
+            part_o.stride(0),
+            part_o.stride(1),
+            part_lse.stride(0),
+            out.stride(0),
+            BLOCK_D=next_pow2(d),
+            num_warps=1 if d <= 128 else 2,
         )
     return out, lse
 
 
 def sparse_decode_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor,
-    scale: float, num_splits: int | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the split kernel and the merge; arguments as ``sparse_decode_attention``.
 
@@ -333,11 +363,30 @@ def sparse_decode_attention_triton(
     part_o = torch.empty((h_q, splits, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((h_q, splits), dtype=torch.float32, device=q.device)
     _sparse_decode_split_kernel[(h_kv, splits)](
-        q, k, v, indices, lengths, part_o, part_lse,
-        float(scale) * LOG2E, s, d, group, splits,
-        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), indices.stride(0),
-        part_o.stride(0), part_o.stride(1), part_lse.stride(0),
-        DOT_PRECISION=dot_precision(q.dtype), num_stages=2, **launch_config(d, group, q.dtype),
+        q,
+        k,
+        v,
+        indices,
+        lengths,
+        part_o,
+        part_lse,
+        float(scale) * LOG2E,
+        s,
+        d,
+        group,
+        splits,
+        q.stride(0),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        indices.stride(0),
+        part_o.stride(0),
+        part_o.stride(1),
+        part_lse.stride(0),
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_stages=2,
+        **launch_config(d, group, q.dtype),
     )
     return combine_splits(part_o, part_lse, q.dtype)
 
@@ -356,8 +405,9 @@ def _check_inputs(q, k, v, indices, lengths, scale, num_splits) -> tuple[int, in
     check_tensor("lengths", lengths, dtypes=(torch.int32,), shape=(h_kv,), dims="[H_kv]")
     check_same_device(q=q, k=k, v=v, indices=indices, lengths=lengths)
     if h_kv == 0 or h_q % h_kv:
-        raise ValueError(f"q has {h_q} heads and k has {h_kv}: grouped-query attention needs H_q = H_kv * G "
-                         "with H_kv >= 1")
+        raise ValueError(
+            f"q has {h_q} heads and k has {h_kv}: grouped-query attention needs H_q = H_kv * G with H_kv >= 1"
+        )
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale={scale!r} must be a finite float (usually 1/sqrt(D))")
     check_num_splits(num_splits, MAX_SPLITS)
@@ -369,7 +419,11 @@ def _check_inputs(q, k, v, indices, lengths, scale, num_splits) -> tuple[int, in
 
 
 def sparse_decode_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    lengths: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch, fp32: gather the valid slots, mask the padding, softmax, weighted sum.
@@ -462,8 +516,10 @@ def combine_partials(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     """
     outs, lses = list(outs), list(lses)
     if not outs or len(outs) != len(lses):
-        raise ValueError(f"combine_partials needs one lse per output and at least one part; got "
-                         f"{len(outs)} outputs and {len(lses)} lses")
+        raise ValueError(
+            f"combine_partials needs one lse per output and at least one part; got "
+            f"{len(outs)} outputs and {len(lses)} lses"
+        )
     check_tensor("outs[0]", outs[0], dtypes=DENSE_DTYPES, shape=(None, None), dims="[H_q, D]")
     h_q, d = outs[0].shape
     for i, (o, l) in enumerate(zip(outs, lses)):
@@ -481,6 +537,10 @@ def combine_partials(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 __all__ = [
-    "sparse_decode_attention", "sparse_decode_attention_triton", "sparse_decode_attention_reference",
-    "combine_partials", "auto_num_splits", "MAX_SPLITS",
+    "sparse_decode_attention",
+    "sparse_decode_attention_triton",
+    "sparse_decode_attention_reference",
+    "combine_partials",
+    "auto_num_splits",
+    "MAX_SPLITS",
 ]

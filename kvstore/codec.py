@@ -36,7 +36,13 @@ import torch
 import xxhash
 
 from dkv.kvstore.entry import (
-    FORMAT_VERSION, READABLE_VERSIONS, STORED_FIELDS, CompressedKV, Identity, Recipe, unpack_layer,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    STORED_FIELDS,
+    CompressedKV,
+    Identity,
+    Recipe,
+    unpack_layer,
 )
 from dkv.kvstore.errors import CorruptEntry, EntryTooLarge, InvalidEntry
 
@@ -50,8 +56,12 @@ MAX_FRAME_BYTES = FRAME_LIMIT - 4096
 KIND_HEADER, KIND_DATA = 0, 1
 MAX_HEADER_BYTES = 1 << 20
 DTYPES = {
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-    "int32": torch.int32, "int16": torch.int16, "uint8": torch.uint8,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "uint8": torch.uint8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -212,12 +222,13 @@ def parse_frame(frame: bytes | memoryview) -> Frame:
     if magic != MAGIC:
         raise CorruptEntry(f"frame magic {bytes(magic)!r} is not {MAGIC!r}: not a dkv frame")
     if version not in READABLE_VERSIONS:
-        raise CorruptEntry(f"frame format version {version}; this store reads versions "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}")
+        raise CorruptEntry(
+            f"frame format version {version}; this store reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+        )
     if length != len(view) - FRAME_HEAD_BYTES:
         raise CorruptEntry(f"frame says {length} payload bytes but carries {len(view) - FRAME_HEAD_BYTES}: truncated")
     (checksum,) = struct.unpack_from("<Q", view, HEAD.size)
-    h = xxhash.xxh3_64(view[:HEAD.size])
+    h = xxhash.xxh3_64(view[: HEAD.size])
     h.update(view[FRAME_HEAD_BYTES:])
     if h.intdigest() != checksum:
         raise CorruptEntry(f"frame {seq} failed its checksum: corrupted in transit or at rest")
@@ -247,8 +258,10 @@ def parse_header(frame: bytes | memoryview) -> EntryHeader:
             start=int(ident["start"]),
         )
         identity.key  # noqa: B018  the property validates every key part
-        specs = tuple(TensorSpec(int(a), str(b), str(c), tuple(int(x) for x in d), int(e), int(g))
-                      for a, b, c, d, e, g in h["tensors"])
+        specs = tuple(
+            TensorSpec(int(a), str(b), str(c), tuple(int(x) for x in d), int(e), int(g))
+            for a, b, c, d, e, g in h["tensors"]
+        )
         header = EntryHeader(
             identity=identity,
             num_layers=int(h["num_layers"]),
@@ -293,8 +306,9 @@ def _check_tensor_table(h: EntryHeader) -> None:
         for d in t.shape:
             numel *= d
         if numel * DTYPES[t.dtype].itemsize != t.nbytes or t.offset != pos:
-            raise InvalidEntry(f"{where}: {t.nbytes} bytes at offset {t.offset} do not match shape {t.shape} "
-                               f"{t.dtype} at offset {pos}")
+            raise InvalidEntry(
+                f"{where}: {t.nbytes} bytes at offset {t.offset} do not match shape {t.shape} {t.dtype} at offset {pos}"
+            )
         seen.add((t.layer, t.name))
         pos += t.nbytes
     if pos != h.data_bytes:
@@ -302,8 +316,10 @@ def _check_tensor_table(h: EntryHeader) -> None:
     payload_max = FRAME_LIMIT - FRAME_HEAD_BYTES
     data_frames = h.total_frames - 1
     if not -(-h.data_bytes // payload_max) <= data_frames <= h.data_bytes:
-        raise InvalidEntry(f"{data_frames} data frames cannot carry {h.data_bytes} data bytes "
-                           f"(each frame carries 1 to {payload_max} bytes)")
+        raise InvalidEntry(
+            f"{data_frames} data frames cannot carry {h.data_bytes} data bytes "
+            f"(each frame carries 1 to {payload_max} bytes)"
+        )
 
 
 class FrameAssembler:
@@ -329,8 +345,9 @@ class FrameAssembler:
             if self.on_header is not None:
                 self.on_header(self.header, frame)
             if self.max_entry_bytes is not None and self.header.data_bytes > self.max_entry_bytes:
-                raise EntryTooLarge(f"entry of {self.header.data_bytes} bytes is over the limit of "
-                                    f"{self.max_entry_bytes} bytes")
+                raise EntryTooLarge(
+                    f"entry of {self.header.data_bytes} bytes is over the limit of {self.max_entry_bytes} bytes"
+                )
             self.frames.append(frame)
             return
         f = parse_frame(frame)
@@ -338,11 +355,15 @@ class FrameAssembler:
         if f.entry_id != self.header.entry_id or f.version != self.header.format_version:
             raise CorruptEntry(f"frame {f.seq} belongs to another entry")
         if f.seq != expected or f.total != self.header.total_frames:
-            raise CorruptEntry(f"frame {f.seq} of {f.total} arrived where frame {expected} of "
-                               f"{self.header.total_frames} was expected: reordered, duplicated or lost")
+            raise CorruptEntry(
+                f"frame {f.seq} of {f.total} arrived where frame {expected} of "
+                f"{self.header.total_frames} was expected: reordered, duplicated or lost"
+            )
         self.data_received += len(f.payload)
         if self.data_received > self.header.data_bytes:
-            raise CorruptEntry(f"{self.data_received} data bytes received; the header announced {self.header.data_bytes}")
+            raise CorruptEntry(
+                f"{self.data_received} data bytes received; the header announced {self.header.data_bytes}"
+            )
         self._data_hash.update(f.payload)
         self.frames.append(frame)
 
@@ -350,16 +371,20 @@ class FrameAssembler:
         if self.header is None:
             raise CorruptEntry("no frames received: the stream must start with the header frame")
         if len(self.frames) != self.header.total_frames or self.data_received != self.header.data_bytes:
-            raise CorruptEntry(f"stream ended after {len(self.frames)} of {self.header.total_frames} frames "
-                               f"({self.data_received} of {self.header.data_bytes} data bytes): truncated")
+            raise CorruptEntry(
+                f"stream ended after {len(self.frames)} of {self.header.total_frames} frames "
+                f"({self.data_received} of {self.header.data_bytes} data bytes): truncated"
+            )
         if self._data_hash.hexdigest() != self.header.data_xxh3:
-            raise CorruptEntry("the data frames pass their checksums but not the entry's: frames of another entry "
-                               "were mixed in")
+            raise CorruptEntry(
+                "the data frames pass their checksums but not the entry's: frames of another entry were mixed in"
+            )
         return self.header, self.frames
 
 
-def check_frames(frames: Iterable[bytes | memoryview], max_entry_bytes: int | None = None
-                 ) -> tuple[EntryHeader, list[bytes | memoryview]]:
+def check_frames(
+    frames: Iterable[bytes | memoryview], max_entry_bytes: int | None = None
+) -> tuple[EntryHeader, list[bytes | memoryview]]:
     """Verify a whole frame sequence; return its header and the frames."""
     asm = FrameAssembler(max_entry_bytes)
     for f in frames:
@@ -405,8 +430,10 @@ def decode_checked(header: EntryHeader, checked: Sequence[bytes | memoryview]) -
         raise InvalidEntry(f"page_size {header.page_size} must be in [1, 4096]")
     entry = CompressedKV(
         identity=ident,
-        layers=[unpack_layer(fields, ident.start, ident.seq_len, header.page_size, f"layer {i}")
-                for i, fields in enumerate(layers)],
+        layers=[
+            unpack_layer(fields, ident.start, ident.seq_len, header.page_size, f"layer {i}")
+            for i, fields in enumerate(layers)
+        ],
         num_kv_heads=header.num_kv_heads,
         head_dim=header.head_dim,
         page_size=header.page_size,
@@ -430,8 +457,8 @@ def _tensor_at(payloads: list[memoryview], starts: list[int], t: TensorSpec) -> 
     else:
         buf, offset, pos = bytearray(t.nbytes), 0, 0
         while pos < t.nbytes:
-            piece = payloads[f][lo:lo + t.nbytes - pos]
-            buf[pos:pos + len(piece)] = piece
+            piece = payloads[f][lo : lo + t.nbytes - pos]
+            buf[pos : pos + len(piece)] = piece
             pos += len(piece)
             f, lo = f + 1, 0
     with warnings.catch_warnings():

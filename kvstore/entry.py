@@ -106,8 +106,9 @@ class Identity:
         if not 0 <= self.start < self.seq_len:
             raise InvalidEntry(f"start {self.start} must be in [0, seq_len={self.seq_len})")
         if self.start and (not self.recipe.chunked or self.start % self.recipe.chunk_size):
-            raise InvalidEntry(f"start {self.start} > 0 needs a chunked recipe and a multiple of chunk_size "
-                               f"{self.recipe.chunk_size}")
+            raise InvalidEntry(
+                f"start {self.start} > 0 needs a chunked recipe and a multiple of chunk_size {self.recipe.chunk_size}"
+            )
         expected = math.ceil(self.seq_len / self.recipe.chunk_size)
         if len(self.chunk_hashes) != expected:
             raise InvalidEntry(
@@ -139,8 +140,19 @@ class LayerKV:
     key_hi: torch.Tensor | None = None  # float16 [H, D]
 
     TENSOR_FIELDS = (
-        "positions", "head_offsets", "scores", "page_min", "page_max", "keys", "values",
-        "key_bits", "value_bits", "value_min", "value_max", "key_lo", "key_hi",
+        "positions",
+        "head_offsets",
+        "scores",
+        "page_min",
+        "page_max",
+        "keys",
+        "values",
+        "key_bits",
+        "value_bits",
+        "value_min",
+        "value_max",
+        "key_lo",
+        "key_hi",
     )
 
     @property
@@ -180,17 +192,28 @@ class LayerKV:
         offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
         offsets[1:] = torch.cumsum(counts, 0)
         present = torch.unique(row_page[rows])
-        picked = dict(positions=self.positions[rows], head_offsets=offsets, scores=self.scores[rows],
-                      page_min=self.page_min[present], page_max=self.page_max[present])
+        picked = dict(
+            positions=self.positions[rows],
+            head_offsets=offsets,
+            scores=self.scores[rows],
+            page_min=self.page_min[present],
+            page_max=self.page_max[present],
+        )
         if not self.quantized:
             return LayerKV(keys=self.keys[rows], values=self.values[rows], **picked)
         head_dim = self.page_min.shape[1]
         key_bits, value_bits, value_min, value_max = self._quant_rows()
-        return LayerKV(keys=_packed_rows(self.keys, key_bits, head_dim, rows),
-                       values=_packed_rows(self.values, value_bits, head_dim, rows),
-                       key_bits=key_bits[rows], value_bits=value_bits[rows],
-                       value_min=value_min[rows], value_max=value_max[rows],
-                       key_lo=self.key_lo, key_hi=self.key_hi, **picked)
+        return LayerKV(
+            keys=_packed_rows(self.keys, key_bits, head_dim, rows),
+            values=_packed_rows(self.values, value_bits, head_dim, rows),
+            key_bits=key_bits[rows],
+            value_bits=value_bits[rows],
+            value_min=value_min[rows],
+            value_max=value_max[rows],
+            key_lo=self.key_lo,
+            key_hi=self.key_hi,
+            **picked,
+        )
 
     def dequantized(self, page_size: int, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K and V, [N, D] each, in ``dtype``."""
@@ -279,8 +302,10 @@ class CompressedKV:
 
     def stored_layers(self) -> list[dict[str, torch.Tensor]]:
         """Each layer's tensors as format 2 stores them (``pack_layer``): what ``kvstore.codec`` writes."""
-        return [pack_layer(layer, self.identity.start, self.seq_len, self.page_size, f"layer {i}")
-                for i, layer in enumerate(self.layers)]
+        return [
+            pack_layer(layer, self.identity.start, self.seq_len, self.page_size, f"layer {i}")
+            for i, layer in enumerate(self.layers)
+        ]
 
     @property
     def stored_nbytes(self) -> int:
@@ -302,10 +327,18 @@ class CompressedKV:
         """The entry with its dense K/V and page summaries in ``dtype`` (how the store keeps it);
         quantized rows and their page bounds (on the grid of the key ranges) are left as they are.
         Rounding is monotonic, so page bounds still bound."""
-        layers = [layer if layer.quantized else
-                  dataclasses.replace(layer, page_min=layer.page_min.to(dtype), page_max=layer.page_max.to(dtype),
-                                      keys=layer.keys.to(dtype), values=layer.values.to(dtype))
-                  for layer in self.layers]
+        layers = [
+            layer
+            if layer.quantized
+            else dataclasses.replace(
+                layer,
+                page_min=layer.page_min.to(dtype),
+                page_max=layer.page_max.to(dtype),
+                keys=layer.keys.to(dtype),
+                values=layer.values.to(dtype),
+            )
+            for layer in self.layers
+        ]
         return self.replace(layers=layers)
 
 
@@ -332,8 +365,9 @@ def make_layer(
     return LayerKV(positions=pos, head_offsets=offsets, scores=s, page_min=pmin, page_max=pmax, keys=k, values=v)
 
 
-def quantize_layer(layer: LayerKV, key_bits: torch.Tensor, page_size: int,
-                   value_bits: torch.Tensor | None = None) -> LayerKV:
+def quantize_layer(
+    layer: LayerKV, key_bits: torch.Tensor, page_size: int, value_bits: torch.Tensor | None = None
+) -> LayerKV:
     """The layer with K and V quantized at ``key_bits`` / ``value_bits`` (uint8 [N]) per row.
 
     Each head's key range (``key_lo``/``key_hi``, fp16 per channel) is the grid of its page
@@ -358,11 +392,19 @@ def quantize_layer(layer: LayerKV, key_bits: torch.Tensor, page_size: int,
     vmin = v.amin(1).half() if len(v) else torch.empty(0, dtype=torch.float16)
     vmax = v.amax(1).half() if len(v) else torch.empty(0, dtype=torch.float16)
     return LayerKV(
-        positions=layer.positions, head_offsets=layer.head_offsets, scores=layer.scores,
-        page_min=pmin, page_max=pmax,
+        positions=layer.positions,
+        head_offsets=layer.head_offsets,
+        scores=layer.scores,
+        page_min=pmin,
+        page_max=pmax,
         keys=quant.quantize_rows(k, key_bits, pmin[row_page], pmax[row_page]),
         values=quant.quantize_rows(v, value_bits, vmin.float().unsqueeze(1), vmax.float().unsqueeze(1)),
-        key_bits=key_bits, value_bits=value_bits, value_min=vmin, value_max=vmax, key_lo=key_lo, key_hi=key_hi,
+        key_bits=key_bits,
+        value_bits=value_bits,
+        value_min=vmin,
+        value_max=vmax,
+        key_lo=key_lo,
+        key_hi=key_hi,
     )
 
 
@@ -378,27 +420,34 @@ def _code_grid(key_lo: torch.Tensor, key_hi: torch.Tensor, page_head: torch.Tens
     return lo, (key_hi.float()[page_head] - lo) / PAGE_CODE_LEVELS
 
 
-def page_bounds(code_min: torch.Tensor, code_max: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor,
-                page_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def page_bounds(
+    code_min: torch.Tensor, code_max: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor, page_head: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Page bounds, float32 [pages, D], from their 8-bit codes on the heads' key ranges."""
     lo, step = _code_grid(key_lo, key_hi, page_head)
     return lo + code_min.float() * step, lo + code_max.float() * step
 
 
-def _page_codes(layer: LayerKV, page_head: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _page_codes(
+    layer: LayerKV, key_lo: torch.Tensor, key_hi: torch.Tensor, page_head: torch.Tensor, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes of a quantized layer's page bounds; ``InvalidEntry`` unless they are on the grid."""
-    lo, step = _code_grid(layer.key_lo, layer.key_hi, page_head)
+    lo, step = _code_grid(key_lo, key_hi, page_head)
     codes = []
     for bound in (layer.page_min, layer.page_max):
         code = ((bound.float() - lo) / step).round().nan_to_num(0.0).clamp(0, PAGE_CODE_LEVELS)
         if not torch.equal(lo + code * step, bound.float()):
-            raise InvalidEntry(f"{where}: page bounds are not on the 8-bit grid of key_lo/key_hi "
-                               "(build quantized layers with quantize_layer)")
+            raise InvalidEntry(
+                f"{where}: page bounds are not on the 8-bit grid of key_lo/key_hi "
+                "(build quantized layers with quantize_layer)"
+            )
         codes.append(code.to(torch.uint8))
     return codes[0], codes[1]
 
 
-def pack_layer(layer: LayerKV, start: int, seq_len: int, page_size: int, where: str = "layer") -> dict[str, torch.Tensor]:
+def pack_layer(
+    layer: LayerKV, start: int, seq_len: int, page_size: int, where: str = "layer"
+) -> dict[str, torch.Tensor]:
     """The tensors format 2 stores for ``layer`` of an entry spanning ``[start, seq_len)`` (module docstring)."""
     out = {"head_offsets": layer.head_offsets}
     heads, n, span = len(layer.head_offsets) - 1, layer.num_tokens, seq_len - start
@@ -409,24 +458,31 @@ def pack_layer(layer: LayerKV, start: int, seq_len: int, page_size: int, where: 
     else:
         out["positions"] = layer.positions
     out["scores"] = layer.scores
-    if layer.key_lo is not None:
+    if layer.key_lo is not None and layer.key_hi is not None:
         out["page_min_codes"], out["page_max_codes"] = _page_codes(
-            layer, head_of_pages(layer.head_offsets, page_size), where)
+            layer, layer.key_lo, layer.key_hi, head_of_pages(layer.head_offsets, page_size), where
+        )
         out["key_lo"], out["key_hi"] = layer.key_lo, layer.key_hi
     else:
         out["page_min"], out["page_max"] = layer.page_min, layer.page_max
     out["keys"], out["values"] = layer.keys, layer.values
     if layer.quantized:
-        if torch.equal(layer.key_bits, layer.value_bits):
-            out["bits"] = layer.key_bits
+        key_bits, value_bits, value_min, value_max = layer._quant_rows()
+        if torch.equal(key_bits, value_bits):
+            out["bits"] = key_bits
         else:
-            out["key_bits"], out["value_bits"] = layer.key_bits, layer.value_bits
-        out["value_min"], out["value_max"] = layer.value_min, layer.value_max
+            out["key_bits"], out["value_bits"] = key_bits, value_bits
+        out["value_min"], out["value_max"] = value_min, value_max
     return out
 
 
-STORED_FIELDS = LayerKV.TENSOR_FIELDS + ("position_bitmap", "position_offsets", "page_min_codes", "page_max_codes",
-                                         "bits")
+STORED_FIELDS = LayerKV.TENSOR_FIELDS + (
+    "position_bitmap",
+    "position_offsets",
+    "page_min_codes",
+    "page_max_codes",
+    "bits",
+)
 
 
 def _bitmap(layer: LayerKV, start: int, span: int) -> torch.Tensor:
@@ -438,8 +494,7 @@ def _bitmap(layer: LayerKV, start: int, span: int) -> torch.Tensor:
     return (bits.view(heads, width, 8) << torch.arange(8, dtype=torch.uint8)).sum(2, dtype=torch.uint8)
 
 
-def unpack_layer(t: dict[str, torch.Tensor], start: int, seq_len: int, page_size: int,
-                 where: str = "layer") -> LayerKV:
+def unpack_layer(t: dict[str, torch.Tensor], start: int, seq_len: int, page_size: int, where: str = "layer") -> LayerKV:
     """Inverse of ``pack_layer`` (format 1's tensors read as they are); ``InvalidEntry`` when the
     stored tensors do not fit together. The result still needs ``validate_entry``."""
     t = dict(t)
@@ -451,7 +506,9 @@ def unpack_layer(t: dict[str, torch.Tensor], start: int, seq_len: int, page_size
         raise InvalidEntry(f"{where}: head_offsets must start at 0 and not decrease")
     forms = [name for name in ("positions", "position_offsets", "position_bitmap") if name in t]
     if len(forms) != 1:
-        raise InvalidEntry(f"{where}: exactly one of positions, position_offsets, position_bitmap is needed, got {forms}")
+        raise InvalidEntry(
+            f"{where}: exactly one of positions, position_offsets, position_bitmap is needed, got {forms}"
+        )
     if "position_bitmap" in t:
         bitmap = t.pop("position_bitmap")
         if bitmap.dtype != torch.uint8 or bitmap.shape != (heads, -(-span // 8)):
@@ -475,16 +532,27 @@ def unpack_layer(t: dict[str, torch.Tensor], start: int, seq_len: int, page_size
     if "page_min_codes" in t or "page_max_codes" in t:
         if "page_min" in t or "page_max" in t:
             raise InvalidEntry(f"{where}: page bounds are stored as codes or as values, not both")
-        codes = (t.pop("page_min_codes", None), t.pop("page_max_codes", None))
-        lo, hi = t.get("key_lo"), t.get("key_hi")
+        found = {name: t.pop(name, None) for name in ("page_min_codes", "page_max_codes")}
+        found.update(key_lo=t.get("key_lo"), key_hi=t.get("key_hi"))
         pages = int(page_counts((offsets[1:] - offsets[:-1]).long().clamp_min(0), page_size).sum())
-        for name, x, dtype, shape in (("page_min_codes", codes[0], torch.uint8, None),
-                                      ("page_max_codes", codes[1], torch.uint8, None),
-                                      ("key_lo", lo, torch.float16, (heads, None)),
-                                      ("key_hi", hi, torch.float16, (heads, None))):
-            if x is None or x.dtype != dtype or x.dim() != 2 or (shape and x.shape[0] != heads) \
-                    or (not shape and x.shape[0] != pages):
+        for name, dtype, shape in (
+            ("page_min_codes", torch.uint8, None),
+            ("page_max_codes", torch.uint8, None),
+            ("key_lo", torch.float16, (heads, None)),
+            ("key_hi", torch.float16, (heads, None)),
+        ):
+            x = found[name]
+            if (
+                x is None
+                or x.dtype != dtype
+                or x.dim() != 2
+                or (shape and x.shape[0] != heads)
+                or (not shape and x.shape[0] != pages)
+            ):
                 raise InvalidEntry(f"{where}: {name} must be {dtype} [{heads if shape else pages}, D]")
+        present = {name: x for name, x in found.items() if x is not None}  # all four, checked above
+        codes = (present["page_min_codes"], present["page_max_codes"])
+        lo, hi = present["key_lo"], present["key_hi"]
         if not codes[0].shape[1] == codes[1].shape[1] == lo.shape[1] == hi.shape[1]:
             raise InvalidEntry(f"{where}: page codes and key ranges must have the same head_dim")
         if bool((codes[0] > codes[1]).any()):
@@ -499,11 +567,15 @@ def unpack_layer(t: dict[str, torch.Tensor], start: int, seq_len: int, page_size
 def validate_entry(entry: CompressedKV) -> None:
     h, d, p = entry.num_kv_heads, entry.head_dim, entry.page_size
     if entry.format_version not in READABLE_VERSIONS:
-        raise InvalidEntry(f"format_version {entry.format_version} is not supported; this store reads "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}")
+        raise InvalidEntry(
+            f"format_version {entry.format_version} is not supported; this store reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
     if not 1 <= h <= 1024 or not 4 <= d <= 1024 or d % 4:
-        raise InvalidEntry(f"num_kv_heads={h}, head_dim={d}: need 1..1024 heads and a head_dim in 4..1024 that is "
-                           "a multiple of 4 (so 2-bit rows fill whole bytes)")
+        raise InvalidEntry(
+            f"num_kv_heads={h}, head_dim={d}: need 1..1024 heads and a head_dim in 4..1024 that is "
+            "a multiple of 4 (so 2-bit rows fill whole bytes)"
+        )
     if not 1 <= p <= 4096:
         raise InvalidEntry(f"page_size {p} must be in [1, 4096]")
     if not entry.layers:
@@ -529,57 +601,87 @@ def _check(cond: bool, layer: int, message: str) -> None:
 
 
 def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, start: int, seq_len: int) -> None:
-    _check(layer.head_offsets.dtype == torch.int32 and layer.head_offsets.shape == (h + 1,), i,
-           f"head_offsets must be int32 [{h + 1}], got {layer.head_offsets.dtype} {tuple(layer.head_offsets.shape)}")
+    _check(
+        layer.head_offsets.dtype == torch.int32 and layer.head_offsets.shape == (h + 1,),
+        i,
+        f"head_offsets must be int32 [{h + 1}], got {layer.head_offsets.dtype} {tuple(layer.head_offsets.shape)}",
+    )
     offs = layer.head_offsets.long()
     counts = offs[1:] - offs[:-1]
     _check(int(offs[0]) == 0 and bool((counts >= 0).all()), i, "head_offsets must start at 0 and not decrease")
     n = int(offs[-1])
-    _check(layer.positions.dtype == torch.int32 and layer.positions.shape == (n,), i,
-           f"positions must be int32 [{n}] (head_offsets[-1]), got {layer.positions.dtype} {tuple(layer.positions.shape)}")
+    _check(
+        layer.positions.dtype == torch.int32 and layer.positions.shape == (n,),
+        i,
+        f"positions must be int32 [{n}] (head_offsets[-1]), got {layer.positions.dtype} {tuple(layer.positions.shape)}",
+    )
     if n:
         lo, hi = torch.aminmax(layer.positions)
         _check(int(lo) >= start and int(hi) < seq_len, i, f"positions must be in [start={start}, seq_len={seq_len})")
         not_ascending = (layer.positions[1:] <= layer.positions[:-1]).nonzero().squeeze(1) + 1  # rows
         head_starts = offs[1:-1]
-        _check(bool(torch.isin(not_ascending, head_starts).all()), i,
-               "positions must be strictly ascending within each head")
-    _check(layer.scores.dtype in (torch.float16, torch.float32) and layer.scores.shape == (n,), i,
-           f"scores must be float16 (float32 in format 1) [{n}], got {layer.scores.dtype} {tuple(layer.scores.shape)}")
+        _check(
+            bool(torch.isin(not_ascending, head_starts).all()),
+            i,
+            "positions must be strictly ascending within each head",
+        )
+    _check(
+        layer.scores.dtype in (torch.float16, torch.float32) and layer.scores.shape == (n,),
+        i,
+        f"scores must be float16 (float32 in format 1) [{n}], got {layer.scores.dtype} {tuple(layer.scores.shape)}",
+    )
     _check(all_finite(layer.scores), i, "scores contain NaN or Inf")
     pages = int(page_counts(counts, p).sum())
     for name in ("page_min", "page_max"):
         t = getattr(layer, name)
-        _check(t.dtype in DENSE_DTYPES.values() and t.shape == (pages, d), i,
-               f"{name} must be float [{pages}, {d}], got {t.dtype} {tuple(t.shape)}")
+        _check(
+            t.dtype in DENSE_DTYPES.values() and t.shape == (pages, d),
+            i,
+            f"{name} must be float [{pages}, {d}], got {t.dtype} {tuple(t.shape)}",
+        )
         _check(all_finite(t), i, f"{name} contains NaN or Inf")
     _check(bool((layer.page_min.float() <= layer.page_max.float()).all()), i, "page_min must be <= page_max")
     if layer.key_bits is None:
         for name in ("keys", "values"):
             t = getattr(layer, name)
-            _check(t.dtype in DENSE_DTYPES.values() and t.shape == (n, d), i,
-                   f"{name} must be float16/bfloat16/float32 [{n}, {d}], got {t.dtype} {tuple(t.shape)}")
+            _check(
+                t.dtype in DENSE_DTYPES.values() and t.shape == (n, d),
+                i,
+                f"{name} must be float16/bfloat16/float32 [{n}, {d}], got {t.dtype} {tuple(t.shape)}",
+            )
             _check(all_finite(t), i, f"{name} contain NaN or Inf")
-        _check(layer.value_bits is None and layer.value_min is None and layer.value_max is None
-               and layer.key_lo is None and layer.key_hi is None, i,
-               "dense keys need dense values: value_bits, value_min, value_max, key_lo and key_hi must be absent")
+        _check(
+            layer.value_bits is None
+            and layer.value_min is None
+            and layer.value_max is None
+            and layer.key_lo is None
+            and layer.key_hi is None,
+            i,
+            "dense keys need dense values: value_bits, value_min, value_max, key_lo and key_hi must be absent",
+        )
         return
     for name in ("key_bits", "value_bits"):
         bits = getattr(layer, name)
         _check(bits is not None and bits.dtype == torch.uint8 and bits.shape == (n,), i, f"{name} must be uint8 [{n}]")
-        _check(bool(torch.isin(bits, torch.tensor(quant.BITS, dtype=torch.uint8)).all()), i,
-               f"{name} must each be one of {quant.BITS}")
+        _check(
+            bool(torch.isin(bits, torch.tensor(quant.BITS, dtype=torch.uint8)).all()),
+            i,
+            f"{name} must each be one of {quant.BITS}",
+        )
         data = layer.keys if name == "key_bits" else layer.values
         want = quant.packed_nbytes(bits, d)
-        _check(data.dtype == torch.uint8 and data.shape == (want,), i,
-               f"quantized {'keys' if name == 'key_bits' else 'values'} must be uint8 [{want}], "
-               f"got {data.dtype} {tuple(data.shape)}")
+        _check(
+            data.dtype == torch.uint8 and data.shape == (want,),
+            i,
+            f"quantized {'keys' if name == 'key_bits' else 'values'} must be uint8 [{want}], "
+            f"got {data.dtype} {tuple(data.shape)}",
+        )
     for name in ("value_min", "value_max"):
         t = getattr(layer, name)
         _check(t is not None and t.dtype == torch.float16 and t.shape == (n,), i, f"{name} must be float16 [{n}]")
         _check(all_finite(t), i, f"{name} contains NaN or Inf")
     _check((layer.key_lo is None) == (layer.key_hi is None), i, "key_lo and key_hi come together")
-    if layer.key_lo is not None:
+    if layer.key_lo is not None and layer.key_hi is not None:
         for name in ("key_lo", "key_hi"):
             t = getattr(layer, name)
             _check(t.dtype == torch.float16 and t.shape == (h, d), i, f"{name} must be float16 [{h}, {d}]")
@@ -588,7 +690,22 @@ def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, start: int, 
 
 
 __all__ = [
-    "FORMAT_VERSION", "READABLE_VERSIONS", "STORED_FIELDS", "Recipe", "EntryKey", "Identity", "LayerKV", "CompressedKV",
-    "make_layer", "quantize_layer", "pack_layer", "unpack_layer", "page_bounds", "head_of_pages", "page_summaries",
-    "page_of_rows", "page_counts", "validate_entry",
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "STORED_FIELDS",
+    "Recipe",
+    "EntryKey",
+    "Identity",
+    "LayerKV",
+    "CompressedKV",
+    "make_layer",
+    "quantize_layer",
+    "pack_layer",
+    "unpack_layer",
+    "page_bounds",
+    "head_of_pages",
+    "page_summaries",
+    "page_of_rows",
+    "page_counts",
+    "validate_entry",
 ]

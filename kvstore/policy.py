@@ -37,7 +37,9 @@ class EvictionPolicy(ABC):
     def value(self, entry: EntryStats, now: float) -> float:
         """Higher = more worth keeping in a fast tier."""
 
-    def choose_victims(self, candidates: Iterable[EntryStats], bytes_needed: int, now: float) -> list[EntryStats] | None:
+    def choose_victims(
+        self, candidates: Iterable[EntryStats], bytes_needed: int, now: float
+    ) -> list[EntryStats] | None:
         """The least valuable entries whose bytes add up to ``bytes_needed``; None if all of them do not."""
         if bytes_needed <= 0:
             return []

@@ -28,13 +28,15 @@ def _as_uint32(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr.astype("<u4", copy=False)
 
 
-def chain_hashes(token_ids: Sequence[int] | np.ndarray, chunk_size: int, model_fingerprint: str, recipe_id: str) -> list[str]:
+def chain_hashes(
+    token_ids: Sequence[int] | np.ndarray, chunk_size: int, model_fingerprint: str, recipe_id: str
+) -> list[str]:
     """Hex hash of every chunk boundary: one per ``chunk_size`` tokens, the last chunk may be partial."""
     tokens = _as_uint32(token_ids)
     h = hashlib.blake2b(f"{model_fingerprint}\0{recipe_id}".encode(), digest_size=DIGEST_BYTES).digest()
     out = []
     for start in range(0, len(tokens), chunk_size):
-        h = hashlib.blake2b(h + tokens[start:start + chunk_size].tobytes(), digest_size=DIGEST_BYTES).digest()
+        h = hashlib.blake2b(h + tokens[start : start + chunk_size].tobytes(), digest_size=DIGEST_BYTES).digest()
         out.append(h.hex())
     return out
 
@@ -66,12 +68,15 @@ def longest_cached_prefix(
     return best
 
 
-def chunk_keys(token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fingerprint: str,
-               tenant: str) -> list[EntryKey]:
+def chunk_keys(
+    token_ids: Sequence[int] | np.ndarray, recipe: Recipe, model_fingerprint: str, tenant: str
+) -> list[EntryKey]:
     """The key an entry ending at each chunk boundary of ``token_ids`` (and at its end) has."""
     recipe_id = recipe.recipe_id  # a JSON dump and a hash: once, not once per chunk
-    return [EntryKey(tenant, model_fingerprint, recipe_id, h)
-            for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe_id)]
+    return [
+        EntryKey(tenant, model_fingerprint, recipe_id, h)
+        for h in chain_hashes(token_ids, recipe.chunk_size, model_fingerprint, recipe_id)
+    ]
 
 
 def check_chain(identities: Sequence[Identity]) -> None:
@@ -86,16 +91,24 @@ def check_chain(identities: Sequence[Identity]) -> None:
         raise ValueError("no entries: a context needs at least one")
     first = identities[0]
     if first.start != 0:
-        raise ValueError(f"the first entry starts at token {first.start}, not 0: the chunks before it are missing "
-                         "or the keys are out of order")
+        raise ValueError(
+            f"the first entry starts at token {first.start}, not 0: the chunks before it are missing "
+            "or the keys are out of order"
+        )
     for i, (before, ident) in enumerate(zip(identities, identities[1:]), start=1):
         for part in ("model_fingerprint", "recipe", "tenant"):
             if getattr(ident, part) != getattr(first, part):
-                raise ValueError(f"entry {i} has another {part} than entry 0: chunks of one context share the model, "
-                                 "recipe and tenant")
+                raise ValueError(
+                    f"entry {i} has another {part} than entry 0: chunks of one context share the model, "
+                    "recipe and tenant"
+                )
         if ident.start != before.seq_len:
-            raise ValueError(f"entry {i} covers tokens [{ident.start}, {ident.seq_len}) but entry {i - 1} ends at "
-                             f"{before.seq_len}: chunk keys must be consecutive, in order, without gaps")
-        if ident.chunk_hashes[:len(before.chunk_hashes)] != before.chunk_hashes:
-            raise ValueError(f"entry {i} is a chunk of other tokens than entry {i - 1}: its chained hashes do not "
-                             f"extend entry {i - 1}'s")
+            raise ValueError(
+                f"entry {i} covers tokens [{ident.start}, {ident.seq_len}) but entry {i - 1} ends at "
+                f"{before.seq_len}: chunk keys must be consecutive, in order, without gaps"
+            )
+        if ident.chunk_hashes[: len(before.chunk_hashes)] != before.chunk_hashes:
+            raise ValueError(
+                f"entry {i} is a chunk of other tokens than entry {i - 1}: its chained hashes do not "
+                f"extend entry {i - 1}'s"
+            )

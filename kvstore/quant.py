@@ -96,8 +96,10 @@ def bits_for_scheme(scheme: str, scores: torch.Tensor) -> torch.Tensor:
     """
     split = SCHEMES.get(scheme)
     if split is None:
-        raise ValueError(f"quant scheme {scheme!r} is not a quantized scheme; use one of "
-                         f"{', '.join(s for s, bits in SCHEMES.items() if bits)}")
+        raise ValueError(
+            f"quant scheme {scheme!r} is not a quantized scheme; use one of "
+            f"{', '.join(s for s, bits in SCHEMES.items() if bits)}"
+        )
     high, low = split
     n = scores.numel()
     bits = torch.full((n,), low, dtype=torch.uint8)

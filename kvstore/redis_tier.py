@@ -113,7 +113,9 @@ end
 # Entry slot. KEYS: manifest, the staged data keys, the data keys of the version it replaces; ARGV:
 # manifest json, number of staged keys, the manifest the caller read (2 arguments). Returns -1 if the
 # manifest changed since, else the number of staged keys that were gone (0 = published).
-_PUBLISH_LUA = _SAME_MANIFEST_LUA + """
+_PUBLISH_LUA = (
+    _SAME_MANIFEST_LUA
+    + """
 if not same_manifest(redis.call('GET', KEYS[1]), ARGV[3], ARGV[4]) then return -1 end
 local staged = tonumber(ARGV[2])
 local missing = 0
@@ -129,10 +131,13 @@ for i = 2 + staged, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('SET', KEYS[1], ARGV[1])
 return 0
 """
+)
 
 # Entry slot. KEYS: manifest, data keys to delete; ARGV: the manifest the caller read (2 arguments),
 # '1' to delete the manifest too. Returns -1 if the manifest changed since, else 1 if it deleted one.
-_DISCARD_LUA = _SAME_MANIFEST_LUA + """
+_DISCARD_LUA = (
+    _SAME_MANIFEST_LUA
+    + """
 local raw = redis.call('GET', KEYS[1])
 if not same_manifest(raw, ARGV[1], ARGV[2]) then return -1 end
 for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
@@ -142,6 +147,7 @@ if raw and ARGV[3] == '1' then
 end
 return 0
 """
+)
 
 # Store slot. KEYS: index, versions, used; ARGV: entry key, total bytes, 'version:frames'. Counts the
 # entry (again: a second call changes nothing).
@@ -247,8 +253,9 @@ class RedisTier(StorageTier):
         except ValueError as e:
             raise ValueError(f"tier {name}: bad redis url {redact_url(url)!r}: {e}") from e
         if cluster and int(db or 0) != 0:
-            raise ValueError(f"tier {name}: redis url {redact_url(url)!r} names database {db}; a Redis Cluster has "
-                             "only database 0")
+            raise ValueError(
+                f"tier {name}: redis url {redact_url(url)!r} names database {db}; a Redis Cluster has only database 0"
+            )
         self.url = url
         self.prefix = prefix
         self.namespace = namespace
@@ -328,8 +335,11 @@ class RedisTier(StorageTier):
         try:
             m = json.loads(raw)
             version, sizes, mac = m["v"], m["sizes"], m.get("mac", "")
-            if not isinstance(version, str) or not isinstance(mac, str) or not all(
-                    isinstance(s, int) and s >= 0 for s in sizes):
+            if (
+                not isinstance(version, str)
+                or not isinstance(mac, str)
+                or not all(isinstance(s, int) and s >= 0 for s in sizes)
+            ):
                 return None
             return version, list(sizes), mac
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -344,8 +354,11 @@ class RedisTier(StorageTier):
         return (["0", ""] if raw is None else ["1", raw]), self._parse_manifest(raw)
 
     def _conflict(self, what: str, key: EntryKey | str) -> TierUnavailable:
-        return TierUnavailable(f"redis tier {self.name}: {what} of {key} gave up: its manifest changed under each of "
-                               f"{ATTEMPTS} attempts (other stores are writing it); retry", partial=True)
+        return TierUnavailable(
+            f"redis tier {self.name}: {what} of {key} gave up: its manifest changed under each of "
+            f"{ATTEMPTS} attempts (other stores are writing it); retry",
+            partial=True,
+        )
 
     def _discard(self, key: EntryKey | str, counted: tuple[str, int] | None, remove) -> bool:
         """In one atomic step: delete the published entry of ``key`` if ``remove(its version)`` says so (a
@@ -427,8 +440,9 @@ class RedisTier(StorageTier):
         for _ in range(ATTEMPTS):
             read, old = self._read_manifest(key)
             replaced = self._data_keys(key, old[0], len(old[1])) if old else []
-            missing = self._publish_script(keys=[self._manifest_key(key), *data_keys, *replaced],
-                                           args=[manifest, len(data_keys), *read])
+            missing = self._publish_script(
+                keys=[self._manifest_key(key), *data_keys, *replaced], args=[manifest, len(data_keys), *read]
+            )
             if missing != CHANGED:
                 break
         else:
@@ -492,9 +506,11 @@ class RedisTier(StorageTier):
 
     def _check_mac(self, key: EntryKey, frames: list[bytes], mac: str) -> None:
         if self.mac is not None and not (mac and self.mac.verify(frames, mac)):
-            raise CorruptEntry(f"redis tier {self.name}: entry {key} {'fails its' if mac else 'has no'} MAC: it was "
-                               "not written by a store with this cluster secret (forged, or written before the "
-                               "secret was set)")
+            raise CorruptEntry(
+                f"redis tier {self.name}: entry {key} {'fails its' if mac else 'has no'} MAC: it was "
+                "not written by a store with this cluster secret (forged, or written before the "
+                "secret was set)"
+            )
 
     @_redis_call("header_frame")
     def header_frame(self, key: EntryKey) -> bytes | None:
@@ -514,7 +530,7 @@ class RedisTier(StorageTier):
         and return their header frames: two pipelined reads, then one count per entry found."""
         found = {}
         for start in range(0, len(keys), AUDIT_BATCH):
-            batch = keys[start:start + AUDIT_BATCH]
+            batch = keys[start : start + AUDIT_BATCH]
             manifests = [self._parse_manifest(raw) for raw in self._pipelined("get", map(self._manifest_key, batch))]
             present = [(key, m) for key, m in zip(batch, manifests) if m is not None and m[1]]
             heads = self._pipelined("get", (self._data_keys(key, m[0], 1)[0] for key, m in present))
@@ -569,9 +585,9 @@ class RedisTier(StorageTier):
         versions = self._client.hgetall(self._versions_key)
         names = sorted(set(index) | set(versions))
         for start in range(0, len(names), AUDIT_BATCH):
-            batch = [n.decode(errors="replace") for n in names[start:start + AUDIT_BATCH]]
+            batch = [n.decode(errors="replace") for n in names[start : start + AUDIT_BATCH]]
             raws = self._pipelined("get", map(self._manifest_key, batch))
-            for name, field, raw in zip(batch, names[start:start + AUDIT_BATCH], raws):
+            for name, field, raw in zip(batch, names[start : start + AUDIT_BATCH], raws):
                 manifest = self._parse_manifest(raw)
                 counted = _parse_version(versions.get(field))
                 if manifest is None:  # gone (or malformed): what is left of it, and its count
@@ -606,8 +622,10 @@ class RedisTier(StorageTier):
             pass
 
     def __repr__(self) -> str:
-        return (f"RedisTier({self.name!r}, {redact_url(self.url)}, namespace={self.namespace!r}, "
-                f"prefix={self.prefix!r}{', cluster' if self.cluster else ''})")
+        return (
+            f"RedisTier({self.name!r}, {redact_url(self.url)}, namespace={self.namespace!r}, "
+            f"prefix={self.prefix!r}{', cluster' if self.cluster else ''})"
+        )
 
 
 __all__ = ["RedisTier", "MAX_VALUE_BYTES"]

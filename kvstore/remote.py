@@ -34,8 +34,9 @@ class LookupReply:
 
 
 class RemoteStore(Protocol):
-    def lookup(self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int],
-               tenant: str = "default") -> LookupReply | None:
+    def lookup(
+        self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int], tenant: str = "default"
+    ) -> LookupReply | None:
         """The entries of the longest cached prefix of ``token_ids``, or None."""
         ...
 

@@ -113,8 +113,17 @@ class Counters:
     over_quota: int = 0
     lost: int = 0  # gone from a tier behind the store's back (Redis eviction, a flush)
 
-    NAMES = ("misses", "evictions", "demotions", "promotions", "checksum_failures", "puts", "rejected_puts",
-             "over_quota", "lost")
+    NAMES = (
+        "misses",
+        "evictions",
+        "demotions",
+        "promotions",
+        "checksum_failures",
+        "puts",
+        "rejected_puts",
+        "over_quota",
+        "lost",
+    )
 
 
 @dataclass
@@ -194,11 +203,15 @@ class TieredStore:
             raise ValueError(f"tier names must be unique, got {names}")
         remote = [spec.tier.remote for spec in tiers]
         if remote != sorted(remote):
-            raise ValueError(f"remote tiers must come after every in-process tier, got {names}: entries are "
-                             "demoted out of a tier without reading it over the network under the store's lock")
+            raise ValueError(
+                f"remote tiers must come after every in-process tier, got {names}: entries are "
+                "demoted out of a tier without reading it over the network under the store's lock"
+            )
         if any(spec.tier.shared for spec in tiers[:-1]):
-            raise ValueError(f"only the last tier may be shared with other stores, got {names}: a key missing "
-                             "from the index is looked for in the last tier")
+            raise ValueError(
+                f"only the last tier may be shared with other stores, got {names}: a key missing "
+                "from the index is looked for in the last tier"
+            )
         self.tiers = list(tiers)
         self.policy = policy or ValuePolicy()
         self.max_entry_bytes = max_entry_bytes
@@ -254,30 +267,44 @@ class TieredStore:
                     raise self._unplaceable(stored.stats)
                 stored = batch.new = self._entries[key]
             if stored in batch.failed:
-                raise TierUnavailable(f"no tier could take the entry: tier {self.tiers[placed].tier.name} failed while "
-                                      "it was written there and no faster tier had room; retry later")
+                raise TierUnavailable(
+                    f"no tier could take the entry: tier {self.tiers[placed].tier.name} failed while "
+                    "it was written there and no faster tier had room; retry later"
+                )
         except Exception as e:
             self.count_rejected(tenant, e)
             raise
         self._count(tenant, "puts")
-        log.info("put %s: %d bytes in tier %s%s", key, stored.stats.nbytes, self.tiers[placed].tier.name,
-                 " (replaced)" if replaced else "")
+        log.info(
+            "put %s: %d bytes in tier %s%s",
+            key,
+            stored.stats.nbytes,
+            self.tiers[placed].tier.name,
+            " (replaced)" if replaced else "",
+        )
         return PutResult(key, self.tiers[placed].tier.name, stored.stats.nbytes, replaced)
 
     def check_admissible(self, header: EntryHeader, size: int) -> None:
         """Raise ``EntryTooLarge`` or ``OverQuota`` when an entry of ``size`` bytes could never be
         stored, whatever is evicted: cheap enough to ask before its data arrives."""
         if size > self.max_entry_bytes:
-            raise EntryTooLarge(f"entry of {size} bytes is over the limit of {self.max_entry_bytes} bytes "
-                                "(max_entry_bytes): compress it more (higher ratio, quantization) or raise the limit")
+            raise EntryTooLarge(
+                f"entry of {size} bytes is over the limit of {self.max_entry_bytes} bytes "
+                "(max_entry_bytes): compress it more (higher ratio, quantization) or raise the limit"
+            )
         if all(size > spec.tier.capacity_bytes for spec in self.tiers):
             largest = max(spec.tier.capacity_bytes for spec in self.tiers)
-            raise EntryTooLarge(f"entry of {size} bytes is larger than every tier (largest: {largest} bytes): "
-                                "compress it more or give a tier more capacity")
-        if all(size > min(spec.tier.capacity_bytes, spec.tenant_quota or spec.tier.capacity_bytes)
-               for spec in self.tiers):
-            raise OverQuota(f"entry of {size} bytes is larger than tenant {header.identity.tenant!r}'s quota in "
-                            f"every tier ({self._quotas()}): compress it more or ask for a larger quota")
+            raise EntryTooLarge(
+                f"entry of {size} bytes is larger than every tier (largest: {largest} bytes): "
+                "compress it more or give a tier more capacity"
+            )
+        if all(
+            size > min(spec.tier.capacity_bytes, spec.tenant_quota or spec.tier.capacity_bytes) for spec in self.tiers
+        ):
+            raise OverQuota(
+                f"entry of {size} bytes is larger than tenant {header.identity.tenant!r}'s quota in "
+                f"every tier ({self._quotas()}): compress it more or ask for a larger quota"
+            )
 
     def count_rejected(self, tenant: str, error: Exception) -> None:
         """Count a Put of ``tenant`` refused with ``error`` (here, or before it reached ``put``)."""
@@ -321,8 +348,9 @@ class TieredStore:
             with self._critical():
                 if self._entries.get(key) is stored:
                     self._remove(key)
-            raise CorruptEntry(f"entry {key} was corrupted in tier {tier.name} and has been deleted; "
-                               f"recompute it ({e})") from e
+            raise CorruptEntry(
+                f"entry {key} was corrupted in tier {tier.name} and has been deleted; recompute it ({e})"
+            ) from e
         if frames is None:
             with self._critical():
                 if self._entries.get(key) is stored:
@@ -356,11 +384,17 @@ class TieredStore:
                 self._decoded.popitem(last=False)
         return entry
 
-    def lookup(self, tenant: str, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int] | np.ndarray
-               ) -> LookupResult | None:
+    def lookup(
+        self, tenant: str, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int] | np.ndarray
+    ) -> LookupResult | None:
         """The longest cached prefix of ``token_ids`` for this tenant, model and recipe, or None."""
-        found = longest_cached_prefix(token_ids, recipe, model_fingerprint, tenant,
-                                      lambda keys: [None if p is None else p[0].identity.start for p in self.probe(keys)])
+        found = longest_cached_prefix(
+            token_ids,
+            recipe,
+            model_fingerprint,
+            tenant,
+            lambda keys: [None if p is None else p[0].identity.start for p in self.probe(keys)],
+        )
         if found is None:
             return None
         keys, tokens = found
@@ -368,8 +402,13 @@ class TieredStore:
         stored = [s for s in maybe if s is not None]
         if len(stored) < len(maybe):  # evicted meanwhile
             return None
-        return LookupResult(keys, tokens, [self.tiers[s.stats.tier].tier.name for s in stored],
-                            [s.header for s in stored], [s.stats.nbytes for s in stored])
+        return LookupResult(
+            keys,
+            tokens,
+            [self.tiers[s.stats.tier].tier.name for s in stored],
+            [s.header for s in stored],
+            [s.stats.nbytes for s in stored],
+        )
 
     def probe(self, keys: Sequence[EntryKey]) -> list[tuple[EntryHeader, str, int] | None]:
         """For each of ``keys``: (header, tier, stored bytes) when a healthy tier holds it, else None.
@@ -433,8 +472,18 @@ class TieredStore:
         for i, spec in enumerate(self.tiers):
             entries = sum(self._tenant_entries[i][t] for t in tenants)
             used = sum(self._tenant_used[i][t] for t in tenants)
-            tiers.append(TierStatus(spec.tier.name, entries, used, spec.tier.capacity_bytes, self._healthy(i),
-                                    sum(c.hits[i] for c in counters), self._tier_errors[i], spec.tenant_quota))
+            tiers.append(
+                TierStatus(
+                    spec.tier.name,
+                    entries,
+                    used,
+                    spec.tier.capacity_bytes,
+                    self._healthy(i),
+                    sum(c.hits[i] for c in counters),
+                    self._tier_errors[i],
+                    spec.tenant_quota,
+                )
+            )
         totals = {name: sum(getattr(c, name) for c in counters) for name in Counters.NAMES}
         return StoreStats(tiers, sum(t.entries for t in tiers), sum(t.hits for t in tiers), tenant=scope, **totals)
 
@@ -455,8 +504,11 @@ class TieredStore:
                 if spec.tier.shared:  # the tier no longer counts these as this store's (Redis evicted its
                     # bookkeeping): those still there are counted again, the others are lost
                     with self._lock:
-                        uncounted = [key for key, stored in self._entries.items()
-                                     if stored.stats.tier == i and key not in held and key not in self._moving]
+                        uncounted = [
+                            key
+                            for key, stored in self._entries.items()
+                            if stored.stats.tier == i and key not in held and key not in self._moving
+                        ]
                     if uncounted:
                         held |= set(spec.tier.adopt(uncounted))
             except TierUnavailable as e:
@@ -464,14 +516,22 @@ class TieredStore:
                 continue
             with self._critical():
                 for key, stored in list(self._entries.items()):
-                    if (stored.stats.tier == i and key not in held and stored.seq <= since
-                            and key not in moving and key not in self._moving):
+                    if (
+                        stored.stats.tier == i
+                        and key not in held
+                        and stored.seq <= since
+                        and key not in moving
+                        and key not in self._moving
+                    ):
                         self._unindex(stored)
                         self._count(key.tenant, "lost")
                         changes["lost"] += 1
                 # held here, but indexed nowhere or in another tier (a removal that failed left it)
-                unknown = [key for key in held if (key not in self._entries or self._entries[key].stats.tier != i)
-                           and key not in self._adopting]
+                unknown = [
+                    key
+                    for key in held
+                    if (key not in self._entries or self._entries[key].stats.tier != i) and key not in self._adopting
+                ]
                 if not adopt:
                     for key in unknown:
                         self._drop_from(i, key)
@@ -481,8 +541,10 @@ class TieredStore:
                 changes["removed"] += len(unknown)
                 log.info("tier %s: removed %d entries the index no longer names", spec.tier.name, len(unknown))
         if changes["lost"]:
-            log.warning("audit: %d entries were gone from their tier (evicted or flushed behind the store's back)",
-                        changes["lost"])
+            log.warning(
+                "audit: %d entries were gone from their tier (evicted or flushed behind the store's back)",
+                changes["lost"],
+            )
         return changes
 
     def close(self) -> None:
@@ -606,8 +668,15 @@ class TieredStore:
         width = header.num_kv_heads * header.head_dim
         tokens = min(header.identity.seq_len, max(1, MAX_CLAIMED_COMPRESSION * size // (4 * layers * width)))
         importance = header.importance if 0.0 <= header.importance <= 1.0 else 0.0  # (NaN too)
-        return EntryStats(key=header.key, nbytes=size, importance=importance, seq_len=tokens, num_layers=layers,
-                          kv_width=width, last_access=self.clock())
+        return EntryStats(
+            key=header.key,
+            nbytes=size,
+            importance=importance,
+            seq_len=tokens,
+            num_layers=layers,
+            kv_width=width,
+            last_access=self.clock(),
+        )
 
     def _place(self, stored: _Stored, frames: list, start: int, stop: int, shrink: bool) -> int | None:
         """Index the entry in the first tier of [start, stop) that takes it; its index, or None.
@@ -652,8 +721,11 @@ class TieredStore:
         """
         spec, tenant = self.tiers[i], incoming.key.tenant
         now = self.clock()
-        residents = [s.stats for s in self._entries.values()
-                     if s.stats.tier == i and s.stats.key != incoming.key and s.stats.key not in self._moving]
+        residents = [
+            s.stats
+            for s in self._entries.values()
+            if s.stats.tier == i and s.stats.key != incoming.key and s.stats.key not in self._moving
+        ]
         victims: list[EntryStats] = []
         over = self._tenant_used[i][tenant] + incoming.nbytes - spec.tenant_quota if spec.tenant_quota else 0
         if over > 0:  # room from the tenant's own entries, except those still waiting for their first read
@@ -684,8 +756,11 @@ class TieredStore:
 
     def _protected(self, residents: list[EntryStats], budget: int, now: float) -> set[EntryKey]:
         """Keys of the newest unread entries put less than ``protect_unread_s`` ago, up to ``budget`` bytes."""
-        unread = sorted((s for s in residents if not s.hits and now - s.last_access < self.protect_unread_s),
-                        key=lambda s: s.last_access, reverse=True)
+        unread = sorted(
+            (s for s in residents if not s.hits and now - s.last_access < self.protect_unread_s),
+            key=lambda s: s.last_access,
+            reverse=True,
+        )
         keys, total = set(), 0
         for s in unread:
             total += s.nbytes
@@ -725,8 +800,9 @@ class TieredStore:
             return
         self._drop_from(src, stored.stats.key)
         self._count(stored.stats.key.tenant, "promotions")
-        log.debug("promoted %s from tier %s to %s", stored.stats.key, self.tiers[src].tier.name,
-                  self.tiers[placed].tier.name)
+        log.debug(
+            "promoted %s from tier %s to %s", stored.stats.key, self.tiers[src].tier.name, self.tiers[placed].tier.name
+        )
 
     def _remove(self, key: EntryKey) -> None:
         stored = self._entries[key]
@@ -737,15 +813,22 @@ class TieredStore:
     def _unplaceable(self, stats: EntryStats) -> Exception:
         """Why no tier took an entry that passed ``check_admissible``."""
         tenant = stats.key.tenant
-        usable = [(i, s) for i, s in enumerate(self.tiers) if self._healthy(i) and stats.nbytes <= s.tier.capacity_bytes]
-        if usable and all(s.tenant_quota and self._tenant_used[i][tenant] + stats.nbytes > s.tenant_quota
-                          for i, s in usable):
+        usable = [
+            (i, s) for i, s in enumerate(self.tiers) if self._healthy(i) and stats.nbytes <= s.tier.capacity_bytes
+        ]
+        if usable and all(
+            s.tenant_quota and self._tenant_used[i][tenant] + stats.nbytes > s.tenant_quota for i, s in usable
+        ):
             held = ", ".join(f"{s.tier.name} {self._tenant_used[i][tenant]} of {s.tenant_quota}" for i, s in usable)
-            return OverQuota(f"tenant {tenant!r} is at its quota (bytes held: {held}) and its entries that could make "
-                             f"room are still waiting for their first read: read or delete them, or retry in "
-                             f"{self.protect_unread_s:.0f} s")
-        return TierUnavailable("no tier could take the entry: the tiers large enough for it are failing or full "
-                               "of entries being written; retry later")
+            return OverQuota(
+                f"tenant {tenant!r} is at its quota (bytes held: {held}) and its entries that could make "
+                f"room are still waiting for their first read: read or delete them, or retry in "
+                f"{self.protect_unread_s:.0f} s"
+            )
+        return TierUnavailable(
+            "no tier could take the entry: the tiers large enough for it are failing or full "
+            "of entries being written; retry later"
+        )
 
     # ---------------------------------------------------------------- health and recovery
 
@@ -758,8 +841,11 @@ class TieredStore:
         if isinstance(error, TierUnavailable) and error.partial:  # one node of a cluster: the rest still serve
             if now >= self._partial_logged[i] + self.retry_after_s:  # at most one line per retry_after_s
                 self._partial_logged[i] = now
-                log.warning("tier %s failed for some of its keys; still using it for the others: %s",
-                            self.tiers[i].tier.name, error)
+                log.warning(
+                    "tier %s failed for some of its keys; still using it for the others: %s",
+                    self.tiers[i].tier.name,
+                    error,
+                )
             return
         self._down_until[i] = now + self.retry_after_s
         log.warning("tier %s failed; skipping it for %.1fs: %s", self.tiers[i].tier.name, self.retry_after_s, error)

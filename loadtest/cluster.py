@@ -42,10 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     from dkv.services.up import Cluster, UpOptions
 
     levels = {f"DKV_{c}_LOG_LEVEL": args.log_level for c in ("STORE", "PREFILL", "DECODE", "GATEWAY")}
-    options = UpOptions(host=args.host, port=free_port(args.host), http_port=free_port(args.host), model=args.model,
-                        cpu_bytes=args.cpu_bytes,
-                        redis_bytes=args.redis_bytes, redis=not args.no_redis,
-                        extra_env={**levels, **{k: v for k, v in os.environ.items() if k.endswith("_LOG_LEVEL")}})
+    options = UpOptions(
+        host=args.host,
+        port=free_port(args.host),
+        http_port=free_port(args.host),
+        model=args.model,
+        cpu_bytes=args.cpu_bytes,
+        redis_bytes=args.redis_bytes,
+        redis=not args.no_redis,
+        extra_env={**levels, **{k: v for k, v in os.environ.items() if k.endswith("_LOG_LEVEL")}},
+    )
     if args.token:
         options.token = args.token  # dkv up --token: every service requires it
     parent = os.getppid()
@@ -61,8 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Cluster(options) as cluster:
             tmp = info.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"gateway": cluster.gateway, "http": cluster.http,
-                                       "store": cluster.addresses["store"], "pid": os.getpid()}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "gateway": cluster.gateway,
+                        "http": cluster.http,
+                        "store": cluster.addresses["store"],
+                        "pid": os.getpid(),
+                    }
+                )
+            )
             tmp.replace(info)
             log.info("serving: gateway %s, store %s", cluster.gateway, cluster.addresses["store"])
             while True:

@@ -38,9 +38,17 @@ class EntryFactory:
     def __init__(self, tenant: str = "default", templates: Sequence[tuple[int, float, str]] = TEMPLATES):
         self.tenant = tenant
         self.templates: list[CompressedKV] = [
-            synthetic_entry(seq_len=n, keep_fraction=keep, quant_scheme=q, seed=j, tenant=tenant,
-                            model_fingerprint=MODEL_FINGERPRINT, **SHAPE)
-            for j, (n, keep, q) in enumerate(templates)]
+            synthetic_entry(
+                seq_len=n,
+                keep_fraction=keep,
+                quant_scheme=q,
+                seed=j,
+                tenant=tenant,
+                model_fingerprint=MODEL_FINGERPRINT,
+                **SHAPE,
+            )
+            for j, (n, keep, q) in enumerate(templates)
+        ]
         self.sizes = [sum(len(f) for f in codec.encode(t)) for t in self.templates]
 
     @property
@@ -61,8 +69,13 @@ class EntryFactory:
         t = self.template(i)
         recipe = t.identity.recipe
         tokens = self.token_ids(i)
-        identity = Identity(MODEL_FINGERPRINT, recipe, tuple(chain_hashes(tokens, recipe.chunk_size, MODEL_FINGERPRINT,
-                                                                         recipe.recipe_id)), len(tokens), self.tenant)
+        identity = Identity(
+            MODEL_FINGERPRINT,
+            recipe,
+            tuple(chain_hashes(tokens, recipe.chunk_size, MODEL_FINGERPRINT, recipe.recipe_id)),
+            len(tokens),
+            self.tenant,
+        )
         return dataclasses.replace(t, identity=identity)
 
     def frames(self, i: int) -> list[bytes]:

@@ -62,12 +62,22 @@ class Report:
         return not (self.wrong_bytes or self.corrupt or self.misses_before_kill or self.misses_after_failover)
 
 
-def run(before_s: float = 3.0, after_s: float = 8.0, writers: int = 2, readers: int = 2, seq_len: int = 64,
-        node_timeout_ms: int = 1000, read_interval_s: float = 0.005) -> Report:
+def run(
+    before_s: float = 3.0,
+    after_s: float = 8.0,
+    writers: int = 2,
+    readers: int = 2,
+    seq_len: int = 64,
+    node_timeout_ms: int = 1000,
+    read_interval_s: float = 0.005,
+) -> Report:
     report = Report()
     with LocalRedisCluster(node_timeout_ms=node_timeout_ms) as cluster:
-        store = build_store(StoreSettings(cpu_bytes=0, redis_url=cluster.url, redis_cluster=True,
-                                          redis_bytes=1 << 40, cluster_secret="failover"))
+        store = build_store(
+            StoreSettings(
+                cpu_bytes=0, redis_url=cluster.url, redis_cluster=True, redis_bytes=1 << 40, cluster_secret="failover"
+            )
+        )
         tier = store.tiers[-1].tier
 
         def slot_of(key) -> int:
@@ -124,8 +134,10 @@ def run(before_s: float = 3.0, after_s: float = 8.0, writers: int = 2, readers: 
         time.sleep(before_s)
         slots = {master: cluster.slots(master) for master in cluster.master_nodes()}
         with lock:
-            held = {master: sum(any(lo <= slot_of(key) <= hi for lo, hi in ranges) for _, key in written)
-                    for master, ranges in slots.items()}
+            held = {
+                master: sum(any(lo <= slot_of(key) <= hi for lo, hi in ranges) for _, key in written)
+                for master, ranges in slots.items()
+            }
         victim = max(held, key=held.get)
         failed = slots[victim]
         report.killed_master_held_bookkeeping = cluster.master_of_slot(key_slot(tier._index_key.encode())) is victim
@@ -150,8 +162,14 @@ def run(before_s: float = 3.0, after_s: float = 8.0, writers: int = 2, readers: 
         before = [key for t, key in written if t < killed_at]
         final = {key: read_one(key) for key in before}
         lost = {key for key, outcome in final.items() if outcome == "miss"}
-        recovered_at = min((started for started, _, key, outcome in reads
-                            if started > killed_at and outcome == "hit" and on_failed_slots(key)), default=None)
+        recovered_at = min(
+            (
+                started
+                for started, _, key, outcome in reads
+                if started > killed_at and outcome == "hit" and on_failed_slots(key)
+            ),
+            default=None,
+        )
         report.entries_written = len(written)
         report.written_before_kill = len(before)
         report.read_back_after_failover = sum(outcome == "hit" for outcome in final.values())

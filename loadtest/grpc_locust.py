@@ -107,12 +107,15 @@ class _WatchedStream:
         return getattr(self._call, name)
 
 
-class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class LocustInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Reports every call through ``fire`` (locust's ``environment.events.request.fire``)."""
 
-    def __init__(self, fire: Callable[..., None], classify: Classifier = default_classify,
-                 request_type: str = "grpc"):
+    def __init__(self, fire: Callable[..., None], classify: Classifier = default_classify, request_type: str = "grpc"):
         self.fire, self.classify, self.request_type = fire, classify, request_type
 
     def _reporter(self, method: str, started: float) -> Callable[[Any, grpc.RpcError | None, int], None]:
@@ -121,8 +124,15 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
             name, exception = self.classify(method, response, error)
             if isinstance(exception, grpc.RpcError):
                 exception = CallFailed.of(exception)
-            self.fire(request_type=self.request_type, name=name, response_time=elapsed_ms,
-                      response_length=nbytes, exception=exception, context={})
+            self.fire(
+                request_type=self.request_type,
+                name=name,
+                response_time=elapsed_ms,
+                response_length=nbytes,
+                exception=exception,
+                context={},
+            )
+
         return report
 
     def _unary_response(self, continuation, details, request):

@@ -107,24 +107,50 @@ CTX = _Context()
 
 # ------------------------------------------------------------------------- options and setup
 
+
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="mixed", include_in_web_ui=True,
-                        help="store: StoreUser; generate: DocumentQAUser + ChatUser; mixed: those three (default); "
-                        "http: HttpChatUser")
-    parser.add_argument("--p99-ms", type=float, default=120000.0, include_in_web_ui=True,
-                        help="fail the run (exit code 1) if the p99 of any call name is above this (default 120000)")
-    parser.add_argument("--store", default=os.environ.get("DKV_STORE", ""), include_in_web_ui=True,
-                        help="address of the KV store, host:port (store users; --host is the gateway)")
-    parser.add_argument("--http-host", default=os.environ.get("DKV_HTTP_HOST", ""), include_in_web_ui=True,
-                        help="base URL of the gateway's OpenAI API, e.g. http://127.0.0.1:8000/v1 (HTTP users)")
-    parser.add_argument("--key-space-factor", type=float, default=4.0,
-                        help="the store users' keys add up to this many times the store's capacity (default 4)")
+    parser.add_argument(
+        "--scenario",
+        choices=sorted(SCENARIOS),
+        default="mixed",
+        include_in_web_ui=True,
+        help="store: StoreUser; generate: DocumentQAUser + ChatUser; mixed: those three (default); http: HttpChatUser",
+    )
+    parser.add_argument(
+        "--p99-ms",
+        type=float,
+        default=120000.0,
+        include_in_web_ui=True,
+        help="fail the run (exit code 1) if the p99 of any call name is above this (default 120000)",
+    )
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("DKV_STORE", ""),
+        include_in_web_ui=True,
+        help="address of the KV store, host:port (store users; --host is the gateway)",
+    )
+    parser.add_argument(
+        "--http-host",
+        default=os.environ.get("DKV_HTTP_HOST", ""),
+        include_in_web_ui=True,
+        help="base URL of the gateway's OpenAI API, e.g. http://127.0.0.1:8000/v1 (HTTP users)",
+    )
+    parser.add_argument(
+        "--key-space-factor",
+        type=float,
+        default=4.0,
+        help="the store users' keys add up to this many times the store's capacity (default 4)",
+    )
     parser.add_argument("--key-space", type=int, default=0, help="number of keys (overrides --key-space-factor)")
     parser.add_argument("--zipf", type=float, default=1.0, help="skew of the Get/Lookup key popularity (default 1.0)")
     parser.add_argument("--documents", type=int, default=4, help="shared documents (default 4)")
-    parser.add_argument("--doc-tokens", type=int, default=600,
-                        help="mean document length in tokens; they range from 0.5x to 1.5x (default 600)")
+    parser.add_argument(
+        "--doc-tokens",
+        type=int,
+        default=600,
+        help="mean document length in tokens; they range from 0.5x to 1.5x (default 600)",
+    )
     parser.add_argument("--turns", type=int, default=3, help="turns of a ChatUser conversation (default 3)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per request (default 8)")
     parser.add_argument("--tenant", default="", help="tenant of the requests (default: the cluster's default)")
@@ -135,7 +161,7 @@ def _address(host: str | None, default: str) -> str:
     address = host or default
     for scheme in ("grpc://", "grpcs://", "http://", "https://"):
         if address.startswith(scheme):
-            address = address[len(scheme):]
+            address = address[len(scheme) :]
     return address.rstrip("/")
 
 
@@ -165,8 +191,9 @@ def _on_init(environment, **_kwargs) -> None:
     if any(c is StoreUser for c in chosen):
         _setup_store(options)
     if any(c is HttpChatUser for c in chosen) and not options.http_host:
-        raise ValueError("the HTTP users need the gateway's OpenAI API: --http-host http://HOST:PORT/v1 (or "
-                         "DKV_HTTP_HOST)")
+        raise ValueError(
+            "the HTTP users need the gateway's OpenAI API: --http-host http://HOST:PORT/v1 (or DKV_HTTP_HOST)"
+        )
     if any(c is not StoreUser for c in chosen):
         CTX.documents = make_documents(options.documents, options.doc_tokens)
         log.info("documents: %s", ", ".join(f"{d.name} (~{d.approx_tokens} tokens)" for d in CTX.documents))
@@ -185,9 +212,14 @@ def _setup_store(options) -> None:
     CTX.factory = EntryFactory(tenant=options.tenant or "default")
     CTX.keys = options.key_space or key_space(CTX.capacity_bytes, CTX.factory.mean_bytes, options.key_space_factor)
     CTX.zipf = Zipf(CTX.keys, options.zipf)
-    log.info("store %s holds %.0f MiB; %d keys of %.2f MB on average = %.1fx its capacity", address,
-             CTX.capacity_bytes / 2**20, CTX.keys, CTX.factory.mean_bytes / 1e6,
-             CTX.keys * CTX.factory.mean_bytes / max(1, CTX.capacity_bytes))
+    log.info(
+        "store %s holds %.0f MiB; %d keys of %.2f MB on average = %.1fx its capacity",
+        address,
+        CTX.capacity_bytes / 2**20,
+        CTX.keys,
+        CTX.factory.mean_bytes / 1e6,
+        CTX.keys * CTX.factory.mean_bytes / max(1, CTX.capacity_bytes),
+    )
 
 
 def reported(task_fn):
@@ -210,6 +242,7 @@ def _key(i: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- users
+
 
 class StoreUser(User):
     """Put / Get / Lookup on the KV store over a key space larger than the store."""
@@ -243,8 +276,12 @@ class StoreUser(User):
         """A prompt that starts with a hot key's tokens and goes on: the store finds the cached prefix."""
         i = CTX.zipf.sample(self.rng)
         tokens = CTX.factory.token_ids(i) + [self.rng.randrange(49152) for _ in range(self.rng.randint(1, 200))]
-        self.store.lookup(CTX.factory.template(i).identity.model_fingerprint, CTX.factory.recipe(i), tokens,
-                          tenant=CTX.options.tenant or "default")
+        self.store.lookup(
+            CTX.factory.template(i).identity.model_fingerprint,
+            CTX.factory.recipe(i),
+            tokens,
+            tenant=CTX.options.tenant or "default",
+        )
 
     @task(1)
     @reported
@@ -261,8 +298,9 @@ class _GenerateUser(User):
         from dkv.services.client import DkvClient
 
         with intercepted(CTX.interceptor):
-            self.client = DkvClient(_address(self.host, "127.0.0.1:50051"), timeout_s=CTX.options.call_timeout_s,
-                                    **client_kwargs(DkvClient))
+            self.client = DkvClient(
+                _address(self.host, "127.0.0.1:50051"), timeout_s=CTX.options.call_timeout_s, **client_kwargs(DkvClient)
+            )
         self.rng = random.Random()
 
     def on_stop(self) -> None:
@@ -270,8 +308,9 @@ class _GenerateUser(User):
 
     def ask(self, context: str, query: str) -> str:
         """One Generate (reported by the interceptor); records its time to first token; the answer."""
-        answer, stats = self.client.ask(context, query, chat_template=True, max_new_tokens=CTX.options.max_new_tokens,
-                                        tenant=CTX.options.tenant)
+        answer, stats = self.client.ask(
+            context, query, chat_template=True, max_new_tokens=CTX.options.max_new_tokens, tenant=CTX.options.tenant
+        )
         if stats is None:
             raise RuntimeError("Generate ended without its GenerateStats")
         _record_generation(stats.ttft_ms, {name: getattr(stats, name) for name in ("cache_hit", *CTX.generate)})
@@ -361,9 +400,15 @@ class HttpChatUser(User):
             self.messages, self.turn = [{"role": "system", "content": doc.text}], 0
             self.questions = [self.rng.choice(doc.questions) for _ in range(turns)]
         question = {"role": "user", "content": self.questions[self.turn]}
-        body = {"model": self.model, "messages": [*self.messages, question], "stream": True,
-                "stream_options": {"include_usage": True}, "max_tokens": CTX.options.max_new_tokens,
-                "temperature": 0, **({"tenant": CTX.options.tenant} if CTX.options.tenant else {})}
+        body = {
+            "model": self.model,
+            "messages": [*self.messages, question],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": CTX.options.max_new_tokens,
+            "temperature": 0,
+            **({"tenant": CTX.options.tenant} if CTX.options.tenant else {}),
+        }
         answer = self._chat(body)
         if answer is not None:
             self.messages += [question, {"role": "assistant", "content": answer}]
@@ -373,8 +418,9 @@ class HttpChatUser(User):
         """One streamed chat completion, reported to locust; its answer, or None when it failed."""
         started, first, length, pieces, stats, error = time.perf_counter(), None, 0, [], None, None
         try:
-            with self.session.post(self.url + "/chat/completions", json=body, stream=True,
-                                   timeout=CTX.options.call_timeout_s) as reply:
+            with self.session.post(
+                self.url + "/chat/completions", json=body, stream=True, timeout=CTX.options.call_timeout_s
+            ) as reply:
                 if reply.status_code != 200:
                     raise RuntimeError(f"HTTP {reply.status_code}: {reply.text[:500]}")
                 for line in reply.iter_lines():
@@ -394,8 +440,14 @@ class HttpChatUser(User):
         except Exception as e:
             error = e
         elapsed_ms = (time.perf_counter() - started) * 1e3
-        CTX.environment.events.request.fire(request_type="POST", name=CHAT_ROUTE, response_time=elapsed_ms,
-                                            response_length=length, exception=error, context={})
+        CTX.environment.events.request.fire(
+            request_type="POST",
+            name=CHAT_ROUTE,
+            response_time=elapsed_ms,
+            response_length=length,
+            exception=error,
+            context={},
+        )
         if error is not None:
             return None
         _record_generation(((first or time.perf_counter()) - started) * 1e3, stats)
@@ -403,6 +455,7 @@ class HttpChatUser(User):
 
 
 # ------------------------------------------------------------------------------- the summary
+
 
 @events.test_start.add_listener
 def _on_test_start(environment, **_kwargs) -> None:
@@ -425,11 +478,20 @@ def _on_test_stop(environment, **_kwargs) -> None:
         with _store_client(_address(CTX.options.store, ""), intercept=False) as store:
             s = store.stats()
         CTX.store_stats = {
-            "entries": s.entries, "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
-            "demotions": s.demotions, "promotions": s.promotions, "puts": s.puts, "rejected_puts": s.rejected_puts,
+            "entries": s.entries,
+            "hits": s.hits,
+            "misses": s.misses,
+            "evictions": s.evictions,
+            "demotions": s.demotions,
+            "promotions": s.promotions,
+            "puts": s.puts,
+            "rejected_puts": s.rejected_puts,
             "checksum_failures": s.checksum_failures,
-            "tiers": [{"name": t.name, "entries": t.entries, "used_bytes": t.used_bytes,
-                       "capacity_bytes": t.capacity_bytes} for t in s.tiers]}
+            "tiers": [
+                {"name": t.name, "entries": t.entries, "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes}
+                for t in s.tiers
+            ],
+        }
     except Exception as e:
         log.warning("could not read the store's stats: %s", e)
 
@@ -443,12 +505,20 @@ def summarize(environment) -> dict:
     for entry in sorted(stats.entries.values(), key=lambda e: (e.method == TTFT, e.name)):
         if not entry.num_requests and not entry.num_failures:
             continue
-        rows.append({
-            "name": entry.name, "type": entry.method, "requests": entry.num_requests, "failures": entry.num_failures,
-            "rps": entry.num_requests / duration,
-            "p50_ms": entry.get_response_time_percentile(0.5), "p95_ms": entry.get_response_time_percentile(0.95),
-            "p99_ms": entry.get_response_time_percentile(0.99), "max_ms": entry.max_response_time or 0,
-            "avg_bytes": entry.avg_content_length})
+        rows.append(
+            {
+                "name": entry.name,
+                "type": entry.method,
+                "requests": entry.num_requests,
+                "failures": entry.num_failures,
+                "rps": entry.num_requests / duration,
+                "p50_ms": entry.get_response_time_percentile(0.5),
+                "p95_ms": entry.get_response_time_percentile(0.95),
+                "p99_ms": entry.get_response_time_percentile(0.99),
+                "max_ms": entry.max_response_time or 0,
+                "avg_bytes": entry.avg_content_length,
+            }
+        )
     count = {r["name"]: r["requests"] for r in rows}
 
     def rate(hit: int, miss: int) -> float | None:
@@ -459,18 +529,27 @@ def summarize(environment) -> dict:
     return {
         "scenario": CTX.options.scenario if CTX.options else None,
         "users": CTX.users,
-        "duration_s": duration, "requests": requests,
-        "failures": sum(r["failures"] for r in rows), "rps": requests / duration,
+        "duration_s": duration,
+        "requests": requests,
+        "failures": sum(r["failures"] for r in rows),
+        "rps": requests / duration,
         "exceptions": sum(e["count"] for e in environment.runner.exceptions.values()) if environment.runner else 0,
         "rows": rows,
         "get_hit_rate": rate(count.get("Get", 0), count.get("Get (miss)", 0)),
         "lookup_hit_rate": rate(count.get("Lookup", 0), count.get("Lookup (miss)", 0)),
-        "generate_cache": {"hit": count.get("TTFT (hit)", 0), "partial": count.get("TTFT (partial)", 0),
-                           "miss": count.get("TTFT (miss)", 0),
-                           "prefix_tokens_reused": rate(g["cached_prefix_tokens"],
-                                                        g["context_tokens"] - g["cached_prefix_tokens"])},
-        "key_space": {"keys": CTX.keys, "mean_entry_bytes": CTX.factory.mean_bytes if CTX.factory else None,
-                      "store_capacity_bytes": CTX.capacity_bytes} if CTX.factory else None,
+        "generate_cache": {
+            "hit": count.get("TTFT (hit)", 0),
+            "partial": count.get("TTFT (partial)", 0),
+            "miss": count.get("TTFT (miss)", 0),
+            "prefix_tokens_reused": rate(g["cached_prefix_tokens"], g["context_tokens"] - g["cached_prefix_tokens"]),
+        },
+        "key_space": {
+            "keys": CTX.keys,
+            "mean_entry_bytes": CTX.factory.mean_bytes if CTX.factory else None,
+            "store_capacity_bytes": CTX.capacity_bytes,
+        }
+        if CTX.factory
+        else None,
         "bytes_put": CTX.bytes_put,
         "store": CTX.store_stats,
         "p99_bound_ms": CTX.options.p99_ms if CTX.options else None,

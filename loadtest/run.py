@@ -29,8 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-WARMUP_CONTEXT = ("Weather notes for a small harbour town: mornings are foggy in spring, the afternoons clear up, "
-                  "and the wind turns west in the evening. ")
+WARMUP_CONTEXT = (
+    "Weather notes for a small harbour town: mornings are foggy in spring, the afternoons clear up, "
+    "and the wind turns west in the evening. "
+)
 
 
 def timespan_s(text: str) -> float:
@@ -46,16 +48,27 @@ def timespan_s(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m dkv.loadtest.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dkv.loadtest.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--time", default=env("LOADTEST_TIME", "60s"), help="how long the load runs (locust --run-time)")
     p.add_argument("--users", type=int, default=int(env("LOADTEST_USERS", "3")), help="simulated users")
     p.add_argument("--spawn-rate", type=float, default=1.0, help="users started per second")
-    p.add_argument("--scenario", choices=("store", "generate", "mixed", "http"), default=env("LOADTEST_SCENARIO", "mixed"),
-                   help="store: KV store users; generate: gRPC chats and document questions; mixed: both; http: chats "
-                   "over the OpenAI HTTP API")
-    p.add_argument("--p99-ms", type=float, default=float(env("LOADTEST_P99_MS", "120000")),
-                   help="fail when the p99 of any call name is above this")
+    p.add_argument(
+        "--scenario",
+        choices=("store", "generate", "mixed", "http"),
+        default=env("LOADTEST_SCENARIO", "mixed"),
+        help="store: KV store users; generate: gRPC chats and document questions; mixed: both; http: chats "
+        "over the OpenAI HTTP API",
+    )
+    p.add_argument(
+        "--p99-ms",
+        type=float,
+        default=float(env("LOADTEST_P99_MS", "120000")),
+        help="fail when the p99 of any call name is above this",
+    )
     p.add_argument("--out", default="build/loadtest", help="folder of the CSV, HTML and log files")
     p.add_argument("--stop-timeout", default="60s", help="at the end, how long users may finish their current call")
     p.add_argument("--host", default="", help="gateway of a running cluster: start nothing, test it")
@@ -64,8 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-bytes", default="64MiB", help="host-memory tier of the started store")
     p.add_argument("--redis-bytes", default="64MiB", help="Redis tier of the started store")
     p.add_argument("--no-redis", action="store_true", help="start the store without its Redis tier")
-    p.add_argument("--token", default=env("DKV_TOKEN", ""),
-                   help="bearer token: the started cluster requires it and the users send it (default $DKV_TOKEN)")
+    p.add_argument(
+        "--token",
+        default=env("DKV_TOKEN", ""),
+        help="bearer token: the started cluster requires it and the users send it (default $DKV_TOKEN)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up Generate")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the started cluster")
     p.add_argument("locust_args", nargs="*", help="more locust arguments, after --")
@@ -87,22 +103,36 @@ def _start_cluster(args, out: Path) -> tuple[subprocess.Popen, dict, object]:
     info = out / "cluster.json"
     info.unlink(missing_ok=True)
     logfile = open(out / "dkv.log", "w")
-    cmd = [sys.executable, "-m", "dkv.loadtest.cluster", "--info", str(info), "--cpu-bytes", args.cpu_bytes,
-           "--redis-bytes", args.redis_bytes, *(["--no-redis"] if args.no_redis else []),
-           *(["--token", args.token] if args.token else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dkv.loadtest.cluster",
+        "--info",
+        str(info),
+        "--cpu-bytes",
+        args.cpu_bytes,
+        "--redis-bytes",
+        args.redis_bytes,
+        *(["--no-redis"] if args.no_redis else []),
+        *(["--token", args.token] if args.token else []),
+    ]
     proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
     print(f"starting dkv (log: {out / 'dkv.log'}) ...", flush=True)
     started = time.monotonic()
     while not info.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"dkv exited with code {proc.returncode} before serving; its log ends with:\n"
-                               + _tail(out / "dkv.log"))
+            raise RuntimeError(
+                f"dkv exited with code {proc.returncode} before serving; its log ends with:\n" + _tail(out / "dkv.log")
+            )
         if time.monotonic() - started > args.ready_timeout:
             raise TimeoutError(f"dkv was not serving within {args.ready_timeout:.0f} s; see {out / 'dkv.log'}")
         time.sleep(0.5)
     addresses = json.loads(info.read_text())
-    print(f"dkv is up in {time.monotonic() - started:.0f} s: gateway {addresses['gateway']}, "
-          f"OpenAI API {addresses['http']}, store {addresses['store']}", flush=True)
+    print(
+        f"dkv is up in {time.monotonic() - started:.0f} s: gateway {addresses['gateway']}, "
+        f"OpenAI API {addresses['http']}, store {addresses['store']}",
+        flush=True,
+    )
     return proc, addresses, logfile
 
 
@@ -127,12 +157,40 @@ def _warm_up(gateway: str) -> None:
 
 
 def locust_command(args, gateway: str, http: str, store: str, out: Path) -> list[str]:
-    return [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
-            "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.time,
-            "--stop-timeout", args.stop_timeout, "--host", gateway, "--http-host", http, "--store", store,
-            "--scenario", args.scenario,
-            "--p99-ms", str(args.p99_ms), "--csv", str(out / "dkv"), "--html", str(out / "report.html"),
-            "--only-summary", "--exit-code-on-error", "1", *args.locust_args]
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(Path(__file__).with_name("locustfile.py")),
+        "--headless",
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate),
+        "--run-time",
+        args.time,
+        "--stop-timeout",
+        args.stop_timeout,
+        "--host",
+        gateway,
+        "--http-host",
+        http,
+        "--store",
+        store,
+        "--scenario",
+        args.scenario,
+        "--p99-ms",
+        str(args.p99_ms),
+        "--csv",
+        str(out / "dkv"),
+        "--html",
+        str(out / "report.html"),
+        "--only-summary",
+        "--exit-code-on-error",
+        "1",
+        *args.locust_args,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             locust.terminate()
             locust.wait(30)
             code = 124
-        print(f"report: {out / 'report.html'}; CSV: {out / 'dkv_stats.csv'}; summary: {out / 'dkv_summary.json'}"
-              + (f"; dkv log: {out / 'dkv.log'}" if cluster else ""), flush=True)
+        print(
+            f"report: {out / 'report.html'}; CSV: {out / 'dkv_stats.csv'}; summary: {out / 'dkv_summary.json'}"
+            + (f"; dkv log: {out / 'dkv.log'}" if cluster else ""),
+            flush=True,
+        )
         return code
     except _Terminated:
         print("terminated: stopping", flush=True)

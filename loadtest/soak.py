@@ -61,12 +61,19 @@ class Report:
     unrecovered: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"duration_s": round(self.duration_s, 1), "requests": self.requests, "correct": self.correct,
-                "wrong_answers": self.wrong, "failed_by_code": dict(self.failed),
-                "failed_during_fault": dict(self.failed_during), "faults_injected": dict(self.faults),
-                "faults_recovered": self.recovered, "unrecovered": self.unrecovered,
-                "max_recovery_s": round(max(self.recovery_s, default=0.0), 2),
-                "mean_recovery_s": round(sum(self.recovery_s) / len(self.recovery_s), 2) if self.recovery_s else 0.0}
+        return {
+            "duration_s": round(self.duration_s, 1),
+            "requests": self.requests,
+            "correct": self.correct,
+            "wrong_answers": self.wrong,
+            "failed_by_code": dict(self.failed),
+            "failed_during_fault": dict(self.failed_during),
+            "faults_injected": dict(self.faults),
+            "faults_recovered": self.recovered,
+            "unrecovered": self.unrecovered,
+            "max_recovery_s": round(max(self.recovery_s, default=0.0), 2),
+            "mean_recovery_s": round(sum(self.recovery_s) / len(self.recovery_s), 2) if self.recovery_s else 0.0,
+        }
 
 
 class Soak:
@@ -141,8 +148,10 @@ class Soak:
     def run(self) -> Report:
         self.learn_golden()
         started = time.monotonic()
-        clients = [threading.Thread(target=self.client_loop, args=(self.args.seed + c,), daemon=True)
-                   for c in range(self.args.clients)]
+        clients = [
+            threading.Thread(target=self.client_loop, args=(self.args.seed + c,), daemon=True)
+            for c in range(self.args.clients)
+        ]
         faults = threading.Thread(target=self.fault_loop, args=(self.args.seed,), daemon=True)
         for t in (*clients, faults):
             t.start()
@@ -150,8 +159,9 @@ class Soak:
             while time.monotonic() - started < self.args.duration:
                 time.sleep(1)
                 bar.update(1)
-                bar.set_postfix(requests=self.report.requests, wrong=self.report.wrong,
-                                faults=sum(self.report.faults.values()))
+                bar.set_postfix(
+                    requests=self.report.requests, wrong=self.report.wrong, faults=sum(self.report.faults.values())
+                )
         self.stop_faults.set()
         faults.join(self.args.recovery_s + 600)  # the fault in progress: restarted and recovered (or not)
         self.stop.set()
@@ -162,18 +172,27 @@ class Soak:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dkv.loadtest.soak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dkv.loadtest.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--duration", type=float, default=600, help="seconds of load and faults (default 600)")
     p.add_argument("--interval", type=float, default=20, help="seconds between faults (default 20)")
-    p.add_argument("--faults", type=lambda s: s.split(","), default=list(FAULTS),
-                   help=f"components to kill, comma-separated (default {','.join(FAULTS)})")
+    p.add_argument(
+        "--faults",
+        type=lambda s: s.split(","),
+        default=list(FAULTS),
+        help=f"components to kill, comma-separated (default {','.join(FAULTS)})",
+    )
     p.add_argument("--clients", type=int, default=2, help="concurrent clients (default 2)")
     p.add_argument("--documents", type=int, default=3, help="documents asked about (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--request-timeout-s", type=float, default=60)
-    p.add_argument("--recovery-s", type=float, default=120,
-                   help="a fault counts as unrecovered without a correct answer this long after the restart")
+    p.add_argument(
+        "--recovery-s",
+        type=float,
+        default=120,
+        help="a fault counts as unrecovered without a correct answer this long after the restart",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the report here")
     return p
@@ -186,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown faults {sorted(unknown)}; use some of {','.join(FAULTS)}", file=sys.stderr)
         return 2
     setup_logging("info", "text")
-    prompts = [(doc, q) for doc in DOCUMENTS[:args.documents] for q in QUESTIONS]
+    prompts = [(doc, q) for doc in DOCUMENTS[: args.documents] for q in QUESTIONS]
     # a small host tier, so entries live in Redis too and a store restart finds them there
     with Cluster(UpOptions(port=free_port(), http_port=0, cpu_bytes="48MiB", redis_bytes="1GiB")) as cluster:
         if cluster.redis is None and "redis" in args.faults:

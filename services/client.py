@@ -33,8 +33,16 @@ if TYPE_CHECKING:
 
 
 class DkvClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 600.0, *, token: str = "",
-                 tls_ca: str = "", tls_cert: str = "", tls_key: str = ""):
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout_s: float = 600.0,
+        *,
+        token: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+    ):
         """``token``: the bearer token when the gateway asks for one; ``tls_ca``: the CA that signed
         the gateway's certificate (TLS on); ``tls_cert``/``tls_key``: this client's, for mutual TLS."""
         self.address, self.timeout_s = address, timeout_s
@@ -51,11 +59,24 @@ class DkvClient:
     def close(self) -> None:
         self.channel.close()
 
-    def generate(self, context: str | Sequence[int], query: str | Sequence[int], *, chat_template: bool = False,
-                 recipe: Recipe | None = None, selection: str = "dense", budget: int = 0,
-                 budget_fraction: float = 0.0, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop: Sequence[str] = (), tenant: str = "",
-                 ignore_eos: bool = False) -> Iterator[str | gateway_pb2.GenerateStats]:
+    def generate(
+        self,
+        context: str | Sequence[int],
+        query: str | Sequence[int],
+        *,
+        chat_template: bool = False,
+        recipe: Recipe | None = None,
+        selection: str = "dense",
+        budget: int = 0,
+        budget_fraction: float = 0.0,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        tenant: str = "",
+        ignore_eos: bool = False,
+    ) -> Iterator[str | gateway_pb2.GenerateStats]:
         """Yield the generated text piece by piece, then the ``GenerateStats``.
 
         ``context``/``query`` are texts or token ids. ``recipe`` defaults to the gateway's (chunked
@@ -63,9 +84,18 @@ class DkvClient:
         (benchmarks). Raises ``grpc.RpcError`` with the server's status.
         """
         request = gateway_pb2.GenerateRequest(
-            chat_template=chat_template, selection=selection, budget=budget, budget_fraction=budget_fraction,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
-            tenant=tenant, ignore_eos=ignore_eos)
+            chat_template=chat_template,
+            selection=selection,
+            budget=budget,
+            budget_fraction=budget_fraction,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop),
+            tenant=tenant,
+            ignore_eos=ignore_eos,
+        )
         if isinstance(context, str):
             request.context_text = context
         else:

@@ -42,16 +42,30 @@ def decode_job(request: decode_pb2.DecodeRequest, tokenizer):
     elif context == "context_ids":
         context_ids = list(request.context_ids.ids)
     query = request.WhichOneof("query")
-    query_ids = tokenizer(request.query_text, add_special_tokens=False).input_ids if query == "query_text" else \
-        list(request.query_ids.ids) if query == "query_ids" else []
+    query_ids = (
+        tokenizer(request.query_text, add_special_tokens=False).input_ids
+        if query == "query_text"
+        else list(request.query_ids.ids)
+        if query == "query_ids"
+        else []
+    )
     return DecodeJob(
-        query_ids=query_ids, keys=list(request.keys), context_ids=context_ids,
+        query_ids=query_ids,
+        keys=list(request.keys),
+        context_ids=context_ids,
         recipe=recipe_from_proto(request.recipe) if request.HasField("recipe") else None,
-        selection=request.selection or "dense", budget=request.budget, budget_fraction=request.budget_fraction,
-        selection_cache=request.selection_cache, paged=request.paged, max_new_tokens=request.max_new_tokens or 64,
-        temperature=request.temperature, top_p=request.top_p or 1.0,
-        seed=request.seed if request.seed else None, tenant=request.tenant or "default",
-        ignore_eos=request.ignore_eos)
+        selection=request.selection or "dense",
+        budget=request.budget,
+        budget_fraction=request.budget_fraction,
+        selection_cache=request.selection_cache,
+        paged=request.paged,
+        max_new_tokens=request.max_new_tokens or 64,
+        temperature=request.temperature,
+        top_p=request.top_p or 1.0,
+        seed=request.seed if request.seed else None,
+        tenant=request.tenant or "default",
+        ignore_eos=request.ignore_eos,
+    )
 
 
 class Replies:
@@ -69,7 +83,7 @@ class Replies:
         full = self.tokenizer.decode(self.produced, skip_special_tokens=True)
         piece = ""
         if not full.endswith("\ufffd"):  # wait until a multi-byte character is complete
-            piece, self.text = full[len(self.text):], full
+            piece, self.text = full[len(self.text) :], full
         return decode_pb2.DecodeResponse(token=decode_pb2.GeneratedToken(id=item, text=piece))
 
 
@@ -84,19 +98,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, worker, metrics):
         self.worker = worker
         self.tokens = metrics.counter("dkv_decode_tokens", "Tokens generated.")
-        self.speed = metrics.histogram("dkv_decode_tokens_per_second", "Decode speed of each request, after its "
-                                       "first token.", (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+        self.speed = metrics.histogram(
+            "dkv_decode_tokens_per_second",
+            "Decode speed of each request, after its first token.",
+            (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+        )
         self.inter_token = metrics.histogram(
-            "dkv_decode_inter_token_seconds", "Time between consecutive tokens of a stream (one batched step, "
-            "plus any streams joining in between).", (.005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+            "dkv_decode_inter_token_seconds",
+            "Time between consecutive tokens of a stream (one batched step, plus any streams joining in between).",
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         # requests being prepared (store reads, recompute through prefill): blocking, one thread each
         self._prepare = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dkv-decode-prepare")
         engine = worker.engine
         metrics.gauge("dkv_decode_active_streams", "Streams decoding now (rows of the batch).", lambda: engine.active)
-        metrics.gauge("dkv_decode_degraded", "1 while the store cannot give this worker entries (it asks the "
-                      "prefill worker for them instead); the log says why.", lambda: float(worker.degraded.active))
-        metrics.gauge("dkv_decode_queued_requests", "Requests admitted and waiting: being prepared (store reads, "
-                      "recompute) or waiting for a free row.", lambda: engine.queued)
+        metrics.gauge(
+            "dkv_decode_degraded",
+            "1 while the store cannot give this worker entries (it asks the "
+            "prefill worker for them instead); the log says why.",
+            lambda: float(worker.degraded.active),
+        )
+        metrics.gauge(
+            "dkv_decode_queued_requests",
+            "Requests admitted and waiting: being prepared (store reads, recompute) or waiting for a free row.",
+            lambda: engine.queued,
+        )
 
     async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         loop = asyncio.get_running_loop()
@@ -124,8 +150,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 item = await results.get()
                 if isinstance(item, BaseException):
                     raise item
-                reply = await loop.run_in_executor(None, replies, item) if len(replies.produced) > 256 \
-                    else replies(item)  # long texts are re-decoded off the event loop
+                reply = (
+                    await loop.run_in_executor(None, replies, item) if len(replies.produced) > 256 else replies(item)
+                )  # long texts are re-decoded off the event loop
                 if reply.HasField("stats"):
                     if reply.stats.ms_per_token:
                         self.speed.observe(1e3 / reply.stats.ms_per_token)
@@ -155,9 +182,15 @@ def _stats(result, new_tokens: int) -> decode_pb2.DecodeStats:
     return decode_pb2.DecodeStats(
         new_tokens=new_tokens,
         mean_selected_per_step=sum(s.selected_per_step) / len(s.selected_per_step) if s.selected_per_step else 0.0,
-        cached_slots=s.cached_slots, selected_per_step=s.selected_per_step, bytes_fetched_by_tier=result.bytes_by_tier,
-        fetch_ms=result.fetch_ms, query_ms=s.query_seconds * 1e3, ms_per_token=per_token * 1e3,
-        prefilled=result.prefilled, context_tokens=result.context_tokens)
+        cached_slots=s.cached_slots,
+        selected_per_step=s.selected_per_step,
+        bytes_fetched_by_tier=result.bytes_by_tier,
+        fetch_ms=result.fetch_ms,
+        query_ms=s.query_seconds * 1e3,
+        ms_per_token=per_token * 1e3,
+        prefilled=result.prefilled,
+        context_tokens=result.context_tokens,
+    )
 
 
 class DecodeServer(GrpcServer):
@@ -173,12 +206,21 @@ class DecodeServer(GrpcServer):
             use_threads(settings.threads)
             model, tokenizer = load_model(settings.model, settings.dtype, settings.device)
             security = Security.of(settings)
-            prefill = PrefillClient(settings.prefill, settings.prefill_timeout_s, security) if settings.prefill else None
+            prefill = (
+                PrefillClient(settings.prefill, settings.prefill_timeout_s, security) if settings.prefill else None
+            )
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=security)
-            worker = DecodeWorker(model, tokenizer, store, prefill, page_cache_bytes=settings.page_cache_bytes,
-                                  max_active=settings.max_active_streams, max_queued=settings.max_queued_requests,
-                                  entry_cache_bytes=settings.entry_cache_bytes,
-                                  entry_cache_ttl_s=settings.entry_cache_ttl_s)
+            worker = DecodeWorker(
+                model,
+                tokenizer,
+                store,
+                prefill,
+                page_cache_bytes=settings.page_cache_bytes,
+                max_active=settings.max_active_streams,
+                max_queued=settings.max_queued_requests,
+                entry_cache_bytes=settings.entry_cache_bytes,
+                entry_cache_ttl_s=settings.entry_cache_ttl_s,
+            )
         self.worker = worker
 
     def add_service(self, server: grpc.aio.Server) -> None:

@@ -63,7 +63,7 @@ class Router:
         if first_key in worker.recent:
             worker.recent.remove(first_key)
         worker.recent.append(first_key)
-        del worker.recent[:-self.memory]
+        del worker.recent[: -self.memory]
 
 
 def split_chat(tokenizer, context: str, query: str) -> tuple[list[int], list[int]]:
@@ -72,16 +72,18 @@ def split_chat(tokenizer, context: str, query: str) -> tuple[list[int], list[int
     The context's ids do not depend on the query, so a later turn with the same context (or one
     that extends it) starts with the same tokens and finds the cached entries.
     """
-    text = tokenizer.apply_chat_template([{"role": "user", "content": context + "\n\n" + query}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": context + "\n\n" + query}], tokenize=False, add_generation_prompt=True
+    )
     cut = text.index(context) + len(context)
     encode = lambda t: tokenizer(t, add_special_tokens=False).input_ids  # noqa: E731
     return encode(text[:cut]), encode(text[cut:])
 
 
 class Gateway:
-    def __init__(self, tokenizer, prefill, router: Router, max_positions: int, store=None,
-                 max_text_bytes: int = 1 << 20):
+    def __init__(
+        self, tokenizer, prefill, router: Router, max_positions: int, store=None, max_text_bytes: int = 1 << 20
+    ):
         """``prefill``: a backend with ``async def prefill(PrefillRequest) -> PrefillResponse``;
         ``store``: a store client whose ``lookup`` answers full hits without prefill (None: always prefill);
         ``max_text_bytes``: the longest context + query text tokenized here."""
@@ -111,21 +113,26 @@ class Gateway:
             check_decoding,  # refuse before prefilling: a refused request stores nothing
         )
 
-        check_decoding(request.selection or "dense", request.budget_fraction, 0.0, request.temperature,
-                       request.top_p or 1.0)
+        check_decoding(
+            request.selection or "dense", request.budget_fraction, 0.0, request.temperature, request.top_p or 1.0
+        )
         total = len(context) + len(query) + (request.max_new_tokens or 64)
         if total > self.max_positions:
-            raise ValueError(f"context {len(context)} + query {len(query)} + max_new_tokens "
-                             f"{request.max_new_tokens or 64} = {total} tokens is more than the model's "
-                             f"{self.max_positions}")
+            raise ValueError(
+                f"context {len(context)} + query {len(query)} + max_new_tokens "
+                f"{request.max_new_tokens or 64} = {total} tokens is more than the model's "
+                f"{self.max_positions}"
+            )
         return context, query
 
     async def generate(self, request: gateway_pb2.GenerateRequest) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         started = time.perf_counter()
         texts = len(request.context_text) + len(request.query_text)
         if texts > self.max_text_bytes:
-            raise ValueError(f"context_text and query_text hold {texts} characters; this gateway tokenizes at most "
-                             f"{self.max_text_bytes} (max_text_bytes): send token ids, or a shorter text")
+            raise ValueError(
+                f"context_text and query_text hold {texts} characters; this gateway tokenizes at most "
+                f"{self.max_text_bytes} (max_text_bytes): send token ids, or a shorter text"
+            )
         # a long text takes the tokenizer milliseconds: off the event loop, which serves every stream
         context, query = self.tokens(request) if texts < INLINE_TEXT else await asyncio.to_thread(self.tokens, request)
         recipe = request.recipe if request.HasField("recipe") else DEFAULT_RECIPE
@@ -139,10 +146,18 @@ class Gateway:
                 self.full_bytes_per_token = prefilled.full_bytes / prefilled.context_tokens
         prefill_ms = (time.perf_counter() - started) * 1e3
         decode_request = decode_pb2.DecodeRequest(
-            keys=prefilled.keys, recipe=recipe, selection=request.selection or "dense", budget=request.budget,
-            budget_fraction=request.budget_fraction, max_new_tokens=request.max_new_tokens or 64,
-            temperature=request.temperature, top_p=request.top_p or 1.0, seed=request.seed, tenant=request.tenant,
-            ignore_eos=request.ignore_eos)
+            keys=prefilled.keys,
+            recipe=recipe,
+            selection=request.selection or "dense",
+            budget=request.budget,
+            budget_fraction=request.budget_fraction,
+            max_new_tokens=request.max_new_tokens or 64,
+            temperature=request.temperature,
+            top_p=request.top_p or 1.0,
+            seed=request.seed,
+            tenant=request.tenant,
+            ignore_eos=request.ignore_eos,
+        )
         decode_request.context_ids.ids.extend(context)  # lets the worker recompute a lost entry
         decode_request.query_ids.ids.extend(query)
         worker = self.router.pick(prefilled.keys[0])
@@ -160,9 +175,11 @@ class Gateway:
                 piece = reply.token.text
                 hit = _first_stop(text + piece, request.stop, len(text))
                 if hit is not None:
-                    piece = (text + piece)[len(text):hit]
+                    piece = (text + piece)[len(text) : hit]
                     if piece:
-                        yield gateway_pb2.GenerateResponse(token=decode_pb2.GeneratedToken(id=reply.token.id, text=piece))
+                        yield gateway_pb2.GenerateResponse(
+                            token=decode_pb2.GeneratedToken(id=reply.token.id, text=piece)
+                        )
                     finish = "stop_string"
                     break
                 text += piece
@@ -170,24 +187,34 @@ class Gateway:
         finally:
             worker.in_flight -= 1
         self.router.remember(worker, prefilled.keys[0])
-        if decode_stats is not None and finish != "stop_string" and decode_stats.new_tokens < decode_request.max_new_tokens:
+        if (
+            decode_stats is not None
+            and finish != "stop_string"
+            and decode_stats.new_tokens < decode_request.max_new_tokens
+        ):
             finish = "stop_token"
         elapsed = time.perf_counter() - started
         first = (ttft or elapsed * 1e3) / 1e3
         stats = gateway_pb2.GenerateStats(
-            cache_hit=prefilled.prefilled_tokens == 0, context_tokens=prefilled.context_tokens,
-            cached_prefix_tokens=prefilled.cached_tokens, prefilled_tokens=prefilled.prefilled_tokens,
+            cache_hit=prefilled.prefilled_tokens == 0,
+            context_tokens=prefilled.context_tokens,
+            cached_prefix_tokens=prefilled.cached_tokens,
+            prefilled_tokens=prefilled.prefilled_tokens,
             entry_bytes=prefilled.stored_bytes,
             compression_ratio=prefilled.full_bytes / prefilled.stored_bytes if prefilled.stored_bytes else 0.0,
             ttft_ms=ttft or elapsed * 1e3,
             tokens_per_second=(new_tokens - 1) / (elapsed - first) if new_tokens > 1 and elapsed > first else 0.0,
-            new_tokens=new_tokens, prefill_ms=prefill_ms, decode_worker=worker.name, finish_reason=finish,
-            cache_stored=prefilled.cache_stored, not_stored_reason=prefilled.not_stored_reason)
+            new_tokens=new_tokens,
+            prefill_ms=prefill_ms,
+            decode_worker=worker.name,
+            finish_reason=finish,
+            cache_stored=prefilled.cache_stored,
+            not_stored_reason=prefilled.not_stored_reason,
+        )
         if decode_stats is not None:
             stats.decode.CopyFrom(decode_stats)
             stats.bytes_fetched_by_tier.update(decode_stats.bytes_fetched_by_tier)
         yield gateway_pb2.GenerateResponse(stats=stats)
-
 
     async def _cached(self, context: list[int], recipe, tenant: str) -> prefill_pb2.PrefillResponse | None:
         """A prefill reply made from one store Lookup when every entry of ``context`` is cached, else None."""
@@ -196,8 +223,14 @@ class Gateway:
         fingerprint = self.model_fingerprint
         try:
             found = await asyncio.get_running_loop().run_in_executor(
-                None, contextvars.copy_context().run, self.store.lookup, fingerprint, recipe_from_proto(recipe),
-                context, tenant or "default")
+                None,
+                contextvars.copy_context().run,
+                self.store.lookup,
+                fingerprint,
+                recipe_from_proto(recipe),
+                context,
+                tenant or "default",
+            )
         except grpc.RpcError as e:  # the prefill worker looks again, and knows what to do when the store is down
             log.warning("store lookup failed (%s): going through prefill", e.code())
             self.degraded.failed(f"store lookup failed: {e.code().name}")
@@ -205,11 +238,17 @@ class Gateway:
         if found is None or found.cached_tokens != len(context):
             return None
         return prefill_pb2.PrefillResponse(
-            keys=[str(k) for k in found.keys], model_fingerprint=fingerprint, context_tokens=len(context),
-            cached_tokens=len(context), prefilled_tokens=0, stored_bytes=sum(found.stored_bytes),
+            keys=[str(k) for k in found.keys],
+            model_fingerprint=fingerprint,
+            context_tokens=len(context),
+            cached_tokens=len(context),
+            prefilled_tokens=0,
+            stored_bytes=sum(found.stored_bytes),
             full_bytes=round(self.full_bytes_per_token * len(context)),
             kept_tokens_per_layer=found.kept_tokens_per_layer,
-            importance=sum(found.importance) / max(len(found.importance), 1), cache_stored=True)
+            importance=sum(found.importance) / max(len(found.importance), 1),
+            cache_stored=True,
+        )
 
 
 def _first_stop(text: str, stops, start: int) -> int | None:

@@ -22,8 +22,13 @@ STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT}
 class GrpcBackend:
     """Prefill and Decode workers over gRPC (``grpc.aio``), with deadlines."""
 
-    def __init__(self, prefill_address: str | None, decode_address: str | None, timeout_s: float,
-                 security: Security | None = None):
+    def __init__(
+        self,
+        prefill_address: str | None,
+        decode_address: str | None,
+        timeout_s: float,
+        security: Security | None = None,
+    ):
         self.timeout_s, self.security = timeout_s, security
         self.channels = []
         if prefill_address:
@@ -56,16 +61,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, gateway, metrics):
         self.gateway = gateway
         self.ttft = metrics.histogram(
-            "dkv_gateway_ttft_seconds", "Time to first token, by how much of the context was cached "
-            "(hit: all, partial: a prefix, miss: none).", (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
-            ("cache",))
-        self.tokens = metrics.counter("dkv_gateway_tokens", "Tokens of requests, by kind (context, generated).",
-                                      ("kind",))
-        self.not_stored = metrics.counter("dkv_gateway_not_cached", "Requests answered without their context "
-                                          "being stored (the store was down, full or refusing).")
-        metrics.gauge("dkv_gateway_degraded", "1 while the gateway's store lookups fail (requests go through "
-                      "prefill, answered all the same); the log says why.",
-                      lambda: float(self.gateway.degraded.active))
+            "dkv_gateway_ttft_seconds",
+            "Time to first token, by how much of the context was cached (hit: all, partial: a prefix, miss: none).",
+            (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            ("cache",),
+        )
+        self.tokens = metrics.counter(
+            "dkv_gateway_tokens", "Tokens of requests, by kind (context, generated).", ("kind",)
+        )
+        self.not_stored = metrics.counter(
+            "dkv_gateway_not_cached",
+            "Requests answered without their context being stored (the store was down, full or refusing).",
+        )
+        metrics.gauge(
+            "dkv_gateway_degraded",
+            "1 while the gateway's store lookups fail (requests go through "
+            "prefill, answered all the same); the log says why.",
+            lambda: float(self.gateway.degraded.active),
+        )
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
@@ -78,7 +91,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(e.code(), f"{e.details()}")
         except Exception as e:
             await abort_with(context, e, STATUS)
-
 
     def observe(self, stats) -> None:
         """Record one finished generation (gRPC or HTTP)."""
@@ -127,8 +139,14 @@ class GatewayServer(GrpcServer):
         self.backends = [prefill, *decoders]
         tokenizer = load_tokenizer(s.model)
         self.store = open_store(s.store, timeout_s=s.store_timeout_s, security=security) if s.store else None
-        return Gateway(tokenizer, prefill, Router([Worker(a, b) for a, b in zip(s.decode.split(","), decoders)]),
-                       max_positions=s.max_positions, store=self.store, max_text_bytes=s.max_text_bytes)
+        return Gateway(
+            tokenizer,
+            prefill,
+            Router([Worker(a, b) for a, b in zip(s.decode.split(","), decoders)]),
+            max_positions=s.max_positions,
+            store=self.store,
+            max_text_bytes=s.max_text_bytes,
+        )
 
     def add_service(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)

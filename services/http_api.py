@@ -92,8 +92,14 @@ FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "max_new_tokens":
 class ApiError(Exception):
     """An error reply: HTTP ``status`` and OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
@@ -114,13 +120,15 @@ def api_error(error: Exception) -> ApiError:
         return ApiError(400, str(error))
     if isinstance(error, grpc.aio.AioRpcError):
         status, kind = WORKER_ERRORS.get(error.code(), (502, "worker_error"))
-        return ApiError(status, f"a worker answered {error.code().name}: {error.details()}", kind,
-                        code=error.code().name.lower())
+        return ApiError(
+            status, f"a worker answered {error.code().name}: {error.details()}", kind, code=error.code().name.lower()
+        )
     log.error("internal error", exc_info=error)
     return ApiError(500, f"internal error: {type(error).__name__}: {error}", "internal_error")
 
 
 # ------------------------------------------------------------------------------------ requests
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -234,6 +242,7 @@ class CompletionRequest(_Generation):
 
 # ------------------------------------------------------------------------------------ the API
 
+
 @dataclass
 class _Reply:
     """What one request turns into, apart from its text: the names and numbers its replies share."""
@@ -244,9 +253,12 @@ class _Reply:
     prompt_tokens: int
 
     def usage(self, stats: gateway_pb2.GenerateStats) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": stats.new_tokens,
-                "total_tokens": self.prompt_tokens + stats.new_tokens,
-                "prompt_tokens_details": {"cached_tokens": stats.cached_prefix_tokens}}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": stats.new_tokens,
+            "total_tokens": self.prompt_tokens + stats.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_prefix_tokens},
+        }
 
 
 class OpenAIApi:
@@ -256,12 +268,21 @@ class OpenAIApi:
     says whether ``/health`` answers 200.
     """
 
-    def __init__(self, gateway, settings, metrics, observe: Callable[[gateway_pb2.GenerateStats], None],
-                 serving: Callable[[], bool]):
+    def __init__(
+        self,
+        gateway,
+        settings,
+        metrics,
+        observe: Callable[[gateway_pb2.GenerateStats], None],
+        serving: Callable[[], bool],
+    ):
         self.gateway, self.model, self.observe, self.serving = gateway, settings.model, observe, serving
         duration = metrics.histogram(
-            "dkv_http_request_duration_seconds", "Time to serve one HTTP request of the OpenAI API, to its last byte.",
-            (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), ("route", "status"))
+            "dkv_http_request_duration_seconds",
+            "Time to serve one HTTP request of the OpenAI API, to its last byte.",
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            ("route", "status"),
+        )
         app = FastAPI(title="dkv", summary="dkv's OpenAI-compatible API", docs_url=None, redoc_url=None)
         app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
         app.add_api_route("/v1/completions", self.complete, methods=["POST"])
@@ -275,13 +296,24 @@ class OpenAIApi:
 
     async def chat(self, body: ChatRequest):
         messages = [m.for_template() for m in body.messages]
-        return await self._answer(body, partial(chat_prompt, self.gateway.tokenizer, messages),
-                                  sum(len(m["content"]) for m in messages), "chatcmpl", _chat_chunk, _chat_reply)
+        return await self._answer(
+            body,
+            partial(chat_prompt, self.gateway.tokenizer, messages),
+            sum(len(m["content"]) for m in messages),
+            "chatcmpl",
+            _chat_chunk,
+            _chat_reply,
+        )
 
     async def complete(self, body: CompletionRequest):
-        return await self._answer(body, partial(completion_prompt, self.gateway.tokenizer, body.prompt),
-                                  len(body.prompt) if isinstance(body.prompt, str) else 0, "cmpl", _text_chunk,
-                                  _text_reply)
+        return await self._answer(
+            body,
+            partial(completion_prompt, self.gateway.tokenizer, body.prompt),
+            len(body.prompt) if isinstance(body.prompt, str) else 0,
+            "cmpl",
+            _text_chunk,
+            _text_reply,
+        )
 
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "dkv"}]}
@@ -296,21 +328,36 @@ class OpenAIApi:
         characters of text: the reply ``whole(...)`` builds, or, streaming, the events ``chunk(...)``
         builds, once the first token is there."""
         if body.model != self.model:
-            raise ApiError(404, f"model {body.model[:200]!r} is not served here; use {self.model!r} (GET /v1/models)",
-                           "not_found_error", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model {body.model[:200]!r} is not served here; use {self.model!r} (GET /v1/models)",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
         if chars > self.gateway.max_text_bytes:
-            raise ApiError(400, f"the prompt holds {chars} characters; this gateway tokenizes at most "
-                           f"{self.gateway.max_text_bytes} (max_text_bytes): send a shorter one")
+            raise ApiError(
+                400,
+                f"the prompt holds {chars} characters; this gateway tokenizes at most "
+                f"{self.gateway.max_text_bytes} (max_text_bytes): send a shorter one",
+            )
         try:
             # as over gRPC: a long text takes the tokenizer milliseconds, off the event loop that serves every stream
             context, query = prompt() if chars < INLINE_TEXT else await asyncio.to_thread(prompt)
             prompt_tokens = len(context) + len(query)
             request = gateway_pb2.GenerateRequest(
-                selection=body.selection, budget=body.budget, budget_fraction=body.budget_fraction,
+                selection=body.selection,
+                budget=body.budget,
+                budget_fraction=body.budget_fraction,
                 # unset: the rest of the window (at least 1: a prompt that fills it gets the gateway's error)
                 max_new_tokens=body.new_tokens() or max(1, self.gateway.max_positions - prompt_tokens),
-                temperature=body.temperature, top_p=body.top_p, seed=body.seed or 0, stop=body.stops(),
-                tenant=tenant_for(body.tenant), ignore_eos=body.ignore_eos)
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=body.seed or 0,
+                stop=body.stops(),
+                tenant=tenant_for(body.tenant),
+                ignore_eos=body.ignore_eos,
+            )
             request.context_ids.ids.extend(context)
             request.query_ids.ids.extend(query)
             if body.recipe is not None:
@@ -326,8 +373,9 @@ class OpenAIApi:
             raise api_error(e) from None
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return _EventStream(self._events(replies, first, about, chunk, usage),
-                                headers={"Cache-Control": "no-cache"})
+            return _EventStream(
+                self._events(replies, first, about, chunk, usage), headers={"Cache-Control": "no-cache"}
+            )
         pieces, stats = [], None
         try:
             async for item in _starting_with(first, replies):
@@ -340,8 +388,11 @@ class OpenAIApi:
         finally:
             await replies.aclose()
         self.observe(stats)
-        return {**whole(about, "".join(pieces), FINISH_REASONS[stats.finish_reason]), "usage": about.usage(stats),
-                "dkv": _stats(stats)}
+        return {
+            **whole(about, "".join(pieces), FINISH_REASONS[stats.finish_reason]),
+            "usage": about.usage(stats),
+            "dkv": _stats(stats),
+        }
 
     async def _events(self, replies: AsyncIterator, first, about: _Reply, chunk, usage: bool) -> AsyncIterator[str]:
         try:
@@ -383,19 +434,35 @@ def _stats(stats: gateway_pb2.GenerateStats) -> dict:
 
 def _chat_chunk(about: _Reply, text: str, finish: str | None, start: bool = False) -> dict:
     delta = {"role": "assistant", "content": text} if start else {"content": text} if finish is None else {}
-    return {"id": about.id, "object": "chat.completion.chunk", "created": about.created, "model": about.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return {
+        "id": about.id,
+        "object": "chat.completion.chunk",
+        "created": about.created,
+        "model": about.model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
 
 
 def _chat_reply(about: _Reply, text: str, finish: str) -> dict:
-    return {"id": about.id, "object": "chat.completion", "created": about.created, "model": about.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}]}
+    return {
+        "id": about.id,
+        "object": "chat.completion",
+        "created": about.created,
+        "model": about.model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        ],
+    }
 
 
 def _text_chunk(about: _Reply, text: str, finish: str | None, start: bool = False) -> dict:
-    return {"id": about.id, "object": "text_completion", "created": about.created, "model": about.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    return {
+        "id": about.id,
+        "object": "text_completion",
+        "created": about.created,
+        "model": about.model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
 
 
 def _text_reply(about: _Reply, text: str, finish: str) -> dict:
@@ -480,8 +547,15 @@ class _Guarded:
             seconds = time.perf_counter() - started
             route = scope["route"].path if "route" in scope else "unmatched"  # a bounded set of label values
             self.duration.labels(route, str(status)).observe(seconds)
-            log.log(logging.WARNING if status >= 500 else logging.DEBUG, "%s %s %d in %.1f ms", scope["method"],
-                    route, status, seconds * 1e3, extra={"http": route, "status": status, "ms": round(seconds * 1e3, 2)})
+            log.log(
+                logging.WARNING if status >= 500 else logging.DEBUG,
+                "%s %s %d in %.1f ms",
+                scope["method"],
+                route,
+                status,
+                seconds * 1e3,
+                extra={"http": route, "status": status, "ms": round(seconds * 1e3, 2)},
+            )
 
     def _refusal(self, path: str, headers) -> ApiError | None:
         """The error that ends this request before it is read, or None (and the caller's tenant is set)."""
@@ -502,6 +576,7 @@ def _too_large() -> ApiError:
 
 
 # ------------------------------------------------------------------------------------ the server
+
 
 class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
@@ -527,9 +602,15 @@ class HttpServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, s.http_port))
         config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, lifespan="off", ssl_certfile=s.tls_cert or None,
-            ssl_keyfile=s.tls_key or None, ssl_ca_certs=s.tls_ca or None,
-            ssl_cert_reqs=ssl.CERT_REQUIRED if s.tls_ca else ssl.CERT_NONE)
+            self.app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=s.tls_cert or None,
+            ssl_keyfile=s.tls_key or None,
+            ssl_ca_certs=s.tls_ca or None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if s.tls_ca else ssl.CERT_NONE,
+        )
         config.load()  # a bad certificate raises here, before anything serves
         self.server = _Uvicorn(config)
         self.task = asyncio.create_task(self.server.serve(sockets=[sock]))

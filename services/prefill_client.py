@@ -14,9 +14,11 @@ class PrefillClient:
         self.address, self.timeout_s, self.security = address, timeout_s, security
         self.channel = open_channel(address, security, balanced=True)
         self.stub = prefill_pb2_grpc.PrefillStub(self.channel)
-        self._entries = self.channel.unary_stream("/dkv.v1.Prefill/Entries",
-                                                  request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
-                                                  response_deserializer=parse_frame_message)
+        self._entries = self.channel.unary_stream(
+            "/dkv.v1.Prefill/Entries",
+            request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
+            response_deserializer=parse_frame_message,
+        )
 
     def prefill(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> prefill_pb2.PrefillResponse:
         request = prefill_pb2.PrefillRequest(recipe=recipe_to_proto(recipe), tenant=tenant)

@@ -35,28 +35,52 @@ def prefill_ids(request: prefill_pb2.PrefillRequest, worker) -> list[int]:
 def prefill_response(result) -> prefill_pb2.PrefillResponse:
     tm = result.timings_ms
     return prefill_pb2.PrefillResponse(
-        keys=result.keys, model_fingerprint=result.model_fingerprint, context_tokens=result.context_tokens,
-        cached_tokens=result.cached_tokens, prefilled_tokens=result.prefilled_tokens,
-        stored_bytes=result.stored_bytes, full_bytes=result.full_bytes,
-        kept_tokens_per_layer=result.kept_tokens_per_layer, importance=result.importance,
-        cache_stored=result.cache_stored, not_stored_reason=result.not_stored_reason,
-        timings=prefill_pb2.PrefillTimings(lookup_ms=tm["lookup"], fetch_ms=tm["fetch"], prefill_ms=tm["prefill"],
-                                           compress_ms=tm["compress"], store_ms=tm["store"], total_ms=tm["total"]),
+        keys=result.keys,
+        model_fingerprint=result.model_fingerprint,
+        context_tokens=result.context_tokens,
+        cached_tokens=result.cached_tokens,
+        prefilled_tokens=result.prefilled_tokens,
+        stored_bytes=result.stored_bytes,
+        full_bytes=result.full_bytes,
+        kept_tokens_per_layer=result.kept_tokens_per_layer,
+        importance=result.importance,
+        cache_stored=result.cache_stored,
+        not_stored_reason=result.not_stored_reason,
+        timings=prefill_pb2.PrefillTimings(
+            lookup_ms=tm["lookup"],
+            fetch_ms=tm["fetch"],
+            prefill_ms=tm["prefill"],
+            compress_ms=tm["compress"],
+            store_ms=tm["store"],
+            total_ms=tm["total"],
+        ),
     )
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker, metrics):
         self.worker = worker
-        self.tokens = metrics.counter("dkv_prefill_tokens", "Context tokens of prefill requests, by whether they "
-                                      "were computed or found in the store.", ("source",))
-        self.ratio = metrics.histogram("dkv_prefill_compression_ratio", "Uncompressed K/V bytes (model dtype) "
-                                       "over stored bytes, per prefill.", (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64))
-        self.not_stored = metrics.counter("dkv_prefill_not_stored", "Entries the store did not take (the request "
-                                          "was answered without caching them), by the store's status.", ("reason",))
-        metrics.gauge("dkv_prefill_degraded", "1 while the store is being done without (unreachable or refusing "
-                      "entries): requests are answered, not cached; the log says why.",
-                      lambda: float(worker.degraded.active))
+        self.tokens = metrics.counter(
+            "dkv_prefill_tokens",
+            "Context tokens of prefill requests, by whether they were computed or found in the store.",
+            ("source",),
+        )
+        self.ratio = metrics.histogram(
+            "dkv_prefill_compression_ratio",
+            "Uncompressed K/V bytes (model dtype) over stored bytes, per prefill.",
+            (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+        )
+        self.not_stored = metrics.counter(
+            "dkv_prefill_not_stored",
+            "Entries the store did not take (the request was answered without caching them), by the store's status.",
+            ("reason",),
+        )
+        metrics.gauge(
+            "dkv_prefill_degraded",
+            "1 while the store is being done without (unreachable or refusing "
+            "entries): requests are answered, not cached; the log says why.",
+            lambda: float(worker.degraded.active),
+        )
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         try:
@@ -103,22 +127,40 @@ class PrefillServer(GrpcServer):
             use_threads(settings.threads)
             model, tokenizer = load_model(settings.model, settings.dtype, settings.device)
             store = open_store(settings.store, timeout_s=settings.store_timeout_s, security=Security.of(settings))
-            worker = PrefillWorker(model, tokenizer, store, max_tokens=settings.max_tokens,
-                                   storage_dtype=settings.storage_dtype, min_chunk_size=settings.min_chunk_size,
-                                   held_bytes=settings.held_bytes, held_ttl_s=settings.held_ttl_s)
+            worker = PrefillWorker(
+                model,
+                tokenizer,
+                store,
+                max_tokens=settings.max_tokens,
+                storage_dtype=settings.storage_dtype,
+                min_chunk_size=settings.min_chunk_size,
+                held_bytes=settings.held_bytes,
+                held_ttl_s=settings.held_ttl_s,
+            )
         self.worker = worker
 
     def add_service(self, server: grpc.aio.Server) -> None:
         """The generated table, but Entries sends its frames without a protobuf copy (``frame_message``)."""
         servicer = PrefillServicer(self.worker, self.metrics)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            "Prefill": grpc.unary_unary_rpc_method_handler(
-                servicer.Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
-                response_serializer=prefill_pb2.PrefillResponse.SerializeToString),
-            "Entries": grpc.unary_stream_rpc_method_handler(
-                servicer.Entries, request_deserializer=prefill_pb2.PrefillRequest.FromString,
-                response_serializer=frame_message),
-        }),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE,
+                    {
+                        "Prefill": grpc.unary_unary_rpc_method_handler(
+                            servicer.Prefill,
+                            request_deserializer=prefill_pb2.PrefillRequest.FromString,
+                            response_serializer=prefill_pb2.PrefillResponse.SerializeToString,
+                        ),
+                        "Entries": grpc.unary_stream_rpc_method_handler(
+                            servicer.Entries,
+                            request_deserializer=prefill_pb2.PrefillRequest.FromString,
+                            response_serializer=frame_message,
+                        ),
+                    },
+                ),
+            )
+        )
 
     def describe(self) -> str:
         return f"prefill (model {self.worker.fingerprint}, store {self.worker.store.address})"

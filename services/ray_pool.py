@@ -74,15 +74,23 @@ class PrefillActor:
 # loop decodes them all together (as many calls as the worker's default active + queued streams)
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16 + 64)
 class DecodeActor:
-    def __init__(self, model: str, store: str, prefill: ray.actor.ActorHandle, security=None, device: str = "cpu",
-                 dtype: str = "auto"):
+    def __init__(
+        self,
+        model: str,
+        store: str,
+        prefill: ray.actor.ActorHandle,
+        security=None,
+        device: str = "cpu",
+        dtype: str = "auto",
+    ):
         from dkv.services.shards import open_store
         from dkv.workers.decode_worker import DecodeWorker
         from dkv.workers.model import load_model
 
         loaded, tokenizer = load_model(model, dtype, device)
-        self.worker = DecodeWorker(loaded, tokenizer, open_store(store, timeout_s=120, security=security),
-                                   ActorPrefill(prefill))
+        self.worker = DecodeWorker(
+            loaded, tokenizer, open_store(store, timeout_s=120, security=security), ActorPrefill(prefill)
+        )
 
     def decode(self, request: bytes):
         """Streams serialized ``DecodeResponse`` messages: the tokens, then the stats."""
@@ -103,8 +111,12 @@ class DecodeActor:
 
 def unavailable(what: str, error: ray.exceptions.RayActorError) -> grpc.aio.AioRpcError:
     """The error a gRPC worker that died would give (the gateway passes its status on to the client)."""
-    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                details=f"{what}: the worker actor died ({type(error).__name__}); Ray restarts it: retry")
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details=f"{what}: the worker actor died ({type(error).__name__}); Ray restarts it: retry",
+    )
 
 
 class ActorPrefill:
@@ -211,27 +223,51 @@ def actor_placement(device: str, actors: int, cluster_gpus: float) -> tuple[int,
     if device.startswith("cuda:"):
         raise SettingsError(f"setting device = {device!r}: with Ray use cuda (Ray assigns each actor its GPU) or cpu")
     if device == "cuda" and cluster_gpus < actors:
-        raise SettingsError(f"setting device = 'cuda' asks for one GPU for each of the {actors} worker actors, but "
-                            f"the Ray cluster has {cluster_gpus:g}; use fewer workers, device cpu, or device auto")
+        raise SettingsError(
+            f"setting device = 'cuda' asks for one GPU for each of the {actors} worker actors, but "
+            f"the Ray cluster has {cluster_gpus:g}; use fewer workers, device cpu, or device auto"
+        )
     gpus = int(device == "cuda" or (device == "auto" and cluster_gpus >= actors))
     return gpus, "cuda" if gpus else "cpu"
 
 
-def start_pools(model: str, store: str, prefill_workers: int = 1, decode_workers: int = 1, security=None,
-                device: str = "auto", dtype: str = "auto", prefill_options: dict | None = None,
-                decode_options: dict | None = None):
+def start_pools(
+    model: str,
+    store: str,
+    prefill_workers: int = 1,
+    decode_workers: int = 1,
+    security=None,
+    device: str = "auto",
+    dtype: str = "auto",
+    prefill_options: dict | None = None,
+    decode_options: dict | None = None,
+):
     """(prefill actors, decode actors) on the connected Ray cluster, placed by ``actor_placement``.
 
     ``security`` (a ``services.transport.Security``) is what the actors present to the store;
     ``prefill_options`` and ``decode_options`` are more Ray actor options of each pool (``resources``,
     ``scheduling_strategy``: which nodes it may use)."""
-    gpus, actor_device = actor_placement(device, prefill_workers + decode_workers,
-                                         ray.cluster_resources().get("GPU", 0))
-    prefill = [PrefillActor.options(num_cpus=1, num_gpus=gpus, **(prefill_options or {})).remote(
-        model, store, security, actor_device, dtype) for _ in range(prefill_workers)]
-    decode = [DecodeActor.options(num_cpus=1, num_gpus=gpus, **(decode_options or {})).remote(
-        model, store, prefill[i % len(prefill)], security, actor_device, dtype) for i in range(decode_workers)]
+    gpus, actor_device = actor_placement(
+        device, prefill_workers + decode_workers, ray.cluster_resources().get("GPU", 0)
+    )
+    prefill = [
+        PrefillActor.options(num_cpus=1, num_gpus=gpus, **(prefill_options or {})).remote(
+            model, store, security, actor_device, dtype
+        )
+        for _ in range(prefill_workers)
+    ]
+    decode = [
+        DecodeActor.options(num_cpus=1, num_gpus=gpus, **(decode_options or {})).remote(
+            model, store, prefill[i % len(prefill)], security, actor_device, dtype
+        )
+        for i in range(decode_workers)
+    ]
     ray.get([a.pid.remote() for a in prefill + decode])  # wait until every model is loaded
-    log.info("ray pools ready: %d prefill and %d decode actors on %s (%s GPU each)", prefill_workers, decode_workers,
-             actor_device, gpus)
+    log.info(
+        "ray pools ready: %d prefill and %d decode actors on %s (%s GPU each)",
+        prefill_workers,
+        decode_workers,
+        actor_device,
+        gpus,
+    )
     return prefill, decode

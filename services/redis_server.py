@@ -123,9 +123,7 @@ class RedisServer:
         if self.running:
             return self
         if not redis_server_available(self.executable):
-            raise RedisServerError(
-                f"{self.executable!r} is not on PATH: install it (apt-get install -y redis-server)"
-            )
+            raise RedisServerError(f"{self.executable!r} is not on PATH: install it (apt-get install -y redis-server)")
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="dkv-redis-"))
         self._workdir.mkdir(parents=True, exist_ok=True)
@@ -147,13 +145,20 @@ class RedisServer:
     def _command(self) -> list[str]:
         cmd = [
             self.executable,
-            "--port", str(self._port),
-            "--bind", self.host,
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self._workdir),
-            "--daemonize", "no",
-            "--logfile", "",  # log to stdout, which goes to the log file (startup errors too)
+            "--port",
+            str(self._port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self._workdir),
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",  # log to stdout, which goes to the log file (startup errors too)
         ]
         if self.maxmemory is not None:
             cmd += ["--maxmemory", str(self.maxmemory)]
@@ -166,8 +171,12 @@ class RedisServer:
         self._log_start = log.tell()  # where this attempt's output begins
         try:
             self._proc = subprocess.Popen(
-                self._command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self._workdir, start_new_session=True,  # a Ctrl-C in the terminal is ours to handle
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self._workdir,
+                start_new_session=True,  # a Ctrl-C in the terminal is ours to handle
             )
         finally:
             log.close()
@@ -357,17 +366,32 @@ class LocalRedisCluster:
 
     def start(self) -> LocalRedisCluster:
         if shutil.which(CLI) is None:
-            raise RedisServerError(f"{CLI!r} is not on PATH: install it with redis-server (apt-get install -y "
-                                   "redis-server)")
-        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-require-full-coverage", "no",
-                "--repl-diskless-sync-delay", "0"]  # replicas sync at once, not after the default 5 s
+            raise RedisServerError(
+                f"{CLI!r} is not on PATH: install it with redis-server (apt-get install -y redis-server)"
+            )
+        args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+            "--cluster-require-full-coverage",
+            "no",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]  # replicas sync at once, not after the default 5 s
         taken: set[int] = set()
         for _ in range(self.masters * (1 + self.replicas)):
             for attempt in range(5):  # a port picked here can be taken before redis binds it
                 port = _free_cluster_port(self.host, taken)
-                node = RedisServer(port=port, host=self.host, maxmemory=self.maxmemory,
-                                   maxmemory_policy=self.maxmemory_policy, extra_args=args)
+                node = RedisServer(
+                    port=port,
+                    host=self.host,
+                    maxmemory=self.maxmemory,
+                    maxmemory_policy=self.maxmemory_policy,
+                    extra_args=args,
+                )
                 try:
                     node.start()
                     break
@@ -378,19 +402,37 @@ class LocalRedisCluster:
             taken.add(port)
             self.nodes.append(node)
         created = subprocess.run(
-            [CLI, "--cluster", "create", *(f"{self.host}:{n.port}" for n in self.nodes),
-             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.startup_timeout_s)
+            [
+                CLI,
+                "--cluster",
+                "create",
+                *(f"{self.host}:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=self.startup_timeout_s,
+        )
         if created.returncode != 0:
-            raise RedisServerError(f"redis-cli --cluster create failed (code {created.returncode}):\n"
-                                   f"{created.stdout[-2000:]}{created.stderr[-2000:]}")
+            raise RedisServerError(
+                f"redis-cli --cluster create failed (code {created.returncode}):\n"
+                f"{created.stdout[-2000:]}{created.stderr[-2000:]}"
+            )
         self.wait_ready(self.startup_timeout_s)
         return self
 
     def cli(self, node: RedisServer, *args: str) -> str:
         """The output of ``redis-cli`` run against ``node`` with ``args``."""
-        done = subprocess.run([CLI, "-h", self.host, "-p", str(node.port), *args], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=10)
+        done = subprocess.run(
+            [CLI, "-h", self.host, "-p", str(node.port), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return done.stdout
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
@@ -405,12 +447,17 @@ class LocalRedisCluster:
                 info = self.cli(node, "info", "replication")
                 synced += "role:slave" in info and "master_link_status:up" in info
             masters = self.master_nodes()
-            if (all("cluster_state:ok" in s for s in states) and len(masters) == self.masters
-                    and synced >= min(len(running) - self.masters, self.masters * self.replicas)):
+            if (
+                all("cluster_state:ok" in s for s in states)
+                and len(masters) == self.masters
+                and synced >= min(len(running) - self.masters, self.masters * self.replicas)
+            ):
                 return
             if time.monotonic() > deadline:
-                raise RedisServerError(f"the cluster was not ready within {timeout_s:.0f} s: "
-                                       f"{self.cli(running[0], 'cluster', 'nodes') if running else 'no node running'}")
+                raise RedisServerError(
+                    f"the cluster was not ready within {timeout_s:.0f} s: "
+                    f"{self.cli(running[0], 'cluster', 'nodes') if running else 'no node running'}"
+                )
             time.sleep(0.1)
 
     def _cluster_nodes(self) -> list[dict]:
@@ -427,8 +474,15 @@ class LocalRedisCluster:
                     continue  # a slot being migrated or imported
                 lo, _, hi = r.partition("-")
                 slots.append((int(lo), int(hi or lo)))
-            out.append({"id": parts[0], "port": int(parts[1].split("@")[0].rsplit(":", 1)[1]),
-                        "flags": parts[2].split(","), "master": parts[3], "slots": slots})
+            out.append(
+                {
+                    "id": parts[0],
+                    "port": int(parts[1].split("@")[0].rsplit(":", 1)[1]),
+                    "flags": parts[2].split(","),
+                    "master": parts[3],
+                    "slots": slots,
+                }
+            )
         return out
 
     def _node_at(self, port: int) -> RedisServer:
@@ -436,8 +490,11 @@ class LocalRedisCluster:
 
     def master_nodes(self) -> list[RedisServer]:
         """The masters that serve slots, as the cluster sees them now."""
-        return [self._node_at(n["port"]) for n in self._cluster_nodes()
-                if "master" in n["flags"] and "fail" not in n["flags"] and n["slots"]]
+        return [
+            self._node_at(n["port"])
+            for n in self._cluster_nodes()
+            if "master" in n["flags"] and "fail" not in n["flags"] and n["slots"]
+        ]
 
     def slots(self, node: RedisServer) -> list[tuple[int, int]]:
         """The slot ranges (first, last) ``node`` serves now; none for a replica or a failed master."""
@@ -470,14 +527,17 @@ class LocalRedisCluster:
         of them (1.0: calls get ASK redirections to ``target``), while the slot is still migrating."""
         nodes = self._cluster_nodes()
         ids = {n["port"]: n["id"] for n in nodes}
-        source = next(self._node_at(n["port"]) for n in nodes
-                      if "master" in n["flags"] and any(lo <= slot <= hi for lo, hi in n["slots"]))
+        source = next(
+            self._node_at(n["port"])
+            for n in nodes
+            if "master" in n["flags"] and any(lo <= slot <= hi for lo, hi in n["slots"])
+        )
         if source is target:
             return
         self.cli(target, "cluster", "setslot", str(slot), "importing", ids[source.port])
         self.cli(source, "cluster", "setslot", str(slot), "migrating", ids[target.port])
         keys = self.cli(source, "cluster", "getkeysinslot", str(slot), "100000").split()
-        for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
             if part:
                 self.cli(source, "migrate", self.host, str(target.port), "", "0", "5000", "keys", *part)
             if midway is not None:

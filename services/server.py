@@ -41,10 +41,19 @@ from dkv.services.transport import (
 log = logging.getLogger("dkv.server")
 
 # how loudly a finished call is logged, by status code (OK and the codes of normal misses: debug)
-_LOUD = {"INTERNAL": logging.ERROR, "UNKNOWN": logging.ERROR, "DATA_LOSS": logging.WARNING,
-         "UNAVAILABLE": logging.WARNING, "UNAUTHENTICATED": logging.INFO, "PERMISSION_DENIED": logging.INFO,
-         "INVALID_ARGUMENT": logging.INFO, "RESOURCE_EXHAUSTED": logging.INFO, "FAILED_PRECONDITION": logging.INFO,
-         "DEADLINE_EXCEEDED": logging.INFO, "OUT_OF_RANGE": logging.INFO}
+_LOUD = {
+    "INTERNAL": logging.ERROR,
+    "UNKNOWN": logging.ERROR,
+    "DATA_LOSS": logging.WARNING,
+    "UNAVAILABLE": logging.WARNING,
+    "UNAUTHENTICATED": logging.INFO,
+    "PERMISSION_DENIED": logging.INFO,
+    "INVALID_ARGUMENT": logging.INFO,
+    "RESOURCE_EXHAUSTED": logging.INFO,
+    "FAILED_PRECONDITION": logging.INFO,
+    "DEADLINE_EXCEEDED": logging.INFO,
+    "OUT_OF_RANGE": logging.INFO,
+}
 
 
 class _Call:
@@ -74,8 +83,14 @@ class _Call:
         name = self.method.rsplit("/", 1)[-1]
         if not self.method.startswith(OPEN_SERVICES):
             self.interceptor.metrics.observe_rpc(name, code, seconds)
-        log.log(_LOUD.get(code, logging.DEBUG), "%s %s in %.1f ms", name, code, seconds * 1e3,
-                extra={"rpc": name, "code": code, "ms": round(seconds * 1e3, 2)})
+        log.log(
+            _LOUD.get(code, logging.DEBUG),
+            "%s %s in %.1f ms",
+            name,
+            code,
+            seconds * 1e3,
+            extra={"rpc": name, "code": code, "ms": round(seconds * 1e3, 2)},
+        )
 
 
 def _code_name(code) -> str:
@@ -115,13 +130,17 @@ def _tolerant(deserializer):
             return deserializer(data)
         except Exception as e:
             return _Undecodable(e)
+
     return parse
 
 
 async def _refuse_undecodable(request, context) -> None:
     if isinstance(request, _Undecodable):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid message of this "
-                            f"method ({type(request.error).__name__}); check the method and the message type")
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the request is not a valid message of this "
+            f"method ({type(request.error).__name__}); check the method and the message type",
+        )
 
 
 @contextlib.asynccontextmanager
@@ -141,13 +160,16 @@ async def _observed(new_call, request, context):
 
 def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
     """``handler`` with every call run between ``_Call.begin`` and ``_Call.end``."""
-    kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
-              "response_serializer": handler.response_serializer}
+    kwargs = {
+        "request_deserializer": _tolerant(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
 
     def single(behavior):
         async def run(request, context):
             async with _observed(new_call, request, context):
                 return await behavior(request, context)
+
         return run
 
     def streaming(behavior):
@@ -159,6 +181,7 @@ def _wrap(handler: grpc.RpcMethodHandler, new_call) -> grpc.RpcMethodHandler:
                         yield item
                 else:
                     await result
+
         return run
 
     if handler.unary_unary:
@@ -184,10 +207,15 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
             probe.bind((bare, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror}); stop what holds the port or "
-                              f"choose another ({flag})") from None
-            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {host}:{port} ({e.strerror}); listen on an address "
-                          "of this machine (--host)") from None
+                raise OSError(
+                    e.errno,
+                    f"cannot listen on {host}:{port} ({e.strerror}); stop what holds the port or "
+                    f"choose another ({flag})",
+                ) from None
+            raise OSError(
+                errno.EADDRNOTAVAIL,
+                f"cannot listen on {host}:{port} ({e.strerror}); listen on an address of this machine (--host)",
+            ) from None
 
 
 class GrpcServer:
@@ -227,7 +255,8 @@ class GrpcServer:
         # No SO_REUSEPORT: a second server on a taken port must fail, not share it with the first.
         options = GRPC_OPTIONS + [("grpc.so_reuseport", 0)] + self.grpc_options()
         self.server = grpc.aio.server(
-            options=options, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)])
+            options=options, interceptors=[CallInterceptor(Authenticator.of(self.settings), self.metrics)]
+        )
         self.add_service(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -249,9 +278,14 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.metrics_port:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
-        log.info("%s listening on %s:%d%s%s", self.describe(), self.settings.host, self.port,
-                 " (TLS)" if credentials else "",
-                 f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "")
+        log.info(
+            "%s listening on %s:%d%s%s",
+            self.describe(),
+            self.settings.host,
+            self.port,
+            " (TLS)" if credentials else "",
+            f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
+        )
         return self.port
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
@@ -280,8 +314,9 @@ async def serve_until_signal(server: GrpcServer) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     settings = server.settings
-    log.info("signal received: NOT_SERVING; draining after %.1fs, for up to %.1fs",
-             settings.drain_delay_s, settings.grace_s)
+    log.info(
+        "signal received: NOT_SERVING; draining after %.1fs, for up to %.1fs", settings.drain_delay_s, settings.grace_s
+    )
     await server.stop(drain_delay_s=settings.drain_delay_s)
 
 
@@ -297,4 +332,3 @@ async def abort_with(context: grpc.aio.ServicerContext, error: Exception, status
 def _short(message: str, limit: int = 1000) -> str:
     """A status message that fits gRPC's metadata limit (16 KiB) even when it quotes a huge value."""
     return message if len(message) <= limit else message[:limit] + f"... ({len(message) - limit} more characters)"
-

@@ -135,8 +135,13 @@ class ShardedStoreClient:
     asked every second.
     """
 
-    def __init__(self, shards: Sequence[str] | Callable[[], Sequence[str]], timeout_s: float = 30.0,
-                 security: Security | None = None, refresh_s: float = REFRESH_S):
+    def __init__(
+        self,
+        shards: Sequence[str] | Callable[[], Sequence[str]],
+        timeout_s: float = 30.0,
+        security: Security | None = None,
+        refresh_s: float = REFRESH_S,
+    ):
         self.timeout_s, self.security = timeout_s, security
         self._members: tuple[list[str], list[StoreClient]] = ([], [])
         self._retired: list[StoreClient] = []  # left the membership: closed one refresh later
@@ -191,8 +196,12 @@ class ShardedStoreClient:
             self._retired = [c for a, c in kept.items() if a not in addresses]
             self._members = (addresses, [kept.get(a) or self._open(a) for a in addresses])
         if old_addresses and addresses != old_addresses:
-            log.info("store shards now %s (joined %s, left %s)", addresses,
-                     sorted(set(addresses) - set(old_addresses)), sorted(set(old_addresses) - set(addresses)))
+            log.info(
+                "store shards now %s (joined %s, left %s)",
+                addresses,
+                sorted(set(addresses) - set(old_addresses)),
+                sorted(set(old_addresses) - set(addresses)),
+            )
 
     def __enter__(self) -> ShardedStoreClient:
         return self
@@ -216,8 +225,9 @@ class ShardedStoreClient:
     def _current(self) -> tuple[list[str], list[StoreClient]]:
         members = self._members
         if not members[0]:
-            raise NoShards("no store shard is known yet: the membership (DNS) names none; is the store running and "
-                           "ready?")
+            raise NoShards(
+                "no store shard is known yet: the membership (DNS) names none; is the store running and ready?"
+            )
         return members
 
     def shard_for(self, key: EntryKey | str) -> StoreClient:
@@ -234,8 +244,12 @@ class ShardedStoreClient:
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE or len(order) < 2:
                 raise
-            log.warning("store shard %s unavailable: asking %s, the next shard for %s", addresses[order[0]],
-                        addresses[order[1]], key)
+            log.warning(
+                "store shard %s unavailable: asking %s, the next shard for %s",
+                addresses[order[0]],
+                addresses[order[1]],
+                key,
+            )
         return call(clients[order[1]])
 
     def put(self, entry: CompressedKV) -> PutReply:
@@ -267,8 +281,9 @@ class ShardedStoreClient:
     def select(self, key: EntryKey | str, layer: int, pages: Sequence[int]) -> tuple[list[LayerKV], int, str] | None:
         return self._read(key, lambda shard: shard.select(key, layer, pages))
 
-    def lookup(self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int],
-               tenant: str = DEFAULT_TENANT) -> LookupReply | None:
+    def lookup(
+        self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int], tenant: str = DEFAULT_TENANT
+    ) -> LookupReply | None:
         """The longest cached prefix of ``token_ids``, its chunk entries gathered from their shards."""
         found = {}
 
@@ -282,8 +297,14 @@ class ShardedStoreClient:
         chain_keys, tokens = chain
         entries = [found[k] for k in chain_keys]
         kept = [sum(layer) for layer in zip(*(e.kept_tokens_per_layer for e in entries))]
-        return LookupReply(chain_keys, tokens, [e.tier for e in entries], [e.stored_bytes for e in entries],
-                           [e.importance for e in entries], kept)
+        return LookupReply(
+            chain_keys,
+            tokens,
+            [e.tier for e in entries],
+            [e.stored_bytes for e in entries],
+            [e.importance for e in entries],
+            kept,
+        )
 
     def _probe_all(self, keys: list[EntryKey]) -> dict:
         """``key -> ProbedEntry`` of the keys their shards hold, one Probe per shard in parallel; the
@@ -311,8 +332,11 @@ class ShardedStoreClient:
             except grpc.RpcError as e:
                 if e.code() not in UNREACHABLE:
                     raise
-                log.warning("store shard %s unreachable during a lookup (%s): its entries count as misses",
-                            addresses[i], e.code().name)
+                log.warning(
+                    "store shard %s unreachable during a lookup (%s): its entries count as misses",
+                    addresses[i],
+                    e.code().name,
+                )
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     down.add(i)
                 continue

@@ -75,8 +75,14 @@ class StoreClient:
     ``security`` carries the bearer token and TLS files when the store asks for them.
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0, security: Security | None = None,
-                 control_timeout_s: float = 5.0, retry_after_s: float = 2.0):
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 30.0,
+        security: Security | None = None,
+        control_timeout_s: float = 5.0,
+        retry_after_s: float = 2.0,
+    ):
         self.address = address
         self.timeout_s = timeout_s
         self.control_timeout_s = min(control_timeout_s, timeout_s)
@@ -85,25 +91,44 @@ class StoreClient:
         self.security = security
         self.channel = open_channel(address, security)
         pb = store_pb2
-        self._put = self.channel.stream_unary(f"/{SERVICE}/Put", request_serializer=frame_message,
-                                              response_deserializer=pb.PutResponse.FromString)
-        self._get = self.channel.unary_stream(f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
-                                              response_deserializer=parse_frame_message)
-        self._lookup = self.channel.unary_unary(f"/{SERVICE}/Lookup",
-                                                request_serializer=pb.LookupRequest.SerializeToString,
-                                                response_deserializer=pb.LookupResponse.FromString)
-        self._probe = self.channel.unary_unary(f"/{SERVICE}/Probe", request_serializer=pb.ProbeRequest.SerializeToString,
-                                               response_deserializer=pb.ProbeResponse.FromString)
-        self._delete = self.channel.unary_unary(f"/{SERVICE}/Delete",
-                                                request_serializer=pb.DeleteRequest.SerializeToString,
-                                                response_deserializer=pb.DeleteResponse.FromString)
-        self._summaries = self.channel.unary_stream(f"/{SERVICE}/Summaries",
-                                                    request_serializer=pb.GetRequest.SerializeToString,
-                                                    response_deserializer=pb.LayerSummary.FromString)
-        self._select = self.channel.unary_stream(f"/{SERVICE}/Select", request_serializer=pb.SelectRequest.SerializeToString,
-                                                 response_deserializer=pb.LayerPages.FromString)
-        self._stats = self.channel.unary_unary(f"/{SERVICE}/Stats", request_serializer=pb.StatsRequest.SerializeToString,
-                                               response_deserializer=pb.StatsResponse.FromString)
+        self._put = self.channel.stream_unary(
+            f"/{SERVICE}/Put", request_serializer=frame_message, response_deserializer=pb.PutResponse.FromString
+        )
+        self._get = self.channel.unary_stream(
+            f"/{SERVICE}/Get",
+            request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=parse_frame_message,
+        )
+        self._lookup = self.channel.unary_unary(
+            f"/{SERVICE}/Lookup",
+            request_serializer=pb.LookupRequest.SerializeToString,
+            response_deserializer=pb.LookupResponse.FromString,
+        )
+        self._probe = self.channel.unary_unary(
+            f"/{SERVICE}/Probe",
+            request_serializer=pb.ProbeRequest.SerializeToString,
+            response_deserializer=pb.ProbeResponse.FromString,
+        )
+        self._delete = self.channel.unary_unary(
+            f"/{SERVICE}/Delete",
+            request_serializer=pb.DeleteRequest.SerializeToString,
+            response_deserializer=pb.DeleteResponse.FromString,
+        )
+        self._summaries = self.channel.unary_stream(
+            f"/{SERVICE}/Summaries",
+            request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=pb.LayerSummary.FromString,
+        )
+        self._select = self.channel.unary_stream(
+            f"/{SERVICE}/Select",
+            request_serializer=pb.SelectRequest.SerializeToString,
+            response_deserializer=pb.LayerPages.FromString,
+        )
+        self._stats = self.channel.unary_unary(
+            f"/{SERVICE}/Stats",
+            request_serializer=pb.StatsRequest.SerializeToString,
+            response_deserializer=pb.StatsResponse.FromString,
+        )
 
     def __enter__(self) -> StoreClient:
         return self
@@ -117,11 +142,16 @@ class StoreClient:
         """``rpc(request)`` with its deadline (the control one for a small call) and this client's
         metadata; see the module docstring."""
         if self.hung:
-            raise StoreUnavailable(f"store {self.address} did not answer within its deadline moments ago; "
-                                   f"not called again for {self._hung_until - time.monotonic():.1f} s")
+            raise StoreUnavailable(
+                f"store {self.address} did not answer within its deadline moments ago; "
+                f"not called again for {self._hung_until - time.monotonic():.1f} s"
+            )
         try:
-            return rpc(request, timeout=self.control_timeout_s if control else self.timeout_s,
-                       metadata=call_metadata(self.security))
+            return rpc(
+                request,
+                timeout=self.control_timeout_s if control else self.timeout_s,
+                metadata=call_metadata(self.security),
+            )
         except grpc.RpcError as e:
             if control:
                 self._noticed(e)
@@ -131,8 +161,7 @@ class StoreClient:
         """Takes the store as hung after a small call ran past its deadline."""
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             self._hung_until = time.monotonic() + self.retry_after_s
-            log.warning("store %s ran past a deadline: calls fail at once for %.0f s", self.address,
-                        self.retry_after_s)
+            log.warning("store %s ran past a deadline: calls fail at once for %.0f s", self.address, self.retry_after_s)
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -189,15 +218,28 @@ class StoreClient:
             return None
         return entry, tier, sum(len(f) for f in frames)
 
-    def lookup(self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int],
-               tenant: str = "default") -> LookupReply | None:
-        r = self._call(self._lookup, store_pb2.LookupRequest(tenant=tenant, model_fingerprint=model_fingerprint,
-                                                                recipe=recipe_to_proto(recipe),
-                                                                token_ids=list(token_ids)))
+    def lookup(
+        self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int], tenant: str = "default"
+    ) -> LookupReply | None:
+        r = self._call(
+            self._lookup,
+            store_pb2.LookupRequest(
+                tenant=tenant,
+                model_fingerprint=model_fingerprint,
+                recipe=recipe_to_proto(recipe),
+                token_ids=list(token_ids),
+            ),
+        )
         if not r.hit:
             return None
-        return LookupReply([EntryKey.parse(k) for k in r.keys], r.cached_tokens, list(r.tiers), list(r.stored_bytes),
-                           list(r.importance), list(r.kept_tokens_per_layer))
+        return LookupReply(
+            [EntryKey.parse(k) for k in r.keys],
+            r.cached_tokens,
+            list(r.tiers),
+            list(r.stored_bytes),
+            list(r.importance),
+            list(r.kept_tokens_per_layer),
+        )
 
     def probe(self, keys: Sequence[EntryKey | str]) -> list[store_pb2.ProbedEntry]:
         """Whether the store holds each of ``keys`` (and where each one starts), in order."""
@@ -219,16 +261,27 @@ class StoreClient:
         if any(r.checksum != summary_checksum(str(key), r) for r in replies):
             log.warning("summaries of %s failed their checksum on arrival: treated as a miss", key)
             return None
-        return [LayerSummary(r.layer, tensor_from_proto(r.head_counts), tensor_from_proto(r.page_min),
-                             tensor_from_proto(r.page_max), r.seq_len, r.num_kv_heads, r.head_dim, r.page_size)
-                for r in replies]
+        return [
+            LayerSummary(
+                r.layer,
+                tensor_from_proto(r.head_counts),
+                tensor_from_proto(r.page_min),
+                tensor_from_proto(r.page_max),
+                r.seq_len,
+                r.num_kv_heads,
+                r.head_dim,
+                r.page_size,
+            )
+            for r in replies
+        ]
 
     def select(self, key: EntryKey | str, layer: int, pages: Sequence[int]) -> tuple[list[LayerKV], int, str] | None:
         """The rows of ``pages`` of ``layer``, as layers of the entry holding some of those pages each
         (in page order), the bytes received and the tier they came from; None on a miss."""
         try:
-            replies = list(self._call(self._select, store_pb2.SelectRequest(key=str(key), layer=layer,
-                                                                            pages=list(pages))))
+            replies = list(
+                self._call(self._select, store_pb2.SelectRequest(key=str(key), layer=layer, pages=list(pages)))
+            )
         except grpc.RpcError as e:
             self._noticed(e)
             if e.code() in MISS_CODES:

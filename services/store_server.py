@@ -104,16 +104,36 @@ def build_store(settings: StoreSettings) -> TieredStore:
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        tiers.append(TierSpec(MemoryTier("device", settings.device_bytes, device=device),
-                              tenant_quota=settings.tenant_device_bytes))
+        tiers.append(
+            TierSpec(
+                MemoryTier("device", settings.device_bytes, device=device), tenant_quota=settings.tenant_device_bytes
+            )
+        )
     if settings.cpu_bytes:
-        tiers.append(TierSpec(MemoryTier("cpu", settings.cpu_bytes, device="cpu", pin=True),
-                              ShrinkRule(settings.cpu_keep_fraction, settings.cpu_quant), settings.tenant_cpu_bytes))
+        tiers.append(
+            TierSpec(
+                MemoryTier("cpu", settings.cpu_bytes, device="cpu", pin=True),
+                ShrinkRule(settings.cpu_keep_fraction, settings.cpu_quant),
+                settings.tenant_cpu_bytes,
+            )
+        )
     if settings.redis_url:
         mac = EntryMac(settings.cluster_secret) if settings.cluster_secret else None
-        tiers.append(TierSpec(RedisTier("redis", settings.redis_bytes, settings.redis_url, prefix=settings.redis_prefix,
-                                        namespace=settings.redis_namespace, cluster=settings.redis_cluster, mac=mac),
-                              ShrinkRule(settings.redis_keep_fraction, settings.redis_quant), settings.tenant_redis_bytes))
+        tiers.append(
+            TierSpec(
+                RedisTier(
+                    "redis",
+                    settings.redis_bytes,
+                    settings.redis_url,
+                    prefix=settings.redis_prefix,
+                    namespace=settings.redis_namespace,
+                    cluster=settings.redis_cluster,
+                    mac=mac,
+                ),
+                ShrinkRule(settings.redis_keep_fraction, settings.redis_quant),
+                settings.tenant_redis_bytes,
+            )
+        )
     return TieredStore(tiers, make_policy(settings.policy), settings.max_entry_bytes)
 
 
@@ -170,13 +190,16 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         alive with it until a full garbage collection."""
         reserved, tenant = 0, allowed_tenant.get() or DEFAULT_TENANT
         if self.put_streams >= self.settings.max_put_streams:
-            error = Busy(f"the store is receiving {self.put_streams} Puts, as many as it takes at once "
-                         "(max_put_streams); retry later")
+            error = Busy(
+                f"the store is receiving {self.put_streams} Puts, as many as it takes at once "
+                "(max_put_streams); retry later"
+            )
             self.store.count_rejected(tenant, error)
             return error
         self.put_streams += 1
         try:
             try:
+
                 def admit(header, frame) -> None:
                     """Before any data frame: the caller's tenant, the entry's size and quota, memory."""
                     nonlocal reserved, tenant
@@ -185,8 +208,10 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                     self.store.check_admissible(header, size)
                     budget = self.settings.put_bytes_in_flight
                     if self.put_bytes + size > budget:
-                        raise Busy(f"the store is receiving {self.put_bytes} bytes of Puts; this entry's {size} "
-                                   f"more would pass put_bytes_in_flight ({budget}); retry later")
+                        raise Busy(
+                            f"the store is receiving {self.put_bytes} bytes of Puts; this entry's {size} "
+                            f"more would pass put_bytes_in_flight ({budget}); retry later"
+                        )
                     self.put_bytes += size
                     reserved = size
 
@@ -198,8 +223,10 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
-                        raise IdleStream(f"no frame for {self.settings.put_idle_timeout_s:g} s: a Put must send its "
-                                         "next frame within put_idle_timeout_s") from None
+                        raise IdleStream(
+                            f"no frame for {self.settings.put_idle_timeout_s:g} s: a Put must send its "
+                            "next frame within put_idle_timeout_s"
+                        ) from None
                     if frame is None:
                         raise InvalidEntry("a Put message is not a dkv.v1.Frame; send Frame{data=<codec frame>}")
                     assembler.add(frame)
@@ -208,8 +235,9 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                 self.store.count_rejected(tenant, e)
                 raise
             result = await asyncio.to_thread(self.store.put, frames, header)
-            return store_pb2.PutResponse(key=str(result.key), stored_bytes=result.stored_bytes, tier=result.tier,
-                                         replaced=result.replaced)
+            return store_pb2.PutResponse(
+                key=str(result.key), stored_bytes=result.stored_bytes, tier=result.tier, replaced=result.replaced
+            )
         except Exception as e:
             e.__cause__ = e.__context__ = None
             return e.with_traceback(None)
@@ -230,18 +258,24 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     async def Lookup(self, request: store_pb2.LookupRequest | Oversized, context: grpc.aio.ServicerContext):
         try:
             if isinstance(request, Oversized):
-                raise InvalidEntry(f"a Lookup of {request.nbytes} bytes holds more token ids than this store takes "
-                                   f"({self.settings.max_lookup_tokens}, max_lookup_tokens): send a shorter prefix")
+                raise InvalidEntry(
+                    f"a Lookup of {request.nbytes} bytes holds more token ids than this store takes "
+                    f"({self.settings.max_lookup_tokens}, max_lookup_tokens): send a shorter prefix"
+                )
             recipe = recipe_from_proto(request.recipe)
             tokens = len(request.token_ids)
             if not tokens:
                 raise InvalidEntry("token_ids is empty; send the prompt's token ids")
             if tokens > self.settings.max_lookup_tokens:
-                raise InvalidEntry(f"{tokens} token ids in one Lookup; this store takes at most "
-                                   f"{self.settings.max_lookup_tokens} (max_lookup_tokens): send a shorter prefix")
+                raise InvalidEntry(
+                    f"{tokens} token ids in one Lookup; this store takes at most "
+                    f"{self.settings.max_lookup_tokens} (max_lookup_tokens): send a shorter prefix"
+                )
             if recipe.chunk_size < self.settings.min_chunk_size:
-                raise InvalidEntry(f"recipe chunk_size {recipe.chunk_size} is below this store's min_chunk_size "
-                                   f"{self.settings.min_chunk_size}: use larger chunks")
+                raise InvalidEntry(
+                    f"recipe chunk_size {recipe.chunk_size} is below this store's min_chunk_size "
+                    f"{self.settings.min_chunk_size}: use larger chunks"
+                )
             reply, tier = await asyncio.to_thread(self._lookup, tenant_for(request.tenant), request)
         except Exception as e:
             await _abort(context, e)
@@ -250,22 +284,30 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
 
     def _lookup(self, tenant: str, request) -> tuple[store_pb2.LookupResponse, str]:
         """(the reply, the tier of its last entry or "miss"), off the event loop."""
-        found = self.store.lookup(tenant, request.model_fingerprint, recipe_from_proto(request.recipe),
-                                  request.token_ids)
+        found = self.store.lookup(
+            tenant, request.model_fingerprint, recipe_from_proto(request.recipe), request.token_ids
+        )
         if found is None:
             return store_pb2.LookupResponse(hit=False), "miss"
         kept = [sum(layer) for layer in zip(*(h.kept_tokens_per_layer() for h in found.headers))]
         return store_pb2.LookupResponse(
-            hit=True, keys=[str(k) for k in found.keys], cached_tokens=found.cached_tokens, tiers=found.tiers,
-            stored_bytes=found.stored_bytes, importance=[h.importance for h in found.headers],
-            kept_tokens_per_layer=kept), found.tiers[-1]
+            hit=True,
+            keys=[str(k) for k in found.keys],
+            cached_tokens=found.cached_tokens,
+            tiers=found.tiers,
+            stored_bytes=found.stored_bytes,
+            importance=[h.importance for h in found.headers],
+            kept_tokens_per_layer=kept,
+        ), found.tiers[-1]
 
     async def Probe(self, request: store_pb2.ProbeRequest | Oversized, context: grpc.aio.ServicerContext):
         try:
             if isinstance(request, Oversized) or len(request.keys) > self.max_probe_keys:
                 keys = "more" if isinstance(request, Oversized) else len(request.keys)
-                raise InvalidEntry(f"{keys} keys in one Probe; send at most {self.max_probe_keys} (a prompt of "
-                                   "max_lookup_tokens in chunks of min_chunk_size)")
+                raise InvalidEntry(
+                    f"{keys} keys in one Probe; send at most {self.max_probe_keys} (a prompt of "
+                    "max_lookup_tokens in chunks of min_chunk_size)"
+                )
             return await asyncio.to_thread(self._probe, request.keys)
         except Exception as e:
             await _abort(context, e)
@@ -278,8 +320,15 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                 reply.entries.add(key=str(key), present=False)
                 continue
             header, tier, nbytes = found
-            reply.entries.add(key=str(key), present=True, start=header.identity.start, tier=tier, stored_bytes=nbytes,
-                              importance=header.importance, kept_tokens_per_layer=header.kept_tokens_per_layer())
+            reply.entries.add(
+                key=str(key),
+                present=True,
+                start=header.identity.start,
+                tier=tier,
+                stored_bytes=nbytes,
+                importance=header.importance,
+                kept_tokens_per_layer=header.kept_tokens_per_layer(),
+            )
         return reply
 
     async def Delete(self, request: store_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
@@ -302,10 +351,16 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         replies = []
         for i, layer in enumerate(entry.layers):
             reply = store_pb2.LayerSummary(
-                layer=i, head_counts=tensor_to_proto(layer.head_counts().to(torch.int32)),
-                page_min=tensor_to_proto(layer.page_min), page_max=tensor_to_proto(layer.page_max),
-                seq_len=entry.seq_len, num_layers=entry.num_layers, num_kv_heads=entry.num_kv_heads,
-                head_dim=entry.head_dim, page_size=entry.page_size)
+                layer=i,
+                head_counts=tensor_to_proto(layer.head_counts().to(torch.int32)),
+                page_min=tensor_to_proto(layer.page_min),
+                page_max=tensor_to_proto(layer.page_max),
+                seq_len=entry.seq_len,
+                num_layers=entry.num_layers,
+                num_kv_heads=entry.num_kv_heads,
+                head_dim=entry.head_dim,
+                page_size=entry.page_size,
+            )
             reply.checksum = summary_checksum(str(key), reply)
             replies.append(reply)
         return replies
@@ -327,14 +382,20 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         if len(requested) > n_pages:
             raise InvalidEntry(f"{len(requested)} pages asked for; layer {layer_index} has {n_pages}")
         pages = torch.tensor(list(requested), dtype=torch.long)
-        if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= n_pages or bool((pages[1:] <= pages[:-1]).any())):
+        if len(pages) and (
+            int(pages.min()) < 0 or int(pages.max()) >= n_pages or bool((pages[1:] <= pages[:-1]).any())
+        ):
             raise InvalidEntry(f"pages must be ascending indices in [0, {n_pages}) for layer {layer_index}")
         tier = self.store.tier_of(entry.key) or ""
         replies = []
         for group in _page_groups(pages, layer, entry):
             part = layer.select_pages(group, entry.page_size)
-            reply = store_pb2.LayerPages(layer=layer_index, pages=group.tolist(), tier=tier,
-                                         tensors={n: tensor_to_proto(t) for n, t in part.tensors().items()})
+            reply = store_pb2.LayerPages(
+                layer=layer_index,
+                pages=group.tolist(),
+                tier=tier,
+                tensors={n: tensor_to_proto(t) for n, t in part.tensors().items()},
+            )
             reply.checksum = pages_checksum(str(key), reply)
             replies.append(reply)
         return replies
@@ -346,12 +407,31 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
 
 def _stats_message(s: StoreStats) -> store_pb2.StatsResponse:
     return store_pb2.StatsResponse(
-        tiers=[store_pb2.TierStats(name=t.name, entries=t.entries, used_bytes=t.used_bytes,
-                                   capacity_bytes=t.capacity_bytes, healthy=t.healthy, hits=t.hits,
-                                   errors=t.errors, quota_bytes=t.quota_bytes) for t in s.tiers],
-        entries=s.entries, hits=s.hits, misses=s.misses, evictions=s.evictions, demotions=s.demotions,
-        promotions=s.promotions, checksum_failures=s.checksum_failures, puts=s.puts,
-        rejected_puts=s.rejected_puts, over_quota=s.over_quota, lost=s.lost, tenant=s.tenant or "",
+        tiers=[
+            store_pb2.TierStats(
+                name=t.name,
+                entries=t.entries,
+                used_bytes=t.used_bytes,
+                capacity_bytes=t.capacity_bytes,
+                healthy=t.healthy,
+                hits=t.hits,
+                errors=t.errors,
+                quota_bytes=t.quota_bytes,
+            )
+            for t in s.tiers
+        ],
+        entries=s.entries,
+        hits=s.hits,
+        misses=s.misses,
+        evictions=s.evictions,
+        demotions=s.demotions,
+        promotions=s.promotions,
+        checksum_failures=s.checksum_failures,
+        puts=s.puts,
+        rejected_puts=s.rejected_puts,
+        over_quota=s.over_quota,
+        lost=s.lost,
+        tenant=s.tenant or "",
         tenants=[_stats_message(t) for t in s.tenants],
     )
 
@@ -360,37 +440,56 @@ def _page_groups(pages: torch.Tensor, layer, entry, limit: int = 4 << 20) -> lis
     """Split ``pages`` into groups whose rows take at most ``limit`` bytes (one message each)."""
     per_page = max(1, layer.nbytes // max(1, layer.page_min.shape[0]))
     size = max(1, limit // per_page)
-    return [pages[i:i + size] for i in range(0, len(pages), size)] or [pages]
+    return [pages[i : i + size] for i in range(0, len(pages), size)] or [pages]
 
 
 def _handlers(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
     """The generated handler table, but Put/Get move frames without protobuf copies and Lookup/Probe
     refuse an oversized request before parsing it (so it is written out, not ``add_KVStoreServicer_to_server``)."""
     pb = store_pb2
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        "Put": grpc.stream_unary_rpc_method_handler(
-            servicer.Put, request_deserializer=parse_frame_message, response_serializer=pb.PutResponse.SerializeToString),
-        "Get": grpc.unary_stream_rpc_method_handler(
-            servicer.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=frame_message),
-        "Lookup": grpc.unary_unary_rpc_method_handler(
-            servicer.Lookup, request_deserializer=servicer.lookup_request,
-            response_serializer=pb.LookupResponse.SerializeToString),
-        "Probe": grpc.unary_unary_rpc_method_handler(
-            servicer.Probe, request_deserializer=servicer.probe_request,
-            response_serializer=pb.ProbeResponse.SerializeToString),
-        "Delete": grpc.unary_unary_rpc_method_handler(
-            servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
-            response_serializer=pb.DeleteResponse.SerializeToString),
-        "Summaries": grpc.unary_stream_rpc_method_handler(
-            servicer.Summaries, request_deserializer=pb.GetRequest.FromString,
-            response_serializer=pb.LayerSummary.SerializeToString),
-        "Select": grpc.unary_stream_rpc_method_handler(
-            servicer.Select, request_deserializer=pb.SelectRequest.FromString,
-            response_serializer=pb.LayerPages.SerializeToString),
-        "Stats": grpc.unary_unary_rpc_method_handler(
-            servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
-            response_serializer=pb.StatsResponse.SerializeToString),
-    })
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Put": grpc.stream_unary_rpc_method_handler(
+                servicer.Put,
+                request_deserializer=parse_frame_message,
+                response_serializer=pb.PutResponse.SerializeToString,
+            ),
+            "Get": grpc.unary_stream_rpc_method_handler(
+                servicer.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=frame_message
+            ),
+            "Lookup": grpc.unary_unary_rpc_method_handler(
+                servicer.Lookup,
+                request_deserializer=servicer.lookup_request,
+                response_serializer=pb.LookupResponse.SerializeToString,
+            ),
+            "Probe": grpc.unary_unary_rpc_method_handler(
+                servicer.Probe,
+                request_deserializer=servicer.probe_request,
+                response_serializer=pb.ProbeResponse.SerializeToString,
+            ),
+            "Delete": grpc.unary_unary_rpc_method_handler(
+                servicer.Delete,
+                request_deserializer=pb.DeleteRequest.FromString,
+                response_serializer=pb.DeleteResponse.SerializeToString,
+            ),
+            "Summaries": grpc.unary_stream_rpc_method_handler(
+                servicer.Summaries,
+                request_deserializer=pb.GetRequest.FromString,
+                response_serializer=pb.LayerSummary.SerializeToString,
+            ),
+            "Select": grpc.unary_stream_rpc_method_handler(
+                servicer.Select,
+                request_deserializer=pb.SelectRequest.FromString,
+                response_serializer=pb.LayerPages.SerializeToString,
+            ),
+            "Stats": grpc.unary_unary_rpc_method_handler(
+                servicer.Stats,
+                request_deserializer=pb.StatsRequest.FromString,
+                response_serializer=pb.StatsResponse.SerializeToString,
+            ),
+        },
+    )
 
 
 class StoreServer(GrpcServer):
@@ -402,16 +501,21 @@ class StoreServer(GrpcServer):
         super().__init__(settings)
         self.store = store or build_store(settings)
         self.metrics.registry.register(StoreCollector(self.store))
-        self.lookups = self.metrics.counter("dkv_store_lookups", "Prefix lookups, by the tier holding the last "
-                                            "entry of the longest cached prefix (miss: none cached).", ("tier",))
+        self.lookups = self.metrics.counter(
+            "dkv_store_lookups",
+            "Prefix lookups, by the tier holding the last entry of the longest cached prefix (miss: none cached).",
+            ("tier",),
+        )
         self._audits: asyncio.Task | None = None
         if any(spec.tier.remote for spec in self.store.tiers):
             if settings.cluster_secret:
                 log.info("entries in Redis carry a keyed MAC (cluster_secret); reads check it")
             else:
-                log.warning("no cluster_secret: entries in Redis carry no keyed MAC, so anyone who can write to "
-                            "Redis can forge entries this store will serve; set cluster_secret "
-                            "(DKV_STORE_CLUSTER_SECRET) to the same secret on every store")
+                log.warning(
+                    "no cluster_secret: entries in Redis carry no keyed MAC, so anyone who can write to "
+                    "Redis can forge entries this store will serve; set cluster_secret "
+                    "(DKV_STORE_CLUSTER_SECRET) to the same secret on every store"
+                )
 
     def add_service(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((_handlers(KVStoreServicer(self.store, self.settings, self.lookups)),))
@@ -421,18 +525,23 @@ class StoreServer(GrpcServer):
         s = self.settings
         options = []
         if s.keepalive_s:
-            options += [("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)),
-                        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
-                        # a silent Put stream sends no data: keep pinging it all the same
-                        ("grpc.http2.max_pings_without_data", 0)]
+            options += [
+                ("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+                # a silent Put stream sends no data: keep pinging it all the same
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
         if s.max_connection_age_s:
-            options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
-                        ("grpc.max_connection_age_grace_ms", int(s.grace_s * 1000))]
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.grace_s * 1000)),
+            ]
         return options
 
     async def start(self) -> int:
         asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="dkv-store"))
+            ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="dkv-store")
+        )
         port = await super().start()
         self._audits = asyncio.create_task(self._audit_every(self.settings.audit_interval_s))
         return port

@@ -73,8 +73,10 @@ def tenant_for(requested: str) -> str:
     if allowed is ANY_TENANT:
         return requested or DEFAULT_TENANT
     if requested and requested != allowed:
-        raise PermissionDenied(f"this token acts for tenant {allowed!r}, not {requested!r}: "
-                               "use that tenant's token or leave the tenant empty")
+        raise PermissionDenied(
+            f"this token acts for tenant {allowed!r}, not {requested!r}: "
+            "use that tenant's token or leave the tenant empty"
+        )
     return allowed
 
 
@@ -98,8 +100,10 @@ class Security:
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.tls_ca), private_key=_read(self.tls_key),
-            certificate_chain=_read(self.tls_cert))
+            root_certificates=_read(self.tls_ca),
+            private_key=_read(self.tls_key),
+            certificate_chain=_read(self.tls_cert),
+        )
 
 
 def open_channel(address: str, security: Security | None = None, aio: bool = False, balanced: bool = False):
@@ -133,8 +137,10 @@ def server_credentials(settings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert:
         return None
     return grpc.ssl_server_credentials(
-        [(_read(settings.tls_key), _read(settings.tls_cert))], root_certificates=_read(settings.tls_ca),
-        require_client_auth=bool(settings.tls_ca))
+        [(_read(settings.tls_key), _read(settings.tls_cert))],
+        root_certificates=_read(settings.tls_ca),
+        require_client_auth=bool(settings.tls_ca),
+    )
 
 
 def parse_tenant_tokens(text: str) -> dict[str, str]:
@@ -161,8 +167,9 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self.service_token or self.tenant_tokens)
 
-    def check(self, method: str, metadata, how: str = "metadata 'authorization: Bearer <token>' (DkvClient(token=...))"
-              ) -> tuple[str | None, grpc.StatusCode | None, str]:
+    def check(
+        self, method: str, metadata, how: str = "metadata 'authorization: Bearer <token>' (DkvClient(token=...))"
+    ) -> tuple[str | None, grpc.StatusCode | None, str]:
         """(allowed tenant, None, "") for an accepted call; (None, code, why) for a rejected one; ``how``
         tells a caller without a token how to send one."""
         if not self.enabled or method.startswith(OPEN_SERVICES):

@@ -131,8 +131,10 @@ class Cluster:
             redis_args = ["--redis-url", self.redis.url, "--redis-bytes", o.redis_bytes]
             log.info("redis-server started at %s", self.redis.url)
         else:
-            log.warning("redis-server %s: the store runs without its Redis tier",
-                        "disabled" if not o.redis else "not found on PATH (apt-get install redis-server)")
+            log.warning(
+                "redis-server %s: the store runs without its Redis tier",
+                "disabled" if not o.redis else "not found on PATH (apt-get install redis-server)",
+            )
         from dkv.workers.model import prepare_model
 
         prepare_model(o.model)  # convert once here, not in every worker at the same time
@@ -140,20 +142,74 @@ class Cluster:
         ports["gateway"] = o.port
         self.addresses = {name: f"{o.host}:{port}" for name, port in ports.items()}
         a = self.addresses
-        self._spawn("store", ["store", "serve", "--port", str(ports["store"]), "--cpu-bytes", o.cpu_bytes,
-                              "--device-bytes", o.device_bytes, *redis_args])
+        self._spawn(
+            "store",
+            [
+                "store",
+                "serve",
+                "--port",
+                str(ports["store"]),
+                "--cpu-bytes",
+                o.cpu_bytes,
+                "--device-bytes",
+                o.device_bytes,
+                *redis_args,
+            ],
+        )
         if o.ray is not None:  # the workers and the gateway run in Ray and in this process instead
             self._wait_serving("store", time.monotonic() + o.ready_timeout_s)
             return
         prefill_threads, decode_threads = worker_threads(o)
         where = ["--model", o.model, "--device", o.device, "--dtype", o.dtype]
-        self._spawn("prefill", ["prefill", "serve", "--port", str(ports["prefill"]), "--store", a["store"], *where,
-                                "--threads", str(prefill_threads)])
-        self._spawn("decode", ["decode", "serve", "--port", str(ports["decode"]), "--store", a["store"],
-                               "--prefill", a["prefill"], *where, "--threads", str(decode_threads)])
-        self._spawn("gateway", ["gateway", "serve", "--port", str(ports["gateway"]), "--http-port", str(o.http_port),
-                                "--prefill", a["prefill"], "--decode", a["decode"], "--model", o.model,
-                                "--store", a["store"]])
+        self._spawn(
+            "prefill",
+            [
+                "prefill",
+                "serve",
+                "--port",
+                str(ports["prefill"]),
+                "--store",
+                a["store"],
+                *where,
+                "--threads",
+                str(prefill_threads),
+            ],
+        )
+        self._spawn(
+            "decode",
+            [
+                "decode",
+                "serve",
+                "--port",
+                str(ports["decode"]),
+                "--store",
+                a["store"],
+                "--prefill",
+                a["prefill"],
+                *where,
+                "--threads",
+                str(decode_threads),
+            ],
+        )
+        self._spawn(
+            "gateway",
+            [
+                "gateway",
+                "serve",
+                "--port",
+                str(ports["gateway"]),
+                "--http-port",
+                str(o.http_port),
+                "--prefill",
+                a["prefill"],
+                "--decode",
+                a["decode"],
+                "--model",
+                o.model,
+                "--store",
+                a["store"],
+            ],
+        )
         deadline = time.monotonic() + o.ready_timeout_s
         for name, _ in self.processes:
             self._wait_serving(name, deadline)
@@ -171,8 +227,13 @@ class Cluster:
             args = [*args, "--metrics-port", self.metrics[name].rsplit(":", 1)[1]]
         proc = subprocess.Popen([sys.executable, "-m", "dkv", *args, "--host", self.options.host], env=env)
         self.processes = [(n, p) for n, p in self.processes if n != name] + [(name, proc)]
-        log.info("started %s (pid %d) on %s%s", name, proc.pid, self.addresses[name],
-                 f", metrics at http://{self.metrics[name]}/metrics" if name in self.metrics else "")
+        log.info(
+            "started %s (pid %d) on %s%s",
+            name,
+            proc.pid,
+            self.addresses[name],
+            f", metrics at http://{self.metrics[name]}/metrics" if name in self.metrics else "",
+        )
 
     def _wait_serving(self, name: str, deadline: float) -> None:
         proc = dict(self.processes)[name]
@@ -180,11 +241,14 @@ class Cluster:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if proc.poll() is not None:
-                    raise ChildProcessError(f"{name} exited with code {proc.returncode} before it was serving; "
-                                            "its log is above")
+                    raise ChildProcessError(
+                        f"{name} exited with code {proc.returncode} before it was serving; its log is above"
+                    )
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         return
                 except grpc.RpcError:
                     pass
@@ -249,25 +313,51 @@ async def _serve_ray_gateway(cluster: Cluster) -> None:
 
     o = cluster.options
     try:
-        ray.init(address=None if o.ray == "local" else o.ray, include_dashboard=False, log_to_driver=True,
-                 **({"num_cpus": max(2, o.prefill_workers + o.decode_workers)} if o.ray == "local" else {}))
+        ray.init(
+            address=None if o.ray == "local" else o.ray,
+            include_dashboard=False,
+            log_to_driver=True,
+            **({"num_cpus": max(2, o.prefill_workers + o.decode_workers)} if o.ray == "local" else {}),
+        )
     except ConnectionError as e:
         if any(isinstance(c, ray.exceptions.AuthenticationError) for c in _causes(e)):
-            raise SettingsError(f"the Ray cluster at {o.ray} asks for a token: run dkv up with RAY_AUTH_MODE=token and "
-                                "the cluster's token (in ~/.ray/auth_token, or RAY_AUTH_TOKEN), as its nodes have") from e
+            raise SettingsError(
+                f"the Ray cluster at {o.ray} asks for a token: run dkv up with RAY_AUTH_MODE=token and "
+                "the cluster's token (in ~/.ray/auth_token, or RAY_AUTH_TOKEN), as its nodes have"
+            ) from e
         raise
     try:
-        check_ray_reachable(o.host, ray.util.get_node_ip_address(),
-                            [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]])
-        prefill, decode = start_pools(o.model, cluster.addresses["store"], o.prefill_workers, o.decode_workers,
-                                      Security(token=o.token), o.device, o.dtype)
+        check_ray_reachable(
+            o.host, ray.util.get_node_ip_address(), [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]
+        )
+        prefill, decode = start_pools(
+            o.model,
+            cluster.addresses["store"],
+            o.prefill_workers,
+            o.decode_workers,
+            Security(token=o.token),
+            o.device,
+            o.dtype,
+        )
         router = Router([Worker(f"ray-decode-{i}", RayBackend(actor)) for i, actor in enumerate(decode)])
-        settings = GatewaySettings(host=o.host, port=o.port, http_port=o.http_port, prefill="ray", decode="ray",
-                                   model=o.model, auth_token=o.token)
-        gateway = Gateway(load_tokenizer(o.model), RoundRobin([RayBackend(a) for a in prefill]), router,
-                          max_positions=settings.max_positions)
-        print(f"dkv is up: gateway at {cluster.gateway}{_and_http(cluster)} (workers on Ray; Ctrl-C to stop)",
-              flush=True)
+        settings = GatewaySettings(
+            host=o.host,
+            port=o.port,
+            http_port=o.http_port,
+            prefill="ray",
+            decode="ray",
+            model=o.model,
+            auth_token=o.token,
+        )
+        gateway = Gateway(
+            load_tokenizer(o.model),
+            RoundRobin([RayBackend(a) for a in prefill]),
+            router,
+            max_positions=settings.max_positions,
+        )
+        print(
+            f"dkv is up: gateway at {cluster.gateway}{_and_http(cluster)} (workers on Ray; Ctrl-C to stop)", flush=True
+        )
         await serve_until_signal(GatewayServer(settings, gateway))
     finally:
         ray.shutdown()
@@ -294,8 +384,10 @@ def check_ray_reachable(host: str, here: str, nodes: list[str]) -> None:
     reach it."""
     elsewhere = sorted({n for n in nodes if n != here and not _loopback(n)})
     if _loopback(host.strip("[]")) and elsewhere:
-        raise SettingsError(f"the store listens on {host}, which the actors on the Ray nodes at {', '.join(elsewhere)} "
-                            f"cannot reach: listen on an address of this machine they can reach (--host {here})")
+        raise SettingsError(
+            f"the store listens on {host}, which the actors on the Ray nodes at {', '.join(elsewhere)} "
+            f"cannot reach: listen on an address of this machine they can reach (--host {here})"
+        )
 
 
 def run(options: UpOptions) -> int:

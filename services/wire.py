@@ -67,8 +67,13 @@ def frame_message(frame: bytes | memoryview) -> bytes:
     """
     prefix = bytes((_FRAME_TAG,)) + _varint(len(frame))
     whole = frame.obj if isinstance(frame, memoryview) else None
-    if (isinstance(whole, bytes) and len(whole) == len(prefix) + len(frame) and len(frame)
-            and whole.startswith(prefix) and _address(frame) == _address(whole) + len(prefix)):
+    if (
+        isinstance(whole, bytes)
+        and len(whole) == len(prefix) + len(frame)
+        and len(frame)
+        and whole.startswith(prefix)
+        and _address(frame) == _address(whole) + len(prefix)
+    ):
         return whole
     return b"".join([prefix, frame])
 
@@ -99,7 +104,7 @@ def parse_frame_message(message: bytes) -> memoryview | None:
                 if i + length > len(view):
                     return None
                 if field == 1:
-                    data = view[i:i + length]
+                    data = view[i : i + length]
                 i += length
             else:
                 return None
@@ -109,14 +114,28 @@ def parse_frame_message(message: bytes) -> memoryview | None:
 
 
 def recipe_to_proto(recipe: Recipe) -> common_pb2.Recipe:
-    return common_pb2.Recipe(method=recipe.method, ratio=recipe.ratio, budget=recipe.budget, quant=recipe.quant,
-                             chunk_size=recipe.chunk_size, chunked=recipe.chunked, params=dict(recipe.params))
+    return common_pb2.Recipe(
+        method=recipe.method,
+        ratio=recipe.ratio,
+        budget=recipe.budget,
+        quant=recipe.quant,
+        chunk_size=recipe.chunk_size,
+        chunked=recipe.chunked,
+        params=dict(recipe.params),
+    )
 
 
 def recipe_from_proto(msg: common_pb2.Recipe) -> Recipe:
     """Raises ``InvalidEntry`` naming the bad field."""
-    return Recipe(method=msg.method or "full", ratio=msg.ratio, budget=msg.budget, quant=msg.quant or "none",
-                  chunk_size=msg.chunk_size or 256, chunked=msg.chunked, params=tuple(msg.params.items()))
+    return Recipe(
+        method=msg.method or "full",
+        ratio=msg.ratio,
+        budget=msg.budget,
+        quant=msg.quant or "none",
+        chunk_size=msg.chunk_size or 256,
+        chunked=msg.chunked,
+        params=tuple(msg.params.items()),
+    )
 
 
 def tensor_to_proto(t: torch.Tensor) -> store_pb2.Tensor:
@@ -125,8 +144,9 @@ def tensor_to_proto(t: torch.Tensor) -> store_pb2.Tensor:
     from dkv.kvstore.codec import DTYPE_NAMES
 
     flat = t.detach().cpu().contiguous()
-    return store_pb2.Tensor(dtype=DTYPE_NAMES[flat.dtype], shape=list(flat.shape),
-                            data=flat.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return store_pb2.Tensor(
+        dtype=DTYPE_NAMES[flat.dtype], shape=list(flat.shape), data=flat.reshape(-1).view(torch.uint8).numpy().tobytes()
+    )
 
 
 def tensor_from_proto(msg: store_pb2.Tensor) -> torch.Tensor:
@@ -142,8 +162,9 @@ def tensor_from_proto(msg: store_pb2.Tensor) -> torch.Tensor:
     for d in msg.shape:
         numel *= d
     if any(d < 0 for d in msg.shape) or numel * dtype.itemsize != len(msg.data):
-        raise InvalidEntry(f"tensor of shape {list(msg.shape)} {msg.dtype} needs {numel * dtype.itemsize} bytes, "
-                           f"got {len(msg.data)}")
+        raise InvalidEntry(
+            f"tensor of shape {list(msg.shape)} {msg.dtype} needs {numel * dtype.itemsize} bytes, got {len(msg.data)}"
+        )
     if numel == 0:
         return torch.empty(tuple(msg.shape), dtype=dtype)
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))

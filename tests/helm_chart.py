@@ -27,8 +27,9 @@ def render_raw(values: dict | None = None, *, chart_dir: Path = CHART, api_versi
     if api_versions:
         opts["api_versions"] = list(api_versions)
     with helm.Chart.load(chart_dir) as chart:
-        raw = _native.call_string("helm_render", chart._raw(),
-                                  None if values is None else json.dumps(values), json.dumps(opts))
+        raw = _native.call_string(
+            "helm_render", chart._raw(), None if values is None else json.dumps(values), json.dumps(opts)
+        )
     return json.loads(raw)
 
 

@@ -41,13 +41,22 @@ def serving(model: str, store_address: str):
     from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
 
     where = {"model": model, "device": "cpu", "dtype": "float32"}
-    servers = [InProcessServer(PrefillServer(PrefillSettings(port=0, store=store_address, storage_dtype="float32",
-                                                             **where)))]
+    servers = [
+        InProcessServer(PrefillServer(PrefillSettings(port=0, store=store_address, storage_dtype="float32", **where)))
+    ]
     try:
-        servers.append(InProcessServer(DecodeServer(DecodeSettings(port=0, store=store_address,
-                                                                   prefill=servers[0].address, **where))))
-        servers.append(InProcessServer(GatewayServer(GatewaySettings(port=0, prefill=servers[0].address,
-                                                                     decode=servers[1].address, model=model))))
+        servers.append(
+            InProcessServer(
+                DecodeServer(DecodeSettings(port=0, store=store_address, prefill=servers[0].address, **where))
+            )
+        )
+        servers.append(
+            InProcessServer(
+                GatewayServer(
+                    GatewaySettings(port=0, prefill=servers[0].address, decode=servers[1].address, model=model)
+                )
+            )
+        )
         yield servers[-1].address
     finally:
         for server in reversed(servers):

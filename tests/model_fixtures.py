@@ -31,10 +31,21 @@ def random_model_folder(family: str, directory: Path, tokenizer, seed: int = 0, 
     import transformers
 
     config_class, shape = FAMILIES[family]
-    config = getattr(transformers, config_class)(**{
-        "vocab_size": len(tokenizer), "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-        "max_position_embeddings": 2048, "tie_word_embeddings": True, "initializer_range": 0.1,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **shape, **overrides})
+    config = getattr(transformers, config_class)(
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+            "initializer_range": 0.1,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **shape,
+            **overrides,
+        }
+    )
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))

@@ -59,8 +59,15 @@ class RowSelection:
 class BatchCache(Cache):
     """The rows of every active stream (see the module docstring). Not thread-safe: one model loop owns it."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", dense_layers: int = 0):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        dense_layers: int = 0,
+    ):
         super().__init__(layers=[])
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device, self.dense_layers = dtype, torch.device(device), dense_layers
@@ -129,14 +136,20 @@ class BatchCache(Cache):
         free after the entry for its query and generated tokens. Returns the row."""
         row = self.rows
         first = entries[0]
-        counts = [sum((e.layers[layer].head_counts() for e in entries), torch.zeros(first.num_kv_heads, dtype=torch.long))
-                  for layer in range(self.num_layers)]
+        counts = [
+            sum((e.layers[layer].head_counts() for e in entries), torch.zeros(first.num_kv_heads, dtype=torch.long))
+            for layer in range(self.num_layers)
+        ]
         slots = [int(c.max()) if len(c) else 0 for c in counts]
         sizes = (first.page_size, selection.page_size if selection is not None and selection.page_size else 1)
         self._reserve(row + 1, [max(-(-s // p) * p for p in sizes) + room for s in slots])  # whole pages fit
         for layer in range(self.num_layers):
-            keys, values, valid, positions = (self.keys[layer][row], self.values[layer][row], self.valid[layer][row],
-                                              self.positions[layer][row])
+            keys, values, valid, positions = (
+                self.keys[layer][row],
+                self.values[layer][row],
+                self.valid[layer][row],
+                self.positions[layer][row],
+            )
             valid.fill_(False)
             positions.fill_(-1)
             start = torch.zeros(first.num_kv_heads, dtype=torch.long)
@@ -150,19 +163,22 @@ class BatchCache(Cache):
                 for h in range(first.num_kv_heads):
                     a, b = offsets[h], offsets[h + 1]
                     s = int(start[h])
-                    keys[h, s:s + b - a].copy_(k[a:b])
-                    values[h, s:s + b - a].copy_(v[a:b])
-                    positions[h, s:s + b - a].copy_(part.positions[a:b])
-                    valid[h, s:s + b - a] = True
+                    keys[h, s : s + b - a].copy_(k[a:b])
+                    values[h, s : s + b - a].copy_(v[a:b])
+                    positions[h, s : s + b - a].copy_(part.positions[a:b])
+                    valid[h, s : s + b - a] = True
                 start += part.head_counts()
         self.entry_slots[:, row] = torch.tensor(slots)
         self.padded[:, row] = torch.tensor([bool(len(c)) and int(c.min()) < int(c.max()) for c in counts])
         self.appended[row] = 0
         self.seq_len[row] = entries[-1].seq_len
         if selection is not None:
-            selection.pages = [self._page_summaries(layer, row, selection.page_size)
-                               if layer >= self.dense_layers and selection.page_size else None
-                               for layer in range(self.num_layers)]
+            selection.pages = [
+                self._page_summaries(layer, row, selection.page_size)
+                if layer >= self.dense_layers and selection.page_size
+                else None
+                for layer in range(self.num_layers)
+            ]
         self.selections[row] = selection
         self.rows += 1
         return row
@@ -183,8 +199,10 @@ class BatchCache(Cache):
 
     def entry_tokens(self, row: int) -> list[float]:
         """Kept entry tokens per KV head of ``row`` (mean over the heads), per layer."""
-        return [float(self.valid[layer][row, :, : int(self.entry_slots[layer, row])].sum()) / self.num_kv_heads
-                for layer in range(self.num_layers)]
+        return [
+            float(self.valid[layer][row, :, : int(self.entry_slots[layer, row])].sum()) / self.num_kv_heads
+            for layer in range(self.num_layers)
+        ]
 
     def remove(self, row: int) -> None:
         """Free ``row``: the last active row moves into it (one copy of that row)."""
@@ -232,35 +250,37 @@ class BatchCache(Cache):
         longest covered row, tagged so ``attend`` masks it."""
         first, count = self.first, self.count
         r = self._row_index
-        cols = self.entry_slots[layer_idx, first:first + count, None] + self._offsets  # [count, q]
+        cols = self.entry_slots[layer_idx, first : first + count, None] + self._offsets  # [count, q]
         # pool[r, :, c] for index tensors r, c [count, q] is [count, q, H_kv, D]. Positions of
         # appended slots are never read: selection keeps every appended slot whatever its position.
         self.keys[layer_idx][r, :, cols] = key_states.transpose(1, 2).to(self.dtype)
         self.values[layer_idx][r, :, cols] = value_states.transpose(1, 2).to(self.dtype)
         self.valid[layer_idx][r, :, cols] = True
         end = self._ends[layer_idx]
-        keys = self.keys[layer_idx][first:first + count, :, :end]
+        keys = self.keys[layer_idx][first : first + count, :, :end]
         keys.dkv_batch = (self, layer_idx)  # read by workers.cache.dkv_attention
-        return keys, self.values[layer_idx][first:first + count, :, :end]
+        return keys, self.values[layer_idx][first : first + count, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.seq_len[self.first]) if self.count else 0
 
     # ------------------------------------------------------------------ attention
 
-    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               scaling: float) -> torch.Tensor:
+    def attend(
+        self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
         """query ``[count, H_q, q, D]`` over the covered rows -> ``[count, q, H_q, D]``."""
         count, h_q, q, d = query.shape
         end = keys.shape[2]
-        valid = self.valid[layer][self.first:self.first + count, :, :end]  # [count, H_kv, T]
+        valid = self.valid[layer][self.first : self.first + count, :, :end]  # [count, H_kv, T]
         if q == 1:
             mask = self._select(layer, query, valid) if layer >= self.dense_layers else None
             if mask is None and self._masked[layer]:
                 mask = valid
             grouped = query.reshape(count, self.num_kv_heads, h_q // self.num_kv_heads, d)
-            out = F.scaled_dot_product_attention(grouped, keys, values, scale=scaling,
-                                                 attn_mask=None if mask is None else mask.unsqueeze(2))
+            out = F.scaled_dot_product_attention(
+                grouped, keys, values, scale=scaling, attn_mask=None if mask is None else mask.unsqueeze(2)
+            )
             return out.reshape(count, 1, h_q, d)
         # row i's new tokens are at its own next slots: token j sees every slot up to its own
         rows = slice(self.first, self.first + count)
@@ -274,18 +294,26 @@ class BatchCache(Cache):
         """``valid`` narrowed, for the covered rows with a selection, to the slots it keeps; None
         when no covered row has one."""
         narrowed = None
-        for i, sel in enumerate(self.selections[self.first:self.first + self.count]):
+        for i, sel in enumerate(self.selections[self.first : self.first + self.count]):
             if sel is None:
                 continue
             row = self.first + i
             used = self.used(layer, row) + self.q_len
             summaries = sel.pages[layer]
-            view = SlotView(self.keys[layer][row, :, :used], self.valid[layer][row, :, :used],
-                            self.positions[layer][row, :, :used], int(self.entry_slots[layer, row]), sel.page_size,
-                            *(summaries if summaries is not None else (None, None, None)))
+            view = SlotView(
+                self.keys[layer][row, :, :used],
+                self.valid[layer][row, :, :used],
+                self.positions[layer][row, :, :used],
+                int(self.entry_slots[layer, row]),
+                sel.page_size,
+                *(summaries if summaries is not None else (None, None, None)),
+            )
             q = query[i, :, 0]
-            keep = sel.selector.keep(layer, q, view) if isinstance(sel.selector, SelectionCache) \
+            keep = (
+                sel.selector.keep(layer, q, view)
+                if isinstance(sel.selector, SelectionCache)
                 else sel.selector.keep(q, view)
+            )
             if narrowed is None:
                 narrowed = valid.clone()
             narrowed[i, :, :used] = keep

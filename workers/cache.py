@@ -33,8 +33,14 @@ class DkvLayer(DynamicLayer):
     which decode-time selection and chunked compression use.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None,
-                 positions: torch.Tensor, logical_length: int):
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor | None,
+        positions: torch.Tensor,
+        logical_length: int,
+    ):
         super().__init__()
         self.keys, self.values = keys, values
         self.dtype, self.device = keys.dtype, keys.device
@@ -79,7 +85,9 @@ class DkvCache(Cache):
         return [layer.keys.shape[-2] for layer in self.layers]
 
 
-def to_hf_cache(entry: CompressedKV, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DkvCache:
+def to_hf_cache(
+    entry: CompressedKV, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> DkvCache:
     """A ``DkvCache`` of ``entry`` (dequantized to ``dtype``) that decoding continues from at ``entry.seq_len``."""
     layers = []
     for layer in entry.layers:
@@ -95,8 +103,15 @@ def to_hf_cache(entry: CompressedKV, dtype: torch.dtype = torch.float32, device:
             values[0, h, : end - start] = v[start:end]
             positions[h, : end - start] = layer.positions[start:end].long()
         valid = None if len(set(counts)) <= 1 else positions >= 0
-        layers.append(DkvLayer(keys.to(device), values.to(device), None if valid is None else valid.to(device),
-                               positions.to(device), entry.seq_len))
+        layers.append(
+            DkvLayer(
+                keys.to(device),
+                values.to(device),
+                None if valid is None else valid.to(device),
+                positions.to(device),
+                entry.seq_len,
+            )
+        )
     return DkvCache(layers)
 
 

@@ -62,8 +62,9 @@ class _Recorder:
         self.window, self.colsum = window, colsum
         self.window_attention: dict[int, torch.Tensor] = {}
         self.attention_colsum: dict[int, torch.Tensor] = {}
-        self.handles = [layer.self_attn.register_forward_hook(self._hook, with_kwargs=True)
-                        for layer in model.model.layers]
+        self.handles = [
+            layer.self_attn.register_forward_hook(self._hook, with_kwargs=True) for layer in model.model.layers
+        ]
 
     def close(self) -> None:
         for h in self.handles:
@@ -97,8 +98,9 @@ def _queries(module, hidden, cos, sin) -> torch.Tensor:
     return q
 
 
-def _softmax_rows(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float,
-                  rows_before_end: int = 0) -> torch.Tensor:
+def _softmax_rows(
+    q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, scaling: float, rows_before_end: int = 0
+) -> torch.Tensor:
     """softmax(q Kᵀ) [1, H_q, n, T] for queries that are the n new tokens ending ``rows_before_end``
     before the last slot: causal among new tokens, padding slots masked."""
     groups = q.shape[1] // keys.shape[1]
@@ -115,8 +117,9 @@ def _softmax_rows(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | Non
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, window: int = 0, colsum: bool = False,
-            past: DkvCache | None = None) -> Capture:
+def prefill(
+    model, input_ids: torch.Tensor, window: int = 0, colsum: bool = False, past: DkvCache | None = None
+) -> Capture:
     """Run ``input_ids`` ``[1, n]`` through ``model`` (after ``past``) and capture per layer.
 
     ``window``: observation-window size for ``window_attention`` (0 = none). ``colsum``: compute
@@ -128,8 +131,13 @@ def prefill(model, input_ids: torch.Tensor, window: int = 0, colsum: bool = Fals
     start = past.get_seq_length() if past is not None else 0
     n = input_ids.shape[1]
     try:
-        out = model(input_ids=input_ids, cache=past, use_cache=True, logits_to_keep=1,
-                    position_ids=torch.arange(start, start + n).unsqueeze(0))
+        out = model(
+            input_ids=input_ids,
+            cache=past,
+            use_cache=True,
+            logits_to_keep=1,
+            position_ids=torch.arange(start, start + n).unsqueeze(0),
+        )
     finally:
         recorder.close()
     cfg = model.config
@@ -139,10 +147,24 @@ def prefill(model, input_ids: torch.Tensor, window: int = 0, colsum: bool = Fals
         positions = getattr(layer, "positions", None)
         if positions is None:
             positions = torch.arange(t).expand(layer.keys.shape[1], t)
-        layers.append(LayerCapture(
-            keys=layer.keys[0], values=layer.values[0], valid=getattr(layer, "valid", None), positions=positions,
-            n_new=n, window_attention=recorder.window_attention.get(i), attention_colsum=recorder.attention_colsum.get(i),
-        ))
-    return Capture(layers=layers, num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-                   head_dim=layers[0].keys.shape[-1], start=start, seq_len=start + n,
-                   last_logits=out.logits[0, -1].float(), cache=out.cache)
+        layers.append(
+            LayerCapture(
+                keys=layer.keys[0],
+                values=layer.values[0],
+                valid=getattr(layer, "valid", None),
+                positions=positions,
+                n_new=n,
+                window_attention=recorder.window_attention.get(i),
+                attention_colsum=recorder.attention_colsum.get(i),
+            )
+        )
+    return Capture(
+        layers=layers,
+        num_q_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=layers[0].keys.shape[-1],
+        start=start,
+        seq_len=start + n,
+        last_logits=out.logits[0, -1].float(),
+        cache=out.cache,
+    )

@@ -63,8 +63,10 @@ class PrefillPlan:
     def make(cls, recipe: Recipe, token_ids: Sequence[int], fingerprint: str, tenant: str = "default") -> PrefillPlan:
         """Raises ``ValueError`` saying what is wrong with the recipe's method or its parameters."""
         if recipe.method == "full" and (recipe.ratio or recipe.budget):
-            raise ValueError(f"method 'full' keeps every token: use ratio 0 and no budget (got ratio {recipe.ratio}, "
-                             f"budget {recipe.budget}), or a compression method such as snapkv")
+            raise ValueError(
+                f"method 'full' keeps every token: use ratio 0 and no budget (got ratio {recipe.ratio}, "
+                f"budget {recipe.budget}), or a compression method such as snapkv"
+            )
         method = make_method(recipe.method, **method_params(recipe))
         token_ids = list(token_ids)
         return cls(recipe, method, token_ids, fingerprint, tenant, chunk_keys(token_ids, recipe, fingerprint, tenant))
@@ -79,9 +81,20 @@ def method_params(recipe: Recipe) -> dict[str, float]:
     return {k: v for k, v in recipe.params if k != "merge"}
 
 
-def compress(model, input_ids: torch.Tensor, method: str = "full", ratio: float = 0.0, *, budget: int = 0,
-             quant: str = "none", merge: bool = False, tenant: str = "default", page_size: int = 16,
-             timings: dict | None = None, **params) -> CompressedKV:
+def compress(
+    model,
+    input_ids: torch.Tensor,
+    method: str = "full",
+    ratio: float = 0.0,
+    *,
+    budget: int = 0,
+    quant: str = "none",
+    merge: bool = False,
+    tenant: str = "default",
+    page_size: int = 16,
+    timings: dict | None = None,
+    **params,
+) -> CompressedKV:
     """Prefill ``input_ids`` ``[1, T]`` and compress its KV cache with ``method``.
 
     ``ratio`` is the fraction of tokens removed per layer on average (0.75 keeps a quarter, as in
@@ -95,10 +108,22 @@ def compress(model, input_ids: torch.Tensor, method: str = "full", ratio: float 
     return compress_plan(model, plan, page_size=page_size, timings=timings)[0]
 
 
-def compress_chunks(model, input_ids: torch.Tensor, method: str = "full", ratio: float = 0.0, *,
-                    budget: int = 0, quant: str = "none", merge: bool = False, chunk_size: int = 256,
-                    tenant: str = "default", page_size: int = 16, cached: Sequence[CompressedKV] = (),
-                    timings: dict | None = None, **params) -> list[CompressedKV]:
+def compress_chunks(
+    model,
+    input_ids: torch.Tensor,
+    method: str = "full",
+    ratio: float = 0.0,
+    *,
+    budget: int = 0,
+    quant: str = "none",
+    merge: bool = False,
+    chunk_size: int = 256,
+    tenant: str = "default",
+    page_size: int = 16,
+    cached: Sequence[CompressedKV] = (),
+    timings: dict | None = None,
+    **params,
+) -> list[CompressedKV]:
     """The chunked recipe: one entry per chunk of ``chunk_size`` tokens (see module docstring).
 
     ``cached`` are the entries of the first chunks when a store already has them: only the
@@ -109,8 +134,9 @@ def compress_chunks(model, input_ids: torch.Tensor, method: str = "full", ratio:
     return compress_plan(model, plan, cached=cached, page_size=page_size, timings=timings)
 
 
-def compress_plan(model, plan: PrefillPlan, *, cached: Sequence[CompressedKV] = (), page_size: int = 16,
-                  timings: dict | None = None) -> list[CompressedKV]:
+def compress_plan(
+    model, plan: PrefillPlan, *, cached: Sequence[CompressedKV] = (), page_size: int = 16, timings: dict | None = None
+) -> list[CompressedKV]:
     """The entries of ``plan``: one per chunk for a chunked recipe, after the ``cached`` first
     chunks (which are returned first); one of the whole context otherwise."""
     if not plan.recipe.chunked:
@@ -130,8 +156,10 @@ def compress_plan(model, plan: PrefillPlan, *, cached: Sequence[CompressedKV] = 
 def _plan(model, input_ids: torch.Tensor, recipe: Recipe, tenant: str) -> PrefillPlan:
     fingerprint = getattr(model, "dkv_fingerprint", None)
     if fingerprint is None:
-        raise ValueError("the model has no fingerprint: load it with workers.model.load_model, or call "
-                         "dkv.workers.model.model_fingerprint(model, tokenizer) once before compressing")
+        raise ValueError(
+            "the model has no fingerprint: load it with workers.model.load_model, or call "
+            "dkv.workers.model.model_fingerprint(model, tokenizer) once before compressing"
+        )
     return PrefillPlan.make(recipe, input_ids[0].tolist(), fingerprint, tenant)
 
 
@@ -143,8 +171,15 @@ def _recipe(method, ratio, budget, quant, merge, chunk_size, params) -> Recipe:
     extra = dict(params)
     if merge:
         extra["merge"] = 1.0
-    return Recipe(method=method, ratio=ratio, budget=budget, quant=quant, chunk_size=chunk_size or 256,
-                  chunked=bool(chunk_size), params=tuple(extra.items()))
+    return Recipe(
+        method=method,
+        ratio=ratio,
+        budget=budget,
+        quant=quant,
+        chunk_size=chunk_size or 256,
+        chunked=bool(chunk_size),
+        params=tuple(extra.items()),
+    )
 
 
 def _past_cache(entries: list[CompressedKV], model) -> DkvCache:
@@ -168,11 +203,12 @@ def _concat_layers(parts: list[DkvLayer]) -> DkvLayer:
     return DkvLayer(keys, values, None if bool(valid.all()) else valid, positions, parts[-1].logical_length)
 
 
-def _compress(model, plan: PrefillPlan, chunks: int, page_size: int, past: DkvCache | None,
-              timings: dict | None) -> CompressedKV:
+def _compress(
+    model, plan: PrefillPlan, chunks: int, page_size: int, past: DkvCache | None, timings: dict | None
+) -> CompressedKV:
     """The entry of the plan's first ``chunks`` chunks; ``past`` holds those before the new tokens."""
     recipe, method = plan.recipe, plan.method
-    ids = torch.tensor([plan.token_ids[:plan.end(chunks - 1)]])
+    ids = torch.tensor([plan.token_ids[: plan.end(chunks - 1)]])
     start = past.get_seq_length() if past is not None else 0
     new_ids = ids[:, start:]
     if model.config._attn_implementation != "dkv":
@@ -211,13 +247,20 @@ def _compress(model, plan: PrefillPlan, chunks: int, page_size: int, past: DkvCa
             kept_mass += float(torch.gather(mass, 1, idx).sum())
             total_mass += float(mass.sum())
     importance = kept_mass / total_mass if total_mass > 0 else sum(budgets) / (len(budgets) * n)
-    identity = Identity(plan.fingerprint, recipe, tuple(k.prefix_hash for k in plan.keys[:chunks]), ids.shape[1],
-                        plan.tenant, start=start)
+    identity = Identity(
+        plan.fingerprint,
+        recipe,
+        tuple(k.prefix_hash for k in plan.keys[:chunks]),
+        ids.shape[1],
+        plan.tenant,
+        start=start,
+    )
     if timings is not None:
         timings["prefill_s"] = timings.get("prefill_s", 0.0) + prefilled - started
         timings["compress_s"] = timings.get("compress_s", 0.0) + time.perf_counter() - prefilled
-    return CompressedKV(identity, layers, capture.num_kv_heads, capture.head_dim, page_size,
-                        importance=min(1.0, max(0.0, importance)))
+    return CompressedKV(
+        identity, layers, capture.num_kv_heads, capture.head_dim, page_size, importance=min(1.0, max(0.0, importance))
+    )
 
 
 def _attention_mass(cap: LayerCapture, num_kv_heads: int) -> torch.Tensor | None:
@@ -227,4 +270,3 @@ def _attention_mass(cap: LayerCapture, num_kv_heads: int) -> torch.Tensor | None
     if cap.attention_colsum is not None:
         return group_heads(cap.attention_colsum[:, cap.new_slice], num_kv_heads)
     return None
-

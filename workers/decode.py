@@ -40,23 +40,44 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def stream(model, tokenizer_or_none, entries: CompressedKV | Sequence[CompressedKV], query_ids: torch.Tensor,
-           max_new_tokens: int, selection: str = "dense", budget: int | None = None, *, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int | None = None, stop_ids: set[int] | None = None,
-           stats: DecodeStats | None = None, budget_fraction: float = 0.0, selection_cache: float = 0.0,
-           dense_layers: int = DENSE_LAYERS, pick: Callable[[torch.Tensor], int] | None = None,
-           observe: Callable[[int, torch.Tensor, SlotView], None] | None = None, **params):
+def stream(
+    model,
+    tokenizer_or_none,
+    entries: CompressedKV | Sequence[CompressedKV],
+    query_ids: torch.Tensor,
+    max_new_tokens: int,
+    selection: str = "dense",
+    budget: int | None = None,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: set[int] | None = None,
+    stats: DecodeStats | None = None,
+    budget_fraction: float = 0.0,
+    selection_cache: float = 0.0,
+    dense_layers: int = DENSE_LAYERS,
+    pick: Callable[[torch.Tensor], int] | None = None,
+    observe: Callable[[int, torch.Tensor, SlotView], None] | None = None,
+    **params,
+):
     """``generate`` as an iterator: each token as soon as it is chosen (a batch of one stream)."""
     entries = [entries] if isinstance(entries, CompressedKV) else list(entries)
     _check_query(query_ids)
     check_geometry(model, entries[0].num_layers, entries[0].num_kv_heads, entries[0].head_dim, str(entries[0].key))
     out: list[int] = []
     ended: list[BaseException | None] = []
-    one = Stream(entries, query_ids[0].tolist(), max_new_tokens, out.append, ended.append,
-                 pick=pick or Sampler(temperature, top_p, seed),
-                 stop_ids=frozenset(stop_token_ids(model, tokenizer_or_none) if stop_ids is None else stop_ids),
-                 selection=row_selection(selection, budget or 0, budget_fraction, selection_cache, observe, **params),
-                 stats=stats if stats is not None else DecodeStats())
+    one = Stream(
+        entries,
+        query_ids[0].tolist(),
+        max_new_tokens,
+        out.append,
+        ended.append,
+        pick=pick or Sampler(temperature, top_p, seed),
+        stop_ids=frozenset(stop_token_ids(model, tokenizer_or_none) if stop_ids is None else stop_ids),
+        selection=row_selection(selection, budget or 0, budget_fraction, selection_cache, observe, **params),
+        stats=stats if stats is not None else DecodeStats(),
+    )
     batch = Batch(model, dense_layers)
     with torch.inference_mode():
         batch.join([one])
@@ -70,9 +91,14 @@ def stream(model, tokenizer_or_none, entries: CompressedKV | Sequence[Compressed
         raise ended[0]
 
 
-def row_selection(selection: str, budget: int = 0, budget_fraction: float = 0.0, selection_cache: float = 0.0,
-                  observe: Callable[[int, torch.Tensor, SlotView], None] | None = None,
-                  **params) -> RowSelection | None:
+def row_selection(
+    selection: str,
+    budget: int = 0,
+    budget_fraction: float = 0.0,
+    selection_cache: float = 0.0,
+    observe: Callable[[int, torch.Tensor, SlotView], None] | None = None,
+    **params,
+) -> RowSelection | None:
     """The per-stream selection of the batched decoder; None for ``dense`` (plain attention)."""
     selector = make_selection(selection, budget=budget, budget_fraction=budget_fraction, **params)
     if isinstance(selector, Dense):
@@ -83,8 +109,16 @@ def row_selection(selection: str, budget: int = 0, budget_fraction: float = 0.0,
     return RowSelection(selector, page_size, observe)
 
 
-def generate(model, tokenizer_or_none, entries: CompressedKV | Sequence[CompressedKV], query_ids: torch.Tensor,
-             max_new_tokens: int, selection: str = "dense", budget: int | None = None, **kwargs) -> list[int]:
+def generate(
+    model,
+    tokenizer_or_none,
+    entries: CompressedKV | Sequence[CompressedKV],
+    query_ids: torch.Tensor,
+    max_new_tokens: int,
+    selection: str = "dense",
+    budget: int | None = None,
+    **kwargs,
+) -> list[int]:
     """Generate after ``entries`` (a compressed context, or its chunks' entries) and ``query_ids`` ``[1, T]``.
 
     ``budget`` is the slots each KV head attends per step (None = all); other keyword arguments:
@@ -99,10 +133,23 @@ def generate(model, tokenizer_or_none, entries: CompressedKV | Sequence[Compress
     return list(stream(model, tokenizer_or_none, entries, query_ids, max_new_tokens, selection, budget, **kwargs))
 
 
-def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.Tensor, max_new_tokens: int,
-                    budget: int, *, page_cache_bytes: int = 256 << 20, temperature: float = 0.0, top_p: float = 1.0,
-                    seed: int | None = None, stop_ids: set[int] | None = None, stats: DecodeStats | None = None,
-                    fetch: FetchStats | None = None):
+def generate_remote(
+    model,
+    tokenizer_or_none,
+    store,
+    key: str,
+    query_ids: torch.Tensor,
+    max_new_tokens: int,
+    budget: int,
+    *,
+    page_cache_bytes: int = 256 << 20,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: set[int] | None = None,
+    stats: DecodeStats | None = None,
+    fetch: FetchStats | None = None,
+):
     """Like ``generate`` with ``selection="pages"``, reading the entry ``key`` page by page from
     ``store`` (a ``StoreClient``) instead of holding it. Fetches the page summaries now, then
     returns an iterator of tokens as they come.
@@ -120,24 +167,39 @@ def generate_remote(model, tokenizer_or_none, store, key: str, query_ids: torch.
     check_geometry(model, len(entry.layers), entry.num_kv_heads, entry.head_dim, key)
     recorder: list[float] = []
     dkv = paged_cache(entry, budget, recorder)
-    stats.cached_slots = round(sum(int(layer.num_pages.sum()) for layer in entry.layers) * entry.page_size
-                               / (len(entry.layers) * entry.num_kv_heads))
+    stats.cached_slots = round(
+        sum(int(layer.num_pages.sum()) for layer in entry.layers)
+        * entry.page_size
+        / (len(entry.layers) * entry.num_kv_heads)
+    )
 
     def record_step() -> None:
         fetch.bytes_per_step.append(entry.step_bytes)
         fetch.pages_per_step.append(entry.step_pages)
         entry.step_bytes = entry.step_pages = 0
 
-    return _paged_tokens(model, tokenizer_or_none, dkv, recorder, query_ids, max_new_tokens,
-                         Sampler(temperature, top_p, seed), stop_ids, stats, record_step)
+    return _paged_tokens(
+        model,
+        tokenizer_or_none,
+        dkv,
+        recorder,
+        query_ids,
+        max_new_tokens,
+        Sampler(temperature, top_p, seed),
+        stop_ids,
+        stats,
+        record_step,
+    )
 
 
 def check_geometry(model, num_layers: int, num_kv_heads: int, head_dim: int, key: str) -> None:
     """Raise ``ValueError`` unless an entry has the model's layers, KV heads and head dim."""
     info = model_info(model)
     if (num_layers, num_kv_heads, head_dim) != (info.num_layers, info.num_kv_heads, info.head_dim):
-        raise ValueError(f"entry {key} has {num_layers} layers x {num_kv_heads} KV heads x head dim {head_dim}; "
-                         f"the model has {info.num_layers} x {info.num_kv_heads} x {info.head_dim}")
+        raise ValueError(
+            f"entry {key} has {num_layers} layers x {num_kv_heads} KV heads x head dim {head_dim}; "
+            f"the model has {info.num_layers} x {info.num_kv_heads} x {info.head_dim}"
+        )
 
 
 def _check_query(query_ids: torch.Tensor) -> None:
@@ -145,8 +207,18 @@ def _check_query(query_ids: torch.Tensor) -> None:
         raise ValueError(f"query_ids must be [1, T] with T >= 1, got {tuple(query_ids.shape)}")
 
 
-def _paged_tokens(model, tokenizer, dkv: DkvCache, selected: list[float], query_ids, max_new_tokens, pick: Sampler,
-                  stop_ids, stats: DecodeStats, on_step):
+def _paged_tokens(
+    model,
+    tokenizer,
+    dkv: DkvCache,
+    selected: list[float],
+    query_ids,
+    max_new_tokens,
+    pick: Sampler,
+    stop_ids,
+    stats: DecodeStats,
+    on_step,
+):
     """Paged decoding's loop (its cache fetches pages as it goes): yields each token."""
     stop = stop_token_ids(model, tokenizer) if stop_ids is None else stop_ids
     with torch.inference_mode():
@@ -162,8 +234,9 @@ def _paged_tokens(model, tokenizer, dkv: DkvCache, selected: list[float], query_
         with torch.inference_mode():
             step = time.perf_counter()
             selected.clear()
-            logits = model(input_ids=torch.tensor([[token]], device=query_ids.device), cache=dkv,
-                           use_cache=True).logits[0, -1]
+            logits = model(
+                input_ids=torch.tensor([[token]], device=query_ids.device), cache=dkv, use_cache=True
+            ).logits[0, -1]
             stats.seconds_per_token.append(time.perf_counter() - step)
         stats.selected_per_step.append(sum(selected) / max(len(selected), 1))
         stats.steps += 1

@@ -83,8 +83,9 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # below, logits / T overflow to 
 Sink = Callable[["int | DecodeResult | BaseException"], None]
 
 
-def check_decoding(selection: str, budget_fraction: float, selection_cache: float, temperature: float,
-                   top_p: float) -> None:
+def check_decoding(
+    selection: str, budget_fraction: float, selection_cache: float, temperature: float, top_p: float
+) -> None:
     """Raise ``ValueError`` for decoding fields no worker accepts (the gateway checks them before
     it has the context prefilled, so a refused request stores nothing)."""
     if selection not in SELECTIONS:
@@ -121,9 +122,19 @@ class Handle:
 
 
 class DecodeWorker:
-    def __init__(self, model, tokenizer, store, prefill=None, page_cache_bytes: int = 256 << 20,
-                 max_active: int = 16, max_queued: int = 64, dense_layers: int = DENSE_LAYERS,
-                 entry_cache_bytes: int = 1 << 30, entry_cache_ttl_s: float = 300.0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        store,
+        prefill=None,
+        page_cache_bytes: int = 256 << 20,
+        max_active: int = 16,
+        max_queued: int = 64,
+        dense_layers: int = DENSE_LAYERS,
+        entry_cache_bytes: int = 1 << 30,
+        entry_cache_ttl_s: float = 300.0,
+    ):
         """``store``: a ``StoreClient``; ``prefill``: a ``PrefillClient`` (its ``entries`` and ``keys``)
         that computes what the store does not have (None: a miss is NOT_FOUND). ``max_active`` streams decode
         together; ``max_queued`` more may wait (RESOURCE_EXHAUSTED beyond). The entries it decoded
@@ -160,8 +171,10 @@ class DecodeWorker:
             raise ValueError("no entry: send its keys, or the context and a recipe")
         for key in map(EntryKey.parse, job.keys):
             if key.model_fingerprint != self.model.dkv_fingerprint:
-                raise ValueError(f"entry {key} was computed by model {key.model_fingerprint}; this worker runs "
-                                 f"{self.model.dkv_fingerprint}: send the context to have it recomputed")
+                raise ValueError(
+                    f"entry {key} was computed by model {key.model_fingerprint}; this worker runs "
+                    f"{self.model.dkv_fingerprint}: send the context to have it recomputed"
+                )
         if job.context_ids is not None and job.recipe is None:
             raise ValueError("a context needs its recipe")
 
@@ -197,8 +210,15 @@ class DecodeWorker:
 
     # ------------------------------------------------------------------ preparation
 
-    def _start(self, job: DecodeJob, handle: Handle, sink: Sink, started: float, sent: list[int] | None = None,
-               recompute: bool = False) -> None:
+    def _start(
+        self,
+        job: DecodeJob,
+        handle: Handle,
+        sink: Sink,
+        started: float,
+        sent: list[int] | None = None,
+        recompute: bool = False,
+    ) -> None:
         """Resolve and fetch ``job``'s entries, then submit its stream. ``sent``: tokens already
         handed out by an attempt that lost its entry (regenerated, checked and skipped)."""
         fetch = FetchStats()
@@ -250,20 +270,39 @@ class DecodeWorker:
     def _stream(self, job: DecodeJob, entries: list[CompressedKV], stats: DecodeStats) -> Stream:
         first = entries[0]
         check_geometry(self.model, first.num_layers, first.num_kv_heads, first.head_dim, str(first.key))
-        return Stream(entries, list(job.query_ids), job.max_new_tokens, on_token=_unset, on_end=_unset,
-                      pick=Sampler(job.temperature, job.top_p, job.seed),
-                      stop_ids=frozenset() if job.ignore_eos else self.stop_ids,
-                      selection=row_selection(job.selection, job.budget, job.budget_fraction, job.selection_cache),
-                      stats=stats)
+        return Stream(
+            entries,
+            list(job.query_ids),
+            job.max_new_tokens,
+            on_token=_unset,
+            on_end=_unset,
+            pick=Sampler(job.temperature, job.top_p, job.seed),
+            stop_ids=frozenset() if job.ignore_eos else self.stop_ids,
+            selection=row_selection(job.selection, job.budget, job.budget_fraction, job.selection_cache),
+            stats=stats,
+        )
 
-    def _paged_stream(self, job: DecodeJob, keys: list[str], stats: DecodeStats,
-                      fetch: FetchStats) -> tuple[SoloStream, int]:
+    def _paged_stream(
+        self, job: DecodeJob, keys: list[str], stats: DecodeStats, fetch: FetchStats
+    ) -> tuple[SoloStream, int]:
         if len(keys) != 1:
             raise ValueError("paged decoding reads one entry; this context has one entry per chunk")
-        tokens = generate_remote(self.model, self.tokenizer, self.store, keys[0], torch.tensor([job.query_ids]),
-                                 job.max_new_tokens, job.budget, page_cache_bytes=self.page_cache_bytes,
-                                 temperature=job.temperature, top_p=job.top_p, seed=job.seed,
-                                 stop_ids=set() if job.ignore_eos else set(self.stop_ids), stats=stats, fetch=fetch)
+        tokens = generate_remote(
+            self.model,
+            self.tokenizer,
+            self.store,
+            keys[0],
+            torch.tensor([job.query_ids]),
+            job.max_new_tokens,
+            job.budget,
+            page_cache_bytes=self.page_cache_bytes,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            seed=job.seed,
+            stop_ids=set() if job.ignore_eos else set(self.stop_ids),
+            stats=stats,
+            fetch=fetch,
+        )
         self._check_length(fetch.context_tokens, job)
         return SoloStream(tokens, on_token=_unset, on_end=_unset), fetch.context_tokens
 
@@ -272,7 +311,7 @@ class DecodeWorker:
         from the store, ``FETCH_WINDOW`` at a time side by side; the first miss ends it."""
         entries = []
         for start in range(0, len(keys), FETCH_WINDOW):
-            window = keys[start:start + FETCH_WINDOW]
+            window = keys[start : start + FETCH_WINDOW]
             local = [self.entries.get(key) for key in window]
             missing = [key for key, entry in zip(window, local) if entry is None]
             fetched = dict(zip(missing, self._io.map(self.store.get_with_tier, missing)))
@@ -294,8 +333,10 @@ class DecodeWorker:
     def _check_length(self, seq_len: int, job: DecodeJob) -> None:
         total = seq_len + len(job.query_ids) + job.max_new_tokens
         if total > self.info.max_positions:
-            raise ValueError(f"context {seq_len} + query {len(job.query_ids)} + max_new_tokens {job.max_new_tokens} "
-                             f"= {total} tokens is more than the model's {self.info.max_positions}")
+            raise ValueError(
+                f"context {seq_len} + query {len(job.query_ids)} + max_new_tokens {job.max_new_tokens} "
+                f"= {total} tokens is more than the model's {self.info.max_positions}"
+            )
 
     def _entries(self, job: DecodeJob, fetch: FetchStats) -> tuple[list[CompressedKV], bool]:
         """(the job's entries, whether they were prefilled now): from this worker's cache or the
@@ -326,8 +367,9 @@ class DecodeWorker:
         found = self.store.lookup(self.model.dkv_fingerprint, job.recipe, job.context_ids, job.tenant)
         return [str(k) for k in found.keys] if found is not None and found.cached_tokens == len(job.context_ids) else []
 
-    def _paged(self, job: DecodeJob, stats: DecodeStats, fetch: FetchStats,
-               recompute: bool) -> tuple[SoloStream, int, bool]:
+    def _paged(
+        self, job: DecodeJob, stats: DecodeStats, fetch: FetchStats, recompute: bool
+    ) -> tuple[SoloStream, int, bool]:
         """Paged decoding reads the entry from the store as it goes: recomputed through prefill (into
         the store) when it is missing."""
         keys = list(job.keys) if job.keys and not recompute else [] if recompute else self._lookup(job)

@@ -129,8 +129,9 @@ class Batch:
         info = model_info(model)
         param = next(model.parameters())
         self.model, self.device = model, param.device
-        self.cache = BatchCache(info.num_layers, info.num_kv_heads, info.head_dim, param.dtype, param.device,
-                                dense_layers)
+        self.cache = BatchCache(
+            info.num_layers, info.num_kv_heads, info.head_dim, param.dtype, param.device, dense_layers
+        )
         self.streams: list[Stream] = []  # by row
 
     @property
@@ -143,8 +144,7 @@ class Batch:
         first = self.rows
         try:
             for stream in streams:
-                row = self.cache.place(stream.entries, len(stream.query_ids) + stream.max_new_tokens,
-                                       stream.selection)
+                row = self.cache.place(stream.entries, len(stream.query_ids) + stream.max_new_tokens, stream.selection)
                 self.streams.append(stream)
                 stream.stats.cached_slots = round(float(self.cache.entry_slots[:, row].float().mean()))
                 stream.entry_tokens = self.cache.entry_tokens(row)
@@ -202,8 +202,13 @@ class Batch:
     def _forward(self, input_ids: torch.Tensor, first: int, count: int) -> torch.Tensor:
         """Logits ``[count, vocab]`` of the last new token of rows ``first..first+count-1``."""
         position_ids = self.cache.cover(first, count, input_ids.shape[1])
-        out = self.model(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
-                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=position_ids.to(self.device),
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache.advance()
         return out.logits[:, -1]
 
@@ -272,9 +277,11 @@ class DecodeEngine:
             if self._closed:
                 raise QueueFull("the decode worker is shutting down")
             if self._queued >= self.max_queued:
-                raise QueueFull(f"the decode worker is full: {self.active} streams running (max_active_streams "
-                                f"{self.max_active}) and {self._queued} requests queued (max_queued_requests "
-                                f"{self.max_queued}); retry later or add decode workers")
+                raise QueueFull(
+                    f"the decode worker is full: {self.active} streams running (max_active_streams "
+                    f"{self.max_active}) and {self._queued} requests queued (max_queued_requests "
+                    f"{self.max_queued}); retry later or add decode workers"
+                )
             self._queued += 1
 
     def release(self) -> None:

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 EMA = 0.5  # D2O: τ_l = 0.5·τ_{l-1} + 0.5·mean(max-sim)
 
 
-def d2o_merge(keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor,
-              tau: float | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+def d2o_merge(
+    keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor, tau: float | None
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """Merge the evicted tokens of one layer into their nearest kept token.
 
     Parameters

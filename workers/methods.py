@@ -63,6 +63,7 @@ def group_heads(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ helpers
 
+
 def pool1d(x: torch.Tensor, kernel: int) -> torch.Tensor:
     """Average-pool the last dim of ``x`` ``[..., L]`` with stride 1 and padding ``kernel // 2``.
 
@@ -143,7 +144,7 @@ def allocate(weights: torch.Tensor, total: int, cap: int, even_excess: bool = Fa
     out = alloc.floor()
     rest = total - int(out.sum())
     frac = (alloc - out).masked_fill(out >= cap, -1.0)
-    for i in sorted(range(n_layers), key=lambda i: (-float(frac[i]), i))[:max(rest, 0)]:
+    for i in sorted(range(n_layers), key=lambda i: (-float(frac[i]), i))[: max(rest, 0)]:
         out[i] += 1
     return [int(v) for v in out]
 
@@ -162,8 +163,9 @@ def fit_protected(score: torch.Tensor, keep: int, priority: torch.Tensor) -> Non
     score[protected & ~winners] = -INF
 
 
-def window_budgets(weights: torch.Tensor, n_keep: int, n: int, w: int, cap: int | None = None,
-                   even_excess: bool = False) -> list[int]:
+def window_budgets(
+    weights: torch.Tensor, n_keep: int, n: int, w: int, cap: int | None = None, even_excess: bool = False
+) -> list[int]:
     """Per-layer budgets = the window ``w`` + a share of ``(n_keep - w) * L`` ``∝ weights`` ``[L]``.
 
     Shares are capped at ``cap`` (default and at most ``n - w``, the candidates outside the
@@ -246,6 +248,7 @@ def _as_field_type(f: dataclasses.Field, method: str, value):
 
 
 # ------------------------------------------------------------------------------------------ methods
+
 
 @register
 @dataclass
@@ -419,7 +422,10 @@ class CAKE(Method):
     name: ClassVar[str] = "cake"
     INT_FIELDS: ClassVar[dict[str, int]] = {"window_size": 1, "kernel_size": 1}
     FLOAT_FIELDS: ClassVar[dict[str, tuple[float, float]]] = {
-        "tau1": (1e-3, 1e3), "tau2": (1e-3, 1e3), "gamma": (0.0, 1e9)}
+        "tau1": (1e-3, 1e3),
+        "tau2": (1e-3, 1e3),
+        "gamma": (0.0, 1e9),
+    }
     window_size: int = 32
     kernel_size: int = 5
     tau1: float = 1.0
@@ -497,7 +503,7 @@ class LagKV(Method):
         end = sinks + (full - 1) * lag  # scored chunks end here; the raw tail follows
         s = 0
         for x in (cap.keys[:, cap.new_slice], cap.values[:, cap.new_slice]):
-            chunks = x[:, sinks: sinks + full * lag].float().unflatten(1, (full, lag))  # [H_kv, full, lag, D]
+            chunks = x[:, sinks : sinks + full * lag].float().unflatten(1, (full, lag))  # [H_kv, full, lag, D]
             ref = chunks[:, 1:]
             lo, hi = ref.amin(2, keepdim=True), ref.amax(2, keepdim=True)
             normed = (chunks[:, :-1] - lo) / (hi - lo).clamp_min(1e-6)
@@ -547,6 +553,26 @@ class KNorm(Method):
         return -cap.keys[:, cap.new_slice].float().norm(dim=-1)
 
 
-__all__ = ["CAKE", "METHODS", "DynamicKV", "Full", "H2O", "KNorm", "LagKV", "Method", "PyramidKV", "SnapKV",
-           "StreamingLLM", "TOVA", "allocate", "fit_protected", "group_heads", "make_method", "pool1d", "register",
-           "snapkv_scores", "unbiased_var", "window_budgets"]
+__all__ = [
+    "CAKE",
+    "METHODS",
+    "DynamicKV",
+    "Full",
+    "H2O",
+    "KNorm",
+    "LagKV",
+    "Method",
+    "PyramidKV",
+    "SnapKV",
+    "StreamingLLM",
+    "TOVA",
+    "allocate",
+    "fit_protected",
+    "group_heads",
+    "make_method",
+    "pool1d",
+    "register",
+    "snapkv_scores",
+    "unbiased_var",
+    "window_budgets",
+]

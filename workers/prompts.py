@@ -51,7 +51,7 @@ def chat_prompt(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[in
     if not cuts:
         return _split_last_token(encode(tokenizer, text))
     context = [token for start, end in zip([0, *cuts], cuts) for token in encode(tokenizer, text[start:end])]
-    return context, encode(tokenizer, text[cuts[-1]:])
+    return context, encode(tokenizer, text[cuts[-1] :])
 
 
 def completion_prompt(tokenizer, prompt: str | Sequence[int]) -> tuple[list[int], list[int]]:
@@ -61,6 +61,7 @@ def completion_prompt(tokenizer, prompt: str | Sequence[int]) -> tuple[list[int]
 
 def _split_last_token(ids: list[int]) -> tuple[list[int], list[int]]:
     if len(ids) < 2:
-        raise ValueError(f"the prompt has {len(ids)} token(s); it needs at least 2: a context and a last token to "
-                         "decode from")
+        raise ValueError(
+            f"the prompt has {len(ids)} token(s); it needs at least 2: a context and a last token to decode from"
+        )
     return ids[:-1], ids[-1:]

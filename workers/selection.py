@@ -144,8 +144,9 @@ class TopK(Selection):
         # the model's own softmax scale (1/sqrt(D) in the Llama family): without it the vote is
         # sharper than the attention, over-weights the head with the largest logits, and the
         # weights of different heads are not comparable when they share the layer's budget
-        logits = torch.einsum("gd,gtd->gt", q.float(),
-                              view.keys.float().repeat_interleave(groups, dim=0)) * d ** -0.5  # [H_q, T]
+        logits = (
+            torch.einsum("gd,gtd->gt", q.float(), view.keys.float().repeat_interleave(groups, dim=0)) * d**-0.5
+        )  # [H_q, T]
         logits = logits.masked_fill(~view.valid.repeat_interleave(groups, dim=0), float("-inf"))
         vote = torch.softmax(logits, dim=1).view(h_kv, groups, -1).sum(1)  # [H_kv, T]
         keep = always_kept(view, self.sink, self.recent)
@@ -178,8 +179,16 @@ class Pages(Selection):
         size, entry = view.page_size, view.entry_slots
         entry_pages = view.page_min.shape[1]
         tail_min, tail_max, tail_pages = _tail_summaries(view)
-        bound = torch.cat([page_scores(q, view.page_min, view.page_max, view.num_pages),
-                           page_scores(q, tail_min, tail_max, tail_pages)], dim=1) * d ** -0.5  # [H_kv, P]
+        bound = (
+            torch.cat(
+                [
+                    page_scores(q, view.page_min, view.page_max, view.num_pages),
+                    page_scores(q, tail_min, tail_max, tail_pages),
+                ],
+                dim=1,
+            )
+            * d**-0.5
+        )  # [H_kv, P]
         weight = torch.softmax(bound, dim=1).nan_to_num(0.0)  # a head without pages: all -inf
         keep = always_kept(view, self.sink, self.recent)
         slot = torch.arange(t)
@@ -200,8 +209,8 @@ def _tail_summaries(view: SlotView) -> tuple[torch.Tensor, torch.Tensor, torch.T
     pages = -(-n // size)
     keys = torch.zeros(h_kv, pages * size, d, dtype=torch.float32)
     valid = torch.zeros(h_kv, pages * size, dtype=torch.bool)
-    keys[:, :n] = view.keys[:, view.entry_slots:].float()
-    valid[:, :n] = view.valid[:, view.entry_slots:]
+    keys[:, :n] = view.keys[:, view.entry_slots :].float()
+    valid[:, :n] = view.valid[:, view.entry_slots :]
     k = keys.view(h_kv, pages, size, d)
     ok = valid.view(h_kv, pages, size, 1)
     page_min = k.masked_fill(~ok, float("inf")).amin(2).nan_to_num(posinf=0.0)

@@ -29,9 +29,11 @@ from dkv.workers.engine import Batch, Cancelled, DecodeEngine, QueueFull, Sample
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 NEW = 20
-TEXT = ("Mara kept bees on the hill above Tollan. Each spring she carried the hives down to the orchards, and each "
-        "autumn she sold the honey in the market by the river. Her brother Ivo mended the boats and told stories of "
-        "the old bridge that the flood took away. ") * 12
+TEXT = (
+    "Mara kept bees on the hill above Tollan. Each spring she carried the hives down to the orchards, and each "
+    "autumn she sold the honey in the market by the river. Her brother Ivo mended the boats and told stories of "
+    "the old bridge that the flood took away. "
+) * 12
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +45,27 @@ def streams(smollm2):
     return [
         ([compress(model, torch.tensor([ids[:240]]), "full", ratio=0.0)], query, "dense"),
         ([compress(model, torch.tensor([ids[:410]]), "snapkv", ratio=0.5).cast(torch.float16)], query[2:], "dense"),
-        (compress_chunks(model, torch.tensor([ids[:530]]), "snapkv", 0.5, chunk_size=128, quant="int4"), query,
-         "dense"),
+        (
+            compress_chunks(model, torch.tensor([ids[:530]]), "snapkv", 0.5, chunk_size=128, quant="int4"),
+            query,
+            "dense",
+        ),
         ([compress(model, torch.tensor([ids[:330]]), "full", ratio=0.0)], query, "topk"),
     ]
 
 
 def alone(model, tokenizer, entries, query, selection, **kwargs) -> list[int]:
-    return generate(model, tokenizer, entries, torch.tensor([query]), NEW, selection, 64 if selection != "dense" else None,
-                    stop_ids=set(), **kwargs)
+    return generate(
+        model,
+        tokenizer,
+        entries,
+        torch.tensor([query]),
+        NEW,
+        selection,
+        64 if selection != "dense" else None,
+        stop_ids=set(),
+        **kwargs,
+    )
 
 
 def test_batched_greedy_tokens_equal_each_stream_alone(smollm2, streams):
@@ -60,9 +74,10 @@ def test_batched_greedy_tokens_equal_each_stream_alone(smollm2, streams):
     batch = Batch(model)
     out = [[] for _ in streams]
     ended: list = []
-    made = [Stream(e, q, NEW, out[i].append, ended.append,
-                   selection=row_selection(sel, 64 if sel != "dense" else 0))
-            for i, (e, q, sel) in enumerate(streams)]
+    made = [
+        Stream(e, q, NEW, out[i].append, ended.append, selection=row_selection(sel, 64 if sel != "dense" else 0))
+        for i, (e, q, sel) in enumerate(streams)
+    ]
     rows_at_join = []
     with torch.inference_mode():
         for i, stream in enumerate(made):  # each joins a batch that is already running
@@ -84,9 +99,10 @@ def test_streams_that_join_together_run_their_queries_in_one_forward_and_equal_e
     expected = [alone(model, tokenizer, *s) for s in same_query]
     batch = Batch(model)
     out = [[] for _ in same_query]
-    made = [Stream(e, q, NEW, out[i].append, lambda e: None,
-                   selection=row_selection(sel, 64 if sel != "dense" else 0))
-            for i, (e, q, sel) in enumerate(same_query)]
+    made = [
+        Stream(e, q, NEW, out[i].append, lambda e: None, selection=row_selection(sel, 64 if sel != "dense" else 0))
+        for i, (e, q, sel) in enumerate(same_query)
+    ]
     with torch.inference_mode():
         batch.join(made[:1])
         batch.step()
@@ -284,12 +300,17 @@ def gateway(smollm2, store_service):
     recompute = PrefillClient(prefill.address)
     worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), recompute)
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
-    front = InProcessServer(GatewayServer(GatewaySettings(port=0, prefill=prefill.address, decode=decode.address,
-                                                          store=store.address)))
+    front = InProcessServer(
+        GatewayServer(GatewaySettings(port=0, prefill=prefill.address, decode=decode.address, store=store.address))
+    )
 
     def prefill_calls() -> float:
-        return sum(s.value for m in prefill.server.metrics.rpc_duration.collect() for s in m.samples
-                   if s.name.endswith("_count") and s.labels["method"] == "Prefill")
+        return sum(
+            s.value
+            for m in prefill.server.metrics.rpc_duration.collect()
+            for s in m.samples
+            if s.name.endswith("_count") and s.labels["method"] == "Prefill"
+        )
 
     with DkvClient(front.address) as client:
         yield client, worker, tokenizer, prefill_calls
@@ -301,8 +322,9 @@ def gateway(smollm2, store_service):
 def test_a_stop_string_ends_the_stream_on_the_worker_too(gateway):
     client, worker, tokenizer, _ = gateway
     context = TEXT[:600]
-    answer, stats = client.ask(context, "Who kept bees, and where?", chat_template=True, max_new_tokens=400,
-                               ignore_eos=True, stop=["e"])
+    answer, stats = client.ask(
+        context, "Who kept bees, and where?", chat_template=True, max_new_tokens=400, ignore_eos=True, stop=["e"]
+    )
     assert stats.finish_reason == "stop_string" and stats.new_tokens < 400, (answer, stats)
     deadline = time.monotonic() + 10
     while worker.engine.active and time.monotonic() < deadline:

@@ -12,8 +12,20 @@ from dkv.bench.quality_tasks import PASSKEY_PLAN, build_tasks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROW_KEYS = {"impl", "method", "ratio", "quant", "merge", "chunked", "retrieval_accuracy", "extra_nll",
-            "top1_agreement", "bytes_vs_fp16_kv", "bytes_vs_full_entry", "prefill_overhead"}
+ROW_KEYS = {
+    "impl",
+    "method",
+    "ratio",
+    "quant",
+    "merge",
+    "chunked",
+    "retrieval_accuracy",
+    "extra_nll",
+    "top1_agreement",
+    "bytes_vs_fp16_kv",
+    "bytes_vs_full_entry",
+    "prefill_overhead",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +65,8 @@ def test_quick_run_reports_the_schema_with_values_in_range(report):
 def test_equal_token_rows_attend_what_they_say(report):
     equal = [r for r in report["results"] if r["selection"] != "dense"]
     assert {(r["selection"], r["attend"]) for r in equal} == {
-        (s, round(1 - ratio, 4)) for s in quality.EQUAL_SELECTIONS for ratio in quality.EQUAL_RATIOS}
+        (s, round(1 - ratio, 4)) for s in quality.EQUAL_SELECTIONS for ratio in quality.EQUAL_RATIOS
+    }
     for r in equal:  # int4 at ratio 0.5 in the store; the decoder attends 1/4 or 1/10 of the context
         assert r["method"] == report["best_method"] and r["quant"] == "int4" and r["bytes_vs_fp16_kv"] < 0.25
         # everything counted, so never above the budget; pages may leave up to a page of it unused
@@ -76,8 +89,10 @@ def test_quick_run_evaluates_the_targets_it_can(report):
 
 def test_docs_section_is_replaced_and_the_rest_kept(report, tmp_path):
     doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\n## Store\nstore numbers\n\n<!-- quality:start -->\nold\n"
-                   "<!-- quality:end -->\n\n## After\nkept\n")
+    doc.write_text(
+        "# Benchmarks\n\n## Store\nstore numbers\n\n<!-- quality:start -->\nold\n"
+        "<!-- quality:end -->\n\n## After\nkept\n"
+    )
     quality.write_docs(report, tmp_path)
     text = doc.read_text()
     assert "store numbers" in text and "## After\nkept" in text and "\nold\n" not in text
@@ -106,8 +121,9 @@ def test_tasks_are_final_token_ids_the_full_cache_solves(smollm2):
     longest = max(PASSKEY_PLAN)[0]
     assert max(len(t["context_ids"]) for t in tasks) > longest - 64
     # the longest passkey (hardest for the full cache) and the quick set, solved by the full cache
-    hard = [t for t in tasks if t["id"].startswith(f"passkey-{longest}-")][:1] + \
-        [t for t in build_tasks(tokenizer, quick=True) if t["kind"] == "retrieval"]
+    hard = [t for t in tasks if t["id"].startswith(f"passkey-{longest}-")][:1] + [
+        t for t in build_tasks(tokenizer, quick=True) if t["kind"] == "retrieval"
+    ]
     for t in hard:
         res = quality.run_retrieval(model, tokenizer, t, quality.Config("full", 0.0))
         assert res["correct"], (t["id"], res["text"])

@@ -11,8 +11,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 
 
 def test_a_small_serve_benchmark_measures_every_phase_of_each_system(tmp_path):
-    result = serve.run(context_tokens=128, new_tokens=4, systems=("transformers", "dkv-full"), clients=(1, 2),
-                       capacity_contexts=3, capacity_kv_gib=0.01, log=lambda msg: None)
+    result = serve.run(
+        context_tokens=128,
+        new_tokens=4,
+        systems=("transformers", "dkv-full"),
+        clients=(1, 2),
+        capacity_contexts=3,
+        capacity_kv_gib=0.01,
+        log=lambda msg: None,
+    )
     for name in ("transformers", "dkv-full"):
         system = result["systems"][name]
         assert system["ttft_hit_ms"]["p50"] < system["ttft_miss_ms"]["p50"], name

@@ -26,14 +26,26 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def dkv(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dkv", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "dkv", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        **kw,
+    )
 
 
 def start_store(*args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dkv", "store", "serve", "--port", str(port), *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dkv", "store", "serve", "--port", str(port), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     address = f"127.0.0.1:{port}"
     with StoreClient(address) as client:
         try:
@@ -50,8 +62,12 @@ def test_help_explains_every_command_and_setting():
     for command in ("store", "bench", "demo", "config"):
         assert command in top.stdout
     serve = dkv("store", "serve", "--help").stdout
-    for flag, env in (("--cpu-bytes", "DKV_STORE_CPU_BYTES"), ("--redis-url", "DKV_STORE_REDIS_URL"),
-                      ("--device-bytes", "DKV_STORE_DEVICE_BYTES"), ("--redis-quant", "DKV_STORE_REDIS_QUANT")):
+    for flag, env in (
+        ("--cpu-bytes", "DKV_STORE_CPU_BYTES"),
+        ("--redis-url", "DKV_STORE_REDIS_URL"),
+        ("--device-bytes", "DKV_STORE_DEVICE_BYTES"),
+        ("--redis-quant", "DKV_STORE_REDIS_QUANT"),
+    ):
         assert flag in serve and env in serve
 
 
@@ -153,7 +169,10 @@ def test_a_taken_port_is_one_line(taken_port):
 
 def test_an_unreachable_server_is_one_line():
     address = f"127.0.0.1:{free_port()}"
-    for args in (["generate", "a context", "a question", "--address", address], ["store", "stats", "--address", address]):
+    for args in (
+        ["generate", "a context", "a question", "--address", address],
+        ["store", "stats", "--address", address],
+    ):
         line = one_line_error(dkv(*args))
         assert "cannot reach the server" in line and address in line and "--address" in line
 

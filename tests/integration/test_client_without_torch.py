@@ -25,9 +25,26 @@ from dkv.workers.model import load_tokenizer
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # Top-level modules of the packages dkv[server] and dkv[bench] bring (and what they pull).
-SERVER_MODULES = ("torch", "transformers", "triton", "ray", "redis", "xxhash", "gguf", "accelerate", "safetensors",
-                  "tqdm", "huggingface_hub", "prometheus_client", "grpc_health", "grpc_reflection", "fastapi", "uvicorn",
-                  "starlette", "matplotlib")
+SERVER_MODULES = (
+    "torch",
+    "transformers",
+    "triton",
+    "ray",
+    "redis",
+    "xxhash",
+    "gguf",
+    "accelerate",
+    "safetensors",
+    "tqdm",
+    "huggingface_hub",
+    "prometheus_client",
+    "grpc_health",
+    "grpc_reflection",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "matplotlib",
+)
 SITECUSTOMIZE = f'''
 import sys
 
@@ -104,10 +121,11 @@ def test_the_client_generates_without_torch(light_env, gateway, random_models):
 
 
 def test_dkv_generate_runs_without_torch_and_dkv_up_says_what_to_install(light_env, gateway):
-    out = run_light(light_env, "-m", "dkv", "generate", CONTEXT, QUERY, "--raw", "--address", gateway,
-                    "--max-new-tokens", "4")
+    out = run_light(
+        light_env, "-m", "dkv", "generate", CONTEXT, QUERY, "--raw", "--address", gateway, "--max-new-tokens", "4"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() and json.loads(out.stderr[out.stderr.index("{"):])["newTokens"] >= 1
+    assert out.stdout.strip() and json.loads(out.stderr[out.stderr.index("{") :])["newTokens"] >= 1
     out = run_light(light_env, "-m", "dkv", "up", "--port", "0")
     assert out.returncode == 1
     (line,) = out.stderr.splitlines()

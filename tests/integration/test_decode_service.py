@@ -29,8 +29,11 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 def system(smollm2, store_service):
     model, tokenizer = smollm2
     store = store_service()
-    prefill = InProcessServer(PrefillServer(PrefillSettings(port=0), PrefillWorker(
-        model, tokenizer, StoreClient(store.address, timeout_s=120))))
+    prefill = InProcessServer(
+        PrefillServer(
+            PrefillSettings(port=0), PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120))
+        )
+    )
     prefill_client = PrefillClient(prefill.address)
     worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client)
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
@@ -64,7 +67,7 @@ def test_decode_by_key_streams_the_same_tokens_as_plain_generation(system):
     keys = prefill.keys(ctx, Recipe(method="full"))
     tokens, stats = decode(stub, keys=keys, query_ids=query, max_new_tokens=10)
     full = torch.tensor([ctx + query])
-    plain = model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1]:].tolist()
+    plain = model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1] :].tolist()
     assert [t.id for t in tokens] == plain
     assert "".join(t.text for t in tokens) == tokenizer.decode(plain, skip_special_tokens=True)
     assert stats.new_tokens == len(plain) and not stats.prefilled and stats.context_tokens == len(ctx)
@@ -79,8 +82,9 @@ def test_sparse_and_paged_decoding_through_the_service(system):
     keys, entry_bytes = list(reply.keys), reply.stored_bytes
     budget = len(ctx) // 8
     for paged in (False, True):
-        tokens, stats = decode(stub, keys=keys, query_text=QUESTION, selection="pages", budget=budget, paged=paged,
-                               max_new_tokens=8)
+        tokens, stats = decode(
+            stub, keys=keys, query_text=QUESTION, selection="pages", budget=budget, paged=paged, max_new_tokens=8
+        )
         assert "71432" in "".join(t.text for t in tokens)
         assert stats.mean_selected_per_step < len(ctx) / 2
         if paged:
@@ -104,19 +108,28 @@ def test_a_missing_entry_is_recomputed_when_the_context_is_given_else_not_found(
         decode(stub, keys=keys, query_text=QUESTION, max_new_tokens=2)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "recomputed" in info.value.details()
     store.delete(keys[0])
-    tokens, stats = decode(stub, keys=keys, context_ids=ctx, recipe=recipe_to_proto(Recipe(method="full")),
-                           query_text=QUESTION, max_new_tokens=8)
+    tokens, stats = decode(
+        stub,
+        keys=keys,
+        context_ids=ctx,
+        recipe=recipe_to_proto(Recipe(method="full")),
+        query_text=QUESTION,
+        max_new_tokens=8,
+    )
     assert stats.prefilled and "71432" in "".join(t.text for t in tokens)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(keys=["default/m/r/h"], query_text="hi", selection="nope"), "unknown selection 'nope'"),
-    (dict(keys=["default/m/r/h"], query_text="hi", budget_fraction=2.0), "budget_fraction 2.0"),
-    (dict(keys=["default/m/r/h"]), "the query is empty"),
-    (dict(keys=["default/m/r/h"], query_text="hi", paged=True), "paged decoding"),
-    (dict(keys=["default/m/r/h"], query_text="hi", temperature=-1.0), "temperature"),
-    (dict(query_text="hi"), "no entry"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(keys=["default/m/r/h"], query_text="hi", selection="nope"), "unknown selection 'nope'"),
+        (dict(keys=["default/m/r/h"], query_text="hi", budget_fraction=2.0), "budget_fraction 2.0"),
+        (dict(keys=["default/m/r/h"]), "the query is empty"),
+        (dict(keys=["default/m/r/h"], query_text="hi", paged=True), "paged decoding"),
+        (dict(keys=["default/m/r/h"], query_text="hi", temperature=-1.0), "temperature"),
+        (dict(query_text="hi"), "no entry"),
+    ],
+)
 def test_bad_requests_are_invalid_argument(system, fields, message):
     stub = system[0]
     with pytest.raises(grpc.RpcError) as info:
@@ -129,4 +142,6 @@ def test_a_query_too_long_for_the_model_is_invalid_argument(system):
     keys = prefill.keys(tokenizer(CONTEXT).input_ids, Recipe(method="full"))
     with pytest.raises(grpc.RpcError) as info:
         decode(stub, keys=keys, query_text=QUESTION, max_new_tokens=8190)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than the model's 8192" in info.value.details()
+    assert (
+        info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than the model's 8192" in info.value.details()
+    )

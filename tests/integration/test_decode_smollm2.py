@@ -18,7 +18,9 @@ PASSKEY_TEXT = FILLER * 6 + "The pass key is 71432. Remember it. " + FILLER * 30
 def passkey(smollm2):
     model, tokenizer = smollm2
     ctx = tokenizer(PASSKEY_TEXT, return_tensors="pt").input_ids
-    query = tokenizer("\nWhat is the pass key? The pass key is", return_tensors="pt", add_special_tokens=False).input_ids
+    query = tokenizer(
+        "\nWhat is the pass key? The pass key is", return_tensors="pt", add_special_tokens=False
+    ).input_ids
     return ctx, query, compress(model, ctx, "full")
 
 
@@ -26,7 +28,7 @@ def test_dense_selection_reproduces_full_attention_greedy_output(smollm2, passke
     model, tokenizer = smollm2
     ctx, query, entry = passkey
     full = torch.cat([ctx, query], 1)
-    plain = model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1]:].tolist()
+    plain = model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1] :].tolist()
     assert generate(model, tokenizer, entry, query, 10, selection="dense") == plain
 
 
@@ -46,8 +48,9 @@ def test_selection_cache_is_used_and_changes_nothing_for_dense(smollm2, passkey)
     model, tokenizer = smollm2
     ctx, query, entry = passkey
     stats = DecodeStats()
-    cached = generate(model, tokenizer, entry, query, 6, selection="topk", budget=ctx.shape[1] // 4,
-                      selection_cache=0.9, stats=stats)
+    cached = generate(
+        model, tokenizer, entry, query, 6, selection="topk", budget=ctx.shape[1] // 4, selection_cache=0.9, stats=stats
+    )
     assert stats.selection_cache_hits > 0
     assert "71432" in tokenizer.decode(cached)
 
@@ -72,14 +75,15 @@ def test_query_ids_must_be_one_row(smollm2, passkey):
 
 
 def test_needle_counter_sees_every_needle_slot_kept_by_an_unbounded_selection_and_fewer_by_a_small_one(
-        smollm2, passkey):
+    smollm2, passkey
+):
     from dkv.bench.decode import NeedleCounter
 
     model, tokenizer = smollm2
     ctx, query, entry = passkey
     ids = ctx[0].tolist()
     key = tokenizer(" 71432", add_special_tokens=False).input_ids
-    start = next(i for i in range(len(ids)) if ids[i:i + len(key)] == key)
+    start = next(i for i in range(len(ids)) if ids[i : i + len(key)] == key)
     rates = {}
     for budget in (ctx.shape[1] + 64, 24):
         counter = NeedleCounter(len(entry.layers))

@@ -24,17 +24,39 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TOKEN = "e2e-token"
-DOCUMENT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Thomas Pell. Its lamp burned whale "
-            "oil until 1904, when the keepers switched to kerosene. The last keeper, Ada Rowe, left in 1962. ") * 7
+DOCUMENT = (
+    "The lighthouse on Skerry Point was built in 1871 by the engineer Thomas Pell. Its lamp burned whale "
+    "oil until 1904, when the keepers switched to kerosene. The last keeper, Ada Rowe, left in 1962. "
+) * 7
 
 
 @pytest.fixture(scope="module")
 def system():
     port = free_port()
     # the answers are compared with this process's CPU float32 model, also on a machine with a GPU
-    proc = subprocess.Popen([sys.executable, "-m", "dkv", "up", "--port", str(port), "--http-port", str(free_port()),
-                             "--token", TOKEN, "--metrics", "--device", "cpu", "--dtype", "float32"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dkv",
+            "up",
+            "--port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+            "--token",
+            TOKEN,
+            "--metrics",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -63,7 +85,7 @@ def test_generate_equals_plain_generation_then_hits_the_cache(system, smollm2):
     context = tokenizer(DOCUMENT, add_special_tokens=False).input_ids
     query = tokenizer("\nQuestion: Who was the last keeper? Answer:", add_special_tokens=False).input_ids
     full = torch.tensor([context + query])
-    plain = model.generate(full, max_new_tokens=12, do_sample=False)[0, full.shape[1]:].tolist()
+    plain = model.generate(full, max_new_tokens=12, do_sample=False)[0, full.shape[1] :].tolist()
     expected = tokenizer.decode(plain, skip_special_tokens=True)
     recipe = Recipe(method="full")
     with DkvClient(address, token=TOKEN) as client:
@@ -99,8 +121,10 @@ def test_bad_requests_get_invalid_argument(system):
 
 def scrape(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {name: float(value) for name, _, value in
-            (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))}
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))
+    }
 
 
 def test_every_component_wants_the_token_and_reports_metrics(system):
@@ -118,9 +142,13 @@ def test_every_component_wants_the_token_and_reports_metrics(system):
         return after[component].get(name, 0.0) - before[component].get(name, 0.0)
 
     assert moved("gateway", 'dkv_rpc_duration_seconds_count{code="OK",method="Generate",service="gateway"}') == 1
-    assert after["gateway"]['dkv_rpc_duration_seconds_count{code="UNAUTHENTICATED",method="Generate",'
-                            'service="gateway"}'] >= 1
-    assert sum(moved("gateway", f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}') for c in ("hit", "partial", "miss")) == 1
+    assert (
+        after["gateway"]['dkv_rpc_duration_seconds_count{code="UNAUTHENTICATED",method="Generate",service="gateway"}']
+        >= 1
+    )
+    assert (
+        sum(moved("gateway", f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}') for c in ("hit", "partial", "miss")) == 1
+    )
     assert moved("prefill", 'dkv_prefill_tokens_total{source="computed"}') > 0
     assert moved("prefill", "dkv_prefill_compression_ratio_count") == 1
     assert moved("decode", "dkv_decode_tokens_total") >= 1
@@ -142,8 +170,14 @@ def test_the_openai_api_answers_with_the_same_token(system):
     after = scrape(metrics["gateway"])
     route = 'dkv_http_request_duration_seconds_count{route="/v1/chat/completions",status="200"}'
     assert after[route] - before.get(route, 0.0) == 1
-    assert sum(after[f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}'] - before.get(
-        f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}', 0.0) for c in ("hit", "partial", "miss")) == 1
+    assert (
+        sum(
+            after[f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}']
+            - before.get(f'dkv_gateway_ttft_seconds_count{{cache="{c}"}}', 0.0)
+            for c in ("hit", "partial", "miss")
+        )
+        == 1
+    )
 
 
 def test_ctrl_c_stops_everything(system):

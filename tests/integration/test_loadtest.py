@@ -99,12 +99,26 @@ def test_interceptor_reports_unreachable_server():
 def test_summary_fails_on_failures_and_slow_p99():
     from dkv.loadtest.summary import format_summary, problems
 
-    row = dict(type="grpc", requests=10, failures=0, rps=1.0, p50_ms=5.0, p95_ms=9.0, p99_ms=12.0, max_ms=12.0,
-               avg_bytes=100.0)
-    summary = dict(scenario="store", users=1, duration_s=10.0, requests=10, failures=0, rps=1.0, exceptions=0,
-                   rows=[dict(row, name="Get")], get_hit_rate=0.5, lookup_hit_rate=None,
-                   generate_cache=dict(hit=0, partial=0, miss=0, prefix_tokens_reused=None), key_space=None,
-                   bytes_put=0, store=None, p99_bound_ms=100.0)
+    row = dict(
+        type="grpc", requests=10, failures=0, rps=1.0, p50_ms=5.0, p95_ms=9.0, p99_ms=12.0, max_ms=12.0, avg_bytes=100.0
+    )
+    summary = dict(
+        scenario="store",
+        users=1,
+        duration_s=10.0,
+        requests=10,
+        failures=0,
+        rps=1.0,
+        exceptions=0,
+        rows=[dict(row, name="Get")],
+        get_hit_rate=0.5,
+        lookup_hit_rate=None,
+        generate_cache=dict(hit=0, partial=0, miss=0, prefix_tokens_reused=None),
+        key_space=None,
+        bytes_put=0,
+        store=None,
+        p99_bound_ms=100.0,
+    )
     assert problems(summary) == []
     assert "Get" in format_summary(summary)
     assert problems({**summary, "p99_bound_ms": 10.0}) == ["p99 of Get is 12 ms > --p99-ms 10"]
@@ -127,8 +141,21 @@ def test_loadtest_smoke(tmp_path):
     worker (they were once dropped between Put and Get; see docs/benchmarks.md, "Load test").
     """
     out = tmp_path / "loadtest"
-    cmd = [sys.executable, "-m", "dkv.loadtest.run", "--time", "30s", "--users", "3", "--scenario", "mixed",
-           "--p99-ms", "300000", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dkv.loadtest.run",
+        "--time",
+        "30s",
+        "--users",
+        "3",
+        "--scenario",
+        "mixed",
+        "--p99-ms",
+        "300000",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
@@ -154,8 +181,22 @@ def test_loadtest_smoke(tmp_path):
 def test_loadtest_http_smoke(tmp_path):
     """20 s of the http scenario (``make loadtest LOADTEST_SCENARIO=http``): chats over the OpenAI API, no failure."""
     out = tmp_path / "loadtest"
-    cmd = [sys.executable, "-m", "dkv.loadtest.run", "--time", "20s", "--users", "2", "--scenario", "http",
-           "--p99-ms", "300000", "--no-redis", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dkv.loadtest.run",
+        "--time",
+        "20s",
+        "--users",
+        "2",
+        "--scenario",
+        "http",
+        "--p99-ms",
+        "300000",
+        "--no-redis",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail

@@ -32,19 +32,23 @@ PASSKEY = "71432"
 RATIO = 0.75
 NEW_TOKENS = 10
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the important information there.\n\n")
-_AGNOSTIC = ("query-agnostic window: the last 64 queries read repeated filler and attend to sinks, neighbours and "
-             "earlier filler copies, so the passkey sentence is kept in only some KV heads; this model needs it in "
-             "nearly all of them")
+PREAMBLE = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
+)
+_AGNOSTIC = (
+    "query-agnostic window: the last 64 queries read repeated filler and attend to sinks, neighbours and "
+    "earlier filler copies, so the passkey sentence is kept in only some KV heads; this model needs it in "
+    "nearly all of them"
+)
 KNOWN_FAILURES = {
     # Measured on this prompt (docs/benchmarks.md, "H2O and the passkey"): of the key's 5 digit tokens,
     # H2O keeps 1.5-2.1 per KV head at ratio 0.5 and 2.4-3.0 even at 0.25; 4-22 of the 90 heads keep
     # all five. The digits are read only by the tokens right after them; accumulated attention goes to
     # sinks, punctuation and the filler repeated everywhere.
     "h2o": "accumulated attention keeps too few of the key's digits (1.5-3 of 5 per KV head at ratio 0.25-0.5); "
-           "no setting tried (ratio 0.25-0.75, query-aware or not, recent_fraction 0.2-0.5, attention "
-           "normalized by the queries that see each token) keeps the key",
+    "no setting tried (ratio 0.25-0.75, query-aware or not, recent_fraction 0.2-0.5, attention "
+    "normalized by the queries that see each token) keeps the key",
 }
 
 
@@ -72,8 +76,9 @@ def passkey(smollm2):
     parts = [FILLER] * 22
     parts.insert(3, f"The pass key is {PASSKEY}. Remember it. ")  # 15% depth
     context = PREAMBLE + "".join(parts)
-    text = tok.apply_chat_template([{"role": "user", "content": context + "\n\nWhat is the pass key?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": context + "\n\nWhat is the pass key?"}], tokenize=False, add_generation_prompt=True
+    )
     cut = text.index(context) + len(context)
     ctx = tok(text[:cut], return_tensors="pt", add_special_tokens=False).input_ids
     question = tok(text[cut:], return_tensors="pt", add_special_tokens=False).input_ids
@@ -84,7 +89,7 @@ def passkey(smollm2):
 def _answer(smollm2, ids, entry=None) -> tuple[torch.Tensor, str]:
     model, tok = smollm2
     kwargs = {} if entry is None else {"cache": to_hf_cache(entry)}
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)[0, ids.shape[1]:]
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)[0, ids.shape[1] :]
     return out, tok.decode(out, skip_special_tokens=True)
 
 
@@ -117,10 +122,13 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=True)) if n in KNOWN_FAILURES else n
-    for n in sorted(set(METHODS) - {"full", "streaming_llm"})
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=True)) if n in KNOWN_FAILURES else n
+        for n in sorted(set(METHODS) - {"full", "streaming_llm"})
+    ],
+)
 def test_method_keeps_a_passkey_that_streaming_llm_loses(smollm2, passkey, name):
     ctx, ids = passkey
     setting = dict(SETTINGS[name])

@@ -212,7 +212,12 @@ def test_fingerprint_of_a_model_not_loaded_by_dkv(converted):
 
     tokenizer = converted[1]
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     torch.manual_seed(0)
     a = LlamaForCausalLM(config)
@@ -238,12 +243,15 @@ def test_non_llama_model_is_refused(tmp_path):
         load_model(str(tmp_path))
 
 
-@pytest.mark.parametrize("files, message", [
-    ({}, "has no config.json"),
-    ({"config.json": "[1, 2]"}, "is not a JSON object with a model_type"),
-    ({"config.json": '{"model_type": "llama"}'}, r"has no weights \(\*.safetensors or \*.bin\)"),
-    ({"config.json": '{"model_type": "llama"}', "model.safetensors": ""}, "has no tokenizer"),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({}, "has no config.json"),
+        ({"config.json": "[1, 2]"}, "is not a JSON object with a model_type"),
+        ({"config.json": '{"model_type": "llama"}'}, r"has no weights \(\*.safetensors or \*.bin\)"),
+        ({"config.json": '{"model_type": "llama"}', "model.safetensors": ""}, "has no tokenizer"),
+    ],
+)
 def test_an_incomplete_folder_is_refused_before_loading(tmp_path, files, message):
     for name, text in files.items():
         (tmp_path / name).write_text(text)

@@ -34,10 +34,14 @@ from dkv.workers.model_source import ModelError
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-CONTEXT = ("The committee met on Tuesday to review the budget for the new library. Members discussed the cost of "
-           "shelving, the hours of the reading room and a plan to lend laptops to students. ") * 3
-OTHER_CONTEXT = ("A storm closed the harbour for three days; the ferry to the island stayed at the pier and the "
-                 "fishermen mended their nets in the sheds. ") * 3
+CONTEXT = (
+    "The committee met on Tuesday to review the budget for the new library. Members discussed the cost of "
+    "shelving, the hours of the reading room and a plan to lend laptops to students. "
+) * 3
+OTHER_CONTEXT = (
+    "A storm closed the harbour for three days; the ferry to the island stayed at the pier and the "
+    "fishermen mended their nets in the sheds. "
+) * 3
 QUERY = "\nWhat did the committee discuss?"
 NEW_TOKENS = 12
 SHAPES = {  # family -> (layers, query heads, KV heads, head dim)
@@ -61,7 +65,7 @@ def ids(tokenizer, text: str) -> list[int]:
 
 def plain_generate(model, context: list[int], query: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
     full = torch.tensor([context + query])
-    return model.generate(full, max_new_tokens=new_tokens, do_sample=False)[0, full.shape[1]:].tolist()
+    return model.generate(full, max_new_tokens=new_tokens, do_sample=False)[0, full.shape[1] :].tolist()
 
 
 def test_the_folder_loads_with_its_family_shape(family):
@@ -79,8 +83,7 @@ def test_full_recipe_continues_like_plain_generation(family):
     context, query = ids(tokenizer, CONTEXT), ids(tokenizer, QUERY)
     entry = compress(model, torch.tensor([context]), "full")
     info = model_info(model)
-    assert (entry.num_layers, entry.num_kv_heads, entry.head_dim) == (info.num_layers, info.num_kv_heads,
-                                                                         info.head_dim)
+    assert (entry.num_layers, entry.num_kv_heads, entry.head_dim) == (info.num_layers, info.num_kv_heads, info.head_dim)
     with torch.no_grad():  # the cache is the context's: the query's logits match a plain forward
         cached = model(torch.tensor([query]), cache=to_hf_cache(entry)).logits[0, -1]
         plain = model(torch.tensor([context + query])).logits[0, -1]
@@ -99,7 +102,11 @@ def test_a_compressed_recipe_runs_and_keeps_what_it_promises(family, selection, 
     entry = compress(model, torch.tensor([context]), "snapkv", ratio=0.5, quant="int4")
     info = model_info(model)
     assert (entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.seq_len) == (
-        info.num_layers, info.num_kv_heads, info.head_dim, len(context))
+        info.num_layers,
+        info.num_kv_heads,
+        info.head_dim,
+        len(context),
+    )
     keep = round(len(context) * 0.5)
     for layer in entry.layers:
         assert layer.head_counts().tolist() == [keep] * info.num_kv_heads
@@ -121,8 +128,9 @@ def test_through_the_grpc_services(family, store_service):
         text, again = client.ask(context, query, recipe=Recipe(method="full"), max_new_tokens=NEW_TOKENS)
         assert text == expected and again.cache_hit and again.prefilled_tokens == 0
         recipe = Recipe(method="snapkv", ratio=0.5, quant="int4", chunk_size=64, chunked=True)
-        text, compressed = client.ask(context, query, recipe=recipe, selection="pages", budget=32,
-                                      max_new_tokens=NEW_TOKENS)
+        text, compressed = client.ask(
+            context, query, recipe=recipe, selection="pages", budget=32, max_new_tokens=NEW_TOKENS
+        )
         assert text and compressed.prefilled_tokens == len(context)
         assert compressed.entry_bytes < first.entry_bytes / 2  # half the tokens at 4 bits
 
@@ -151,13 +159,20 @@ def test_a_repo_id_is_found_in_the_local_hugging_face_cache(tmp_path, random_mod
     shutil.copytree(random_models["llama"], repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    probe = ("import json, sys; from dkv.workers.model_source import resolve_model\n"
-             "for name in sys.argv[1:]:\n"
-             "    try: print(json.dumps(['ok', str(resolve_model(name).path)]))\n"
-             "    except ValueError as e: print(json.dumps(['error', str(e)]))\n")
+    probe = (
+        "import json, sys; from dkv.workers.model_source import resolve_model\n"
+        "for name in sys.argv[1:]:\n"
+        "    try: print(json.dumps(['ok', str(resolve_model(name).path)]))\n"
+        "    except ValueError as e: print(json.dumps(['error', str(e)]))\n"
+    )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", probe, "dkv-tests/tiny-llama", "dkv-tests/not-there"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe, "dkv-tests/tiny-llama", "dkv-tests/not-there"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     found, missing = (json.loads(line) for line in out.stdout.splitlines())
     assert found == ["ok", str((repo / "snapshots" / commit).resolve())]

@@ -41,15 +41,20 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_calls_need_a_token_and_tenants_stay_in_their_namespace(store_service):
-    server = store_service(StoreSettings(port=0, cpu_bytes=64 << 20, auth_token=SERVICE_TOKEN, tenant_tokens=TENANTS,
-                                         metrics_port=free_port()))
+    server = store_service(
+        StoreSettings(
+            port=0, cpu_bytes=64 << 20, auth_token=SERVICE_TOKEN, tenant_tokens=TENANTS, metrics_port=free_port()
+        )
+    )
     acme_entry = synthetic_entry(tenant="acme", seed=1, token_ids=list(range(64)))
     beta_entry = synthetic_entry(seq_len=64, tenant="beta", seed=2)
-    with StoreClient(server.address) as anonymous, \
-            StoreClient(server.address, security=Security("wrong")) as forged, \
-            StoreClient(server.address, security=Security("acme-secret")) as acme, \
-            StoreClient(server.address, security=Security("beta-secret")) as beta, \
-            StoreClient(server.address, security=Security(SERVICE_TOKEN)) as service:
+    with (
+        StoreClient(server.address) as anonymous,
+        StoreClient(server.address, security=Security("wrong")) as forged,
+        StoreClient(server.address, security=Security("acme-secret")) as acme,
+        StoreClient(server.address, security=Security("beta-secret")) as beta,
+        StoreClient(server.address, security=Security(SERVICE_TOKEN)) as service,
+    ):
         code, why = code_of(anonymous.stats)
         assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization: Bearer" in why
         assert code_of(anonymous.put, acme_entry)[0] == grpc.StatusCode.UNAUTHENTICATED
@@ -64,8 +69,10 @@ def test_calls_need_a_token_and_tenants_stay_in_their_namespace(store_service):
         assert code == grpc.StatusCode.PERMISSION_DENIED and "'beta'" in why and "'acme'" in why
         assert code_of(beta.delete, key)[0] == grpc.StatusCode.PERMISSION_DENIED
         recipe = acme_entry.identity.recipe
-        assert code_of(beta.lookup, "synthetic-model", recipe, list(range(64)), "acme")[0] == \
-            grpc.StatusCode.PERMISSION_DENIED
+        assert (
+            code_of(beta.lookup, "synthetic-model", recipe, list(range(64)), "acme")[0]
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
         assert beta.lookup("synthetic-model", recipe, list(range(64)), "") is None  # beta's own namespace
         assert acme.lookup("synthetic-model", recipe, list(range(64)), "").keys == [key]
         assert code_of(acme.put, beta_entry)[0] == grpc.StatusCode.PERMISSION_DENIED  # writing as another tenant
@@ -86,8 +93,10 @@ def test_metrics_move_with_traffic(store_service):
     server = store_service(StoreSettings(port=0, cpu_bytes=1 << 20, metrics_port=free_port()))
     port = server.server.metrics_port
     before = scrape(port)
-    entries = [synthetic_entry(seq_len=256, num_layers=2, seed=i, token_ids=list(range(i * 1000, i * 1000 + 256)))
-               for i in range(6)]
+    entries = [
+        synthetic_entry(seq_len=256, num_layers=2, seed=i, token_ids=list(range(i * 1000, i * 1000 + 256)))
+        for i in range(6)
+    ]
     with StoreClient(server.address) as client:
         keys = [client.put(e).key for e in entries]  # 6 x 0.4 MiB into 1 MiB: evictions
         for key in keys:
@@ -108,19 +117,25 @@ def test_metrics_move_with_traffic(store_service):
 
 def test_tls_and_mutual_tls(store_service, pki):
     entry = synthetic_entry(seq_len=64, seed=3)
-    tls = store_service(StoreSettings(port=0, cpu_bytes=16 << 20, tls_cert=pki["server_cert"],
-                                      tls_key=pki["server_key"]))
+    tls = store_service(
+        StoreSettings(port=0, cpu_bytes=16 << 20, tls_cert=pki["server_cert"], tls_key=pki["server_key"])
+    )
     with StoreClient(f"127.0.0.1:{tls.port}", security=Security(tls_ca=pki["ca"])) as client:
         assert client.get(client.put(entry).key) is not None
     with StoreClient(f"127.0.0.1:{tls.port}", timeout_s=3) as plaintext:
         assert code_of(plaintext.stats)[0] == grpc.StatusCode.UNAVAILABLE
 
-    mutual = store_service(StoreSettings(port=0, cpu_bytes=16 << 20, tls_cert=pki["server_cert"],
-                                         tls_key=pki["server_key"], tls_ca=pki["ca"]))
+    mutual = store_service(
+        StoreSettings(
+            port=0, cpu_bytes=16 << 20, tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_ca=pki["ca"]
+        )
+    )
     with StoreClient(f"127.0.0.1:{mutual.port}", timeout_s=3, security=Security(tls_ca=pki["ca"])) as no_cert:
         assert code_of(no_cert.stats)[0] == grpc.StatusCode.UNAVAILABLE
-    with StoreClient(f"127.0.0.1:{mutual.port}", security=Security(tls_ca=pki["ca"], tls_cert=pki["client_cert"],
-                                                                   tls_key=pki["client_key"])) as client:
+    with StoreClient(
+        f"127.0.0.1:{mutual.port}",
+        security=Security(tls_ca=pki["ca"], tls_cert=pki["client_cert"], tls_key=pki["client_key"]),
+    ) as client:
         assert client.get(client.put(entry).key) is not None
 
 
@@ -133,7 +148,9 @@ def test_logs_are_json_lines_with_the_request_id(store_service, caplog):
         with pytest.raises(grpc.RpcError):
             list(get(b"\x0a\x03a/b", metadata=(("x-request-id", "req-42"),), timeout=5))
     deadline = time.monotonic() + 10  # the server logs the call as it ends, maybe after the client saw it end
-    while not (records := [r for r in caplog.records if getattr(r, "rpc", "") == "Get"]) and time.monotonic() < deadline:
+    while (
+        not (records := [r for r in caplog.records if getattr(r, "rpc", "") == "Get"]) and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert records and records[-1].request_id == "req-42" and records[-1].code == "INVALID_ARGUMENT"
     line = json.loads(JsonFormatter().format(records[-1]))

@@ -24,8 +24,13 @@ pytestmark = pytest.mark.slow
 
 
 def _source_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [f for f in out.splitlines() if (ROOT / f).is_file()]
 
 
@@ -36,8 +41,12 @@ def wheel(tmp_path_factory) -> Path:
     for name in _source_files():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp),
-                    str(src)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (found,) = tmp.glob("dkv-*.whl")
     return found
 
@@ -69,9 +78,13 @@ def test_the_wheel_asks_only_for_the_client_unless_an_extra_is_named(wheel):
     by_extra: dict[str, list[str]] = {}
     for r in requires:
         if "extra ==" in r:
-            by_extra.setdefault(re.search(r"extra == \"(\w+)\"", r).group(1), []).append(re.match(r"[^<>=!;]+", r).group())
+            by_extra.setdefault(re.search(r"extra == \"(\w+)\"", r).group(1), []).append(
+                re.match(r"[^<>=!;]+", r).group()
+            )
     assert sorted(by_extra) == ["bench", "server", "test"]
-    assert {"torch", "transformers", "ray", "redis", "fastapi", "uvicorn"} <= {name.strip() for name in by_extra["server"]}
+    assert {"torch", "transformers", "ray", "redis", "fastapi", "uvicorn"} <= {
+        name.strip() for name in by_extra["server"]
+    }
     assert "openai" in {name.strip() for name in by_extra["test"]}
     assert "dkv[server]" in by_extra["bench"] and "matplotlib" in by_extra["bench"]
 
@@ -80,13 +93,25 @@ def test_the_installed_wheel_imports_beside_hugging_face_kernels_from_anywhere(w
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (site / "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300,
-                   capture_output=True)
-    probe = ("import dkv, dkv.workers.model, dkv.kernels, transformers.integrations.hub_kernels, kernels; "
-             "print(dkv.__file__); print(kernels.__file__)")
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    probe = (
+        "import dkv, dkv.workers.model, dkv.kernels, transformers.integrations.hub_kernels, kernels; "
+        "print(dkv.__file__); print(kernels.__file__)"
+    )
     out = subprocess.run([str(python), "-c", probe], cwd="/", capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     dkv_file, kernels_file = out.stdout.split()
@@ -101,10 +126,17 @@ def test_from_the_repository_root_import_kernels_is_hugging_faces():
     assert not Path(out.stdout.split()[0]).is_relative_to(ROOT / "kernels"), out.stdout
     # and the other folders are no packages of their own there either
     for name in ("services", "workers", "kvstore", "bench", "loadtest"):
-        out = subprocess.run([sys.executable, "-c", f"import {name}; print({name}.__file__)"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
-        assert out.stdout.strip() in ("", "None") or not Path(out.stdout.strip()).is_relative_to(ROOT / name), \
-            (name, out.stdout)
+        out = subprocess.run(
+            [sys.executable, "-c", f"import {name}; print({name}.__file__)"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.stdout.strip() in ("", "None") or not Path(out.stdout.strip()).is_relative_to(ROOT / name), (
+            name,
+            out.stdout,
+        )
 
 
 def test_dkv_runs_as_a_module_and_as_a_command():

@@ -46,8 +46,11 @@ def test_select_rejects_bad_layers_and_pages_and_misses_cleanly(store_service):
     entry = synthetic_entry(seq_len=200, num_layers=2)
     with StoreClient(server.address) as client:
         key = client.put(entry).key
-        for layer, pages, message in ((5, [0], "layer 5 does not exist"), (0, [3, 1], "ascending"),
-                                      (0, [10**6], "ascending indices in [0,")):
+        for layer, pages, message in (
+            (5, [0], "layer 5 does not exist"),
+            (0, [3, 1], "ascending"),
+            (0, [10**6], "ascending indices in [0,"),
+        ):
             with pytest.raises(grpc.RpcError) as info:
                 client.select(key, layer, pages)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
@@ -67,12 +70,15 @@ def test_page_cache_stays_within_its_bytes():
 def test_paged_decoding_moves_bytes_with_the_budget_not_the_context(smollm2, store_service):
     model, tokenizer = smollm2
     server = store_service()
-    query = tokenizer("\nWhat is the pass key? The pass key is", return_tensors="pt", add_special_tokens=False).input_ids
+    query = tokenizer(
+        "\nWhat is the pass key? The pass key is", return_tensors="pt", add_special_tokens=False
+    ).input_ids
     first_step = {}
     with StoreClient(server.address, timeout_s=60) as client:
         for fill in (25, 50):
-            ctx = tokenizer(FILLER * 6 + "The pass key is 71432. Remember it. " + FILLER * fill,
-                            return_tensors="pt").input_ids
+            ctx = tokenizer(
+                FILLER * 6 + "The pass key is 71432. Remember it. " + FILLER * fill, return_tensors="pt"
+            ).input_ids
             key = str(client.put(compress(model, ctx, "full")).key)
             for budget in (64, 128):
                 fetch, stats = FetchStats(), DecodeStats()

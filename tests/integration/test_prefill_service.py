@@ -18,8 +18,10 @@ from dkv.workers.prefill import PrefillWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-TEXT = ("The committee met on Tuesday to review the budget for the new library. Members discussed the cost of "
-        "shelving, the hours of the reading room and a plan to lend laptops to students. ") * 12
+TEXT = (
+    "The committee met on Tuesday to review the budget for the new library. Members discussed the cost of "
+    "shelving, the hours of the reading room and a plan to lend laptops to students. "
+) * 12
 
 
 @pytest.fixture
@@ -85,13 +87,16 @@ def test_chunked_recipe_reuses_the_cached_prefix_of_a_longer_prompt(services):
     assert found.cached_tokens == 300 and [str(k) for k in found.keys] == list(first.keys)
 
 
-@pytest.mark.parametrize("recipe, ids, message", [
-    (Recipe(method="nope"), [1, 2, 3], "unknown compression method 'nope'; use one of"),
-    (Recipe(method="streaming_llm", params=(("window", 3.0),)), [1, 2, 3], "has no parameter ['window']"),
-    (Recipe(method="full"), [], "no context"),
-    (Recipe(method="full"), [1, 99999999], "outside the vocabulary [0, 49152)"),
-    (Recipe(method="full"), [1] * 3000, "at most 2048"),
-])
+@pytest.mark.parametrize(
+    "recipe, ids, message",
+    [
+        (Recipe(method="nope"), [1, 2, 3], "unknown compression method 'nope'; use one of"),
+        (Recipe(method="streaming_llm", params=(("window", 3.0),)), [1, 2, 3], "has no parameter ['window']"),
+        (Recipe(method="full"), [], "no context"),
+        (Recipe(method="full"), [1, 99999999], "outside the vocabulary [0, 49152)"),
+        (Recipe(method="full"), [1] * 3000, "at most 2048"),
+    ],
+)
 def test_bad_requests_are_invalid_argument_with_what_to_fix(services, recipe, ids, message):
     stub = services[0]
     request = prefill_pb2.PrefillRequest(recipe=recipe_to_proto(recipe))

@@ -16,8 +16,10 @@ from dkv.services.wire import recipe_to_proto
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-CONTEXT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Thomas Pell. The last keeper, Ada Rowe, "
-           "left in 1962. ") * 3
+CONTEXT = (
+    "The lighthouse on Skerry Point was built in 1871 by the engineer Thomas Pell. The last keeper, Ada Rowe, "
+    "left in 1962. "
+) * 3
 QUERY = "\nQuestion: Who was the last keeper? Answer:"
 
 
@@ -58,9 +60,10 @@ def test_actors_serve_generate_like_plain_generation_and_restart_after_a_crash(p
     context = tokenizer(CONTEXT, add_special_tokens=False).input_ids
     query = tokenizer(QUERY, add_special_tokens=False).input_ids
     full = torch.tensor([context + query])
-    plain = model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1]:].tolist()
-    gateway = Gateway(tokenizer, RayBackend(prefill[0]), Router([Worker("ray-decode-0", RayBackend(decode[0]))]),
-                      max_positions=8192)
+    plain = model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1] :].tolist()
+    gateway = Gateway(
+        tokenizer, RayBackend(prefill[0]), Router([Worker("ray-decode-0", RayBackend(decode[0]))]), max_positions=8192
+    )
     tokens, stats = generate(gateway, context, query, Recipe(method="full"))
     assert tokens == plain and not stats.cache_hit and stats.decode_worker == "ray-decode-0"
 

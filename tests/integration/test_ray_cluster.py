@@ -40,17 +40,24 @@ from dkv.services.transport import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RAY = Path(sys.executable).with_name("ray")
-CONTEXT = ("The lighthouse on Skerry Point was built in 1871 by the engineer Thomas Pell. The last keeper, Ada Rowe, "
-           "left in 1962. ") * 3
+CONTEXT = (
+    "The lighthouse on Skerry Point was built in 1871 by the engineer Thomas Pell. The last keeper, Ada Rowe, "
+    "left in 1962. "
+) * 3
 QUERY = "Who was the last keeper?"
 FULL = Recipe(method="full")
 # what the head (its GCS) and every node are started with: no token auth on this private loopback
 # cluster, node failures detected within seconds
 # (5 missed checks a second apart: a raylet starved of CPU for a moment on a loaded 2-core machine
 # is not declared dead, which once cancelled the prefill actor before it started)
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_initial_delay_ms": "1000",
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
-           "RAY_health_check_failure_threshold": "5"}
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "5",
+}
 
 
 class RayNode:
@@ -59,13 +66,33 @@ class RayNode:
     so they are found as descendants of this process, by pid."""
 
     def __init__(self, args: list[str], log: Path):
-        ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
-        command = [str(RAY), "start", "--block", "--disable-usage-stats", "--object-store-memory", str(100 << 20),
-                   *(x for flag in ports for x in (flag, str(free_port()))), *args]
+        ports = [
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        ]
+        command = [
+            str(RAY),
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--object-store-memory",
+            str(100 << 20),
+            *(x for flag in ports for x in (flag, str(free_port()))),
+            *args,
+        ]
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(command, env={**os.environ, **RAY_ENV}, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                command,
+                env={**os.environ, **RAY_ENV},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def descendants(self) -> list[int]:
         children: dict[int, list[int]] = {}
@@ -113,20 +140,53 @@ def ray_cluster(tmp_path_factory):
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # this driver connects as the nodes expect
     try:
-        nodes.append(RayNode(["--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-                              "--resources", json.dumps({"dkv_head": 1}), "--include-dashboard", "false",
-                              "--ray-client-server-port", str(free_port()), "--temp-dir", str(temp_dir)],
-                             logs / "head.log"))
+        nodes.append(
+            RayNode(
+                [
+                    "--head",
+                    "--port",
+                    str(gcs),
+                    "--node-ip-address",
+                    "127.0.0.1",
+                    "--num-cpus",
+                    "2",
+                    "--resources",
+                    json.dumps({"dkv_head": 1}),
+                    "--include-dashboard",
+                    "false",
+                    "--ray-client-server-port",
+                    str(free_port()),
+                    "--temp-dir",
+                    str(temp_dir),
+                ],
+                logs / "head.log",
+            )
+        )
         wait_for_port(gcs, 120)
         ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
-        nodes.append(RayNode(["--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                              "--resources", json.dumps({"dkv_node2": 1})], logs / "node2.log"))
+        nodes.append(
+            RayNode(
+                [
+                    "--address",
+                    f"127.0.0.1:{gcs}",
+                    "--node-ip-address",
+                    "127.0.0.1",
+                    "--num-cpus",
+                    "1",
+                    "--resources",
+                    json.dumps({"dkv_node2": 1}),
+                ],
+                logs / "node2.log",
+            )
+        )
         deadline = time.monotonic() + 120
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
             assert time.monotonic() < deadline, "the second Ray node did not join within 120 s"
             time.sleep(0.5)
-        ids = {name: next(n["NodeID"] for n in ray.nodes() if n["Alive"] and name in n["Resources"])
-               for name in ("dkv_head", "dkv_node2")}
+        ids = {
+            name: next(n["NodeID"] for n in ray.nodes() if n["Alive"] and name in n["Resources"])
+            for name in ("dkv_head", "dkv_node2")
+        }
         yield ids["dkv_head"], ids["dkv_node2"], nodes[1]
     finally:
         ray.shutdown()
@@ -143,17 +203,26 @@ def test_pools_across_two_nodes_survive_the_loss_of_the_node_holding_the_decode_
     head, second, second_node = ray_cluster
     model, tokenizer = smollm2
     full = torch.tensor([sum(split_chat(tokenizer, CONTEXT, QUERY), [])])  # what the gateway sends the workers
-    plain = tokenizer.decode(model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1]:],
-                             skip_special_tokens=True)
+    plain = tokenizer.decode(
+        model.generate(full, max_new_tokens=10, do_sample=False)[0, full.shape[1] :], skip_special_tokens=True
+    )
     ask = dict(chat_template=True, recipe=FULL, max_new_tokens=10)
 
     store = InProcessServer(StoreServer(StoreSettings(port=0, cpu_bytes=512 << 20)))
-    prefill, decode = start_pools("smollm2-135m", store.address, device="cpu",
-                                  prefill_options={"resources": {"dkv_head": 0.01}},
-                                  decode_options={"scheduling_strategy": NodeAffinitySchedulingStrategy(second, soft=True)})
+    prefill, decode = start_pools(
+        "smollm2-135m",
+        store.address,
+        device="cpu",
+        prefill_options={"resources": {"dkv_head": 0.01}},
+        decode_options={"scheduling_strategy": NodeAffinitySchedulingStrategy(second, soft=True)},
+    )
     assert ray.get(prefill[0].node.remote()) == head and ray.get(decode[0].node.remote()) == second
-    gateway = Gateway(tokenizer, RayBackend(prefill[0], restart_wait_s=240),
-                      Router([Worker("ray-decode-0", RayBackend(decode[0], restart_wait_s=240))]), max_positions=8192)
+    gateway = Gateway(
+        tokenizer,
+        RayBackend(prefill[0], restart_wait_s=240),
+        Router([Worker("ray-decode-0", RayBackend(decode[0], restart_wait_s=240))]),
+        max_positions=8192,
+    )
     server = InProcessServer(GatewayServer(GatewaySettings(port=0, prefill="ray", decode="ray"), gateway))
     client = DkvClient(server.address, timeout_s=300)
     try:
@@ -165,8 +234,9 @@ def test_pools_across_two_nodes_survive_the_loss_of_the_node_holding_the_decode_
 
         def stream():
             try:
-                for item in client.generate(CONTEXT, QUERY, chat_template=True, recipe=FULL, max_new_tokens=400,
-                                            ignore_eos=True):
+                for item in client.generate(
+                    CONTEXT, QUERY, chat_template=True, recipe=FULL, max_new_tokens=400, ignore_eos=True
+                ):
                     if isinstance(item, str):
                         pieces.append(item)
                 outcome["finished"] = True
@@ -194,9 +264,11 @@ def test_pools_across_two_nodes_survive_the_loss_of_the_node_holding_the_decode_
         assert ray.get(decode[0].node.remote()) == head
         assert not next(n for n in ray.nodes() if n["NodeID"] == second)["Alive"]
         assert client.ask(CONTEXT, "When was it built?", **ask)[0]  # a new question: prefill and decode
-        print(f"[measured] node killed after {len(pieces)} streamed tokens: the stream ended UNAVAILABLE "
-              f"{outcome['at'] - killed_at:.2f} s later; the next request answered {answered_at - killed_at:.1f} s "
-              "after the kill (the decode actor restarted on the head, its model loaded again)")
+        print(
+            f"[measured] node killed after {len(pieces)} streamed tokens: the stream ended UNAVAILABLE "
+            f"{outcome['at'] - killed_at:.2f} s later; the next request answered {answered_at - killed_at:.1f} s "
+            "after the kill (the decode actor restarted on the head, its model loaded again)"
+        )
     finally:
         client.close()
         server.stop()

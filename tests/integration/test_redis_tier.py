@@ -369,7 +369,9 @@ def test_stores_sharing_a_redis_count_their_own_entries_and_read_each_others(red
     from dkv.services.store_server import build_store
 
     def store(shard: str):
-        return build_store(StoreSettings(cpu_bytes=0, redis_url=redis_url, redis_bytes=CAP, redis_prefix=f"dkv:{shard}:"))
+        return build_store(
+            StoreSettings(cpu_bytes=0, redis_url=redis_url, redis_bytes=CAP, redis_prefix=f"dkv:{shard}:")
+        )
 
     client = raw(redis_url)
     a = store("a")
@@ -387,7 +389,8 @@ def test_stores_sharing_a_redis_count_their_own_entries_and_read_each_others(red
     assert got.key == entries[0].key and torch.equal(got.layers[0].keys, entries[0].layers[0].keys)
     assert b.probe([entries[1].key, key(7)])[1] is None  # adopted by a lookup too; an unknown key is a miss
     assert b.stats().entries == 2 and sorted(client.hkeys("{dkv:b:}index")) == sorted(
-        str(e.key).encode() for e in entries[:2])
+        str(e.key).encode() for e in entries[:2]
+    )
     assert client.hlen("{dkv:a:}index") == 3
     assert b.delete(entries[2].key)  # b never held it: deleted from the shared tier all the same
     with pytest.raises(EntryNotFound):
@@ -401,11 +404,13 @@ def test_stores_sharing_a_redis_count_their_own_entries_and_read_each_others(red
 
 def layout(client: redis.Redis) -> dict:
     """The tier's bookkeeping as Redis holds it."""
-    return {"index": {k.decode(): int(v) for k, v in client.hgetall(INDEX).items()},
-            "versions": {k.decode(): v.decode() for k, v in client.hgetall(VERSIONS).items()},
-            "used": int(client.get(USED) or 0),
-            "manifests": sorted(k.decode()[len("dkv:m:{"):-1] for k in client.scan_iter(match="dkv:m:*")),
-            "data": len(string_keys(client, "dkv:d:*"))}
+    return {
+        "index": {k.decode(): int(v) for k, v in client.hgetall(INDEX).items()},
+        "versions": {k.decode(): v.decode() for k, v in client.hgetall(VERSIONS).items()},
+        "used": int(client.get(USED) or 0),
+        "manifests": sorted(k.decode()[len("dkv:m:{") : -1] for k in client.scan_iter(match="dkv:m:*")),
+        "data": len(string_keys(client, "dkv:d:*")),
+    }
 
 
 def test_a_missing_manifest_is_a_miss_that_frees_the_entry_s_accounting_and_data_keys(tier, redis_url):
@@ -452,8 +457,9 @@ def test_the_audit_repairs_the_bookkeeping_from_the_manifests_of_the_entries_it_
     assert state["index"] == {str(k): n for k, n in expected.items()} and state["used"] == sum(expected.values())
     assert sorted(state["versions"]) == sorted(map(str, expected)) and state["manifests"] == sorted(map(str, expected))
     # the data keys of the two lost entries are gone (found through the versions hash), the others kept
-    assert state["data"] == 4 * 2 and not any(string_keys(client, f"{data(key(i))}{v}:*")
-                                              for i, v in zip((0, 1), lost_versions))
+    assert state["data"] == 4 * 2 and not any(
+        string_keys(client, f"{data(key(i))}{v}:*") for i, v in zip((0, 1), lost_versions)
+    )
     assert tier.used_bytes() == sum(expected.values()) and sorted(tier.keys()) == sorted(expected)
     assert tier.audit() == expected and layout(client) == state  # nothing left to repair
     client.close()

@@ -79,13 +79,17 @@ def test_bad_input_gets_a_status_code_and_a_message_and_nothing_is_stored(store_
             err = rpc_error(client.put_frames, frames)
             assert err.code() == code, (message, err.details())
             assert message in err.details()
-        for key, code in (("", grpc.StatusCode.INVALID_ARGUMENT), ("a/b", grpc.StatusCode.INVALID_ARGUMENT),
-                          ("t/m/r/../x", grpc.StatusCode.INVALID_ARGUMENT)):
+        for key, code in (
+            ("", grpc.StatusCode.INVALID_ARGUMENT),
+            ("a/b", grpc.StatusCode.INVALID_ARGUMENT),
+            ("t/m/r/../x", grpc.StatusCode.INVALID_ARGUMENT),
+        ):
             assert rpc_error(client.get_frames, key).code() == code
         err = rpc_error(client.lookup, "m", Recipe(), [])
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "token_ids is empty" in err.details()
-        bad_recipe = store_pb2.LookupRequest(model_fingerprint="m", recipe={"method": "snapkv", "ratio": 1.5},
-                                             token_ids=[1, 2])
+        bad_recipe = store_pb2.LookupRequest(
+            model_fingerprint="m", recipe={"method": "snapkv", "ratio": 1.5}, token_ids=[1, 2]
+        )
         err = rpc_error(client._lookup, bad_recipe)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "ratio 1.5" in err.details()
         stats = client.stats()
@@ -170,8 +174,10 @@ def test_health_and_reflection(store_service):
     channel = grpc.insecure_channel(server.address)
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "dkv.v1.KVStore"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
     names = {s.name for r in replies for s in r.list_services_response.service}
@@ -201,11 +207,13 @@ def test_concurrent_clients_never_see_torn_entries(store_service):
             for _ in range(30):
                 got = client.get(key)
                 if got is not None and not any(
-                        all(torch.equal(a.keys, b.keys) for a, b in zip(got.layers, v.layers)) for v in versions):
+                    all(torch.equal(a.keys, b.keys) for a, b in zip(got.layers, v.layers)) for v in versions
+                ):
                     errors.append("a read matched no written version")
 
-    threads = [threading.Thread(target=writer, args=(s,)) for s in range(2)] + \
-        [threading.Thread(target=reader) for _ in range(3)]
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(2)] + [
+        threading.Thread(target=reader) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -216,11 +224,20 @@ def test_concurrent_clients_never_see_torn_entries(store_service):
 def test_keepalive_and_connection_age_reach_the_grpc_server():
     from dkv.services.store_server import StoreServer
 
-    options = dict(StoreServer(StoreSettings(port=0, cpu_bytes=1 << 20, keepalive_s=20, keepalive_timeout_s=5,
-                                             max_connection_age_s=600, grace_s=7)).grpc_options())
-    assert options == {"grpc.keepalive_time_ms": 20_000, "grpc.keepalive_timeout_ms": 5_000,
-                       "grpc.http2.max_pings_without_data": 0, "grpc.max_connection_age_ms": 600_000,
-                       "grpc.max_connection_age_grace_ms": 7_000}
+    options = dict(
+        StoreServer(
+            StoreSettings(
+                port=0, cpu_bytes=1 << 20, keepalive_s=20, keepalive_timeout_s=5, max_connection_age_s=600, grace_s=7
+            )
+        ).grpc_options()
+    )
+    assert options == {
+        "grpc.keepalive_time_ms": 20_000,
+        "grpc.keepalive_timeout_ms": 5_000,
+        "grpc.http2.max_pings_without_data": 0,
+        "grpc.max_connection_age_ms": 600_000,
+        "grpc.max_connection_age_grace_ms": 7_000,
+    }
     assert StoreServer(StoreSettings(port=0, cpu_bytes=1 << 20, keepalive_s=0)).grpc_options() == []
 
 
@@ -232,5 +249,6 @@ def test_a_store_with_redis_says_at_start_whether_its_entries_are_signed(redis_u
     assert any(r.levelname == "WARNING" and "no cluster_secret" in r.getMessage() for r in caplog.records)
     caplog.clear()
     StoreServer(StoreSettings(port=0, cpu_bytes=1 << 20, redis_url=redis_url, cluster_secret="s")).close()
-    assert [r.getMessage() for r in caplog.records] == ["entries in Redis carry a keyed MAC (cluster_secret); reads "
-                                                        "check it"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "entries in Redis carry a keyed MAC (cluster_secret); reads check it"
+    ]

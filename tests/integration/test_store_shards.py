@@ -16,8 +16,10 @@ from dkv.workers.prefill import PrefillWorker
 
 pytestmark = pytest.mark.timeout(300)
 
-TEXT = ("The committee met on Tuesday to review the budget for the new library. Members discussed the cost of "
-        "shelving, the hours of the reading room and a plan to lend laptops to students. ") * 8
+TEXT = (
+    "The committee met on Tuesday to review the budget for the new library. Members discussed the cost of "
+    "shelving, the hours of the reading room and a plan to lend laptops to students. "
+) * 8
 MORE = " In the end they agreed to open on Sundays and to buy more chairs for the reading room."
 RECIPE = Recipe(method="snapkv", ratio=0.5, chunk_size=32, chunked=True)
 
@@ -87,8 +89,11 @@ def test_a_chunked_prompt_is_found_across_shards_and_a_lost_shard_costs_only_mis
         first_lost = next(i for i, k in enumerate(found.keys) if owner(k, client.addresses) == lost)
         partial = client.lookup(model.dkv_fingerprint, RECIPE, longer)
         assert first_lost >= 1 and partial.keys == found.keys[:first_lost] and partial.cached_tokens == first_lost * 32
-        orphan = next(e for e in (synthetic_entry(seq_len=32, num_layers=1, seed=s) for s in range(1000))
-                      if owner(e.key, client.addresses) == lost)
+        orphan = next(
+            e
+            for e in (synthetic_entry(seq_len=32, num_layers=1, seed=s) for s in range(1000))
+            if owner(e.key, client.addresses) == lost
+        )
         with pytest.raises(grpc.RpcError) as e:  # what the lost shard owns cannot be stored: a loud error
             client.put(orphan)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -99,7 +104,8 @@ def test_a_chunked_prompt_is_found_across_shards_and_a_lost_shard_costs_only_mis
 
 @pytest.mark.redis
 def test_a_lost_shard_s_entries_in_redis_cluster_are_served_by_the_shards_its_keys_move_to(
-        smollm2, store_service, redis_cluster_url):
+    smollm2, store_service, redis_cluster_url
+):
     """Three shards share a Redis Cluster as their last tier (each its own bookkeeping prefix). One is
     stopped: reads of its keys go to the shards that rank second for them (first while it is still
     listed, then after the membership drops it), which find its entries in the cluster: the prompt is
@@ -107,8 +113,14 @@ def test_a_lost_shard_s_entries_in_redis_cluster_are_served_by_the_shards_its_ke
     from dkv.services.settings import StoreSettings
 
     model, tokenizer = smollm2
-    shards = [store_service(StoreSettings(port=0, cpu_bytes=0, redis_url=redis_cluster_url, redis_cluster=True,
-                                          redis_prefix=f"dkv:shard-{i}:")) for i in range(3)]
+    shards = [
+        store_service(
+            StoreSettings(
+                port=0, cpu_bytes=0, redis_url=redis_cluster_url, redis_cluster=True, redis_prefix=f"dkv:shard-{i}:"
+            )
+        )
+        for i in range(3)
+    ]
     members = [s.address for s in shards]
     client = ShardedStoreClient(lambda: list(members), timeout_s=120, refresh_s=3600)
     worker = PrefillWorker(model, tokenizer, client, max_tokens=2048)
@@ -156,8 +168,11 @@ def test_calls_fail_unavailable_until_the_membership_names_a_shard(store_service
     members = []
     entry = synthetic_entry(seq_len=32, num_layers=1, seed=6)
     with ShardedStoreClient(lambda: list(members), refresh_s=3600) as client:  # the store's pods not ready yet
-        for call in (lambda: client.get(entry.key), lambda: client.put(entry),
-                     lambda: client.lookup("synthetic-model", entry.identity.recipe, [1, 2, 3])):
+        for call in (
+            lambda: client.get(entry.key),
+            lambda: client.put(entry),
+            lambda: client.lookup("synthetic-model", entry.identity.recipe, [1, 2, 3]),
+        ):
             with pytest.raises(grpc.RpcError) as e:
                 call()
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no store shard" in e.value.details()

@@ -27,17 +27,23 @@ if not _common.HAS_TRITON:
 elif HAS_CUDA:
     _CPU_SKIP = "a CUDA GPU is present, so the kernels were compiled for it; the cuda variant runs instead"
 elif not _common.INTERPRET:
-    _CPU_SKIP = ("kernels was imported before TRITON_INTERPRET=1 was set (an earlier test module imported "
-                 "it); run tests/kernels alone or set TRITON_INTERPRET=1 in the environment")
+    _CPU_SKIP = (
+        "kernels was imported before TRITON_INTERPRET=1 was set (an earlier test module imported "
+        "it); run tests/kernels alone or set TRITON_INTERPRET=1 in the environment"
+    )
 else:
     _CPU_SKIP = ""
 
 TRITON_DEVICES = [
     pytest.param("cpu", id="interpreter", marks=pytest.mark.skipif(bool(_CPU_SKIP), reason=_CPU_SKIP or "-")),
-    pytest.param("cuda", id="cuda", marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not (HAS_CUDA and _common.HAS_TRITON), reason="no CUDA GPU"),
-    ]),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not (HAS_CUDA and _common.HAS_TRITON), reason="no CUDA GPU"),
+        ],
+    ),
 ]
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from dkv.kernels import _common
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import importlib, inspect, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,15 +46,14 @@ SCRIPT = textwrap.dedent('''
         build(ps._page_scores_kernel, {"q_ptr": "*" + tt, "pmin_ptr": "*fp16", "pmax_ptr": "*fp16",
                                        "npages_ptr": "*i32", "out_ptr": "*fp32"}, dict(BLOCK_P=16, BLOCK_D=128), 4)
     print("compiled")
-''')
+""")
 
 
 @pytest.mark.skipif(not _common.HAS_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240)
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     if proc.returncode and last.startswith(("ImportError", "ModuleNotFoundError")):
         pytest.skip(f"this Triton has no ahead-of-time compile API for sm_90: {last}")

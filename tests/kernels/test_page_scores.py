@@ -24,17 +24,20 @@ def _paged_keys(h_kv, t, d, page_size, dtype, gen):
     pmax = torch.randn(h_kv, p, d, generator=gen) * 100
     for h, n in enumerate(counts):
         for page in range(-(-n // page_size)):
-            rows = keys[h, page * page_size: min(n, (page + 1) * page_size)]
+            rows = keys[h, page * page_size : min(n, (page + 1) * page_size)]
             pmin[h, page], pmax[h, page] = rows.amin(0), rows.amax(0)
     num_pages = torch.tensor([-(-n // page_size) for n in counts], dtype=torch.int32)
     return keys, counts, pmin.to(dtype), pmax.to(dtype), num_pages
 
 
-@pytest.mark.parametrize("t,d,h_q,h_kv,page_size,dtype", [
-    (217, 64, 9, 3, 16, F32),
-    (1823, 128, 32, 8, 16, F16),
-    (1823, 64, 4, 4, 7, BF16),
-])
+@pytest.mark.parametrize(
+    "t,d,h_q,h_kv,page_size,dtype",
+    [
+        (217, 64, 9, 3, 16, F32),
+        (1823, 128, 32, 8, 16, F16),
+        (1823, 64, 4, 4, 7, BF16),
+    ],
+)
 def test_kernel_matches_reference_and_bounds_every_key(t, d, h_q, h_kv, page_size, dtype, device):
     gen = generator(t + d)
     keys, counts, pmin, pmax, num_pages = _paged_keys(h_kv, t, d, page_size, dtype, gen)
@@ -49,12 +52,12 @@ def test_kernel_matches_reference_and_bounds_every_key(t, d, h_q, h_kv, page_siz
     g = h_q // h_kv
     kq = keys.to(dtype).float()
     for h, n in enumerate(counts):
-        true = kq[h, :n] @ q[h * g:(h + 1) * g].float().T  # [n, G]
+        true = kq[h, :n] @ q[h * g : (h + 1) * g].float().T  # [n, G]
         per_page = torch.full((int(num_pages[h]) * page_size,), float("-inf"))
         per_page[:n] = true.amax(1)
         best = per_page.view(-1, page_size).amax(1)  # max over the group and the page's keys
         assert (out[h, : len(best)] >= best - 1e-3 * best.abs().clamp(min=1)).all()
-        assert torch.isneginf(out[h, len(best):]).all()
+        assert torch.isneginf(out[h, len(best) :]).all()
 
 
 def test_bound_is_tight_for_a_single_key_page():
@@ -101,22 +104,30 @@ def test_top_pages_returns_the_best_real_pages_first(device):
 def test_empty_head_scores_minus_inf_everywhere():
     gen = generator(2)
     pmin = torch.randn(2, 4, 8, generator=gen)
-    scores = page_scores(torch.randn(2, 8, generator=gen), pmin, pmin + 1, torch.tensor([0, 4], dtype=torch.int32),
-                         backend="torch")
+    scores = page_scores(
+        torch.randn(2, 8, generator=gen), pmin, pmin + 1, torch.tensor([0, 4], dtype=torch.int32), backend="torch"
+    )
     assert torch.isneginf(scores[0]).all() and torch.isfinite(scores[1]).all()
 
 
-@pytest.mark.parametrize("name,bad,match", [
-    ("page_max", lambda a: a["page_max"].half(), "page_max must be float32"),
-    ("page_min", lambda a: a["page_min"][..., :-1], "page_min must have shape"),
-    ("num_pages", lambda a: a["num_pages"].long(), "num_pages must be int32"),
-    ("q", lambda a: a["q"][:3], "grouped-query"),
-    ("page_max", lambda a: a["page_max"].to("meta"), "page_max is on meta"),
-])
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("page_max", lambda a: a["page_max"].half(), "page_max must be float32"),
+        ("page_min", lambda a: a["page_min"][..., :-1], "page_min must have shape"),
+        ("num_pages", lambda a: a["num_pages"].long(), "num_pages must be int32"),
+        ("q", lambda a: a["q"][:3], "grouped-query"),
+        ("page_max", lambda a: a["page_max"].to("meta"), "page_max is on meta"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(name, bad, match):
     gen = generator(3)
-    args = dict(q=torch.randn(4, 8, generator=gen), page_min=torch.zeros(2, 3, 8), page_max=torch.ones(2, 3, 8),
-                num_pages=torch.tensor([3, 1], dtype=torch.int32))
+    args = dict(
+        q=torch.randn(4, 8, generator=gen),
+        page_min=torch.zeros(2, 3, 8),
+        page_max=torch.ones(2, 3, 8),
+        num_pages=torch.tensor([3, 1], dtype=torch.int32),
+    )
     args[name] = bad(args)
     with pytest.raises(ValueError, match=match):
         page_scores(**args, backend="torch")
@@ -131,5 +142,6 @@ def test_top_pages_rejects_k_beyond_the_pages():
 def test_non_contiguous_pages_are_rejected_by_the_launcher(triton_cpu):
     pmin = torch.zeros(2, 3, 16)[..., ::2]
     with pytest.raises(ValueError, match="page_min must be contiguous"):
-        page_scores(torch.randn(2, 8), pmin, torch.ones(2, 3, 8), torch.tensor([3, 1], dtype=torch.int32),
-                    backend="triton")
+        page_scores(
+            torch.randn(2, 8), pmin, torch.ones(2, 3, 8), torch.tensor([3, 1], dtype=torch.int32), backend="triton"
+        )

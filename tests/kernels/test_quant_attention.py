@@ -32,12 +32,18 @@ def _quantized_cache(h_kv, t, d, page_size, bits, gen):
     v_lo, v_hi = v.amin(2).half(), v.amax(2).half()
     row_bits = torch.full((t,), bits, dtype=torch.uint8)
     page = torch.arange(t) // page_size
-    k_codes = torch.stack([
-        quant.quantize_rows(k[h], row_bits, k_lo[h, page].float(), k_hi[h, page].float()).view(t, -1)
-        for h in range(h_kv)])
-    v_codes = torch.stack([
-        quant.quantize_rows(v[h], row_bits, v_lo[h, :, None].float(), v_hi[h, :, None].float()).view(t, -1)
-        for h in range(h_kv)])
+    k_codes = torch.stack(
+        [
+            quant.quantize_rows(k[h], row_bits, k_lo[h, page].float(), k_hi[h, page].float()).view(t, -1)
+            for h in range(h_kv)
+        ]
+    )
+    v_codes = torch.stack(
+        [
+            quant.quantize_rows(v[h], row_bits, v_lo[h, :, None].float(), v_hi[h, :, None].float()).view(t, -1)
+            for h in range(h_kv)
+        ]
+    )
     return k, v, (k_codes, v_codes, k_lo, k_hi, v_lo, v_hi)
 
 
@@ -47,10 +53,15 @@ def _dequantized(codes, bits, page_size, d):
     h_kv, t, _ = k_codes.shape
     row_bits = torch.full((t,), bits, dtype=torch.uint8)
     page = torch.arange(t) // page_size
-    k = torch.stack([quant.dequantize_rows(k_codes[h].reshape(-1), row_bits, d, k_lo[h, page], k_hi[h, page])
-                     for h in range(h_kv)])
-    v = torch.stack([quant.dequantize_rows(v_codes[h].reshape(-1), row_bits, d, v_lo[h, :, None], v_hi[h, :, None])
-                     for h in range(h_kv)])
+    k = torch.stack(
+        [quant.dequantize_rows(k_codes[h].reshape(-1), row_bits, d, k_lo[h, page], k_hi[h, page]) for h in range(h_kv)]
+    )
+    v = torch.stack(
+        [
+            quant.dequantize_rows(v_codes[h].reshape(-1), row_bits, d, v_lo[h, :, None], v_hi[h, :, None])
+            for h in range(h_kv)
+        ]
+    )
     return k, v
 
 
@@ -65,8 +76,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[
-    f"T{c[0]}-S{c[1]}-D{c[2]}-{c[3]}x{c[4]}-page{c[5]}-int{c[6]}-{str(c[7])[6:]}-splits{c[8]}" for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=[f"T{c[0]}-S{c[1]}-D{c[2]}-{c[3]}x{c[4]}-page{c[5]}-int{c[6]}-{str(c[7])[6:]}-splits{c[8]}" for c in CASES],
+)
 def test_kernel_matches_dequantize_then_attend(case, device):
     t, s, d, h_q, h_kv, page_size, bits, dtype, splits = case
     gen = generator(CASES.index(case))
@@ -74,18 +88,29 @@ def test_kernel_matches_dequantize_then_attend(case, device):
     q = (2 * torch.randn(h_q, d, generator=gen)).to(dtype)
     indices, lengths = selection(h_kv, t, s, gen)
     scale = 1 / math.sqrt(d)
-    ref, ref_lse = sparse_decode_attention_quant(q, *codes, bits, page_size, indices, lengths, scale,
-                                                 backend="torch", return_lse=True)
+    ref, ref_lse = sparse_decode_attention_quant(
+        q, *codes, bits, page_size, indices, lengths, scale, backend="torch", return_lse=True
+    )
     # the reference equals dense attention over the cache dequantized whole by kvstore.quant
     k_deq, v_deq = _dequantized(codes, bits, page_size, d)
-    dense, dense_lse = sparse_decode_attention(q, k_deq.to(dtype), v_deq.to(dtype), indices, lengths, scale,
-                                               backend="torch", return_lse=True)
+    dense, dense_lse = sparse_decode_attention(
+        q, k_deq.to(dtype), v_deq.to(dtype), indices, lengths, scale, backend="torch", return_lse=True
+    )
     torch.testing.assert_close(ref, dense, rtol=0, atol=0)
     torch.testing.assert_close(ref_lse, dense_lse, rtol=0, atol=0)
 
     on = [x.to(device) for x in (q, *codes)]
-    out, lse = sparse_decode_attention_quant(*on, bits, page_size, indices.to(device), lengths.to(device), scale,
-                                             num_splits=splits, backend="triton", return_lse=True)
+    out, lse = sparse_decode_attention_quant(
+        *on,
+        bits,
+        page_size,
+        indices.to(device),
+        lengths.to(device),
+        scale,
+        num_splits=splits,
+        backend="triton",
+        return_lse=True,
+    )
     assert out.dtype == dtype and out.shape == (h_q, d)
     torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
     torch.testing.assert_close(lse.cpu(), ref_lse, **LSE_TOL)
@@ -99,8 +124,14 @@ def _format_2_cache(h_kv, t, d, page_size, bits, gen):
     layer = make_layer([torch.arange(t)] * h_kv, list(k), list(v), [torch.zeros(t)] * h_kv, page_size)
     q = quantize_layer(layer, torch.full((h_kv * t,), bits, dtype=torch.uint8), page_size)
     p = -(-t // page_size)
-    return (q.keys.view(h_kv, t, -1), q.values.view(h_kv, t, -1), q.page_min.view(h_kv, p, d),
-            q.page_max.view(h_kv, p, d), q.value_min.view(h_kv, t), q.value_max.view(h_kv, t))
+    return (
+        q.keys.view(h_kv, t, -1),
+        q.values.view(h_kv, t, -1),
+        q.page_min.view(h_kv, p, d),
+        q.page_max.view(h_kv, p, d),
+        q.value_min.view(h_kv, t),
+        q.value_max.view(h_kv, t),
+    )
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -113,11 +144,18 @@ def test_kernel_reads_format_2_entries_as_the_store_dequantizes_them(bits, devic
     indices, lengths = selection(h_kv, t, s, gen)
     scale = 1 / math.sqrt(d)
     k_deq, v_deq = _dequantized(codes, bits, page_size, d)
-    want, want_lse = sparse_decode_attention(q, k_deq, v_deq, indices, lengths, scale, backend="torch",
-                                             return_lse=True)
-    out, lse = sparse_decode_attention_quant(*(x.to(device) for x in (q, *codes)), bits, page_size,
-                                             indices.to(device), lengths.to(device), scale, num_splits=2,
-                                             backend="triton", return_lse=True)
+    want, want_lse = sparse_decode_attention(q, k_deq, v_deq, indices, lengths, scale, backend="torch", return_lse=True)
+    out, lse = sparse_decode_attention_quant(
+        *(x.to(device) for x in (q, *codes)),
+        bits,
+        page_size,
+        indices.to(device),
+        lengths.to(device),
+        scale,
+        num_splits=2,
+        backend="triton",
+        return_lse=True,
+    )
     torch.testing.assert_close(out.cpu(), want, **TOL[F32])
     torch.testing.assert_close(lse.cpu(), want_lse, **LSE_TOL)
 
@@ -157,8 +195,16 @@ def test_mixed_precision_entry_attended_per_bit_width_and_combined(device):
             idx[h, : len(sel)] = sel.to(torch.int32)
         n = torch.tensor([len(sel) for sel in parts[bits]], dtype=torch.int32)
         out, lse = sparse_decode_attention_quant(
-            *(x.to(device) for x in (q, *codes)), bits, page_size, idx.to(device), n.to(device), scale,
-            num_splits=2, backend="triton", return_lse=True)
+            *(x.to(device) for x in (q, *codes)),
+            bits,
+            page_size,
+            idx.to(device),
+            n.to(device),
+            scale,
+            num_splits=2,
+            backend="triton",
+            return_lse=True,
+        )
         outs.append(out)
         lses.append(lse)
     merged, merged_lse = combine_partials(outs, lses)
@@ -167,8 +213,16 @@ def test_mixed_precision_entry_attended_per_bit_width_and_combined(device):
     k4, v4 = _dequantized(codes4, 4, page_size, d)
     k8, v8 = _dequantized(codes8, 8, page_size, d)
     mixed = is8.unsqueeze(-1)
-    want, want_lse = sparse_decode_attention(q, torch.where(mixed, k8, k4), torch.where(mixed, v8, v4), indices,
-                                             lengths, scale, backend="torch", return_lse=True)
+    want, want_lse = sparse_decode_attention(
+        q,
+        torch.where(mixed, k8, k4),
+        torch.where(mixed, v8, v4),
+        indices,
+        lengths,
+        scale,
+        backend="torch",
+        return_lse=True,
+    )
     torch.testing.assert_close(merged.cpu(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged_lse.cpu(), want_lse, **LSE_TOL)
 
@@ -178,19 +232,29 @@ def _good():
     _, _, codes = _quantized_cache(2, 31, 16, 8, 4, gen)
     indices, lengths = selection(2, 31, 5, gen)
     names = ("k_codes", "v_codes", "k_lo", "k_hi", "v_lo", "v_hi")
-    return dict(q=torch.randn(4, 16, generator=gen), **dict(zip(names, codes)), bits=4, page_size=8,
-                indices=indices, lengths=lengths, scale=0.25)
+    return dict(
+        q=torch.randn(4, 16, generator=gen),
+        **dict(zip(names, codes)),
+        bits=4,
+        page_size=8,
+        indices=indices,
+        lengths=lengths,
+        scale=0.25,
+    )
 
 
-@pytest.mark.parametrize("name,bad,match", [
-    ("bits", lambda a: 2, "bits=2 must be one of"),
-    ("k_codes", lambda a: a["k_codes"][..., :-1], "k_codes must have shape"),
-    ("v_codes", lambda a: a["v_codes"].to(torch.int8), "v_codes must be uint8"),
-    ("k_lo", lambda a: a["k_lo"][:, :2], "k_hi must have shape"),  # k_lo sets P; k_hi disagrees
-    ("v_hi", lambda a: a["v_hi"].float(), "v_hi must be float16"),
-    ("page_size", lambda a: 2, "k_lo has 4 pages of 2 slots"),
-    ("indices", lambda a: a["indices"].to("meta"), "indices is on meta"),
-])
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("bits", lambda a: 2, "bits=2 must be one of"),
+        ("k_codes", lambda a: a["k_codes"][..., :-1], "k_codes must have shape"),
+        ("v_codes", lambda a: a["v_codes"].to(torch.int8), "v_codes must be uint8"),
+        ("k_lo", lambda a: a["k_lo"][:, :2], "k_hi must have shape"),  # k_lo sets P; k_hi disagrees
+        ("v_hi", lambda a: a["v_hi"].float(), "v_hi must be float16"),
+        ("page_size", lambda a: 2, "k_lo has 4 pages of 2 slots"),
+        ("indices", lambda a: a["indices"].to("meta"), "indices is on meta"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(name, bad, match):
     args = _good()
     args[name] = bad(args)

@@ -89,7 +89,8 @@ def test_combine_partials_of_disjoint_halves_equals_union(backend, device):
         n, c = int(lengths[h]), int(cut[h])
         second[h, : n - c] = indices[h, c:n]
     q, k, v, first, second, cut, rest, indices, lengths = (
-        x.to(dev) for x in (q, k, v, first, second, cut, (lengths - cut).to(torch.int32), indices, lengths))
+        x.to(dev) for x in (q, k, v, first, second, cut, (lengths - cut).to(torch.int32), indices, lengths)
+    )
     kw = dict(num_splits=2, backend=backend, return_lse=True)
     out_a, lse_a = sparse_decode_attention(q, k, v, first, cut, scale, **kw)
     out_b, lse_b = sparse_decode_attention(q, k, v, second, rest, scale, **kw)
@@ -127,16 +128,19 @@ def _good(dtype=F32):
     return dict(q=q, k=k, v=v, indices=indices, lengths=lengths, scale=0.25)
 
 
-@pytest.mark.parametrize("name,bad,match", [
-    ("k", lambda a: a["k"].half(), "k must be float32"),
-    ("v", lambda a: a["v"][:, :-1], r"v must have shape"),
-    ("q", lambda a: a["q"].int(), "q must be"),
-    ("indices", lambda a: a["indices"].long(), "indices must be int32"),
-    ("lengths", lambda a: a["lengths"][:1], "lengths must have shape"),
-    ("q", lambda a: a["q"][:3], "grouped-query"),
-    ("lengths", lambda a: a["lengths"].to("meta"), "lengths is on meta"),
-    ("scale", lambda a: float("nan"), "scale"),
-])
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("k", lambda a: a["k"].half(), "k must be float32"),
+        ("v", lambda a: a["v"][:, :-1], r"v must have shape"),
+        ("q", lambda a: a["q"].int(), "q must be"),
+        ("indices", lambda a: a["indices"].long(), "indices must be int32"),
+        ("lengths", lambda a: a["lengths"][:1], "lengths must have shape"),
+        ("q", lambda a: a["q"][:3], "grouped-query"),
+        ("lengths", lambda a: a["lengths"].to("meta"), "lengths is on meta"),
+        ("scale", lambda a: float("nan"), "scale"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(name, bad, match):
     args = _good()
     args[name] = bad(args)

@@ -69,14 +69,20 @@ VERBOSE = bool(os.environ.get("DKV_BAD_INPUT_VERBOSE"))  # print every outcome (
 OK = grpc.StatusCode.OK
 # codes a rejection may have; UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS, DEADLINE_EXCEEDED never
 REJECTIONS = {
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED,
 }
 KEY_PART = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 # ------------------------------------------------------------------------------------------- calls
+
 
 @dataclass
 class Outcome:
@@ -95,8 +101,9 @@ def metadata(auth: str) -> tuple:
     return () if header is None else (("authorization", header),)
 
 
-def raw_call(channel: grpc.Channel, rpc: str, payload, auth: str = "service", timeout: float = 30.0,
-             path: str | None = None) -> Outcome:
+def raw_call(
+    channel: grpc.Channel, rpc: str, payload, auth: str = "service", timeout: float = 30.0, path: str | None = None
+) -> Outcome:
     """Send ``payload`` (bytes; for Put an iterable of messages) to ``rpc`` with no serializers."""
     service, kind, _ = RPCS.get(rpc, (None, "uu", None))
     path = path or f"/{service}/{rpc}"
@@ -132,8 +139,10 @@ class Tally:
         rejected = sum(n for c in self.codes.values() for code, n in c.items() if code in clean)
         accepted = sum(c["OK"] for c in self.codes.values())
         unclean = sum(n for c in self.codes.values() for code, n in c.items() if code in ("UNKNOWN", "INTERNAL"))
-        out = [f"bad-input summary: {total} requests tried in {elapsed_s:.0f} s: {rejected} rejected with a clean "
-               f"status code and a message, {accepted} accepted (valid after all), {unclean} UNKNOWN/INTERNAL"]
+        out = [
+            f"bad-input summary: {total} requests tried in {elapsed_s:.0f} s: {rejected} rejected with a clean "
+            f"status code and a message, {accepted} accepted (valid after all), {unclean} UNKNOWN/INTERNAL"
+        ]
         for rpc in sorted(self.codes, key=lambda r: list(RPCS).index(r) if r in RPCS else 99):
             c = self.codes[rpc]
             codes = ", ".join(f"{k} {v}" for k, v in c.most_common())
@@ -177,8 +186,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 # ------------------------------------------------------------------------------------ frame surgery
 
-def make_frame(kind: int, entry_id: bytes, seq: int, total: int, payload: bytes,
-               version: int = FORMAT_VERSION) -> bytes:
+
+def make_frame(
+    kind: int, entry_id: bytes, seq: int, total: int, payload: bytes, version: int = FORMAT_VERSION
+) -> bytes:
     """One codec frame with a correct checksum (whatever its content says)."""
     head = HEAD.pack(MAGIC, version, kind, 0, entry_id, seq, total, len(payload), 0)
     return head + struct.pack("<Q", xxhash.xxh3_64(head + payload).intdigest()) + payload
@@ -196,18 +207,20 @@ def data_of(frames: list[bytes]) -> bytes:
     return b"".join(payload_of(f) for f in frames[1:])
 
 
-def reencode(header, data: bytes, piece: int = 1024, recompute_hash: bool = True, entry_id: bytes | None = None
-             ) -> list[bytes]:
+def reencode(
+    header, data: bytes, piece: int = 1024, recompute_hash: bool = True, entry_id: bytes | None = None
+) -> list[bytes]:
     """Frames of ``header`` (any JSON value) and ``data``, all consistent: entry id, sequence,
     checksums and (when asked and the header has one) the data hash."""
     if recompute_hash and isinstance(header, dict) and "data_xxh3" in header:
         header = {**header, "data_xxh3": xxhash.xxh3_128(data).hexdigest()}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     entry_id = entry_id or hashlib.blake2b(header_bytes, digest_size=8).digest()
-    pieces = [data[i:i + piece] for i in range(0, len(data), piece)]
+    pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
     total = 1 + len(pieces)
     return [make_frame(KIND_HEADER, entry_id, 0, total, header_bytes)] + [
-        make_frame(KIND_DATA, entry_id, seq, total, p) for seq, p in enumerate(pieces, start=1)]
+        make_frame(KIND_DATA, entry_id, seq, total, p) for seq, p in enumerate(pieces, start=1)
+    ]
 
 
 def messages(frames: list[bytes]) -> list[bytes]:
@@ -238,23 +251,68 @@ def _template(name: str, piece: int = 1064, **kwargs) -> Template:
 
 
 TEMPLATES = [
-    _template("fp16", seq_len=24, num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, seed=11, tenant="acme",
-              keep_fraction=0.75),
-    _template("int4", seq_len=20, num_layers=1, num_kv_heads=2, head_dim=8, page_size=4, seed=12, tenant="beta",
-              quant_scheme="int4"),
-    _template("mixed", seq_len=18, num_layers=1, num_kv_heads=1, head_dim=16, page_size=8, seed=13,
-              tenant="default", quant_scheme="mixed", keep_fraction=0.5),
-    _template("bf16", seq_len=12, num_layers=1, num_kv_heads=3, head_dim=4, page_size=2, seed=14, tenant="acme",
-              dtype=torch.bfloat16, piece=4096),
+    _template(
+        "fp16",
+        seq_len=24,
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=8,
+        page_size=4,
+        seed=11,
+        tenant="acme",
+        keep_fraction=0.75,
+    ),
+    _template(
+        "int4",
+        seq_len=20,
+        num_layers=1,
+        num_kv_heads=2,
+        head_dim=8,
+        page_size=4,
+        seed=12,
+        tenant="beta",
+        quant_scheme="int4",
+    ),
+    _template(
+        "mixed",
+        seq_len=18,
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=16,
+        page_size=8,
+        seed=13,
+        tenant="default",
+        quant_scheme="mixed",
+        keep_fraction=0.5,
+    ),
+    _template(
+        "bf16",
+        seq_len=12,
+        num_layers=1,
+        num_kv_heads=3,
+        head_dim=4,
+        page_size=2,
+        seed=14,
+        tenant="acme",
+        dtype=torch.bfloat16,
+        piece=4096,
+    ),
 ]
 
 # the entry every test must leave intact (bit-exact), and its geometry
-GOOD_ENTRY = synthetic_entry(seq_len=40, num_layers=2, num_kv_heads=2, head_dim=16, page_size=4, seed=7,
-                             tenant="acme", token_ids=list(range(1000, 1040)))
+GOOD_ENTRY = synthetic_entry(
+    seq_len=40,
+    num_layers=2,
+    num_kv_heads=2,
+    head_dim=16,
+    page_size=4,
+    seed=7,
+    tenant="acme",
+    token_ids=list(range(1000, 1040)),
+)
 GOOD_FRAMES = [bytes(f) for f in codec.encode(GOOD_ENTRY)]
 GOOD_KEY = str(GOOD_ENTRY.key)
 GOOD_PAGES = [int(layer.page_min.shape[0]) for layer in GOOD_ENTRY.layers]
-
 
 
 def leaf_paths(value, prefix=()) -> list[tuple]:
@@ -289,17 +347,35 @@ def set_path(value, path: tuple, new, delete: bool = False):
 
 UINT32 = 2**32 - 1
 UINT64 = 2**64 - 1
-uint32s = st.one_of(st.integers(0, 16), st.sampled_from([255, 256, 4095, 65535, 65536, 2**31 - 1, 2**31, UINT32]),
-                    st.integers(0, UINT32))
-any_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                       st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1.5, 1e-320, 1e308, -1e308]))
+uint32s = st.one_of(
+    st.integers(0, 16),
+    st.sampled_from([255, 256, 4095, 65535, 65536, 2**31 - 1, 2**31, UINT32]),
+    st.integers(0, UINT32),
+)
+any_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1.5, 1e-320, 1e308, -1e308]),
+)
 short_text = st.text(max_size=24)
 key_parts = st.from_regex(r"[A-Za-z0-9._-]{1,24}", fullmatch=True)
-bad_parts = st.one_of(st.just(""), st.text(min_size=1, max_size=12).filter(lambda s: not KEY_PART.match(s)),
-                      st.just("a" * 129))
+bad_parts = st.one_of(
+    st.just(""), st.text(min_size=1, max_size=12).filter(lambda s: not KEY_PART.match(s)), st.just("a" * 129)
+)
 METHODS = ["full", "snapkv", "pyramidkv", "h2o", "dynamickv", "cake", "lagkv", "tova", "knorm", "streaming_llm"]
-PARAM_NAMES = ["window_size", "kernel_size", "sink", "lag_size", "recent_fraction", "beta", "gamma", "tau1", "tau2",
-               "r_max", "share_heads", "merge"]
+PARAM_NAMES = [
+    "window_size",
+    "kernel_size",
+    "sink",
+    "lag_size",
+    "recent_fraction",
+    "beta",
+    "gamma",
+    "tau1",
+    "tau2",
+    "r_max",
+    "share_heads",
+    "merge",
+]
 
 
 def auths(good_weight: int = 6) -> st.SearchStrategy[str]:
@@ -310,16 +386,30 @@ def auths(good_weight: int = 6) -> st.SearchStrategy[str]:
 
 def keys(tenants=("acme", "beta", "default")) -> st.SearchStrategy[str]:
     """Key strings: well-formed but forged, malformed in every way, or the good key altered."""
-    well_formed = st.builds(lambda t, m, r, h: f"{t}/{m}/{r}/{h}", st.sampled_from(tenants) | key_parts, key_parts,
-                            key_parts, key_parts)
+    well_formed = st.builds(
+        lambda t, m, r, h: f"{t}/{m}/{r}/{h}", st.sampled_from(tenants) | key_parts, key_parts, key_parts, key_parts
+    )
     good = GOOD_KEY.split("/")
-    altered = st.builds(lambda i, p: "/".join(p if j == i else g for j, g in enumerate(good)),
-                        st.integers(1, 3), key_parts.filter(lambda p: p not in good))
+    altered = st.builds(
+        lambda i, p: "/".join(p if j == i else g for j, g in enumerate(good)),
+        st.integers(1, 3),
+        key_parts.filter(lambda p: p not in good),
+    )
     wrong_count = st.lists(key_parts, min_size=0, max_size=7).filter(lambda ps: len(ps) != 4).map("/".join)
-    bad_part = st.builds(lambda i, bad, ps: "/".join(bad if j == i else p for j, p in enumerate(ps)),
-                         st.integers(0, 3), bad_parts, st.lists(key_parts, min_size=4, max_size=4))
-    return st.one_of(well_formed, altered, wrong_count, bad_part, st.text(max_size=300),
-                     st.sampled_from(["", "/", "///", "////", GOOD_KEY + "/", "/" + GOOD_KEY, GOOD_KEY + "\n"]))
+    bad_part = st.builds(
+        lambda i, bad, ps: "/".join(bad if j == i else p for j, p in enumerate(ps)),
+        st.integers(0, 3),
+        bad_parts,
+        st.lists(key_parts, min_size=4, max_size=4),
+    )
+    return st.one_of(
+        well_formed,
+        altered,
+        wrong_count,
+        bad_part,
+        st.text(max_size=300),
+        st.sampled_from(["", "/", "///", "////", GOOD_KEY + "/", "/" + GOOD_KEY, GOOD_KEY + "\n"]),
+    )
 
 
 def params() -> st.SearchStrategy[dict]:
@@ -336,7 +426,8 @@ VALID_PARAMS = {
     "lagkv": {"sink": [0.0, 4.0], "lag_size": [2.0, 8.0]},
     "tova": {"window_size": [1.0, 4.0]},
     "streaming_llm": {"sink": [1.0, 4.0]},
-    "full": {}, "knorm": {},
+    "full": {},
+    "knorm": {},
 }
 
 
@@ -349,25 +440,36 @@ def valid_recipes(draw, chunk_sizes=(0, 8, 16, 256)):
     ps = {n: draw(st.sampled_from(choices[n]), n) for n in names}
     ratio = 0.0 if method == "full" else draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9]), "ratio")
     budget = 0 if method == "full" else draw(st.sampled_from([0, 0, 1, 4, 64, UINT32]), "budget")
-    return common_pb2.Recipe(method=method, ratio=ratio, budget=budget, params=ps,
-                             quant=draw(st.sampled_from(["", "none", "int8", "int4", "mixed"]), "quant"),
-                             chunked=draw(st.booleans(), "chunked"),
-                             chunk_size=draw(st.sampled_from(chunk_sizes), "chunk_size"))
+    return common_pb2.Recipe(
+        method=method,
+        ratio=ratio,
+        budget=budget,
+        params=ps,
+        quant=draw(st.sampled_from(["", "none", "int8", "int4", "mixed"]), "quant"),
+        chunked=draw(st.booleans(), "chunked"),
+        chunk_size=draw(st.sampled_from(chunk_sizes), "chunk_size"),
+    )
 
 
 def hostile_recipes(small_chunks: bool = True) -> st.SearchStrategy:
     """``dkv.v1.Recipe`` messages with hostile values in any field."""
-    chunk = st.one_of(st.sampled_from([0, 8, 16, 256, 65536, 65537, UINT32]), st.integers(8, 70000),
-                      st.integers(65537, UINT32))
+    chunk = st.one_of(
+        st.sampled_from([0, 8, 16, 256, 65536, 65537, UINT32]), st.integers(8, 70000), st.integers(65537, UINT32)
+    )
     if small_chunks:
         chunk = st.one_of(chunk, st.integers(1, 7))
     return st.builds(
         lambda method, ratio, budget, quant, chunk_size, chunked, ps: common_pb2.Recipe(
-            method=method, ratio=ratio, budget=budget, quant=quant, chunk_size=chunk_size, chunked=chunked, params=ps),
+            method=method, ratio=ratio, budget=budget, quant=quant, chunk_size=chunk_size, chunked=chunked, params=ps
+        ),
         st.one_of(st.sampled_from(METHODS + ["", "nope", "a" * 129, "snap kv", "full/x"]), short_text),
-        st.one_of(st.floats(0, 0.95), any_floats), uint32s,
+        st.one_of(st.floats(0, 0.95), any_floats),
+        uint32s,
         st.one_of(st.sampled_from(["", "none", "int8", "int4", "mixed", "int2", "NONE"]), short_text),
-        chunk, st.booleans(), params())
+        chunk,
+        st.booleans(),
+        params(),
+    )
 
 
 class Plan:
@@ -376,7 +478,7 @@ class Plan:
 
     def __init__(self, draw, fields: list[str], max_hostile: int = 2):
         self.draw = draw
-        n = draw(st.sampled_from([0, 1, 1, 2][:max_hostile + 2]), "n hostile")
+        n = draw(st.sampled_from([0, 1, 1, 2][: max_hostile + 2]), "n hostile")
         self.hostile = set(draw(st.permutations(fields), "fields")[:n])
 
     def __call__(self, name: str, valid, hostile):
@@ -387,18 +489,25 @@ def token_ids(valid_max: int = 40, vocab: int = 49152) -> st.SearchStrategy[list
     """Token id lists: valid and short, empty, out of the vocabulary, longer than the workers take."""
     valid = st.lists(st.integers(0, vocab - 1), min_size=1, max_size=valid_max)
     return st.one_of(
-        valid, valid, st.just([]),
+        valid,
+        valid,
+        st.just([]),
         st.lists(st.integers(0, UINT32), min_size=1, max_size=8).filter(lambda ids: max(ids) >= vocab),
-        st.builds(lambda ids, bad, at: ids[:at] + [bad] + ids[at:], valid, st.integers(vocab, UINT32),
-                  st.integers(0, 40)),
+        st.builds(
+            lambda ids, bad, at: ids[:at] + [bad] + ids[at:], valid, st.integers(vocab, UINT32), st.integers(0, 40)
+        ),
         st.integers(PREFILL_MAX_TOKENS + 1, 5000).map(lambda n: [7] * n),
     )
 
 
 def temperatures() -> st.SearchStrategy[float]:
     """Sampling temperatures, hostile ones included: negative, NaN, infinite, tiny, huge."""
-    return st.one_of(st.just(0.0), st.floats(1e-3, 10.0), st.floats(max_value=-1e-300, allow_infinity=True),
-                     st.sampled_from([float("inf"), float("nan"), 1e308, 1e-45, -0.0]))
+    return st.one_of(
+        st.just(0.0),
+        st.floats(1e-3, 10.0),
+        st.floats(max_value=-1e-300, allow_infinity=True),
+        st.sampled_from([float("inf"), float("nan"), 1e308, 1e-45, -0.0]),
+    )
 
 
 def max_new_tokens() -> st.SearchStrategy[int]:
@@ -412,11 +521,22 @@ def max_new_tokens() -> st.SearchStrategy[int]:
 @st.composite
 def json_values(draw):
     """Hostile JSON values: numbers of every size, NaN, strings, null, nested containers."""
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 70000), st.integers(-2**70, 2**70),
-                        st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-                        st.sampled_from(["NaN", "Infinity", "1e400", "-1", "float32", "int4"]))
-    return draw(st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c,
-                                                                                          max_size=3), max_leaves=6))
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-3, 70000),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12),
+        st.sampled_from(["NaN", "Infinity", "1e400", "-1", "float32", "int4"]),
+    )
+    return draw(
+        st.recursive(
+            scalars,
+            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+            max_leaves=6,
+        )
+    )
 
 
 def print_summary(config, elapsed_s: float) -> None:
@@ -430,4 +550,3 @@ def print_summary(config, elapsed_s: float) -> None:
         reporter.write_line("")
         for line in TALLY.lines(elapsed_s):
             reporter.write_line(line)
-

@@ -89,7 +89,7 @@ class FaultProxy:
 
     def set(self, direction: str = "both", **faults) -> None:
         """Change faults of ``up``, ``down`` or ``both`` directions, e.g. ``set(latency_s=0.01)``."""
-        for d in ((self.up, self.down) if direction == "both" else (getattr(self, direction),)):
+        for d in (self.up, self.down) if direction == "both" else (getattr(self, direction),):
             for name, value in faults.items():
                 if not hasattr(d, name):
                     raise AttributeError(f"no fault named {name!r}; see Faults")
@@ -151,15 +151,23 @@ class FaultProxy:
         conn = _Connection(client_w, target_w)
         self._open.add(conn)
         try:
-            await asyncio.gather(self._pump(client_r, target_w, self.up, conn, "up"),
-                                 self._pump(target_r, client_w, self.down, conn, "down"))
+            await asyncio.gather(
+                self._pump(client_r, target_w, self.up, conn, "up"),
+                self._pump(target_r, client_w, self.down, conn, "down"),
+            )
         finally:
             self._open.discard(conn)
             for w in conn.writers:
                 w.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, faults: Faults,
-                    conn: _Connection, direction: str) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        faults: Faults,
+        conn: _Connection,
+        direction: str,
+    ) -> None:
         try:
             while True:
                 data = await reader.read(self.chunk_bytes)
@@ -174,7 +182,7 @@ class FaultProxy:
                         await asyncio.sleep(0.005)
                     bandwidth = faults.bandwidth_bps
                     # pieces of ~10 ms at the capped rate, so a cap set or lifted takes effect at once
-                    piece = data[:max(1024, int(bandwidth / 100))] if bandwidth else data
+                    piece = data[: max(1024, int(bandwidth / 100))] if bandwidth else data
                     budget = faults.reset_after_bytes
                     if budget is not None and len(piece) >= budget:
                         faults.reset_after_bytes = None
@@ -185,7 +193,7 @@ class FaultProxy:
                     if budget is not None:
                         faults.reset_after_bytes = budget - len(piece)
                     await self._send(writer, piece, direction)
-                    data = data[len(piece):]
+                    data = data[len(piece) :]
                     if bandwidth:
                         await asyncio.sleep(len(piece) / bandwidth)
         except (ConnectionError, OSError):

@@ -115,12 +115,22 @@ CONTEXT = "The pass key is 71432. Remember it. The grass is green and the sky is
 
 
 def examples(n: int, **kwargs):
-    return settings(max_examples=max(1, round(n * SCALE)), deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.filter_too_much, HealthCheck.data_too_large], **kwargs)
+    return settings(
+        max_examples=max(1, round(n * SCALE)),
+        deadline=None,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
+        ],
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------------- the system
+
 
 class System:
     """The four servers, a raw channel to each, the entries the tests rely on."""
@@ -131,21 +141,51 @@ class System:
         auth = dict(auth_token=SERVICE_TOKEN, tenant_tokens=TENANT_TOKENS)
         security = Security(SERVICE_TOKEN)
         # chunks of 8 tokens (below the default min_chunk_size of 16) keep the model's work small
-        self.store = self._start(StoreServer(StoreSettings(port=0, cpu_bytes=1 << 30, max_entry_bytes=64 << 20,
-                                                           min_chunk_size=8, **auth)))
-        self.prefill = self._start(PrefillServer(PrefillSettings(port=0, **auth), PrefillWorker(
-            model, tokenizer, StoreClient(self.store.address, timeout_s=60, security=security),
-            max_tokens=PREFILL_MAX_TOKENS, min_chunk_size=8)))
+        self.store = self._start(
+            StoreServer(StoreSettings(port=0, cpu_bytes=1 << 30, max_entry_bytes=64 << 20, min_chunk_size=8, **auth))
+        )
+        self.prefill = self._start(
+            PrefillServer(
+                PrefillSettings(port=0, **auth),
+                PrefillWorker(
+                    model,
+                    tokenizer,
+                    StoreClient(self.store.address, timeout_s=60, security=security),
+                    max_tokens=PREFILL_MAX_TOKENS,
+                    min_chunk_size=8,
+                ),
+            )
+        )
         self.prefill_client = PrefillClient(self.prefill.address, 120, security)
-        self.decode = self._start(DecodeServer(DecodeSettings(port=0, **auth), DecodeWorker(
-            model, tokenizer, StoreClient(self.store.address, timeout_s=60, security=security),
-            self.prefill_client)))
-        self.gateway = self._start(GatewayServer(GatewaySettings(
-            port=0, prefill=self.prefill.address, decode=self.decode.address, timeout_s=MODEL_TIMEOUT, **auth)))
+        self.decode = self._start(
+            DecodeServer(
+                DecodeSettings(port=0, **auth),
+                DecodeWorker(
+                    model,
+                    tokenizer,
+                    StoreClient(self.store.address, timeout_s=60, security=security),
+                    self.prefill_client,
+                ),
+            )
+        )
+        self.gateway = self._start(
+            GatewayServer(
+                GatewaySettings(
+                    port=0, prefill=self.prefill.address, decode=self.decode.address, timeout_s=MODEL_TIMEOUT, **auth
+                )
+            )
+        )
         # client side: no send limit (so a message over the servers' 8 MiB limit reaches them), large replies
         options = [("grpc.max_receive_message_length", 64 << 20)]
-        self.channels = {s: grpc.insecure_channel(srv.address, options=options) for s, srv in (
-            (KVSTORE, self.store), (PREFILL, self.prefill), (DECODE, self.decode), (GATEWAY, self.gateway))}
+        self.channels = {
+            s: grpc.insecure_channel(srv.address, options=options)
+            for s, srv in (
+                (KVSTORE, self.store),
+                (PREFILL, self.prefill),
+                (DECODE, self.decode),
+                (GATEWAY, self.gateway),
+            )
+        }
         self.fingerprint = model.dkv_fingerprint
         self.vocab = len(tokenizer)
         self._setup_entries()
@@ -168,9 +208,10 @@ class System:
         assert len(self.context_ids) <= 40
         self.keys = {}  # (tenant, recipe name) -> keys
         for tenant in ("acme", "beta"):
-            for name, recipe in (("full", common_pb2.Recipe(method="full")),
-                                 ("chunked", common_pb2.Recipe(method="snapkv", ratio=0.5, chunked=True,
-                                                               chunk_size=8))):
+            for name, recipe in (
+                ("full", common_pb2.Recipe(method="full")),
+                ("chunked", common_pb2.Recipe(method="snapkv", ratio=0.5, chunked=True, chunk_size=8)),
+            ):
                 request = prefill_pb2.PrefillRequest(recipe=recipe)
                 request.token_ids.ids.extend(self.context_ids)
                 reply = self.call("Prefill", request.SerializeToString(), tenant)
@@ -256,8 +297,10 @@ forged_keys = keys()
 
 # ------------------------------------------------------------------------------ raw bytes, all RPCs
 
+
 def wire_messages(max_fields: int = 6) -> st.SearchStrategy[bytes]:
     """Well-formed protobuf wire format with random fields, wire types and values."""
+
     def varint(n: int) -> bytes:
         out = bytearray()
         while True:
@@ -277,14 +320,16 @@ def wire_messages(max_fields: int = 6) -> st.SearchStrategy[bytes]:
             elif wire == 5:
                 out += (value % (1 << 32)).to_bytes(4, "little")
             else:
-                blob = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "little") if isinstance(value, int) \
-                    else value
+                blob = (
+                    value.to_bytes(max(1, (value.bit_length() + 7) // 8), "little") if isinstance(value, int) else value
+                )
                 out += varint(len(blob)) + blob
         return out
 
     value = st.one_of(st.integers(0, UINT64), st.binary(max_size=40), st.text(max_size=20).map(str.encode))
     field_ = st.tuples(st.integers(1, 20), st.sampled_from([0, 1, 2, 5]), value).map(
-        lambda f: (f[0], f[1], f[2] if f[1] == 2 else (f[2] if isinstance(f[2], int) else len(f[2]))))
+        lambda f: (f[0], f[1], f[2] if f[1] == 2 else (f[2] if isinstance(f[2], int) else len(f[2])))
+    )
     return st.lists(field_, max_size=max_fields).map(encode)
 
 
@@ -296,21 +341,26 @@ def valid_requests(system) -> dict:
     return {
         "Put": messages(TEMPLATES[0].frames),
         "Get": store_pb2.GetRequest(key=GOOD_KEY).SerializeToString(),
-        "Lookup": store_pb2.LookupRequest(model_fingerprint=system.fingerprint, token_ids=ids,
-                                          recipe=common_pb2.Recipe(method="full")).SerializeToString(),
+        "Lookup": store_pb2.LookupRequest(
+            model_fingerprint=system.fingerprint, token_ids=ids, recipe=common_pb2.Recipe(method="full")
+        ).SerializeToString(),
         "Probe": store_pb2.ProbeRequest(keys=[GOOD_KEY, GOOD_KEY[:-1] + "0"]).SerializeToString(),
         "Delete": store_pb2.DeleteRequest(key=GOOD_KEY).SerializeToString(),
         "Summaries": store_pb2.GetRequest(key=GOOD_KEY).SerializeToString(),
         "Select": store_pb2.SelectRequest(key=GOOD_KEY, layer=1, pages=[0, 2, 3]).SerializeToString(),
         "Stats": b"",
-        "Prefill": prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=ids), tenant="acme",
-                                              recipe=common_pb2.Recipe(method="full")).SerializeToString(),
-        "Entries": prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=ids), tenant="acme",
-                                              recipe=common_pb2.Recipe(method="full")).SerializeToString(),
-        "Decode": one + decode_pb2.DecodeRequest(keys=system.keys["acme", "full"], query_text="Hi", selection="topk",
-                                                 budget=8, tenant="acme").SerializeToString(),
-        "Generate": gateway_pb2.GenerateRequest(max_new_tokens=1).SerializeToString() + gateway_pb2.GenerateRequest(
-            context_text=CONTEXT, query_text="Hi", tenant="acme").SerializeToString(),
+        "Prefill": prefill_pb2.PrefillRequest(
+            token_ids=prefill_pb2.TokenIds(ids=ids), tenant="acme", recipe=common_pb2.Recipe(method="full")
+        ).SerializeToString(),
+        "Entries": prefill_pb2.PrefillRequest(
+            token_ids=prefill_pb2.TokenIds(ids=ids), tenant="acme", recipe=common_pb2.Recipe(method="full")
+        ).SerializeToString(),
+        "Decode": one
+        + decode_pb2.DecodeRequest(
+            keys=system.keys["acme", "full"], query_text="Hi", selection="topk", budget=8, tenant="acme"
+        ).SerializeToString(),
+        "Generate": gateway_pb2.GenerateRequest(max_new_tokens=1).SerializeToString()
+        + gateway_pb2.GenerateRequest(context_text=CONTEXT, query_text="Hi", tenant="acme").SerializeToString(),
     }
 
 
@@ -360,20 +410,25 @@ def test_requests_without_a_valid_token_are_unauthenticated(system, rpc, auth):
     before = system.stats()
     outcome = system.call(rpc, valid, auth)
     assert_sane(outcome, expected=UNAUTH)
-    assert ("authorization: Bearer" in outcome.details) if auth in ("none", "malformed", "empty") else \
-        ("invalid bearer token" in outcome.details)
+    assert (
+        ("authorization: Bearer" in outcome.details)
+        if auth in ("none", "malformed", "empty")
+        else ("invalid bearer token" in outcome.details)
+    )
     after = system.stats()
     assert (after.entries, after.puts) == (before.entries, before.puts)
 
 
 # ------------------------------------------------------------------------------------- store: Put
 
+
 def frame_ops(frames: list[bytes], draw) -> list[bytes]:
     """1-3 byte-level changes to the frame list: drop, duplicate, swap, truncate, flip, pad, replace."""
     frames = list(frames)
     for _ in range(draw(st.integers(1, 3), "n ops")):
-        op = draw(st.sampled_from(["drop", "dup", "swap", "truncate", "flip", "pad", "random", "insert", "foreign"]),
-                  "op")
+        op = draw(
+            st.sampled_from(["drop", "dup", "swap", "truncate", "flip", "pad", "random", "insert", "foreign"]), "op"
+        )
         if not frames:
             frames.append(draw(st.binary(max_size=100), "new"))
             continue
@@ -386,10 +441,10 @@ def frame_ops(frames: list[bytes], draw) -> list[bytes]:
             j = draw(st.integers(0, len(frames) - 1), "j")
             frames[i], frames[j] = frames[j], frames[i]
         elif op == "truncate":
-            frames[i] = frames[i][:draw(st.integers(0, max(0, len(frames[i]) - 1)), "cut")]
+            frames[i] = frames[i][: draw(st.integers(0, max(0, len(frames[i]) - 1)), "cut")]
         elif op == "flip" and frames[i]:
             at = draw(st.integers(0, len(frames[i]) - 1), "at")
-            frames[i] = frames[i][:at] + bytes([frames[i][at] ^ draw(st.integers(1, 255), "xor")]) + frames[i][at + 1:]
+            frames[i] = frames[i][:at] + bytes([frames[i][at] ^ draw(st.integers(1, 255), "xor")]) + frames[i][at + 1 :]
         elif op == "pad":
             frames[i] = frames[i] + draw(st.binary(min_size=1, max_size=64), "pad")
         elif op == "random":
@@ -407,9 +462,28 @@ def put_streams(draw):
     """(kind, template, Put messages, the exact status expected with a good token or None)."""
     t = draw(st.sampled_from(TEMPLATES), "template")
     header, data = t.header, t.data
-    kind = draw(st.sampled_from(["intact", "resplit", "frame_ops", "frame_ops", "header_edit", "header_edit",
-                                 "header_delete", "header_whole", "tensor_nan", "tensor_bytes", "table_edit",
-                                 "raw", "empty", "mixed", "version"]), "kind")
+    kind = draw(
+        st.sampled_from(
+            [
+                "intact",
+                "resplit",
+                "frame_ops",
+                "frame_ops",
+                "header_edit",
+                "header_edit",
+                "header_delete",
+                "header_whole",
+                "tensor_nan",
+                "tensor_bytes",
+                "table_edit",
+                "raw",
+                "empty",
+                "mixed",
+                "version",
+            ]
+        ),
+        "kind",
+    )
     exact = None
     if kind == "intact":
         frames, exact = t.frames, OK
@@ -425,8 +499,12 @@ def put_streams(draw):
     elif kind == "header_edit":
         path = draw(st.sampled_from(leaf_paths(header)), "path")
         value = draw(json_values(), "value")
-        frames = reencode(set_path(header, path, value), data, draw(st.sampled_from([64, 1024, 4096]), "piece"),
-                          recompute_hash=path != ("data_xxh3",))
+        frames = reencode(
+            set_path(header, path, value),
+            data,
+            draw(st.sampled_from([64, 1024, 4096]), "piece"),
+            recompute_hash=path != ("data_xxh3",),
+        )
     elif kind == "header_delete":
         path = draw(st.sampled_from(leaf_paths(header)), "path")
         frames = reencode(set_path(header, path, None, delete=True), data)
@@ -445,16 +523,21 @@ def put_streams(draw):
             exact = C.INVALID_ARGUMENT
         else:
             patch = draw(st.binary(min_size=size, max_size=size), "bytes")
-        data = data[:at] + patch + data[at + len(patch):]
+        data = data[:at] + patch + data[at + len(patch) :]
         frames = reencode(header, data)
     elif kind == "table_edit":
         i = draw(st.integers(0, len(header["tensors"]) - 1), "spec")
         layer, name, dtype, shape, offset, nbytes = header["tensors"][i]
         new_dtype = draw(st.sampled_from(sorted(DTYPES) + ["float64", "int8", "", "x" * 100]), "dtype")
         size = DTYPES.get(new_dtype, DTYPES[dtype]).itemsize
-        new_shape = draw(st.one_of(st.just([nbytes // size] if nbytes % size == 0 else shape),
-                                   st.lists(st.integers(-2, 64), max_size=3),
-                                   st.just(list(reversed(shape)))), "shape")
+        new_shape = draw(
+            st.one_of(
+                st.just([nbytes // size] if nbytes % size == 0 else shape),
+                st.lists(st.integers(-2, 64), max_size=3),
+                st.just(list(reversed(shape))),
+            ),
+            "shape",
+        )
         new_layer = draw(st.sampled_from([layer, layer + 1, -1, 4096]), "layer")
         new_name = draw(st.sampled_from([name, "keys", "positions", "key_bits", "bogus"]), "name")
         tensors = [list(s) for s in header["tensors"]]
@@ -466,8 +549,17 @@ def put_streams(draw):
         return kind, t, [], C.INVALID_ARGUMENT
     elif kind == "version":
         entry_id = t.frames[0][8:16]
-        frames = [make_frame(KIND_HEADER if n == 0 else KIND_DATA, entry_id, n, len(t.frames), payload_of(f),
-                             version=draw(st.sampled_from([0, 2, 65535]), "version")) for n, f in enumerate(t.frames)]
+        frames = [
+            make_frame(
+                KIND_HEADER if n == 0 else KIND_DATA,
+                entry_id,
+                n,
+                len(t.frames),
+                payload_of(f),
+                version=draw(st.sampled_from([0, 2, 65535]), "version"),
+            )
+            for n, f in enumerate(t.frames)
+        ]
         exact = C.INVALID_ARGUMENT
     else:  # the header of one entry, the data frames of another
         other = draw(st.sampled_from([o for o in TEMPLATES if o is not t]), "other")
@@ -543,8 +635,7 @@ def test_put_claiming_more_than_the_entry_limit_is_resource_exhausted(system):
     n = 100 << 20
     header = {**header, "num_layers": 1, "tensors": [[0, "keys", "uint8", [n], 0, n]], "data_bytes": n}
     payload = json.dumps(header).encode()
-    frames = [make_frame(KIND_HEADER, entry_id_of(payload), 0, 1 + -(-n // (FRAME_LIMIT - FRAME_HEAD_BYTES)),
-                         payload)]
+    frames = [make_frame(KIND_HEADER, entry_id_of(payload), 0, 1 + -(-n // (FRAME_LIMIT - FRAME_HEAD_BYTES)), payload)]
     before = system.stats()
     outcome = system.call("Put", messages(frames), "acme")
     assert_sane(outcome, expected={C.RESOURCE_EXHAUSTED})
@@ -554,8 +645,9 @@ def test_put_claiming_more_than_the_entry_limit_is_resource_exhausted(system):
 
 def test_put_of_a_large_valid_entry_near_the_message_limit_is_accepted(system):
     """Frames of 4 MiB (the largest allowed): accepted, bit-exact, deleted."""
-    entry = synthetic_entry(seq_len=1024, num_layers=3, num_kv_heads=4, head_dim=256, seed=5, tenant="beta",
-                            dtype=torch.float32)
+    entry = synthetic_entry(
+        seq_len=1024, num_layers=3, num_kv_heads=4, head_dim=256, seed=5, tenant="beta", dtype=torch.float32
+    )
     frames = codec.encode(entry, max_frame_bytes=FRAME_LIMIT)
     assert len(frames) >= 3 and max(len(f) for f in frames) > (4 << 20) - 4096
     outcome = system.call("Put", messages(frames), "beta")
@@ -566,6 +658,7 @@ def test_put_of_a_large_valid_entry_near_the_message_limit_is_accepted(system):
 
 
 # --------------------------------------------------------------------------- store: key-addressed RPCs
+
 
 @pytest.mark.parametrize("rpc", ["Get", "Summaries", "Delete"])
 @examples(90)
@@ -587,10 +680,16 @@ def test_key_rpcs_with_forged_and_malformed_keys(system, rpc, key, auth):
 
 
 @examples(120)
-@given(key=st.one_of(st.just(GOOD_KEY), st.just(GOOD_KEY), forged_keys), auth=auths(),
-       layer=st.one_of(st.integers(0, 3), uint32s),
-       pages=st.one_of(st.lists(st.integers(0, 24), max_size=12), st.lists(uint32s, max_size=6),
-                       st.sets(st.integers(0, 19), max_size=20).map(sorted)))
+@given(
+    key=st.one_of(st.just(GOOD_KEY), st.just(GOOD_KEY), forged_keys),
+    auth=auths(),
+    layer=st.one_of(st.integers(0, 3), uint32s),
+    pages=st.one_of(
+        st.lists(st.integers(0, 24), max_size=12),
+        st.lists(uint32s, max_size=6),
+        st.sets(st.integers(0, 19), max_size=20).map(sorted),
+    ),
+)
 def test_select_with_hostile_layers_and_pages(system, key, auth, layer, pages):
     request = store_pb2.SelectRequest(key=key, layer=layer, pages=pages)
     expected = key_expectation(key, auth, key == GOOD_KEY, "Select")
@@ -629,16 +728,30 @@ def lookup_expectation(request: store_pb2.LookupRequest, auth: str) -> set:
 def test_lookup_with_hostile_requests(system, data):
     auth = data.draw(auths(), "auth")
     pick = Plan(data.draw, ["tenant", "fingerprint", "recipe", "ids"])
-    tenant = pick("tenant", st.sampled_from(["", TENANT_OF.get(auth, "acme")]),
-                  st.one_of(st.sampled_from(["acme", "beta", "default"]), short_text, bad_parts))
-    fingerprint = pick("fingerprint", st.sampled_from([system.fingerprint, GOOD_ENTRY.identity.model_fingerprint]),
-                       st.one_of(st.just(""), key_parts, short_text, bad_parts))
-    recipe = pick("recipe", st.one_of(st.just(common_pb2.Recipe(method="full")), valid_recipes()),
-                  st.one_of(hostile_recipes(), st.just(None)))
-    ids = pick("ids", st.one_of(st.lists(st.integers(0, 49151), min_size=1, max_size=40),
-                                st.just(list(range(1000, 1040))), st.just(system.context_ids)),
-               st.one_of(st.lists(uint32s, max_size=30), st.just([]),
-                         st.integers(0, 3000).map(lambda n: list(range(n)))))
+    tenant = pick(
+        "tenant",
+        st.sampled_from(["", TENANT_OF.get(auth, "acme")]),
+        st.one_of(st.sampled_from(["acme", "beta", "default"]), short_text, bad_parts),
+    )
+    fingerprint = pick(
+        "fingerprint",
+        st.sampled_from([system.fingerprint, GOOD_ENTRY.identity.model_fingerprint]),
+        st.one_of(st.just(""), key_parts, short_text, bad_parts),
+    )
+    recipe = pick(
+        "recipe",
+        st.one_of(st.just(common_pb2.Recipe(method="full")), valid_recipes()),
+        st.one_of(hostile_recipes(), st.just(None)),
+    )
+    ids = pick(
+        "ids",
+        st.one_of(
+            st.lists(st.integers(0, 49151), min_size=1, max_size=40),
+            st.just(list(range(1000, 1040))),
+            st.just(system.context_ids),
+        ),
+        st.one_of(st.lists(uint32s, max_size=30), st.just([]), st.integers(0, 3000).map(lambda n: list(range(n)))),
+    )
     request = store_pb2.LookupRequest(tenant=tenant, model_fingerprint=fingerprint, token_ids=ids)
     if recipe is not None:
         request.recipe.CopyFrom(recipe)
@@ -650,11 +763,16 @@ def test_lookup_with_hostile_requests(system, data):
 
 
 def test_lookup_finds_the_good_entry_only_in_its_tenant(system):
-    request = store_pb2.LookupRequest(model_fingerprint=GOOD_ENTRY.identity.model_fingerprint,
-                                      token_ids=list(range(1000, 1040)))
+    request = store_pb2.LookupRequest(
+        model_fingerprint=GOOD_ENTRY.identity.model_fingerprint, token_ids=list(range(1000, 1040))
+    )
     request.recipe.CopyFrom(common_pb2.Recipe(method="full"))
-    for auth, tenant, hit in (("acme", "", True), ("service", "acme", True), ("beta", "", False),
-                              ("service", "", False)):
+    for auth, tenant, hit in (
+        ("acme", "", True),
+        ("service", "acme", True),
+        ("beta", "", False),
+        ("service", "", False),
+    ):
         request.tenant = tenant
         outcome = system.call("Lookup", request.SerializeToString(), auth)
         assert_sane(outcome, expected={OK})
@@ -677,6 +795,7 @@ def test_stats_ignores_unknown_fields(system, payload, auth):
 
 # ------------------------------------------------------------------------------------ model RPCs
 
+
 def model_outcome_ok(rpc: str, outcome: Outcome) -> None:
     """An accepted Decode / Generate streamed at most 2 tokens, then its stats."""
     response = decode_pb2.DecodeResponse if rpc == "Decode" else gateway_pb2.GenerateResponse
@@ -698,12 +817,15 @@ def tenants(auth: str):
 def test_prefill_with_hostile_requests(system, data):
     auth = data.draw(auths(good_weight=12), "auth")
     pick = Plan(data.draw, ["context", "recipe", "tenant"])
-    context = pick("context", st.one_of(
-        st.lists(st.integers(0, system.vocab - 1), min_size=1, max_size=40).map(lambda i: ("ids", i)),
-        st.text(st.characters(codec="ascii"), min_size=1, max_size=60).map(lambda t: ("text", t))), st.one_of(
-        token_ids().map(lambda i: ("ids", i)), st.text(max_size=200).map(lambda t: ("text", t)), st.none()))
-    recipe = pick("recipe", st.one_of(st.none(), valid_recipes()),
-                  hostile_recipes(small_chunks=False))
+    context = pick(
+        "context",
+        st.one_of(
+            st.lists(st.integers(0, system.vocab - 1), min_size=1, max_size=40).map(lambda i: ("ids", i)),
+            st.text(st.characters(codec="ascii"), min_size=1, max_size=60).map(lambda t: ("text", t)),
+        ),
+        st.one_of(token_ids().map(lambda i: ("ids", i)), st.text(max_size=200).map(lambda t: ("text", t)), st.none()),
+    )
+    recipe = pick("recipe", st.one_of(st.none(), valid_recipes()), hostile_recipes(small_chunks=False))
     request = prefill_pb2.PrefillRequest(tenant=pick("tenant", *tenants(auth)))
     if context is not None and context[0] == "ids":
         request.token_ids.ids.extend(context[1])
@@ -726,8 +848,11 @@ SAMPLING = ["selection", "budget", "budget_fraction", "max_new_tokens", "tempera
 
 def sampling_fields(pick) -> dict:
     return dict(
-        selection=pick("selection", st.sampled_from(["", "dense", "topk", "pages"]),
-                       st.one_of(st.sampled_from(["nope", "PAGES", "dense "]), short_text)),
+        selection=pick(
+            "selection",
+            st.sampled_from(["", "dense", "topk", "pages"]),
+            st.one_of(st.sampled_from(["nope", "PAGES", "dense "]), short_text),
+        ),
         budget=pick("budget", st.one_of(st.just(0), st.integers(1, 64)), st.one_of(uint32s, st.integers(8193, UINT32))),
         budget_fraction=pick("budget_fraction", st.one_of(st.just(0.0), st.floats(0, 1)), any_floats),
         max_new_tokens=pick("max_new_tokens", st.sampled_from([1, 2]), max_new_tokens()),
@@ -739,12 +864,18 @@ def sampling_fields(pick) -> dict:
 
 def queries(vocab: int):
     """(valid, hostile) queries: ("text", str) or ("ids", list) or None."""
-    valid = st.one_of(st.sampled_from([("text", "\nWhat is the pass key?"), ("text", " Hi")]),
-                      st.text(st.characters(codec="ascii"), min_size=1, max_size=12).map(lambda t: ("text", t)),
-                      st.lists(st.integers(0, vocab - 1), min_size=1, max_size=6).map(lambda i: ("ids", i)))
-    hostile = st.one_of(st.none(), st.just(("text", "")), st.just(("ids", [])),
-                        st.lists(st.integers(vocab, UINT32), min_size=1, max_size=4).map(lambda i: ("ids", i)),
-                        st.integers(8200, 9000).map(lambda n: ("ids", [13] * n)))
+    valid = st.one_of(
+        st.sampled_from([("text", "\nWhat is the pass key?"), ("text", " Hi")]),
+        st.text(st.characters(codec="ascii"), min_size=1, max_size=12).map(lambda t: ("text", t)),
+        st.lists(st.integers(0, vocab - 1), min_size=1, max_size=6).map(lambda i: ("ids", i)),
+    )
+    hostile = st.one_of(
+        st.none(),
+        st.just(("text", "")),
+        st.just(("ids", [])),
+        st.lists(st.integers(vocab, UINT32), min_size=1, max_size=4).map(lambda i: ("ids", i)),
+        st.integers(8200, 9000).map(lambda n: ("ids", [13] * n)),
+    )
     return valid, hostile
 
 
@@ -765,24 +896,39 @@ def test_decode_with_hostile_requests(system, data):
     real = system.keys_of(own)
     pick = Plan(data.draw, ["keys", "context", "query", "tenant", "selection_cache", "paged", *SAMPLING])
     own_keys = keys(tenants=(own,) if own else ("acme", "beta", "default"))
-    key_list = pick("keys", st.sampled_from(real), st.one_of(
-        st.just([]), st.sampled_from(real).flatmap(st.permutations),
-        st.sampled_from(real).flatmap(lambda ks: st.lists(st.sampled_from(ks), min_size=1, max_size=4)),
-        st.lists(own_keys, min_size=1, max_size=3),
-        st.integers(1, 2000).map(lambda n: [f"{own or 'acme'}/{system.fingerprint}/r/h{i}" for i in range(n)]),
-        st.lists(key_parts, min_size=1, max_size=3).map(
-            lambda hs: [f"{own or 'beta'}/{system.fingerprint}/{h}/{h}" for h in hs])))
+    key_list = pick(
+        "keys",
+        st.sampled_from(real),
+        st.one_of(
+            st.just([]),
+            st.sampled_from(real).flatmap(st.permutations),
+            st.sampled_from(real).flatmap(lambda ks: st.lists(st.sampled_from(ks), min_size=1, max_size=4)),
+            st.lists(own_keys, min_size=1, max_size=3),
+            st.integers(1, 2000).map(lambda n: [f"{own or 'acme'}/{system.fingerprint}/r/h{i}" for i in range(n)]),
+            st.lists(key_parts, min_size=1, max_size=3).map(
+                lambda hs: [f"{own or 'beta'}/{system.fingerprint}/{h}/{h}" for h in hs]
+            ),
+        ),
+    )
     fields = sampling_fields(pick)
     paged = fields["selection"] == "pages" and fields["budget"] > 0 and len(key_list) == 1
     request = decode_pb2.DecodeRequest(
-        keys=key_list, **fields,
+        keys=key_list,
+        **fields,
         selection_cache=pick("selection_cache", st.one_of(st.just(0.0), st.floats(0, 1)), any_floats),
         paged=pick("paged", st.sampled_from([False, paged]), st.just(not paged)),
-        tenant=pick("tenant", *tenants(auth)))
+        tenant=pick("tenant", *tenants(auth)),
+    )
     recipe = None
-    context = pick("context", st.sampled_from([None, "ids", "text"]), st.one_of(
-        token_ids().map(lambda i: ("bad ids", i)), st.text(max_size=200).map(lambda t: ("bad text", t)),
-        st.just(("no recipe", None))))
+    context = pick(
+        "context",
+        st.sampled_from([None, "ids", "text"]),
+        st.one_of(
+            token_ids().map(lambda i: ("bad ids", i)),
+            st.text(max_size=200).map(lambda t: ("bad text", t)),
+            st.just(("no recipe", None)),
+        ),
+    )
     if context is not None:
         kind = context if isinstance(context, str) else context[0]
         if kind == "ids":
@@ -794,8 +940,16 @@ def test_decode_with_hostile_requests(system, data):
         elif kind == "bad text":
             request.context_text = context[1]
         if kind != "no recipe":
-            recipe = pick("recipe", st.sampled_from([common_pb2.Recipe(method="full"), common_pb2.Recipe(
-                method="snapkv", ratio=0.5, chunked=True, chunk_size=8)]), hostile_recipes(False))
+            recipe = pick(
+                "recipe",
+                st.sampled_from(
+                    [
+                        common_pb2.Recipe(method="full"),
+                        common_pb2.Recipe(method="snapkv", ratio=0.5, chunked=True, chunk_size=8),
+                    ]
+                ),
+                hostile_recipes(False),
+            )
         else:
             request.context_ids.ids.extend(system.context_ids)
     if recipe is not None:
@@ -812,24 +966,34 @@ def test_decode_with_hostile_requests(system, data):
 def test_generate_with_hostile_requests(system, data):
     auth = data.draw(auths(good_weight=12), "auth")
     pick = Plan(data.draw, ["context", "query", "chat_template", "recipe", "stop", "tenant", *SAMPLING])
-    context = pick("context", st.one_of(
-        st.sampled_from([("text", CONTEXT), ("text", "Hello there."), ("ids", system.context_ids)]),
-        st.text(st.characters(codec="ascii"), min_size=1, max_size=40).map(lambda t: ("text", t))), st.one_of(
-        st.none(), st.just(("text", "")), token_ids().map(lambda i: ("ids", i)),
-        st.text(max_size=300).map(lambda t: ("text", t))))
+    context = pick(
+        "context",
+        st.one_of(
+            st.sampled_from([("text", CONTEXT), ("text", "Hello there."), ("ids", system.context_ids)]),
+            st.text(st.characters(codec="ascii"), min_size=1, max_size=40).map(lambda t: ("text", t)),
+        ),
+        st.one_of(
+            st.none(),
+            st.just(("text", "")),
+            token_ids().map(lambda i: ("ids", i)),
+            st.text(max_size=300).map(lambda t: ("text", t)),
+        ),
+    )
     query = pick("query", *queries(system.vocab))
     texts = context is not None and context[0] == "text" and query is not None and query[0] == "text"
     request = gateway_pb2.GenerateRequest(
         **sampling_fields(pick),
         chat_template=pick("chat_template", st.just(False) if not texts else st.booleans(), st.just(not texts)),
         stop=pick("stop", st.lists(st.text(max_size=4), max_size=4), st.integers(0, 5000).map(lambda n: ["x"] * n)),
-        tenant=pick("tenant", *tenants(auth)))
+        tenant=pick("tenant", *tenants(auth)),
+    )
     if context is not None and context[0] == "ids":
         request.context_ids.ids.extend(context[1])
     elif context is not None:
         request.context_text = context[1]
-    recipe = pick("recipe", st.one_of(st.none(), valid_recipes(chunk_sizes=(0, 16, 256))),
-                  hostile_recipes(small_chunks=False))
+    recipe = pick(
+        "recipe", st.one_of(st.none(), valid_recipes(chunk_sizes=(0, 16, 256))), hostile_recipes(small_chunks=False)
+    )
     if recipe is not None:
         request.recipe.CopyFrom(recipe)
     set_query(request, query)
@@ -841,98 +1005,276 @@ def test_generate_with_hostile_requests(system, data):
 
 # ------------------------------------------------------------------ targeted: the field is named
 
+
 def _decode(**fields):
     return decode_pb2.DecodeRequest(**fields).SerializeToString()
 
 
 TARGETED = [
     ("Get", lambda s: store_pb2.GetRequest(key="").SerializeToString(), "acme", C.INVALID_ARGUMENT, "key is empty"),
-    ("Get", lambda s: store_pb2.GetRequest(key="a/b").SerializeToString(), "acme", C.INVALID_ARGUMENT,
-     "tenant/model_fingerprint/recipe_id/prefix_hash"),
-    ("Get", lambda s: store_pb2.GetRequest(key="acme/m!/r/h").SerializeToString(), "acme", C.INVALID_ARGUMENT,
-     "model_fingerprint"),
+    (
+        "Get",
+        lambda s: store_pb2.GetRequest(key="a/b").SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "tenant/model_fingerprint/recipe_id/prefix_hash",
+    ),
+    (
+        "Get",
+        lambda s: store_pb2.GetRequest(key="acme/m!/r/h").SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "model_fingerprint",
+    ),
     ("Get", lambda s: store_pb2.GetRequest(key=GOOD_KEY).SerializeToString(), "beta", C.PERMISSION_DENIED, "'acme'"),
-    ("Get", lambda s: store_pb2.GetRequest(key=GOOD_KEY[:-1] + "x").SerializeToString(), "acme", C.NOT_FOUND,
-     "no entry"),
-    ("Delete", lambda s: store_pb2.DeleteRequest(key=GOOD_KEY).SerializeToString(), "beta", C.PERMISSION_DENIED,
-     "tenant"),
-    ("Select", lambda s: store_pb2.SelectRequest(key=GOOD_KEY, layer=99).SerializeToString(), "acme",
-     C.INVALID_ARGUMENT, "layer 99"),
-    ("Select", lambda s: store_pb2.SelectRequest(key=GOOD_KEY, pages=[3, 1]).SerializeToString(), "acme",
-     C.INVALID_ARGUMENT, "pages must be ascending"),
-    ("Lookup", lambda s: store_pb2.LookupRequest(model_fingerprint="m", token_ids=[1],
-                                                 recipe=common_pb2.Recipe(ratio=1.5)).SerializeToString(),
-     "service", C.INVALID_ARGUMENT, "ratio 1.5"),
-    ("Lookup", lambda s: store_pb2.LookupRequest(model_fingerprint="m", token_ids=[1],
-                                                 recipe=common_pb2.Recipe(ratio=float("nan"))).SerializeToString(),
-     "service", C.INVALID_ARGUMENT, "ratio nan"),
-    ("Lookup", lambda s: store_pb2.LookupRequest(model_fingerprint="m").SerializeToString(), "service",
-     C.INVALID_ARGUMENT, "token_ids is empty"),
-    ("Lookup", lambda s: store_pb2.LookupRequest(model_fingerprint="m", token_ids=[1],
-                                                 recipe=common_pb2.Recipe(quant="int3")).SerializeToString(),
-     "service", C.INVALID_ARGUMENT, "quant 'int3'"),
-    ("Probe", lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY]).SerializeToString(), "beta", C.PERMISSION_DENIED,
-     "'acme'"),
-    ("Probe", lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY, "a/b"]).SerializeToString(), "acme",
-     C.INVALID_ARGUMENT, "tenant/model_fingerprint/recipe_id/prefix_hash"),
+    (
+        "Get",
+        lambda s: store_pb2.GetRequest(key=GOOD_KEY[:-1] + "x").SerializeToString(),
+        "acme",
+        C.NOT_FOUND,
+        "no entry",
+    ),
+    (
+        "Delete",
+        lambda s: store_pb2.DeleteRequest(key=GOOD_KEY).SerializeToString(),
+        "beta",
+        C.PERMISSION_DENIED,
+        "tenant",
+    ),
+    (
+        "Select",
+        lambda s: store_pb2.SelectRequest(key=GOOD_KEY, layer=99).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "layer 99",
+    ),
+    (
+        "Select",
+        lambda s: store_pb2.SelectRequest(key=GOOD_KEY, pages=[3, 1]).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "pages must be ascending",
+    ),
+    (
+        "Lookup",
+        lambda s: store_pb2.LookupRequest(
+            model_fingerprint="m", token_ids=[1], recipe=common_pb2.Recipe(ratio=1.5)
+        ).SerializeToString(),
+        "service",
+        C.INVALID_ARGUMENT,
+        "ratio 1.5",
+    ),
+    (
+        "Lookup",
+        lambda s: store_pb2.LookupRequest(
+            model_fingerprint="m", token_ids=[1], recipe=common_pb2.Recipe(ratio=float("nan"))
+        ).SerializeToString(),
+        "service",
+        C.INVALID_ARGUMENT,
+        "ratio nan",
+    ),
+    (
+        "Lookup",
+        lambda s: store_pb2.LookupRequest(model_fingerprint="m").SerializeToString(),
+        "service",
+        C.INVALID_ARGUMENT,
+        "token_ids is empty",
+    ),
+    (
+        "Lookup",
+        lambda s: store_pb2.LookupRequest(
+            model_fingerprint="m", token_ids=[1], recipe=common_pb2.Recipe(quant="int3")
+        ).SerializeToString(),
+        "service",
+        C.INVALID_ARGUMENT,
+        "quant 'int3'",
+    ),
+    (
+        "Probe",
+        lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY]).SerializeToString(),
+        "beta",
+        C.PERMISSION_DENIED,
+        "'acme'",
+    ),
+    (
+        "Probe",
+        lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY, "a/b"]).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "tenant/model_fingerprint/recipe_id/prefix_hash",
+    ),
     # max_lookup_tokens (131072) in chunks of this system's min_chunk_size (8)
-    ("Probe", lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY] * 16385).SerializeToString(), "acme",
-     C.INVALID_ARGUMENT, "at most 16384"),
+    (
+        "Probe",
+        lambda s: store_pb2.ProbeRequest(keys=[GOOD_KEY] * 16385).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "at most 16384",
+    ),
     ("Put", lambda s: [b"\x12\x03abc"], "acme", C.INVALID_ARGUMENT, "shorter than the 40-byte frame head"),
     ("Put", lambda s: [b"\xff"], "acme", C.INVALID_ARGUMENT, "not a dkv.v1.Frame"),
     ("Put", lambda s: [], "acme", C.INVALID_ARGUMENT, "no frames received"),
     ("Put", lambda s: messages(TEMPLATES[0].frames[:-1]), "acme", C.INVALID_ARGUMENT, "truncated"),
     ("Put", lambda s: messages(TEMPLATES[0].frames), "beta", C.PERMISSION_DENIED, "'acme'"),
-    ("Put", lambda s: messages(reencode({**TEMPLATES[0].header, "num_kv_heads": 0}, TEMPLATES[0].data)), "acme",
-     C.INVALID_ARGUMENT, "num_kv_heads=0"),
-    ("Put", lambda s: messages(reencode(
-        {**TEMPLATES[0].header, "tensors": [[*t[:2], "float64", *t[3:]] if t[1] == "keys" else t
-                                            for t in TEMPLATES[0].header["tensors"]]}, TEMPLATES[0].data)),
-     "acme", C.INVALID_ARGUMENT, "dtype 'float64'"),
-    ("Prefill", lambda s: prefill_pb2.PrefillRequest(recipe=common_pb2.Recipe(method="nope"), text="hi")
-     .SerializeToString(), "acme", C.INVALID_ARGUMENT, "unknown compression method 'nope'"),
-    ("Prefill", lambda s: prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[1, UINT32]))
-     .SerializeToString(), "acme", C.INVALID_ARGUMENT, f"token id {UINT32} is outside the vocabulary"),
-    ("Prefill", lambda s: prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[1] * 100))
-     .SerializeToString(), "acme", C.INVALID_ARGUMENT, f"at most {PREFILL_MAX_TOKENS}"),
-    ("Prefill", lambda s: prefill_pb2.PrefillRequest(text="hi", tenant="beta").SerializeToString(), "acme",
-     C.PERMISSION_DENIED, "'beta'"),
-    ("Prefill", lambda s: prefill_pb2.PrefillRequest(recipe=common_pb2.Recipe(method="snapkv", params={
-        "window_size": 2.5}), text="hi").SerializeToString(), "acme", C.INVALID_ARGUMENT, "window_size"),
-    ("Decode", lambda s: _decode(keys=s.keys["acme", "full"], query_text="hi", budget_fraction=float("nan")),
-     "acme", C.INVALID_ARGUMENT, "budget_fraction nan"),
-    ("Decode", lambda s: _decode(keys=s.keys["acme", "full"], query_text="hi", max_new_tokens=UINT32), "acme",
-     C.INVALID_ARGUMENT, "max_new_tokens"),
-    ("Decode", lambda s: _decode(keys=s.keys["acme", "full"], query_text="hi", top_p=float("inf")), "acme",
-     C.INVALID_ARGUMENT, "top_p"),
-    ("Decode", lambda s: _decode(keys=s.keys["acme", "full"], query_ids=prefill_pb2.TokenIds(ids=[UINT32])),
-     "acme", C.INVALID_ARGUMENT, "query token id"),
-    ("Decode", lambda s: _decode(keys=s.keys["acme", "full"], query_ids=prefill_pb2.TokenIds(ids=[5] * 8200),
-                                 max_new_tokens=1), "acme", C.INVALID_ARGUMENT, "query 8200"),
-    ("Decode", lambda s: _decode(keys=[f"acme/{s.fingerprint}/r/h"], query_text="hi"), "acme", C.NOT_FOUND,
-     "/r/h"),
-    ("Decode", lambda s: _decode(keys=[GOOD_KEY], query_text="hi"), "acme", C.INVALID_ARGUMENT,
-     "computed by model synthetic-model"),
+    (
+        "Put",
+        lambda s: messages(reencode({**TEMPLATES[0].header, "num_kv_heads": 0}, TEMPLATES[0].data)),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "num_kv_heads=0",
+    ),
+    (
+        "Put",
+        lambda s: messages(
+            reencode(
+                {
+                    **TEMPLATES[0].header,
+                    "tensors": [
+                        [*t[:2], "float64", *t[3:]] if t[1] == "keys" else t for t in TEMPLATES[0].header["tensors"]
+                    ],
+                },
+                TEMPLATES[0].data,
+            )
+        ),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "dtype 'float64'",
+    ),
+    (
+        "Prefill",
+        lambda s: prefill_pb2.PrefillRequest(recipe=common_pb2.Recipe(method="nope"), text="hi").SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "unknown compression method 'nope'",
+    ),
+    (
+        "Prefill",
+        lambda s: prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[1, UINT32])).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        f"token id {UINT32} is outside the vocabulary",
+    ),
+    (
+        "Prefill",
+        lambda s: prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[1] * 100)).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        f"at most {PREFILL_MAX_TOKENS}",
+    ),
+    (
+        "Prefill",
+        lambda s: prefill_pb2.PrefillRequest(text="hi", tenant="beta").SerializeToString(),
+        "acme",
+        C.PERMISSION_DENIED,
+        "'beta'",
+    ),
+    (
+        "Prefill",
+        lambda s: prefill_pb2.PrefillRequest(
+            recipe=common_pb2.Recipe(method="snapkv", params={"window_size": 2.5}), text="hi"
+        ).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "window_size",
+    ),
+    (
+        "Decode",
+        lambda s: _decode(keys=s.keys["acme", "full"], query_text="hi", budget_fraction=float("nan")),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "budget_fraction nan",
+    ),
+    (
+        "Decode",
+        lambda s: _decode(keys=s.keys["acme", "full"], query_text="hi", max_new_tokens=UINT32),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "max_new_tokens",
+    ),
+    (
+        "Decode",
+        lambda s: _decode(keys=s.keys["acme", "full"], query_text="hi", top_p=float("inf")),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    (
+        "Decode",
+        lambda s: _decode(keys=s.keys["acme", "full"], query_ids=prefill_pb2.TokenIds(ids=[UINT32])),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "query token id",
+    ),
+    (
+        "Decode",
+        lambda s: _decode(
+            keys=s.keys["acme", "full"], query_ids=prefill_pb2.TokenIds(ids=[5] * 8200), max_new_tokens=1
+        ),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "query 8200",
+    ),
+    ("Decode", lambda s: _decode(keys=[f"acme/{s.fingerprint}/r/h"], query_text="hi"), "acme", C.NOT_FOUND, "/r/h"),
+    (
+        "Decode",
+        lambda s: _decode(keys=[GOOD_KEY], query_text="hi"),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "computed by model synthetic-model",
+    ),
     ("Decode", lambda s: _decode(keys=["acme/m/r"], query_text="hi"), "acme", C.INVALID_ARGUMENT, "entry key"),
-    ("Decode", lambda s: _decode(keys=s.keys["acme", "full"], query_text="hi", tenant="beta"), "acme",
-     C.PERMISSION_DENIED, "'beta'"),
-    ("Generate", lambda s: gateway_pb2.GenerateRequest(context_text="hi", query_text="x", temperature=-1)
-     .SerializeToString(), "acme", C.INVALID_ARGUMENT, "temperature -1"),
-    ("Generate", lambda s: gateway_pb2.GenerateRequest(context_text="hi").SerializeToString(), "acme",
-     C.INVALID_ARGUMENT, "needs a context"),
-    ("Generate", lambda s: gateway_pb2.GenerateRequest(context_text="hi", query_text="x", max_new_tokens=9000)
-     .SerializeToString(), "acme", C.INVALID_ARGUMENT, "max_new_tokens 9000"),
-    ("Generate", lambda s: gateway_pb2.GenerateRequest(context_ids=prefill_pb2.TokenIds(ids=[UINT32]), query_text="x",
-                                                       max_new_tokens=1).SerializeToString(), "acme",
-     C.INVALID_ARGUMENT, "outside the vocabulary"),
-    ("Generate", lambda s: gateway_pb2.GenerateRequest(context_text="hi", query_text="x", max_new_tokens=1,
-                                                       recipe=common_pb2.Recipe(method="snapkv", ratio=-0.5))
-     .SerializeToString(), "acme", C.INVALID_ARGUMENT, "ratio -0.5"),
+    (
+        "Decode",
+        lambda s: _decode(keys=s.keys["acme", "full"], query_text="hi", tenant="beta"),
+        "acme",
+        C.PERMISSION_DENIED,
+        "'beta'",
+    ),
+    (
+        "Generate",
+        lambda s: gateway_pb2.GenerateRequest(context_text="hi", query_text="x", temperature=-1).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "temperature -1",
+    ),
+    (
+        "Generate",
+        lambda s: gateway_pb2.GenerateRequest(context_text="hi").SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "needs a context",
+    ),
+    (
+        "Generate",
+        lambda s: gateway_pb2.GenerateRequest(
+            context_text="hi", query_text="x", max_new_tokens=9000
+        ).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "max_new_tokens 9000",
+    ),
+    (
+        "Generate",
+        lambda s: gateway_pb2.GenerateRequest(
+            context_ids=prefill_pb2.TokenIds(ids=[UINT32]), query_text="x", max_new_tokens=1
+        ).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "outside the vocabulary",
+    ),
+    (
+        "Generate",
+        lambda s: gateway_pb2.GenerateRequest(
+            context_text="hi", query_text="x", max_new_tokens=1, recipe=common_pb2.Recipe(method="snapkv", ratio=-0.5)
+        ).SerializeToString(),
+        "acme",
+        C.INVALID_ARGUMENT,
+        "ratio -0.5",
+    ),
 ]
 
 
-@pytest.mark.parametrize("rpc, build, auth, code, says", TARGETED,
-                         ids=[f"{t[0]}-{t[4][:24]}" for t in TARGETED])
+@pytest.mark.parametrize("rpc, build, auth, code, says", TARGETED, ids=[f"{t[0]}-{t[4][:24]}" for t in TARGETED])
 def test_rejections_name_what_is_wrong(system, rpc, build, auth, code, says):
     before = system.stats()
     outcome = system.call(rpc, build(system), auth)
@@ -950,15 +1292,23 @@ def test_enormous_repeated_fields_under_the_limit(system, rpc):
         "Select": lambda: store_pb2.SelectRequest(key=GOOD_KEY, pages=list(range(1_000_000))),
         "Prefill": lambda: prefill_pb2.PrefillRequest(token_ids=prefill_pb2.TokenIds(ids=[3] * 1_500_000)),
         "Decode": lambda: decode_pb2.DecodeRequest(
-            keys=[f"acme/{system.fingerprint}/r/h{i}" for i in range(100_000)], query_text="hi", max_new_tokens=1),
-        "Generate": lambda: gateway_pb2.GenerateRequest(context_text=CONTEXT, query_text="hi", max_new_tokens=1,
-                                                        stop=["zq"] * 600_000),
+            keys=[f"acme/{system.fingerprint}/r/h{i}" for i in range(100_000)], query_text="hi", max_new_tokens=1
+        ),
+        "Generate": lambda: gateway_pb2.GenerateRequest(
+            context_text=CONTEXT, query_text="hi", max_new_tokens=1, stop=["zq"] * 600_000
+        ),
         "Get": lambda: store_pb2.GetRequest(key="acme/" + "/".join(["m"] * 1_000_000)),
     }[rpc]().SerializeToString()
     assert 1 << 20 < len(big) < MAX_MESSAGE
     # Lookup: over max_lookup_tokens (131072), refused before any hashing
-    expected = {"Lookup": C.INVALID_ARGUMENT, "Select": C.INVALID_ARGUMENT, "Prefill": C.INVALID_ARGUMENT, "Decode": C.NOT_FOUND,
-                "Generate": OK, "Get": C.INVALID_ARGUMENT}[rpc]
+    expected = {
+        "Lookup": C.INVALID_ARGUMENT,
+        "Select": C.INVALID_ARGUMENT,
+        "Prefill": C.INVALID_ARGUMENT,
+        "Decode": C.NOT_FOUND,
+        "Generate": OK,
+        "Get": C.INVALID_ARGUMENT,
+    }[rpc]
     outcome = system.call(rpc, big, "acme")
     assert_sane(outcome, expected={expected})
     assert outcome.seconds < 60 and len(outcome.details) < 1000
@@ -991,8 +1341,16 @@ def _good_header_with(path: tuple, value) -> list[bytes]:
     return messages(reencode(set_path(t.header, path, value), t.data))
 
 
-@pytest.mark.parametrize("path", [("num_layers",), ("identity", "seq_len"), ("identity", "recipe", "budget"),
-                                  ("tensors", 0, 4), ("format_version",)])
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("num_layers",),
+        ("identity", "seq_len"),
+        ("identity", "recipe", "budget"),
+        ("tensors", 0, 4),
+        ("format_version",),
+    ],
+)
 def test_put_header_with_an_infinite_integer_is_invalid_argument(system, path):
     before = system.stats()
     outcome = system.call("Put", _good_header_with(path, float("inf")), "acme")
@@ -1014,8 +1372,10 @@ def test_put_header_whose_entry_id_is_not_its_hash_is_refused(system):
     frames = [make_frame(KIND_HEADER, entry_id, 0, len(t.frames), forged), *t.frames[1:]]
     outcome = system.call("Put", messages(frames), "service")
     if outcome.code == OK:  # clean up before failing
-        system.call("Delete", store_pb2.DeleteRequest(
-            key=store_pb2.PutResponse.FromString(outcome.replies[0]).key).SerializeToString())
+        system.call(
+            "Delete",
+            store_pb2.DeleteRequest(key=store_pb2.PutResponse.FromString(outcome.replies[0]).key).SerializeToString(),
+        )
     assert outcome.code == C.INVALID_ARGUMENT, str(outcome)
 
 
@@ -1024,21 +1384,27 @@ def test_key_part_with_a_trailing_newline_is_invalid_argument(system, where):
     if where == "Get":
         outcome = system.call("Get", store_pb2.GetRequest(key=GOOD_KEY + "\n").SerializeToString(), "acme")
     elif where == "Lookup":
-        outcome = system.call("Lookup", store_pb2.LookupRequest(model_fingerprint="m\n", token_ids=[1])
-                              .SerializeToString(), "service")
+        outcome = system.call(
+            "Lookup", store_pb2.LookupRequest(model_fingerprint="m\n", token_ids=[1]).SerializeToString(), "service"
+        )
     else:
         outcome = system.call("Put", _good_header_with(("identity", "tenant"), "acme\n"), "service")
         if outcome.code == OK:
-            system.call("Delete", store_pb2.DeleteRequest(
-                key=store_pb2.PutResponse.FromString(outcome.replies[0]).key).SerializeToString())
+            system.call(
+                "Delete",
+                store_pb2.DeleteRequest(
+                    key=store_pb2.PutResponse.FromString(outcome.replies[0]).key
+                ).SerializeToString(),
+            )
     assert outcome.code == C.INVALID_ARGUMENT, str(outcome)
 
 
 @pytest.mark.parametrize("name", ["window_size", "sink"])
 def test_prefill_infinite_integer_parameter_is_invalid_argument(system, name):
     method = "snapkv" if name == "window_size" else "streaming_llm"
-    request = prefill_pb2.PrefillRequest(recipe=common_pb2.Recipe(method=method, params={name: float("inf")}),
-                                         text="hello")
+    request = prefill_pb2.PrefillRequest(
+        recipe=common_pb2.Recipe(method=method, params={name: float("inf")}), text="hello"
+    )
     outcome = system.call("Prefill", request.SerializeToString(), "acme")
     assert outcome.code == C.INVALID_ARGUMENT, str(outcome)
 
@@ -1049,14 +1415,16 @@ def test_sampling_temperature_nan_or_tiny_is_invalid_argument(system, rpc, tempe
     if rpc == "Decode":
         payload = _decode(keys=system.keys["acme", "full"], query_text="Hi", max_new_tokens=1, temperature=temperature)
     else:
-        payload = gateway_pb2.GenerateRequest(context_text=CONTEXT, query_text="Hi", max_new_tokens=1,
-                                              temperature=temperature).SerializeToString()
+        payload = gateway_pb2.GenerateRequest(
+            context_text=CONTEXT, query_text="Hi", max_new_tokens=1, temperature=temperature
+        ).SerializeToString()
     outcome = system.call(rpc, payload, "acme")
     assert outcome.code in (OK, C.INVALID_ARGUMENT), str(outcome)
 
 
-@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 2.0), ("selection", "nope"),
-                                          ("budget_fraction", 5.0)])
+@pytest.mark.parametrize(
+    "field, value", [("temperature", -1.0), ("top_p", 2.0), ("selection", "nope"), ("budget_fraction", 5.0)]
+)
 def test_a_refused_generate_stores_nothing(system, field, value):
     context = f"A context no other test uses, for {field}: the river is long and the hill is steep."
     request = gateway_pb2.GenerateRequest(context_text=context, query_text="Why?", max_new_tokens=1, **{field: value})
@@ -1069,16 +1437,33 @@ def test_a_refused_generate_stores_nothing(system, field, value):
 HUGE = "x" * 100_000
 
 
-@pytest.mark.parametrize("rpc, build, code", [
-    ("Get", lambda s: store_pb2.GetRequest(key=f"acme/{HUGE}/r/h"), C.INVALID_ARGUMENT),
-    ("Lookup", lambda s: store_pb2.LookupRequest(model_fingerprint="m", token_ids=[1],
-                                                 recipe=common_pb2.Recipe(method=HUGE)), C.INVALID_ARGUMENT),
-    ("Prefill", lambda s: prefill_pb2.PrefillRequest(text="hi", tenant=HUGE), C.PERMISSION_DENIED),
-    ("Decode", lambda s: decode_pb2.DecodeRequest(keys=s.keys["acme", "full"], query_text="hi", selection=HUGE),
-     C.INVALID_ARGUMENT),
-    ("Generate", lambda s: gateway_pb2.GenerateRequest(context_text="hi", query_text="x", max_new_tokens=1,
-                                                       recipe=common_pb2.Recipe(method=HUGE)), C.INVALID_ARGUMENT),
-], ids=["Get-key", "Lookup-method", "Prefill-tenant", "Decode-selection", "Generate-method"])
+@pytest.mark.parametrize(
+    "rpc, build, code",
+    [
+        ("Get", lambda s: store_pb2.GetRequest(key=f"acme/{HUGE}/r/h"), C.INVALID_ARGUMENT),
+        (
+            "Lookup",
+            lambda s: store_pb2.LookupRequest(
+                model_fingerprint="m", token_ids=[1], recipe=common_pb2.Recipe(method=HUGE)
+            ),
+            C.INVALID_ARGUMENT,
+        ),
+        ("Prefill", lambda s: prefill_pb2.PrefillRequest(text="hi", tenant=HUGE), C.PERMISSION_DENIED),
+        (
+            "Decode",
+            lambda s: decode_pb2.DecodeRequest(keys=s.keys["acme", "full"], query_text="hi", selection=HUGE),
+            C.INVALID_ARGUMENT,
+        ),
+        (
+            "Generate",
+            lambda s: gateway_pb2.GenerateRequest(
+                context_text="hi", query_text="x", max_new_tokens=1, recipe=common_pb2.Recipe(method=HUGE)
+            ),
+            C.INVALID_ARGUMENT,
+        ),
+    ],
+    ids=["Get-key", "Lookup-method", "Prefill-tenant", "Decode-selection", "Generate-method"],
+)
 def test_a_long_bad_value_is_rejected_with_a_short_message(system, rpc, build, code):
     outcome = system.call(rpc, build(system).SerializeToString(), "acme")
     assert outcome.code == code and 10 < len(outcome.details) < 2000, str(outcome)
@@ -1092,13 +1477,27 @@ def test_decode_keys_of_another_tenant_are_permission_denied(system):
 
 @pytest.mark.parametrize("paged", [False, True])
 def test_decode_of_an_entry_shaped_for_another_model_is_refused(system, paged):
-    entry = synthetic_entry(seq_len=16, num_layers=2, num_kv_heads=2, head_dim=16, page_size=4, seed=3,
-                            tenant="acme", model_fingerprint=system.fingerprint)
+    entry = synthetic_entry(
+        seq_len=16,
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=16,
+        page_size=4,
+        seed=3,
+        tenant="acme",
+        model_fingerprint=system.fingerprint,
+    )
     put = system.call("Put", messages(codec.encode(entry)), "acme")
     assert put.code == OK, str(put)
     try:
-        payload = _decode(keys=[str(entry.key)], query_text="Hi", max_new_tokens=1, paged=paged,
-                          selection="pages" if paged else "dense", budget=8 if paged else 0)
+        payload = _decode(
+            keys=[str(entry.key)],
+            query_text="Hi",
+            max_new_tokens=1,
+            paged=paged,
+            selection="pages" if paged else "dense",
+            budget=8 if paged else 0,
+        )
         outcome = system.call("Decode", payload, "acme")
     finally:
         system.call("Delete", store_pb2.DeleteRequest(key=str(entry.key)).SerializeToString(), "acme")

@@ -37,7 +37,8 @@ def first_token_ms(stub, key: str, query: list[int]) -> float:
 
 
 def test_7_a_decode_cancelled_after_one_token_stops_within_a_step_and_the_next_ttft_is_an_idle_ones(
-        smollm2, store_service):
+    smollm2, store_service
+):
     model, tokenizer = smollm2
     store = store_service()
     client = StoreClient(store.address, timeout_s=120)
@@ -70,8 +71,10 @@ def test_7_a_decode_cancelled_after_one_token_stops_within_a_step_and_the_next_t
             cancelled += stream.produced < 512
             after.append(first_token_ms(stub, key, query))
         busy = statistics.median(after)
-        print(f"[figures] scenario 7: {tried} decodes of 512 tokens cancelled after their first token, "
-              f"{cancelled} stopped within one step; next TTFT {busy:.0f} ms vs idle {idle:.0f} ms; wrong 0")
+        print(
+            f"[figures] scenario 7: {tried} decodes of 512 tokens cancelled after their first token, "
+            f"{cancelled} stopped within one step; next TTFT {busy:.0f} ms vs idle {idle:.0f} ms; wrong 0"
+        )
         assert cancelled == tried
         assert busy <= 1.2 * idle + 25  # +25 ms: scheduling noise of a shared machine
     finally:

@@ -30,16 +30,22 @@ from dkv.services.up import Cluster, UpOptions
 from dkv.workers.compression import compress_chunks
 from dkv.workers.decode import generate
 
-pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900),
-              pytest.mark.skipif(not redis_server_available(), reason="redis-server not on PATH (make test installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.redis,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(not redis_server_available(), reason="redis-server not on PATH (make test installs it)"),
+]
 
 RECIPE = Recipe(method="snapkv", ratio=0.5, chunk_size=128, chunked=True)
 NEW = 12
-FACTS = ["The lighthouse keeper on Vessa island is named Orla and she paints the tower every June.",
-         "The bakery on Canal Street opens at six and sells rye bread with caraway seeds.",
-         "The ferry to Dunmore leaves at noon and carries bicycles for free on Sundays.",
-         "The town choir rehearses on Thursdays in the old granary beside the mill pond.",
-         "The museum's oldest map shows the harbour before the sea wall was built in 1820."]
+FACTS = [
+    "The lighthouse keeper on Vessa island is named Orla and she paints the tower every June.",
+    "The bakery on Canal Street opens at six and sells rye bread with caraway seeds.",
+    "The ferry to Dunmore leaves at noon and carries bicycles for free on Sundays.",
+    "The town choir rehearses on Thursdays in the old granary beside the mill pond.",
+    "The museum's oldest map shows the harbour before the sea wall was built in 1820.",
+]
 FILLER = "Gulls circled over the harbour while the tide came in slowly. "
 
 
@@ -49,8 +55,12 @@ def context_ids(tokenizer, i: int) -> list[int]:
 
 def golden(model, tokenizer, context: list[int], query: list[int]) -> str:
     """What dkv must answer: the recipe run here, K/V stored as the prefill worker stores them."""
-    entries = [e.cast(torch.float16) for e in compress_chunks(model, torch.tensor([context]), RECIPE.method,
-                                                             RECIPE.ratio, chunk_size=RECIPE.chunk_size)]
+    entries = [
+        e.cast(torch.float16)
+        for e in compress_chunks(
+            model, torch.tensor([context]), RECIPE.method, RECIPE.ratio, chunk_size=RECIPE.chunk_size
+        )
+    ]
     return tokenizer.decode(generate(model, tokenizer, entries, torch.tensor([query]), NEW), skip_special_tokens=True)
 
 
@@ -64,11 +74,20 @@ REDIAL_S = 1.25 * dict(RECONNECT)["grpc.max_reconnect_backoff_ms"] / 1000  # gRP
 
 def test_the_store_failing_or_down_never_fails_a_request_and_caching_resumes(smollm2):
     model, tokenizer = smollm2
-    query = tokenizer("\nQuestion: Summarize the sentence that is not about gulls. Answer:",
-                      add_special_tokens=False).input_ids
-    options = UpOptions(port=free_port(), http_port=0, cpu_bytes="1MiB", redis_bytes="256MiB", metrics=True,
-                        device="cpu", dtype="float32")
+    query = tokenizer(
+        "\nQuestion: Summarize the sentence that is not about gulls. Answer:", add_special_tokens=False
+    ).input_ids
+    options = UpOptions(
+        port=free_port(),
+        http_port=0,
+        cpu_bytes="1MiB",
+        redis_bytes="256MiB",
+        metrics=True,
+        device="cpu",
+        dtype="float32",
+    )
     with Cluster(options) as cluster, DkvClient(cluster.gateway, timeout_s=300) as client:
+
         def ask(i: int):
             started = time.perf_counter()
             text, stats = client.ask(context_ids(tokenizer, i), query, recipe=RECIPE, max_new_tokens=NEW)
@@ -109,6 +128,8 @@ def test_the_store_failing_or_down_never_fails_a_request_and_caching_resumes(smo
         assert stats.cache_stored and not stats.cache_hit
         again, stats, _ = ask(4)
         assert stats.cache_hit and again == text == golden(model, tokenizer, context_ids(tokenizer, 4), query)
-        print(f"[figures] issue 18: 6 requests answered with Redis down (2), the store down (2) and both back (2); "
-              f"failed 0, wrong 0; healthy miss TTFT {healthy_miss_ms:.0f} ms, store-down TTFT "
-              f"{max(ttfts):.0f} ms; not cached 4; a hit after recovery")
+        print(
+            f"[figures] issue 18: 6 requests answered with Redis down (2), the store down (2) and both back (2); "
+            f"failed 0, wrong 0; healthy miss TTFT {healthy_miss_ms:.0f} ms, store-down TTFT "
+            f"{max(ttfts):.0f} ms; not cached 4; a hit after recovery"
+        )

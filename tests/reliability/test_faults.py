@@ -67,6 +67,7 @@ def one_torch_thread():
 
 # ------------------------------------------------------------------------------------------ helpers
 
+
 def same_entry(a, b) -> bool:
     """Same key, metadata and every tensor bit for bit (like test_store_service.assert_same_entry)."""
     if a.key != b.key or a.seq_len != b.seq_len or a.importance != b.importance or len(a.layers) != len(b.layers):
@@ -160,9 +161,23 @@ class StoreProcess:
         """Start (again on the same port) and wait until health says SERVING."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dkv", "store", "serve", "--port", str(self.port),
-                 "--log-format", "text", *self.args],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "dkv",
+                    "store",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--log-format",
+                    "text",
+                    *self.args,
+                ],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout_s
         while health(self.address, timeout_s=1.0) != SERVING:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -206,6 +221,7 @@ def in_process_store(store_service, cpu_bytes: int = 256 * MiB, **settings):
 
 
 # ------------------------------------------------------------------------------ the proxy itself
+
 
 @pytest.mark.timeout(30)
 def test_the_proxy_forwards_caps_stalls_and_resets():
@@ -270,6 +286,7 @@ def test_the_proxy_forwards_caps_stalls_and_resets():
 
 # ------------------------------------------------------------------- network faults (in-process)
 
+
 @pytest.mark.timeout(60)
 def test_latency_and_jitter_keep_round_trips_exact(store_service):
     server = in_process_store(store_service)
@@ -313,8 +330,10 @@ def test_a_put_slower_than_its_deadline_fails_in_time_and_is_never_half_stored(s
 def test_a_stalled_store_costs_one_control_deadline_then_fails_fast_until_retry(store_service):
     server = in_process_store(store_service)
     entry = entry_of(64, heads=2)
-    with FaultProxy(server.address) as proxy, StoreClient(proxy.address, timeout_s=30, control_timeout_s=0.5,
-                                                          retry_after_s=1.0) as client:
+    with (
+        FaultProxy(server.address) as proxy,
+        StoreClient(proxy.address, timeout_s=30, control_timeout_s=0.5, retry_after_s=1.0) as client,
+    ):
         client.put(entry)
         proxy.set(stalled=True)
         err, took = call_error(client.stats)
@@ -419,8 +438,9 @@ def test_a_connection_reset_mid_get_is_an_error_or_a_miss_never_wrong_bytes(stor
 def raw_put(address: str, max_send: int = 64 * MiB):
     """A Put stub that may send messages over the store's 8 MiB limit (StoreClient may not)."""
     channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", max_send)])
-    put = channel.stream_unary(f"/{SERVICE}/Put", request_serializer=frame_message,
-                               response_deserializer=store_pb2.PutResponse.FromString)
+    put = channel.stream_unary(
+        f"/{SERVICE}/Put", request_serializer=frame_message, response_deserializer=store_pb2.PutResponse.FromString
+    )
     return channel, put
 
 
@@ -433,9 +453,14 @@ def test_a_put_ended_by_grpc_or_by_the_client_is_not_reported_as_a_server_error(
     registry = server.server.metrics.registry
 
     def put_calls(code: str | None = None) -> float:
-        return sum(s.value for m in registry.collect() for s in m.samples
-                   if s.name == "dkv_rpc_duration_seconds_count" and s.labels["method"] == "Put"
-                   and code in (None, s.labels["code"]))
+        return sum(
+            s.value
+            for m in registry.collect()
+            for s in m.samples
+            if s.name == "dkv_rpc_duration_seconds_count"
+            and s.labels["method"] == "Put"
+            and code in (None, s.labels["code"])
+        )
 
     def assert_no_server_error(what: str) -> None:
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -460,6 +485,7 @@ def test_a_put_ended_by_grpc_or_by_the_client_is_not_reported_as_a_server_error(
 
 # ---------------------------------------------------------------- the store process dies or stops
 
+
 def slow_frames(frames, started: threading.Event, after: int, pause_s: float = 0.05):
     """Yield ``frames`` with a pause between them; set ``started`` once ``after`` of them were taken
     (``after=len(frames)``: as soon as gRPC asks for one more after the last)."""
@@ -481,7 +507,7 @@ def redis_state(r: redis.Redis) -> dict:
     import json
 
     index = {k.decode(): int(v) for k, v in r.hgetall("{dkv:}index").items()}
-    manifests = {k.decode()[len("dkv:m:{"):-1]: json.loads(r.get(k)) for k in r.scan_iter(match="dkv:m:*")}
+    manifests = {k.decode()[len("dkv:m:{") : -1]: json.loads(r.get(k)) for k in r.scan_iter(match="dkv:m:*")}
     published, data = {}, set()
     for key, m in manifests.items():
         data_keys = [f"dkv:d:{{{key}}}:{m['v']}:{i}" for i in range(len(m["sizes"]))]
@@ -501,8 +527,9 @@ def redis_state(r: redis.Redis) -> dict:
 @pytest.mark.redis
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kill_at", ["mid-stream", "during-redis-write"])
-def test_sigkill_mid_put_is_unavailable_and_the_restarted_store_serves_only_whole_entries(store_process,
-                                                                                         fresh_redis, kill_at):
+def test_sigkill_mid_put_is_unavailable_and_the_restarted_store_serves_only_whole_entries(
+    store_process, fresh_redis, kill_at
+):
     """``mid-stream``: killed after 10 of 37 frames. ``during-redis-write``: an entry larger than the
     host tier (so the store writes it to Redis) killed as soon as its first staged frame shows up
     in Redis, so the kill lands while it is staged or published: whole or absent, both are fine."""
@@ -541,8 +568,10 @@ def test_sigkill_mid_put_is_unavailable_and_the_restarted_store_serves_only_whol
             assert call.error.code() == grpc.StatusCode.UNAVAILABLE, call.error.details()
         committed = str(victim.key) in redis_state(r)  # consistent: nothing half-written
         leftovers = sum(1 for _ in r.scan_iter(match=f"dkv:d:{{{victim.key}}}:*"))
-        print(f"[measured] {kill_at}: Put {'failed' if call.error else 'succeeded'}, "
-              f"{'whole in Redis' if committed else 'absent from Redis'}, {leftovers} data keys of it in Redis")
+        print(
+            f"[measured] {kill_at}: Put {'failed' if call.error else 'succeeded'}, "
+            f"{'whole in Redis' if committed else 'absent from Redis'}, {leftovers} data keys of it in Redis"
+        )
         if kill_at == "mid-stream":
             assert not committed
         if call.error is None:
@@ -566,8 +595,7 @@ def test_sigkill_mid_put_is_unavailable_and_the_restarted_store_serves_only_whol
 
 @pytest.mark.redis
 @pytest.mark.timeout(180)
-def test_sigkill_mid_get_is_unavailable_and_after_a_restart_the_entry_is_whole_or_a_miss(store_process,
-                                                                                        fresh_redis):
+def test_sigkill_mid_get_is_unavailable_and_after_a_restart_the_entry_is_whole_or_a_miss(store_process, fresh_redis):
     store = store_process("--cpu-bytes", "4MiB", "--redis-url", fresh_redis.url, "--log-level", "warning")
     big = entry_of(2048)  # 9.2 MB: larger than the host tier, so it goes to Redis
     with StoreClient(store.address, timeout_s=20) as client:
@@ -624,6 +652,7 @@ def test_sigterm_turns_health_off_at_once_lets_the_slow_get_finish_and_exits_0(s
 
 # ------------------------------------------------------------------------ Redis dies under load
 
+
 @pytest.mark.redis
 @pytest.mark.timeout(120)
 def test_redis_killed_and_restarted_under_load_fails_no_get_and_serves_nothing_stale(store_service, fresh_redis):
@@ -636,8 +665,10 @@ def test_redis_killed_and_restarted_under_load_fails_no_get_and_serves_nothing_s
     def versions_of(w: int, k: int) -> list:
         # key 0 of each worker is larger than the host tier: it can only live in Redis
         tokens = list(range(1000 * (10 * w + k), 1000 * (10 * w + k) + (512 if k == 0 else 256)))
-        return [entry_of(len(tokens), heads=4 if k == 0 else 2, seed=1000 * w + 10 * k + v, token_ids=tokens)
-                for v in range(versions)]
+        return [
+            entry_of(len(tokens), heads=4 if k == 0 else 2, seed=1000 * w + 10 * k + v, token_ids=tokens)
+            for v in range(versions)
+        ]
 
     entries = [[versions_of(w, k) for k in range(keys_per_worker)] for w in range(workers)]
     assert all(len({e.key for e in key_versions}) == 1 for w in entries for key_versions in w)
@@ -712,11 +743,13 @@ def test_redis_killed_and_restarted_under_load_fails_no_get_and_serves_nothing_s
 
     during = gets(killed_at, restarted_at)
     failed_during = sum(killed_at <= at <= restarted_at + 2 for at, _, _ in log["put_failed"])
-    print(f"[measured] Redis load: {ended_at - started_at:.1f} s, outage {restarted_at - killed_at:.1f} s; "
-          f"{log['put_ok']} Puts ok, {len(log['put_failed'])} UNAVAILABLE ({failed_during} in or just after "
-          f"the outage); {len(log['gets'])} Gets: {len(gets(0, tier='redis'))} from Redis, "
-          f"{len(gets(0, tier='cpu'))} from cpu, {len(gets(0, tier='miss'))} misses, {len(during)} during the "
-          f"outage; Redis hits resumed {resumed_after:.2f} s after the restart")
+    print(
+        f"[measured] Redis load: {ended_at - started_at:.1f} s, outage {restarted_at - killed_at:.1f} s; "
+        f"{log['put_ok']} Puts ok, {len(log['put_failed'])} UNAVAILABLE ({failed_during} in or just after "
+        f"the outage); {len(log['gets'])} Gets: {len(gets(0, tier='redis'))} from Redis, "
+        f"{len(gets(0, tier='cpu'))} from cpu, {len(gets(0, tier='miss'))} misses, {len(during)} during the "
+        f"outage; Redis hits resumed {resumed_after:.2f} s after the restart"
+    )
     assert not log["get_errors"], log["get_errors"][:3]
     assert not log["wrong"], f"stale or wrong entries served: {log['wrong'][:5]}"
     assert {code for _, code, _ in log["put_failed"]} <= {grpc.StatusCode.UNAVAILABLE}, log["put_failed"][:3]
@@ -730,6 +763,7 @@ def test_redis_killed_and_restarted_under_load_fails_no_get_and_serves_nothing_s
 
 
 # -------------------------------------------------------------------------- broken Put streams
+
 
 def broken_streams() -> dict:
     """name: (frames, status, words of the message) of Puts the store must refuse, 3-9 MB each."""
@@ -784,6 +818,7 @@ def test_memory_returns_to_baseline_after_50_refused_multi_mb_puts(store_process
     kinds = [cases[name] for name in ("truncated", "foreign", "corrupted", "oversized frame")]
     channel, put = raw_put(store.address)
     with channel:
+
         def refuse(frames, code, words) -> None:
             err, _ = call_error(put, iter(frames), 30)
             assert err.code() == code and words in err.details(), (err.code(), err.details())
@@ -798,8 +833,10 @@ def test_memory_returns_to_baseline_after_50_refused_multi_mb_puts(store_process
         took = time.monotonic() - start
         grown = store.rss_bytes() - baseline
     sent = sum(sum(map(len, kinds[i % len(kinds)][0])) for i in range(count))
-    print(f"[measured] {count} refused Puts ({sent / 1e6:.0f} MB) in {took:.1f} s; "
-          f"store RSS {baseline / MiB:.0f} MiB -> {(baseline + grown) / MiB:.0f} MiB")
+    print(
+        f"[measured] {count} refused Puts ({sent / 1e6:.0f} MB) in {took:.1f} s; "
+        f"store RSS {baseline / MiB:.0f} MiB -> {(baseline + grown) / MiB:.0f} MiB"
+    )
     assert grown < 64 * MiB, f"the store's RSS grew by {grown / MiB:.0f} MiB over {count} refused Puts"
     with StoreClient(store.address, timeout_s=30) as client:
         assert client.stats().entries == 0

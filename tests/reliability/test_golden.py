@@ -37,8 +37,10 @@ MB = 1 << 20
 REDIS_SHRINK = ShrinkRule(keep_fraction=0.5, quant="int8")
 NEW_TOKENS = 8
 STORAGE_DTYPE = torch.float16  # the prefill worker's default for this float32 model (storage_dtype auto)
-STORY = ("Mara kept bees on the hill above Tollan. Each spring she carried the hives down to the orchards, and "
-         "each autumn she sold the honey in the market by the river. Her brother Ivo mended the boats. ")
+STORY = (
+    "Mara kept bees on the hill above Tollan. Each spring she carried the hives down to the orchards, and "
+    "each autumn she sold the honey in the market by the river. Her brother Ivo mended the boats. "
+)
 CASES = [  # (recipe, selection, budget)
     (Recipe(method="full", chunk_size=128, chunked=True), "dense", 0),
     (Recipe(method="snapkv", ratio=0.5, chunk_size=128, chunked=True), "topk", 48),
@@ -52,16 +54,32 @@ def cluster(smollm2, redis_server):
 
     redis.Redis.from_url(redis_server.url).flushall()
     # entries of this float32 model take ~46 KB per token: each memory tier holds a few contexts
-    settings = StoreSettings(port=0, device="cpu", device_bytes=24 * MB, cpu_bytes=24 * MB, redis_url=redis_server.url,
-                             redis_bytes=256 * MB, redis_keep_fraction=REDIS_SHRINK.keep_fraction,
-                             redis_quant=REDIS_SHRINK.quant, policy="lru")
+    settings = StoreSettings(
+        port=0,
+        device="cpu",
+        device_bytes=24 * MB,
+        cpu_bytes=24 * MB,
+        redis_url=redis_server.url,
+        redis_bytes=256 * MB,
+        redis_keep_fraction=REDIS_SHRINK.keep_fraction,
+        redis_quant=REDIS_SHRINK.quant,
+        policy="lru",
+    )
     store = InProcessServer(StoreServer(settings, build_store(settings)))
-    prefill = InProcessServer(PrefillServer(PrefillSettings(port=0), PrefillWorker(
-        model, tokenizer, StoreClient(store.address, timeout_s=120))))
+    prefill = InProcessServer(
+        PrefillServer(
+            PrefillSettings(port=0), PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120))
+        )
+    )
     prefill_client = PrefillClient(prefill.address)
-    decode = InProcessServer(DecodeServer(DecodeSettings(port=0), DecodeWorker(
-        model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client,
-        entry_cache_bytes=0)))  # every hit read from the store: these tests follow entries through its tiers
+    decode = InProcessServer(
+        DecodeServer(
+            DecodeSettings(port=0),
+            DecodeWorker(
+                model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client, entry_cache_bytes=0
+            ),
+        )
+    )  # every hit read from the store: these tests follow entries through its tiers
     gateway = InProcessServer(GatewayServer(GatewaySettings(port=0, prefill=prefill.address, decode=decode.address)))
     with DkvClient(gateway.address) as client, StoreClient(store.address) as store_client:
         yield client, store_client, store.server.store, model, tokenizer
@@ -79,11 +97,20 @@ def ask(client, context: list[int], query: list[int], recipe: Recipe, selection:
     return client.ask(context, query, recipe=recipe, selection=selection, budget=budget, max_new_tokens=NEW_TOKENS)
 
 
-def fresh(model, tokenizer, context: list[int], query: list[int], recipe: Recipe, selection: str, budget: int,
-          shrink: ShrinkRule | None = None) -> str:
+def fresh(
+    model,
+    tokenizer,
+    context: list[int],
+    query: list[int],
+    recipe: Recipe,
+    selection: str,
+    budget: int,
+    shrink: ShrinkRule | None = None,
+) -> str:
     """The answer of a local run: compress the context now, decode from it, no store."""
-    entries = compress_chunks(model, torch.tensor([context]), recipe.method, recipe.ratio,
-                              chunk_size=recipe.chunk_size, **dict(recipe.params))
+    entries = compress_chunks(
+        model, torch.tensor([context]), recipe.method, recipe.ratio, chunk_size=recipe.chunk_size, **dict(recipe.params)
+    )
     entries = [e.cast(STORAGE_DTYPE) for e in entries]  # as the prefill worker stores them
     if shrink is not None:
         entries = [shrink.apply(e) for e in entries]
@@ -100,8 +127,7 @@ def tiers_of(store_client, model, recipe: Recipe, context: list[int]) -> set[str
 def push_down(store_client, seed: int, tiers: int) -> None:
     """Put newer entries until everything older has moved ``tiers`` tiers down (the store is LRU)."""
     for i in range(7 * tiers):  # 7 x 4 MiB > 24 MiB, one memory tier
-        store_client.put(synthetic_entry(seq_len=2600, num_layers=2, seed=seed * 1000 + i,
-                                         model_fingerprint="filler"))
+        store_client.put(synthetic_entry(seq_len=2600, num_layers=2, seed=seed * 1000 + i, model_fingerprint="filler"))
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{r.method}-{s}" for r, s, _ in CASES])
@@ -127,7 +153,7 @@ def test_full_dense_equals_plain_transformers_generation(cluster):
     context = ids(tokenizer, STORY * 2)
     query = ids(tokenizer, "\nQuestion: Where did Mara sell the honey? Answer:")
     full = torch.tensor([context + query])
-    plain = model.generate(full, max_new_tokens=NEW_TOKENS, do_sample=False)[0, full.shape[1]:]
+    plain = model.generate(full, max_new_tokens=NEW_TOKENS, do_sample=False)[0, full.shape[1] :]
     for _ in range(2):  # the miss, then the hit
         text, _ = ask(client, context, query, Recipe(method="full", chunk_size=128, chunked=True), "dense", 0)
         assert text == tokenizer.decode(plain, skip_special_tokens=True)

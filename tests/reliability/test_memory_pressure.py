@@ -36,17 +36,29 @@ def digest(entry) -> str:
 
 
 def test_ten_times_the_capacity_with_mixed_importance(store_service, redis_url):
-    server = store_service(StoreSettings(
-        port=0, device="cpu", device_bytes=CAPACITY["device"], cpu_bytes=CAPACITY["cpu"], redis_url=redis_url,
-        redis_bytes=CAPACITY["redis"]))
+    server = store_service(
+        StoreSettings(
+            port=0,
+            device="cpu",
+            device_bytes=CAPACITY["device"],
+            cpu_bytes=CAPACITY["cpu"],
+            redis_url=redis_url,
+            redis_bytes=CAPACITY["redis"],
+        )
+    )
     total_capacity = sum(CAPACITY.values())
     written, digests, important = 0, {}, {}
     baseline = None
     with StoreClient(server.address, timeout_s=60) as client:
         i = 0
         while written < 10 * total_capacity:
-            entry = synthetic_entry(seq_len=512, num_layers=2, seed=i, importance=0.9 if i % 4 == 0 else 0.05,
-                                    token_ids=list(range(i * 1000, i * 1000 + 512)))
+            entry = synthetic_entry(
+                seq_len=512,
+                num_layers=2,
+                seed=i,
+                importance=0.9 if i % 4 == 0 else 0.05,
+                token_ids=list(range(i * 1000, i * 1000 + 512)),
+            )
             reply = client.put(entry)
             written += reply.stored_bytes
             digests[str(reply.key)], important[str(reply.key)] = digest(entry), i % 4 == 0
@@ -65,8 +77,10 @@ def test_ten_times_the_capacity_with_mixed_importance(store_service, redis_url):
     n_important = sum(important.values())
     rate_important = survived[True] / n_important
     rate_other = survived[False] / (len(digests) - n_important)
-    print(f"\nmemory pressure: {len(digests)} entries, {written / MB:.0f} MiB written, survived: important "
-          f"{rate_important:.0%}, others {rate_other:.0%}; RSS +{(rss_bytes() - baseline) / MB:.0f} MiB")
+    print(
+        f"\nmemory pressure: {len(digests)} entries, {written / MB:.0f} MiB written, survived: important "
+        f"{rate_important:.0%}, others {rate_other:.0%}; RSS +{(rss_bytes() - baseline) / MB:.0f} MiB"
+    )
     assert stats.evictions > 0 and stats.demotions > 0
     assert rate_important > 3 * rate_other, (rate_important, rate_other)
     assert rss_bytes() - baseline < 96 * MB  # 10x the capacity went through; the tiers hold 14 MB

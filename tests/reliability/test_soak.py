@@ -17,8 +17,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(900)]
 def test_short_soak_gives_no_wrong_answer_and_recovers_from_every_fault(tmp_path):
     report_path = tmp_path / "soak.json"
     run = subprocess.run(
-        [sys.executable, "-m", "dkv.loadtest.soak", "--duration", "40", "--interval", "10", "--faults", "redis,store",
-         "--documents", "1", "--json", str(report_path)], cwd=ROOT, capture_output=True, text=True, timeout=840)
+        [
+            sys.executable,
+            "-m",
+            "dkv.loadtest.soak",
+            "--duration",
+            "40",
+            "--interval",
+            "10",
+            "--faults",
+            "redis,store",
+            "--documents",
+            "1",
+            "--json",
+            str(report_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["wrong_answers"] == 0 and report["correct"] > 0

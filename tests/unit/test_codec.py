@@ -86,8 +86,10 @@ def test_round_trip_odd_row_counts_and_empty_head():
 
     empty_head = make_layer(
         [layer.positions[:n0].long(), torch.empty(0, dtype=torch.long)],
-        [layer.keys[:n0], layer.keys[:0]], [layer.values[:n0], layer.values[:0]],
-        [layer.scores[:n0], layer.scores[:0]], entry.page_size,
+        [layer.keys[:n0], layer.keys[:0]],
+        [layer.values[:n0], layer.values[:0]],
+        [layer.scores[:n0], layer.scores[:0]],
+        entry.page_size,
     )
     entry = entry.replace(layers=[empty_head, entry.layers[1]])
     entry.validate()
@@ -397,10 +399,27 @@ def _tensors_not_list(h):
     h["tensors"] = 5
 
 
-HEADER_DEFECTS = [_overlap, _gap, _exceeds, _data_bytes_short, _data_bytes_long, _nbytes_mismatch_shape,
-                  _unknown_name, _bad_dtype, _repeated, _layer_out_of_range, _three_dims, _negative_dim,
-                  _missing_identity, _bad_key_part, _bad_recipe, _wrong_hash_count, _format_version,
-                  _zero_layers, _tensors_not_list]
+HEADER_DEFECTS = [
+    _overlap,
+    _gap,
+    _exceeds,
+    _data_bytes_short,
+    _data_bytes_long,
+    _nbytes_mismatch_shape,
+    _unknown_name,
+    _bad_dtype,
+    _repeated,
+    _layer_out_of_range,
+    _three_dims,
+    _negative_dim,
+    _missing_identity,
+    _bad_key_part,
+    _bad_recipe,
+    _wrong_hash_count,
+    _format_version,
+    _zero_layers,
+    _tensors_not_list,
+]
 
 
 @pytest.mark.parametrize("defect", HEADER_DEFECTS, ids=[d.__name__.strip("_") for d in HEADER_DEFECTS])
@@ -441,8 +460,9 @@ def test_header_not_json(frames):
 def test_header_with_impossible_frame_count(frames):
     h = _header_json(frames)
     payload = json.dumps(h).encode()
-    bad = codec._frame(codec.KIND_HEADER, hashlib.blake2b(payload, digest_size=8).digest(), 0, h["data_bytes"] + 2,
-                       [payload])
+    bad = codec._frame(
+        codec.KIND_HEADER, hashlib.blake2b(payload, digest_size=8).digest(), 0, h["data_bytes"] + 2, [payload]
+    )
     with pytest.raises(InvalidEntry, match="data frames cannot carry"):
         codec.parse_header(bad)
 
@@ -450,8 +470,9 @@ def test_header_with_impossible_frame_count(frames):
 def test_a_header_altered_under_its_old_entry_id_is_corrupt(frames):
     h = _header_json(frames)
     h["importance"] = 0.5
-    forged = codec._frame(codec.KIND_HEADER, codec.parse_frame(frames[0]).entry_id, 0, len(frames),
-                          [json.dumps(h).encode()])
+    forged = codec._frame(
+        codec.KIND_HEADER, codec.parse_frame(frames[0]).entry_id, 0, len(frames), [json.dumps(h).encode()]
+    )
     with pytest.raises(CorruptEntry, match="header was altered"):
         codec.parse_header(forged)
 
@@ -543,8 +564,12 @@ def test_kvstore_never_uses_pickle():
     offenders = {p.name: u for p in sources if (u := _unsafe_uses(p.read_text()))}
     assert offenders == {}
     # And no source line (outside prose) that imports or calls pickle by any spelling.
-    code_lines = [line for p in sources for line in p.read_text().splitlines()
-                  if re.match(r"^\s*(import|from)\s", line) and "pickle" in line]
+    code_lines = [
+        line
+        for p in sources
+        for line in p.read_text().splitlines()
+        if re.match(r"^\s*(import|from)\s", line) and "pickle" in line
+    ]
     assert code_lines == []
 
 

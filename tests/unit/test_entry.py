@@ -68,9 +68,17 @@ def test_recipe_accepts_boundaries():
 def test_recipe_id_is_blake2b_of_canonical_json():
     r = Recipe(method="snapkv", ratio=0.5, budget=64, quant="int4", chunk_size=128, params=(("window", 32),))
     canonical = json.dumps(
-        {"budget": 64, "chunk_size": 128, "chunked": False, "method": "snapkv", "params": [["window", 32.0]],
-         "quant": "int4", "ratio": 0.5},
-        sort_keys=True, separators=(",", ":"),
+        {
+            "budget": 64,
+            "chunk_size": 128,
+            "chunked": False,
+            "method": "snapkv",
+            "params": [["window", 32.0]],
+            "quant": "int4",
+            "ratio": 0.5,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
     )
     assert r.recipe_id == hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
     assert len(r.recipe_id) == 16
@@ -80,8 +88,11 @@ def test_recipe_id_stable_and_param_order_insensitive():
     a = Recipe(method="snapkv", ratio=0.5, params=(("window", 32.0), ("kernel", 5.0)))
     b = Recipe(method="snapkv", ratio=0.5, params=(("kernel", 5), ("window", 32)))
     assert a == b
-    assert a.recipe_id == b.recipe_id == Recipe(method="snapkv", ratio=0.5,
-                                                params=(("window", 32.0), ("kernel", 5.0))).recipe_id
+    assert (
+        a.recipe_id
+        == b.recipe_id
+        == Recipe(method="snapkv", ratio=0.5, params=(("window", 32.0), ("kernel", 5.0))).recipe_id
+    )
     assert Recipe.from_dict(a.to_dict()) == a
     assert Recipe.from_dict(a.to_dict()).recipe_id == a.recipe_id
 
@@ -171,7 +182,7 @@ def _slow_page_summaries(keys, counts, page_size):
     mins, maxs, start = [], [], 0
     for c in counts:
         for p0 in range(0, c, page_size):
-            rows = keys[start + p0:start + min(p0 + page_size, c)]
+            rows = keys[start + p0 : start + min(p0 + page_size, c)]
             mins.append([min(float(rows[r, j]) for r in range(len(rows))) for j in range(keys.shape[1])])
             maxs.append([max(float(rows[r, j]) for r in range(len(rows))) for j in range(keys.shape[1])])
         start += c
@@ -180,8 +191,12 @@ def _slow_page_summaries(keys, counts, page_size):
 
 def test_make_layer_sorts_by_position_per_head():
     d = 4
-    positions = [torch.tensor([9, 2, 5, 0]), torch.tensor([3]), torch.tensor([], dtype=torch.long),
-                 torch.tensor([7, 1])]
+    positions = [
+        torch.tensor([9, 2, 5, 0]),
+        torch.tensor([3]),
+        torch.tensor([], dtype=torch.long),
+        torch.tensor([7, 1]),
+    ]
     keys = [p.float().unsqueeze(1).expand(-1, d) + 0.5 for p in positions]  # row content = its position
     values = [-p.float().unsqueeze(1).expand(-1, d) for p in positions]
     scores = [p.float() / 10 for p in positions]
@@ -234,8 +249,9 @@ def test_page_of_rows():
 
 
 def _entry(quant_scheme="none", **kw):
-    args = dict(seq_len=40, num_layers=2, num_kv_heads=3, head_dim=8, keep_fraction=0.5, page_size=4,
-                quant_scheme=quant_scheme)
+    args = dict(
+        seq_len=40, num_layers=2, num_kv_heads=3, head_dim=8, keep_fraction=0.5, page_size=4, quant_scheme=quant_scheme
+    )
     args.update(kw)
     return synthetic_entry(**args)
 
@@ -376,7 +392,10 @@ DENSE_CASES = [
     (_page_min_above_max, "page_min must be <= page_max"),
     (_page_max_nan, "page_max contains NaN or Inf"),
     (_page_min_wrong_pages, "page_min must be float"),
-    (_dense_with_value_bits, "dense keys need dense values: value_bits, value_min, value_max, key_lo and key_hi must be absent"),
+    (
+        _dense_with_value_bits,
+        "dense keys need dense values: value_bits, value_min, value_max, key_lo and key_hi must be absent",
+    ),
 ]
 
 
@@ -510,8 +529,9 @@ def test_quantize_layer_close_to_dense(scheme, tol):
         assert bool(((k - k0).abs() <= k_step / 2 + 4e-3).all())
         assert bool(((v - v0).abs() <= v_step / 2 + 4e-3).all())
         assert float((k - k0).abs().max()) < tol and float((v - v0).abs().max()) < tol
-    entry = dense.replace(layers=[quantize_layer(layer, quant.bits_for_scheme(scheme, layer.scores), page)
-                                  for layer in dense.layers])
+    entry = dense.replace(
+        layers=[quantize_layer(layer, quant.bits_for_scheme(scheme, layer.scores), page) for layer in dense.layers]
+    )
     entry.validate()
     assert entry.nbytes < dense.nbytes
 

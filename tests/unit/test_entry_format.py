@@ -11,11 +11,18 @@ import torch
 
 from dkv.kvstore import codec
 from dkv.kvstore.entry import (
-    FORMAT_VERSION, Identity, Recipe, make_layer, pack_layer, page_of_rows, quantize_layer, unpack_layer,
+    FORMAT_VERSION,
+    Identity,
+    Recipe,
+    make_layer,
+    pack_layer,
+    page_of_rows,
+    quantize_layer,
+    unpack_layer,
 )
 from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore.prefix import chain_hashes
-from dkv.kvstore.synthetic import synthetic_entry
+from dkv.testing import synthetic_entry
 
 # Written by the format 1 codec (commit abc29f6, kvstore/codec.py at FORMAT_VERSION 1):
 # synthetic_entry(seq_len=40, num_layers=2, num_kv_heads=2, head_dim=8, keep_fraction=0.5, seed=s)
@@ -32,7 +39,7 @@ def v1_frames() -> list[list[bytes]]:
         frames = []
         for _ in range(count):
             (n,), pos = struct.unpack_from("<I", data, pos), pos + 4
-            frames.append(data[pos:pos + n])
+            frames.append(data[pos : pos + n])
             pos += n
         entries.append(frames)
     return entries
@@ -64,11 +71,24 @@ def test_format_1_entries_still_read_and_rewrite_as_format_2_unchanged(index):
 
 
 def test_a_half_kept_int4_entry_stores_a_bitmap_page_codes_and_one_bit_width():
-    entry = synthetic_entry(seq_len=512, num_layers=1, num_kv_heads=3, head_dim=64, keep_fraction=0.5,
-                            quant_scheme="int4")
+    entry = synthetic_entry(
+        seq_len=512, num_layers=1, num_kv_heads=3, head_dim=64, keep_fraction=0.5, quant_scheme="int4"
+    )
     stored = entry.stored_layers()[0]
-    assert set(stored) == {"head_offsets", "position_bitmap", "scores", "page_min_codes", "page_max_codes", "key_lo",
-                           "key_hi", "keys", "values", "bits", "value_min", "value_max"}
+    assert set(stored) == {
+        "head_offsets",
+        "position_bitmap",
+        "scores",
+        "page_min_codes",
+        "page_max_codes",
+        "key_lo",
+        "key_hi",
+        "keys",
+        "values",
+        "bits",
+        "value_min",
+        "value_max",
+    }
     assert stored["position_bitmap"].shape == (3, 64) and stored["scores"].dtype == torch.float16
     assert stored["page_min_codes"].dtype == torch.uint8 and stored["page_min_codes"].shape == (3 * 16, 64)
     rows = entry.layers[0].num_tokens
@@ -79,9 +99,10 @@ def test_a_half_kept_int4_entry_stores_a_bitmap_page_codes_and_one_bit_width():
     assert sum(per_row.values()) < 81  # format 1: 94 B a row
 
 
-@pytest.mark.parametrize("keep_fraction, seq_len, form", [(0.5, 300, "position_bitmap"),
-                                                          (0.02, 3000, "position_offsets"),
-                                                          (0.0005, 40000, "positions")])
+@pytest.mark.parametrize(
+    "keep_fraction, seq_len, form",
+    [(0.5, 300, "position_bitmap"), (0.02, 3000, "position_offsets"), (0.0005, 40000, "positions")],
+)
 def test_positions_take_the_smallest_form_that_holds_them(keep_fraction, seq_len, form):
     entry = synthetic_entry(seq_len=seq_len, num_layers=1, num_kv_heads=2, head_dim=8, keep_fraction=keep_fraction)
     stored = entry.stored_layers()[0]
@@ -96,19 +117,25 @@ def test_chunk_entries_store_positions_from_their_start():
     hashes = tuple(chain_hashes(tokens, 256, "m", recipe.recipe_id))
     g = torch.Generator().manual_seed(0)
     positions = [torch.tensor([256, 300, 511]), torch.tensor([257, 258])]
-    layer = make_layer(positions, [torch.randn(len(p), 8, generator=g) for p in positions],
-                       [torch.randn(len(p), 8, generator=g) for p in positions],
-                       [torch.rand(len(p), generator=g) for p in positions], 4)
+    layer = make_layer(
+        positions,
+        [torch.randn(len(p), 8, generator=g) for p in positions],
+        [torch.randn(len(p), 8, generator=g) for p in positions],
+        [torch.rand(len(p), generator=g) for p in positions],
+        4,
+    )
     entry = synthetic_entry(seq_len=512, num_layers=1, num_kv_heads=2, head_dim=8).replace(
-        identity=Identity("m", recipe, hashes[:2], 512, start=256), layers=[layer], page_size=4)
+        identity=Identity("m", recipe, hashes[:2], 512, start=256), layers=[layer], page_size=4
+    )
     offsets = entry.stored_layers()[0]["position_offsets"]
     assert offsets.tolist() == [0, 44, 255, 1, 2]
     assert torch.equal(codec.decode(codec.encode(entry)).layers[0].positions, layer.positions)
 
 
 def test_quantized_page_bounds_are_8_bit_codes_that_bound_the_dequantized_keys():
-    entry = synthetic_entry(seq_len=200, num_layers=1, num_kv_heads=2, head_dim=16, keep_fraction=0.5,
-                            quant_scheme="int4")
+    entry = synthetic_entry(
+        seq_len=200, num_layers=1, num_kv_heads=2, head_dim=16, keep_fraction=0.5, quant_scheme="int4"
+    )
     layer = entry.layers[0]
     k, _ = layer.dequantized(entry.page_size, torch.float32)
     row_page = page_of_rows(layer.head_offsets, entry.page_size)
@@ -118,13 +145,16 @@ def test_quantized_page_bounds_are_8_bit_codes_that_bound_the_dequantized_keys()
     dense = synthetic_entry(seq_len=200, num_layers=1, num_kv_heads=2, head_dim=16, keep_fraction=0.5).layers[0]
     true_k = dense.keys.float()
     # outward rounding: the coded bounds hold every original key, so no key was clipped
-    assert bool((true_k >= layer.page_min[row_page] - 1e-2).all()) and bool((true_k <= layer.page_max[row_page] + 1e-2).all())
+    assert bool((true_k >= layer.page_min[row_page] - 1e-2).all()) and bool(
+        (true_k <= layer.page_max[row_page] + 1e-2).all()
+    )
     assert (k - true_k).abs().max() <= (layer.page_max - layer.page_min).max() / 15 / 2 + 1e-3
 
 
 def test_page_bounds_off_the_grid_are_refused_when_stored():
-    entry = synthetic_entry(seq_len=64, num_layers=1, num_kv_heads=2, head_dim=8, keep_fraction=0.5,
-                            quant_scheme="int4")
+    entry = synthetic_entry(
+        seq_len=64, num_layers=1, num_kv_heads=2, head_dim=8, keep_fraction=0.5, quant_scheme="int4"
+    )
     layer = entry.layers[0]
     nudged = dataclasses.replace(layer, page_min=layer.page_min - 1e-3)
     with pytest.raises(InvalidEntry, match="layer 0: page bounds are not on the 8-bit grid of key_lo/key_hi"):
@@ -132,24 +162,32 @@ def test_page_bounds_off_the_grid_are_refused_when_stored():
 
 
 def _stored(**kw):
-    entry = synthetic_entry(seq_len=64, num_layers=1, num_kv_heads=2, head_dim=8, keep_fraction=0.5,
-                            quant_scheme="int4", **kw)
+    entry = synthetic_entry(
+        seq_len=64, num_layers=1, num_kv_heads=2, head_dim=8, keep_fraction=0.5, quant_scheme="int4", **kw
+    )
     return entry, entry.stored_layers()[0]
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda t: t.update(position_bitmap=t["position_bitmap"][:, :-1]), "position_bitmap must be uint8"),
-    (lambda t: t["position_bitmap"].__setitem__((0, 0), t["position_bitmap"][0, 0] ^ 2),
-     "position_bitmap disagrees with head_offsets"),
-    (lambda t: t.update(position_offsets=t["scores"].to(torch.int16)), "exactly one of positions"),
-    (lambda t: t.update(key_bits=t["bits"]), "bits is shared by K and V"),
-    (lambda t: t.update(page_min=t["key_lo"]), "stored as codes or as values, not both"),
-    (lambda t: t.pop("key_hi"), "key_hi must be torch.float16"),
-    (lambda t: t.update(page_min_codes=t["page_min_codes"][:-1]), "page_min_codes must be torch.uint8"),
-    (lambda t: t.update(page_min_codes=torch.full_like(t["page_min_codes"], 255)),
-     "page_min_codes must be <= page_max_codes"),
-    (lambda t: t.update(head_offsets=t["head_offsets"].flip(0)), "head_offsets must start at 0"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.update(position_bitmap=t["position_bitmap"][:, :-1]), "position_bitmap must be uint8"),
+        (
+            lambda t: t["position_bitmap"].__setitem__((0, 0), t["position_bitmap"][0, 0] ^ 2),
+            "position_bitmap disagrees with head_offsets",
+        ),
+        (lambda t: t.update(position_offsets=t["scores"].to(torch.int16)), "exactly one of positions"),
+        (lambda t: t.update(key_bits=t["bits"]), "bits is shared by K and V"),
+        (lambda t: t.update(page_min=t["key_lo"]), "stored as codes or as values, not both"),
+        (lambda t: t.pop("key_hi"), "key_hi must be torch.float16"),
+        (lambda t: t.update(page_min_codes=t["page_min_codes"][:-1]), "page_min_codes must be torch.uint8"),
+        (
+            lambda t: t.update(page_min_codes=torch.full_like(t["page_min_codes"], 255)),
+            "page_min_codes must be <= page_max_codes",
+        ),
+        (lambda t: t.update(head_offsets=t["head_offsets"].flip(0)), "head_offsets must start at 0"),
+    ],
+)
 def test_inconsistent_stored_tensors_are_invalid(mutate, message):
     entry, stored = _stored()
     stored = {k: v.clone() for k, v in stored.items()}
@@ -167,8 +205,9 @@ def test_a_bitmap_bit_past_the_context_is_invalid():
 
 
 def test_requantizing_keeps_the_grid_and_pack_round_trips_mixed_bits():
-    entry = synthetic_entry(seq_len=128, num_layers=1, num_kv_heads=2, head_dim=8, keep_fraction=0.5,
-                            quant_scheme="mixed")
+    entry = synthetic_entry(
+        seq_len=128, num_layers=1, num_kv_heads=2, head_dim=8, keep_fraction=0.5, quant_scheme="mixed"
+    )
     layer = entry.layers[0]
     again = quantize_layer(layer, layer.key_bits, entry.page_size)
     stored = pack_layer(again, 0, entry.seq_len, entry.page_size)

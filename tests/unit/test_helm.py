@@ -40,8 +40,12 @@ from dkv.services import settings as S
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_MONITOR = "monitoring.coreos.com/v1/ServiceMonitor"
 
-SETTINGS = {"store": S.StoreSettings, "prefill": S.PrefillSettings, "decode": S.DecodeSettings,
-            "gateway": S.GatewaySettings}
+SETTINGS = {
+    "store": S.StoreSettings,
+    "prefill": S.PrefillSettings,
+    "decode": S.DecodeSettings,
+    "gateway": S.GatewaySettings,
+}
 COMPONENTS = tuple(SETTINGS)
 # The env names dkv reads, per component, from the dataclasses themselves.
 VALID_ENV = {c: {S.env_name(cls, f.name) for f in dataclasses.fields(cls)} for c, cls in SETTINGS.items()}
@@ -49,17 +53,27 @@ VALID_ENV = {c: {S.env_name(cls, f.name) for f in dataclasses.fields(cls)} for c
 NOT_SETTINGS = {"DKV_MODEL_CACHE": ROOT / "workers" / "model.py"}
 PORTS = {"store": 50052, "prefill": 50053, "decode": 50054, "gateway": 50051}
 # Addresses the chart derives from the Services (unless overridden).
-WIRING = {"DKV_PREFILL_STORE", "DKV_DECODE_STORE", "DKV_DECODE_PREFILL", "DKV_GATEWAY_PREFILL", "DKV_GATEWAY_DECODE",
-          "DKV_GATEWAY_STORE"}
-STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
-                   "app.kubernetes.io/managed-by", "helm.sh/chart")
+WIRING = {
+    "DKV_PREFILL_STORE",
+    "DKV_DECODE_STORE",
+    "DKV_DECODE_PREFILL",
+    "DKV_GATEWAY_PREFILL",
+    "DKV_GATEWAY_DECODE",
+    "DKV_GATEWAY_STORE",
+}
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
 
 EVERYTHING_ON = {
     "store": {"shards": 3},
     "decode": {"gpus": 1},
     "redis": {"enabled": False},
-    "externalRedis": {"url": "redis://redis.example:6379/0", "existingSecret": "redis-pw",
-                      "passwordKey": "password"},
+    "externalRedis": {"url": "redis://redis.example:6379/0", "existingSecret": "redis-pw", "passwordKey": "password"},
     "auth": {"existingSecret": "dkv-auth", "tokenKey": "token", "tenantTokensKey": "tenants"},
     "tls": {"enabled": True, "existingSecret": "dkv-tls", "mutual": True},
     "networkPolicy": {"enabled": False},
@@ -144,7 +158,12 @@ def with_path(path, value) -> dict:
 
 def test_chart_metadata():
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert (meta["apiVersion"], meta["name"], meta["version"], str(meta["appVersion"])) == ("v2", "dkv", "0.1.0", "0.1.0")
+    assert (meta["apiVersion"], meta["name"], meta["version"], str(meta["appVersion"])) == (
+        "v2",
+        "dkv",
+        "0.1.0",
+        "0.1.0",
+    )
     with helm.Chart.load(CHART) as chart:
         assert chart.name == "dkv" and chart.version == "0.1.0"
         assert chart.schema is not None and chart.schema["$schema"].endswith("draft-07/schema#")
@@ -250,15 +269,28 @@ def test_each_mapped_value_sets_its_env_var(default_docs):
 
 def test_default_render_kinds_and_names(default_docs):
     kinds = sorted({d["kind"] for d in default_docs})
-    assert kinds == sorted({"StatefulSet", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
-                            "ConfigMap", "ServiceAccount", "Secret"})
+    assert kinds == sorted(
+        {
+            "StatefulSet",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+            "ConfigMap",
+            "ServiceAccount",
+            "Secret",
+        }
+    )
     assert [d["metadata"]["name"] for d in of_kind(default_docs, "StatefulSet")] == [f"{FULL}-store"]
     assert sorted(d["metadata"]["name"] for d in of_kind(default_docs, "Deployment")) == [
-        f"{FULL}-{c}" for c in ("decode", "gateway", "prefill", "redis")]
+        f"{FULL}-{c}" for c in ("decode", "gateway", "prefill", "redis")
+    ]
     assert sorted(d["metadata"]["name"] for d in of_kind(default_docs, "Service")) == sorted(
-        [f"{FULL}-{c}" for c in ("store", "prefill", "decode", "gateway", "redis")] + [f"{FULL}-store-headless"])
+        [f"{FULL}-{c}" for c in ("store", "prefill", "decode", "gateway", "redis")] + [f"{FULL}-store-headless"]
+    )
     assert sorted(d["metadata"]["name"] for d in of_kind(default_docs, "PodDisruptionBudget")) == sorted(
-        f"{FULL}-{c}" for c in (*COMPONENTS, "redis"))
+        f"{FULL}-{c}" for c in (*COMPONENTS, "redis")
+    )
     assert sorted(d["metadata"]["name"] for d in of_kind(default_docs, "Secret")) == [f"{FULL}-auth", f"{FULL}-redis"]
     for d in default_docs:
         assert d["metadata"]["namespace"] == NAMESPACE, d["metadata"]["name"]
@@ -278,8 +310,11 @@ def test_labels_and_selectors(default_docs):
         component = w["metadata"]["labels"]["app.kubernetes.io/component"]
         selector = w["spec"]["selector"]["matchLabels"]
         # stable selectors: no version or chart label (they change on upgrade, selectors cannot)
-        assert selector == {"app.kubernetes.io/name": "dkv", "app.kubernetes.io/instance": RELEASE,
-                            "app.kubernetes.io/component": component}
+        assert selector == {
+            "app.kubernetes.io/name": "dkv",
+            "app.kubernetes.io/instance": RELEASE,
+            "app.kubernetes.io/component": component,
+        }
         pod_labels = w["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= pod_labels.items()
         pods[component] = pod_labels
@@ -310,8 +345,10 @@ def test_commands_ports_and_grpc_probes(default_docs, component):
     assert values[prefix + "METRICS_PORT"] == "9400"
     svc = one(default_docs, "Service", f"{FULL}-{component}")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
-        "grpc": (PORTS[component], "grpc"), **{name: (port, name) for name, port in http.items()},
-        "metrics": (9400, "metrics")}
+        "grpc": (PORTS[component], "grpc"),
+        **{name: (port, name) for name, port in http.items()},
+        "metrics": (9400, "metrics"),
+    }
     assert svc["spec"]["type"] == "ClusterIP"
 
 
@@ -331,15 +368,21 @@ def test_security_context_and_graceful_shutdown(default_docs, component):
 
 
 def test_termination_grace_set_too_short_fails():
-    assert workload(render({"decode": {"terminationGracePeriodSeconds": 90}}), "decode")[
-        "spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+    assert (
+        workload(render({"decode": {"terminationGracePeriodSeconds": 90}}), "decode")["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+        == 90
+    )
     with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
         render({"decode": {"terminationGracePeriodSeconds": 30}})  # 30 <= drain 5 + grace 30
 
 
-@pytest.mark.parametrize("values", [None, EVERYTHING_ON,
-                                    {"decode": {"recompute": False}, "store": {"redisTier": False}}],
-                         ids=["defaults", "everything-on", "no-recompute-no-redis"])
+@pytest.mark.parametrize(
+    "values",
+    [None, EVERYTHING_ON, {"decode": {"recompute": False}, "store": {"redisTier": False}}],
+    ids=["defaults", "everything-on", "no-recompute-no-redis"],
+)
 def test_every_dkv_env_var_is_a_setting(values):
     docs = render(values)
     for component in COMPONENTS:
@@ -347,7 +390,8 @@ def test_every_dkv_env_var_is_a_setting(values):
             if not name.startswith("DKV_"):
                 continue
             assert name in VALID_ENV[component] or name in NOT_SETTINGS, (
-                f"{component} sets {name}, which is no field of {SETTINGS[component].__name__}")
+                f"{component} sets {name}, which is no field of {SETTINGS[component].__name__}"
+            )
     for name, reader in NOT_SETTINGS.items():
         assert name in reader.read_text(), f"{name} is no longer read by {reader}"
 
@@ -361,14 +405,25 @@ def test_the_chart_sets_every_setting(everything_docs):
         assert not missing, f"the chart does not set {sorted(missing)} for the {component}"
 
 
-@pytest.mark.parametrize("values", [None, {**EVERYTHING_ON, "tls": {"enabled": False}},
-                                    {"store": {"deviceBytes": 4 << 30, "cpuKeepFraction": 0.25, "graceS": 2.5}}],
-                         ids=["defaults", "auth-external-redis", "numbers"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        None,
+        {**EVERYTHING_ON, "tls": {"enabled": False}},
+        {"store": {"deviceBytes": 4 << 30, "cpuKeepFraction": 0.25, "graceS": 2.5}},
+    ],
+    ids=["defaults", "auth-external-redis", "numbers"],
+)
 def test_rendered_env_loads_into_the_settings(values):
     """What the chart renders is what dkv accepts: each container's env, given to settings.load
     as the process would see it (Secrets filled in), builds that component's settings."""
-    secrets = {"token": "service-token", "tenants": "acme=acme-token", "password": "pw",
-               "cluster-secret": "cluster-secret-value", "redis-password": "redis-pw"}
+    secrets = {
+        "token": "service-token",
+        "tenants": "acme=acme-token",
+        "password": "pw",
+        "cluster-secret": "cluster-secret-value",
+        "redis-password": "redis-pw",
+    }
     docs = render(values)
     for component, cls in SETTINGS.items():
         process_env = pod_env(docs, component, secrets)
@@ -408,10 +463,16 @@ def test_worker_services_are_headless_so_clients_balance_calls(default_docs):
 
 
 def test_address_overrides():
-    docs = render({"gateway": {"decodeAddresses": ["d1.example:50054", "d2.example:50054"],
-                               "prefillAddress": "p.example:7000"},
-                   "decode": {"recompute": False, "storeAddress": "s.example:1"},
-                   "prefill": {"storeAddress": "s.example:1"}})
+    docs = render(
+        {
+            "gateway": {
+                "decodeAddresses": ["d1.example:50054", "d2.example:50054"],
+                "prefillAddress": "p.example:7000",
+            },
+            "decode": {"recompute": False, "storeAddress": "s.example:1"},
+            "prefill": {"storeAddress": "s.example:1"},
+        }
+    )
     gateway = env_values(docs, "gateway")
     assert gateway["DKV_GATEWAY_DECODE"] == "d1.example:50054,d2.example:50054"
     assert gateway["DKV_GATEWAY_PREFILL"] == "p.example:7000"
@@ -452,14 +513,22 @@ def test_resources_and_gpu_limits(everything_docs, default_docs):
     assert res["limits"]["memory"] == "4Gi" and res["requests"]["cpu"] == "1"
     for component in ("store", "prefill", "gateway"):
         assert "nvidia.com/gpu" not in container(everything_docs, component)["resources"]["limits"]
-    docs = render({"prefill": {"gpus": 2, "resources": {"requests": {"cpu": "4"}},
-                               "nodeSelector": {"pool": "gpu"},
-                               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                                "effect": "NoSchedule"}]}})
+    docs = render(
+        {
+            "prefill": {
+                "gpus": 2,
+                "resources": {"requests": {"cpu": "4"}},
+                "nodeSelector": {"pool": "gpu"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            }
+        }
+    )
     pod = workload(docs, "prefill")["spec"]["template"]["spec"]
     # values merge: the default memory stays, the GPU joins the limits
-    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "4", "memory": "2Gi"},
-                                                 "limits": {"memory": "4Gi", "nvidia.com/gpu": 2}}
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "4", "memory": "2Gi"},
+        "limits": {"memory": "4Gi", "nvidia.com/gpu": 2},
+    }
     assert pod["nodeSelector"] == {"pool": "gpu"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
@@ -503,9 +572,14 @@ def test_auth_is_on_by_default_with_a_generated_token_and_cluster_secret(default
     assert len(data["token"]) == 48 and data["token"].isalnum() and len(data["cluster-secret"]) == 64
     for component in COMPONENTS:
         assert env(default_docs, component)[f"DKV_{component.upper()}_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
-            "name": f"{FULL}-auth", "key": "token"}
+            "name": f"{FULL}-auth",
+            "key": "token",
+        }
     assert env(default_docs, "store")["DKV_STORE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {
-        "name": f"{FULL}-auth", "key": "cluster-secret", "optional": True}
+        "name": f"{FULL}-auth",
+        "key": "cluster-secret",
+        "optional": True,
+    }
     notes = render_raw()["dkv/templates/NOTES.txt"]
     assert f"get secret {FULL}-auth -o jsonpath='{{.data.token}}' | base64 -d" in notes
     assert "generated by this chart" in notes and "TLS is off" in notes and "signed with the cluster secret" in notes
@@ -517,11 +591,17 @@ def test_auth_off_or_from_an_existing_secret():
     docs = render({"auth": {"enabled": False}})
     for component in COMPONENTS:
         assert f"DKV_{component.upper()}_AUTH_TOKEN" not in env(docs, component)
-    assert "No authentication (auth.enabled is false)" in render_raw({"auth": {"enabled": False}})["dkv/templates/NOTES.txt"]
+    assert (
+        "No authentication (auth.enabled is false)"
+        in render_raw({"auth": {"enabled": False}})["dkv/templates/NOTES.txt"]
+    )
     assert env(docs, "store")["DKV_STORE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == f"{FULL}-auth"
     docs = render({"auth": {"existingSecret": "mine", "clusterSecretKey": ""}})
     assert not [s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == f"{FULL}-auth"]
-    assert env(docs, "gateway")["DKV_GATEWAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "token"}
+    assert env(docs, "gateway")["DKV_GATEWAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mine",
+        "key": "token",
+    }
     assert "DKV_STORE_CLUSTER_SECRET" not in env(docs, "store")
 
 
@@ -530,7 +610,10 @@ def test_in_chart_redis_requires_a_password_from_a_secret(default_docs):
     assert set(password) == {"redis-password"} and password["redis-password"].isalnum()
     (c,) = one(default_docs, "Deployment", f"{FULL}-redis")["spec"]["template"]["spec"]["containers"]
     ref = {"name": f"{FULL}-redis", "key": "redis-password"}
-    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]} == {"REDIS_PASSWORD": ref, "REDISCLI_AUTH": ref}
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]} == {
+        "REDIS_PASSWORD": ref,
+        "REDISCLI_AUTH": ref,
+    }
     assert c["args"][c["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     assert c["readinessProbe"]["exec"]["command"][0] == "redis-cli"  # authenticates with REDISCLI_AUTH
     store = container(default_docs, "store")["env"]
@@ -539,8 +622,16 @@ def test_in_chart_redis_requires_a_password_from_a_secret(default_docs):
     assert store[names.index("REDIS_PASSWORD")]["valueFrom"]["secretKeyRef"] == ref
     pdb = one(default_docs, "PodDisruptionBudget", f"{FULL}-redis")
     assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
-    docs = render({"redis": {"existingSecret": "redis-own", "passwordKey": "pw", "maxmemoryPolicy": "noeviction",
-                             "pdb": {"minAvailable": 1}}})
+    docs = render(
+        {
+            "redis": {
+                "existingSecret": "redis-own",
+                "passwordKey": "pw",
+                "maxmemoryPolicy": "noeviction",
+                "pdb": {"minAvailable": 1},
+            }
+        }
+    )
     assert not of_kind(docs, "Secret") or all(s["metadata"]["name"] != f"{FULL}-redis" for s in of_kind(docs, "Secret"))
     assert env(docs, "store")["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-own", "key": "pw"}
     args = one(docs, "Deployment", f"{FULL}-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -552,7 +643,9 @@ def test_in_chart_redis_requires_a_password_from_a_secret(default_docs):
 def test_tmp_has_a_size_limit(default_docs, component):
     volumes = {v["name"]: v for v in workload(default_docs, component)["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "1Gi"}
-    volumes = {v["name"]: v for v in workload(render({"tmpSizeLimit": ""}), component)["spec"]["template"]["spec"]["volumes"]}
+    volumes = {
+        v["name"]: v for v in workload(render({"tmpSizeLimit": ""}), component)["spec"]["template"]["spec"]["volumes"]
+    }
     assert volumes["tmp"]["emptyDir"] == {}
 
 
@@ -584,14 +677,27 @@ def test_external_redis_without_password():
 
 
 def test_external_redis_cluster():
-    docs = render({"redis": {"enabled": False}, "externalRedis": {"url": "redis://redis-cluster.db:6379/0", "cluster": True},
-                   "store": {"shards": 4, "redisNamespace": "team-a:"}})
+    docs = render(
+        {
+            "redis": {"enabled": False},
+            "externalRedis": {"url": "redis://redis-cluster.db:6379/0", "cluster": True},
+            "store": {"shards": 4, "redisNamespace": "team-a:"},
+        }
+    )
     store = env_values(docs, "store")
-    assert store["DKV_STORE_REDIS_URL"] == "redis://redis-cluster.db:6379/0" and store["DKV_STORE_REDIS_CLUSTER"] == "true"
-    settings = S.load(S.StoreSettings, {}, env={k: v.replace("$(POD_NAME)", "rel-dkv-store-2") for k, v in store.items()
-                                                 if k.startswith("DKV_STORE_")})
-    assert (settings.redis_cluster, settings.redis_namespace, settings.redis_prefix) == (True, "team-a:",
-                                                                                         "dkv:rel-dkv-store-2:")
+    assert (
+        store["DKV_STORE_REDIS_URL"] == "redis://redis-cluster.db:6379/0" and store["DKV_STORE_REDIS_CLUSTER"] == "true"
+    )
+    settings = S.load(
+        S.StoreSettings,
+        {},
+        env={k: v.replace("$(POD_NAME)", "rel-dkv-store-2") for k, v in store.items() if k.startswith("DKV_STORE_")},
+    )
+    assert (settings.redis_cluster, settings.redis_namespace, settings.redis_prefix) == (
+        True,
+        "team-a:",
+        "dkv:rel-dkv-store-2:",
+    )
     with pytest.raises(helm.HelmRenderError, match="in-chart Redis is one server"):
         render({"externalRedis": {"url": "redis://c:6379/0", "cluster": True}})
     with pytest.raises(helm.HelmValuesError, match="redisNamespace"):
@@ -635,7 +741,9 @@ def test_tls_without_mutual_and_missing_secret():
         assert e["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"]["value"] == "/etc/dkv/tls/ca.crt"
         # auth is on by default, with the token the chart generated
         assert e[f"DKV_{component.upper()}_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
-            "name": f"{FULL}-auth", "key": "token"}
+            "name": f"{FULL}-auth",
+            "key": "token",
+        }
     with pytest.raises(helm.HelmRenderError, match="tls.existingSecret"):
         render({"tls": {"enabled": True}})
 
@@ -645,10 +753,13 @@ def test_network_policies(default_docs):
     assert set(policies) == {f"{FULL}-{c}" for c in (*COMPONENTS, "redis")}
 
     def grpc_sources(component):
-        (rule,) = [r for r in policies[f"{FULL}-{component}"]["spec"]["ingress"]
-                   if r["ports"][0]["port"] in ("grpc", "redis")]
-        return [f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component", f)
-                for f in rule.get("from", [])]
+        (rule,) = [
+            r for r in policies[f"{FULL}-{component}"]["spec"]["ingress"] if r["ports"][0]["port"] in ("grpc", "redis")
+        ]
+        return [
+            f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component", f)
+            for f in rule.get("from", [])
+        ]
 
     assert grpc_sources("store") == ["prefill", "decode"]
     assert grpc_sources("redis") == ["store"]
@@ -660,8 +771,9 @@ def test_network_policies(default_docs):
         assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
         (metrics,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
         # by default only Prometheus pods (any namespace) may scrape
-        assert metrics["from"] == [{"namespaceSelector": {},
-                                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+        assert metrics["from"] == [
+            {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+        ]
 
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tools"}}}
     scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
@@ -680,21 +792,38 @@ def test_service_monitor_only_with_the_capability(default_docs):
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True
-    selected = [s for s in of_kind(docs, "Service")
-                if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
-                and "metrics" in {p["name"] for p in s["spec"]["ports"]}]
+    selected = [
+        s
+        for s in of_kind(docs, "Service")
+        if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        and "metrics" in {p["name"] for p in s["spec"]["ports"]}
+    ]
     assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in selected) == sorted(COMPONENTS)
-    assert not of_kind(render({"metrics": {"serviceMonitor": {"enabled": False}}}, api_versions=(SERVICE_MONITOR,)),
-                       "ServiceMonitor")
+    assert not of_kind(
+        render({"metrics": {"serviceMonitor": {"enabled": False}}}, api_versions=(SERVICE_MONITOR,)), "ServiceMonitor"
+    )
 
 
 METRICS = {
-    "dkv_rpc_duration_seconds", "dkv_store_lookups_total", "dkv_store_hits_total", "dkv_store_misses_total",
-    "dkv_store_used_bytes", "dkv_store_capacity_bytes", "dkv_store_entries", "dkv_store_evictions_total",
-    "dkv_store_demotions_total", "dkv_store_promotions_total", "dkv_store_checksum_failures_total",
-    "dkv_store_tier_errors_total", "dkv_prefill_tokens_total", "dkv_prefill_kept_tokens_total",
-    "dkv_prefill_compression_ratio", "dkv_decode_tokens_total", "dkv_decode_tokens_per_second",
-    "dkv_gateway_ttft_seconds", "dkv_gateway_requests_total",
+    "dkv_rpc_duration_seconds",
+    "dkv_store_lookups_total",
+    "dkv_store_hits_total",
+    "dkv_store_misses_total",
+    "dkv_store_used_bytes",
+    "dkv_store_capacity_bytes",
+    "dkv_store_entries",
+    "dkv_store_evictions_total",
+    "dkv_store_demotions_total",
+    "dkv_store_promotions_total",
+    "dkv_store_checksum_failures_total",
+    "dkv_store_tier_errors_total",
+    "dkv_prefill_tokens_total",
+    "dkv_prefill_kept_tokens_total",
+    "dkv_prefill_compression_ratio",
+    "dkv_decode_tokens_total",
+    "dkv_decode_tokens_per_second",
+    "dkv_gateway_ttft_seconds",
+    "dkv_gateway_requests_total",
 }
 
 
@@ -711,23 +840,43 @@ def test_grafana_dashboard(default_docs):
 
 
 def test_pod_disruption_budgets():
-    docs = render({"store": {"pdb": {"minAvailable": 2}}, "gateway": {"pdb": {"enabled": False}},
-                   "prefill": {"pdb": {"maxUnavailable": "50%"}}})
+    docs = render(
+        {
+            "store": {"pdb": {"minAvailable": 2}},
+            "gateway": {"pdb": {"enabled": False}},
+            "prefill": {"pdb": {"maxUnavailable": "50%"}},
+        }
+    )
     assert one(docs, "PodDisruptionBudget", f"{FULL}-store")["spec"] == {
-        "minAvailable": 2, "selector": {"matchLabels": workload(docs, "store")["spec"]["selector"]["matchLabels"]}}
+        "minAvailable": 2,
+        "selector": {"matchLabels": workload(docs, "store")["spec"]["selector"]["matchLabels"]},
+    }
     assert one(docs, "PodDisruptionBudget", f"{FULL}-prefill")["spec"]["maxUnavailable"] == "50%"
     assert one(docs, "PodDisruptionBudget", f"{FULL}-decode")["spec"]["maxUnavailable"] == 1
     assert not [d for d in of_kind(docs, "PodDisruptionBudget") if d["metadata"]["name"] == f"{FULL}-gateway"]
 
 
 def test_gateway_service_type():
-    docs = render({"gateway": {"service": {"type": "LoadBalancer", "nodePort": 30051, "httpNodePort": 30080,
-                                           "loadBalancerSourceRanges": ["10.0.0.0/8"]}}})
+    docs = render(
+        {
+            "gateway": {
+                "service": {
+                    "type": "LoadBalancer",
+                    "nodePort": 30051,
+                    "httpNodePort": 30080,
+                    "loadBalancerSourceRanges": ["10.0.0.0/8"],
+                }
+            }
+        }
+    )
     svc = one(docs, "Service", f"{FULL}-gateway")
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
-    assert {p["name"]: p.get("nodePort") for p in svc["spec"]["ports"]} == {"grpc": 30051, "http": 30080,
-                                                                            "metrics": None}
+    assert {p["name"]: p.get("nodePort") for p in svc["spec"]["ports"]} == {
+        "grpc": 30051,
+        "http": 30080,
+        "metrics": None,
+    }
 
 
 def test_the_http_api_can_be_turned_off():
@@ -766,9 +915,14 @@ def test_a_values_file_with_a_typo_fails_the_schema(tmp_path):
         render(values)
     report = helm.lint(CHART, values)
     assert any("cpuBytez" in m["error"] for m in report["messages"] if m["severity"] == 3), report
-    for bad, key in [({"store": {"policy": "fifo"}}, "policy"), ({"store": {"cpuBytes": "lots"}}, "cpuBytes"),
-                     ({"decode": {"replicas": -1}}, "replicas"), ({"gateway": {"service": {"type": "Ingress"}}}, "type"),
-                     ({"externalRedis": {"url": "http://x"}}, "url"), ({"imagee": {}}, "imagee")]:
+    for bad, key in [
+        ({"store": {"policy": "fifo"}}, "policy"),
+        ({"store": {"cpuBytes": "lots"}}, "cpuBytes"),
+        ({"decode": {"replicas": -1}}, "replicas"),
+        ({"gateway": {"service": {"type": "Ingress"}}}, "type"),
+        ({"externalRedis": {"url": "http://x"}}, "url"),
+        ({"imagee": {}}, "imagee"),
+    ]:
         with pytest.raises(helm.HelmValuesError, match=key):
             render(bad)
 
@@ -777,8 +931,9 @@ def test_a_broken_template_fails(tmp_path):
     broken = tmp_path / "dkv"
     shutil.copytree(CHART, broken)
     gateway = broken / "templates" / "gateway.yaml"
-    gateway.write_text(gateway.read_text().replace("{{ include \"dkv.service\" $ctx }}",
-                                                   "{{ include \"dkv.no-such-template\" $ctx }}"))
+    gateway.write_text(
+        gateway.read_text().replace('{{ include "dkv.service" $ctx }}', '{{ include "dkv.no-such-template" $ctx }}')
+    )
     with pytest.raises(helm.HelmRenderError, match="no-such-template"):
         render(chart_dir=broken)
     assert helm.lint(broken)["messages"] and any(m["severity"] == 3 for m in helm.lint(broken)["messages"])

@@ -33,6 +33,7 @@ def _renamed(value, name: str):
 
 def _toml(config: dict) -> str:
     """[tool.importlinter] and its contracts as TOML (only strings and lists of strings occur)."""
+
     def line(key, value):
         text = f'"{value}"' if isinstance(value, str) else "[" + ", ".join(f'"{v}"' for v in value) + "]"
         return f"{key} = {text}"
@@ -53,9 +54,14 @@ def _scratch(tmp_path: Path, imports: dict[str, str]) -> subprocess.CompletedPro
         (package / layer / "mod.py").write_text(imports.get(layer, "") + "\nVALUE = 1\n")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
     (tmp_path / "contract.toml").write_text(_toml(_renamed(config, "scratchdkv")))
-    return subprocess.run([str(LINT_IMPORTS), str(tmp_path / "contract.toml"), "--no-cache"],
-                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), str(tmp_path / "contract.toml"), "--no-cache"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 DOWNWARD = {
@@ -73,13 +79,16 @@ def test_imports_that_point_down_keep_the_contract(tmp_path):
     assert "0 broken" in out.stdout
 
 
-@pytest.mark.parametrize(("layer", "upward", "broken"), [
-    ("kvstore", "from scratchdkv.workers import mod", "kvstore imports no layer above it BROKEN"),
-    ("workers", "from scratchdkv.services import mod", "workers import no layer above them BROKEN"),
-    ("services", "from scratchdkv.bench import mod", "services import no layer above them BROKEN"),
-    ("bench", "from scratchdkv.loadtest import mod", "bench does not import loadtest BROKEN"),
-    ("workers", "from scratchdkv.tests import mod", "nothing imports the tests BROKEN"),
-])
+@pytest.mark.parametrize(
+    ("layer", "upward", "broken"),
+    [
+        ("kvstore", "from scratchdkv.workers import mod", "kvstore imports no layer above it BROKEN"),
+        ("workers", "from scratchdkv.services import mod", "workers import no layer above them BROKEN"),
+        ("services", "from scratchdkv.bench import mod", "services import no layer above them BROKEN"),
+        ("bench", "from scratchdkv.loadtest import mod", "bench does not import loadtest BROKEN"),
+        ("workers", "from scratchdkv.tests import mod", "nothing imports the tests BROKEN"),
+    ],
+)
 def test_an_upward_import_breaks_the_contract(tmp_path, layer, upward, broken):
     out = _scratch(tmp_path, {**DOWNWARD, layer: DOWNWARD.get(layer, "") + "\n" + upward})
     assert out.returncode == 1, out.stdout + out.stderr
@@ -87,6 +96,5 @@ def test_an_upward_import_breaks_the_contract(tmp_path, layer, upward, broken):
 
 
 def test_nothing_imports_the_command_line():
-    graph = grimp.build_graph(*(f"dkv.{layer}" for layer in LAYERS), include_external_packages=True,
-                              cache_dir=None)
+    graph = grimp.build_graph(*(f"dkv.{layer}" for layer in LAYERS), include_external_packages=True, cache_dir=None)
     assert "dkv.cli" not in graph.modules or not graph.find_modules_that_directly_import("dkv.cli")

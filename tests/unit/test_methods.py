@@ -42,8 +42,16 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=2048)
+    config = LlamaConfig(
+        num_hidden_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+    )
     model = LlamaForCausalLM(config).eval()
     model.set_attn_implementation("dkv")
     model.dkv_fingerprint = "tiny-test-model"
@@ -97,6 +105,7 @@ def assert_same_entry(a, b) -> None:
 
 # ------------------------------------------------------------------------------------ the matrix
 
+
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -149,6 +158,7 @@ def test_method_matrix(model, ids, name, ratio, quant):
 
 
 # ------------------------------------------------------------------------------------ properties
+
 
 def test_group_heads_is_the_mean_of_each_group():
     x = torch.arange(24, dtype=torch.float32).view(4, 6)
@@ -244,6 +254,7 @@ def test_fit_protected_keeps_the_highest_priority():
 
 # ------------------------------------------------------------------------------- chunked recipe
 
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_chunked_prefix_entries_are_reused(model, ids, name):
     chunk = 128
@@ -262,12 +273,13 @@ def test_chunked_prefix_entries_are_reused(model, ids, name):
 
 # --------------------------------------------------------------------------------------- D2O merge
 
+
 def test_d2o_merge_hand_example():
     keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [-1.0, -1.0]]])  # [1, 4, 2]
     values = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]])
     out_k, out_v, tau = d2o_merge(keys, values, torch.tensor([[0, 1]]), None)
     sim = float(torch.nn.functional.cosine_similarity(keys[0, 2], keys[0, 0], dim=0))
-    assert tau == pytest.approx((sim + (-(2 ** -0.5))) / 2)
+    assert tau == pytest.approx((sim + (-(2**-0.5))) / 2)
     # token 2 merges into token 0 (sim ≈ 0.995 >= tau); token 3 (sim -0.707) is dropped
     assert torch.allclose(out_k[0, 0], (keys[0, 0] + sim * keys[0, 2]) / 2)
     assert torch.allclose(out_v[0, 0], (values[0, 0] + sim * values[0, 2]) / 2)
@@ -302,6 +314,7 @@ def test_merge_in_compress_keeps_positions(model, ids):
 
 
 # ------------------------------------------------------------------------------------------ errors
+
 
 def test_unknown_method_lists_the_registered_ones(model, ids):
     with pytest.raises(ValueError, match="snapkv"):

@@ -31,14 +31,18 @@ def test_a_row_gets_the_same_result_alone_and_among_others():
     x = torch.randn(16, 576)
     for bias, tol in ((False, 0.0), (True, 2e-6)):
         packed = PackedLinear(torch.nn.Linear(576, 1536, bias=bias))
-        alone = torch.cat([packed(x[i:i + 1]) for i in range(16)])
+        alone = torch.cat([packed(x[i : i + 1]) for i in range(16)])
         assert (packed(x) - alone).abs().max() <= tol
         assert torch.equal(packed(x[:8]), packed(x)[:8])
 
 
 def test_pack_linear_layers_replaces_every_linear_and_keeps_tied_weights():
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.ReLU(),
-                                torch.nn.Sequential(torch.nn.Linear(8, 10, bias=False)))
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 8),
+        torch.nn.Linear(8, 8),
+        torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Linear(8, 10, bias=False)),
+    )
     model[3][0].weight = model[0].weight  # tied like an LM head
     x = torch.randint(0, 10, (2, 5))
     before = model(x)

@@ -13,8 +13,9 @@ from dkv.kvstore.policy import POLICIES, EntryStats, LRUPolicy, ValuePolicy, mak
 NOW = 10_000.0
 
 
-def _stats(name="e", nbytes=1000, importance=1.0, seq_len=100, num_layers=4, hits=0, last_access=NOW,
-           tier=0) -> EntryStats:
+def _stats(
+    name="e", nbytes=1000, importance=1.0, seq_len=100, num_layers=4, hits=0, last_access=NOW, tier=0
+) -> EntryStats:
     return EntryStats(EntryKey("t", "m", "r", name), nbytes, importance, seq_len, num_layers, hits, last_access, tier)
 
 
@@ -72,8 +73,9 @@ def test_value_ranks_by_recompute_cost():
     assert math.isclose(p.value(entries[0], NOW), 40 * p.value(entries[1], NOW))
     assert math.isclose(p.value(entries[2], NOW), 10 * p.value(entries[1], NOW))
     # seq_len x layers is what counts: 200 x 4 == 100 x 8.
-    assert math.isclose(p.value(_stats(seq_len=200, num_layers=4), NOW),
-                        p.value(_stats(seq_len=100, num_layers=8), NOW))
+    assert math.isclose(
+        p.value(_stats(seq_len=200, num_layers=4), NOW), p.value(_stats(seq_len=100, num_layers=8), NOW)
+    )
 
 
 def test_value_ranks_by_bytes():
@@ -121,7 +123,7 @@ def test_choose_victims_stops_once_enough_even_with_large_entries():
     assert [v.key.prefix_hash for v in victims] == ["big"]
 
 
-@pytest.mark.parametrize("needed", [0, -1, -10**9])
+@pytest.mark.parametrize("needed", [0, -1, -(10**9)])
 def test_choose_victims_nothing_needed(needed):
     assert ValuePolicy().choose_victims([_stats()], needed, NOW) == []
     assert LRUPolicy().choose_victims([], needed, NOW) == []

@@ -37,7 +37,7 @@ def test_matches_documented_construction():
     h = hashlib.blake2b(f"{MODEL}\0{RECIPE.recipe_id}".encode(), digest_size=DIGEST_BYTES).digest()
     want = []
     for start in range(0, 20, CHUNK):
-        chunk = b"".join(t.to_bytes(4, "little") for t in tokens[start:start + CHUNK])
+        chunk = b"".join(t.to_bytes(4, "little") for t in tokens[start : start + CHUNK])
         h = hashlib.blake2b(h + chunk, digest_size=DIGEST_BYTES).digest()
         want.append(h.hex())
     assert chain_hashes(tokens, CHUNK, MODEL, RECIPE.recipe_id) == want
@@ -56,8 +56,10 @@ def test_differs_by_model_recipe_and_every_token():
     tokens = _tokens(24)
     base = chain_hashes(tokens, CHUNK, MODEL, RECIPE.recipe_id)
     other_recipe = Recipe(chunk_size=CHUNK, quant="int8").recipe_id
-    for hashes in (chain_hashes(tokens, CHUNK, "model-b", RECIPE.recipe_id),
-                   chain_hashes(tokens, CHUNK, MODEL, other_recipe)):
+    for hashes in (
+        chain_hashes(tokens, CHUNK, "model-b", RECIPE.recipe_id),
+        chain_hashes(tokens, CHUNK, MODEL, other_recipe),
+    ):
         assert all(x != y for x, y in zip(hashes, base))
     # Separator: ("ab", "c") and ("a", "bc") do not collide.
     assert chain_hashes(tokens, CHUNK, "ab", "c") != chain_hashes(tokens, CHUNK, "a", "bc")
@@ -79,19 +81,21 @@ def test_token_order_and_length_matter():
     # A partial last chunk is not the full chunk it starts.
     assert chain_hashes(tokens[:12], CHUNK, MODEL, RECIPE.recipe_id)[1] != base[1]
     # Token 0 is a real token: appending it changes the hash.
-    assert chain_hashes(tokens[:7] + [0], CHUNK, MODEL, RECIPE.recipe_id)[0] != \
-        chain_hashes(tokens[:7], CHUNK, MODEL, RECIPE.recipe_id)[0]
+    assert (
+        chain_hashes(tokens[:7] + [0], CHUNK, MODEL, RECIPE.recipe_id)[0]
+        != chain_hashes(tokens[:7], CHUNK, MODEL, RECIPE.recipe_id)[0]
+    )
 
 
 def test_prefix_hashes_equal_those_of_longer_prompt():
     long = _tokens(100)
     long_hashes = chain_hashes(long, CHUNK, MODEL, RECIPE.recipe_id)
     for k in range(1, 100 // CHUNK + 1):
-        short = chain_hashes(long[:k * CHUNK], CHUNK, MODEL, RECIPE.recipe_id)
+        short = chain_hashes(long[: k * CHUNK], CHUNK, MODEL, RECIPE.recipe_id)
         assert short == long_hashes[:k]
     for n in (3, 13, 99):  # partial chunks: the full chunks before them still match
         short = chain_hashes(long[:n], CHUNK, MODEL, RECIPE.recipe_id)
-        assert short[:-1] == long_hashes[:n // CHUNK]
+        assert short[:-1] == long_hashes[: n // CHUNK]
 
 
 @pytest.mark.parametrize("bad", [[-1], [1, 2, -5], [1 << 32], [0.5, 1.0], ["1"], [True, False]])
@@ -125,8 +129,9 @@ class Store:
         self.asked: list[EntryKey] = []
 
     def put(self, tokens, recipe=RECIPE, model=MODEL, tenant="t", start: int = 0) -> EntryKey:
-        key = EntryKey(tenant, model, recipe.recipe_id,
-                       chain_hashes(tokens, recipe.chunk_size, model, recipe.recipe_id)[-1])
+        key = EntryKey(
+            tenant, model, recipe.recipe_id, chain_hashes(tokens, recipe.chunk_size, model, recipe.recipe_id)[-1]
+        )
         self.starts[key] = start
         return key
 
@@ -250,7 +255,7 @@ def _chunk_identities(tokens: list[int], recipe: Recipe = CHUNKED, tenant: str =
     out = []
     for c, start in enumerate(range(0, len(tokens), recipe.chunk_size)):
         end = min(start + recipe.chunk_size, len(tokens))
-        out.append(Identity(model, recipe, tuple(hashes[:c + 1]), end, tenant, start))
+        out.append(Identity(model, recipe, tuple(hashes[: c + 1]), end, tenant, start))
     return out
 
 
@@ -263,14 +268,17 @@ def test_a_context_s_chunks_in_order_chain():
     check_chain([whole])
 
 
-@pytest.mark.parametrize("reorder, words", [
-    (lambda c: [c[1], c[0], c[2]], "starts at token 8, not 0"),
-    (lambda c: [c[0], c[2], c[1]], "consecutive, in order, without gaps"),
-    (lambda c: [c[0], c[2]], "consecutive, in order, without gaps"),  # a chunk left out
-    (lambda c: [c[0], c[1], c[1]], "consecutive"),  # one twice
-    (lambda c: c[1:], "not 0"),  # the first left out
-    (lambda c: [], "no entries"),
-])
+@pytest.mark.parametrize(
+    "reorder, words",
+    [
+        (lambda c: [c[1], c[0], c[2]], "starts at token 8, not 0"),
+        (lambda c: [c[0], c[2], c[1]], "consecutive, in order, without gaps"),
+        (lambda c: [c[0], c[2]], "consecutive, in order, without gaps"),  # a chunk left out
+        (lambda c: [c[0], c[1], c[1]], "consecutive"),  # one twice
+        (lambda c: c[1:], "not 0"),  # the first left out
+        (lambda c: [], "no entries"),
+    ],
+)
 def test_chunks_out_of_order_missing_or_repeated_are_refused(reorder, words):
     with pytest.raises(ValueError, match=words):
         check_chain(reorder(_chunk_identities(_tokens(24))))
@@ -280,8 +288,11 @@ def test_chunks_of_another_prompt_tenant_model_or_recipe_are_refused():
     mine, other = _chunk_identities(_tokens(24, seed=1)), _chunk_identities(_tokens(24, seed=2))
     with pytest.raises(ValueError, match="chunk of other tokens"):
         check_chain([mine[0], other[1], other[2]])  # same spans, another prompt's tokens
-    for part, kwargs in (("tenant", {"tenant": "beta"}), ("model_fingerprint", {"model": "model-b"}),
-                         ("recipe", {"recipe": Recipe(method="snapkv", ratio=0.25, chunk_size=CHUNK, chunked=True)})):
+    for part, kwargs in (
+        ("tenant", {"tenant": "beta"}),
+        ("model_fingerprint", {"model": "model-b"}),
+        ("recipe", {"recipe": Recipe(method="snapkv", ratio=0.25, chunk_size=CHUNK, chunked=True)}),
+    ):
         foreign = _chunk_identities(_tokens(24, seed=1), **kwargs)
         with pytest.raises(ValueError, match=f"another {part}"):
             check_chain([mine[0], foreign[1]])

@@ -19,12 +19,14 @@ def rendered(tokenizer, messages) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-CHAT = [{"role": "system", "content": "You answer questions about the harbour log."},
-        {"role": "user", "content": "Which ship came in first?"},
-        {"role": "assistant", "content": "The Maren, at dawn."},
-        {"role": "user", "content": "\n\nAnd which one left last?"},  # leading newlines: a token that could merge
-        {"role": "assistant", "content": "The Tern.\n"},
-        {"role": "user", "content": "Thanks!"}]
+CHAT = [
+    {"role": "system", "content": "You answer questions about the harbour log."},
+    {"role": "user", "content": "Which ship came in first?"},
+    {"role": "assistant", "content": "The Maren, at dawn."},
+    {"role": "user", "content": "\n\nAnd which one left last?"},  # leading newlines: a token that could merge
+    {"role": "assistant", "content": "The Tern.\n"},
+    {"role": "user", "content": "Thanks!"},
+]
 
 
 def test_each_turn_s_context_starts_with_the_last_turn_s(tokenizer):
@@ -37,7 +39,7 @@ def test_each_turn_s_context_starts_with_the_last_turn_s(tokenizer):
         assert tokenizer.decode(query).endswith("<|im_start|>assistant\n")
         contexts.append(context)
     for shorter, longer in zip(contexts, contexts[1:]):
-        assert longer[:len(shorter)] == shorter and len(longer) > len(shorter)
+        assert longer[: len(shorter)] == shorter and len(longer) > len(shorter)
 
 
 def test_without_a_system_message_the_template_s_default_is_context(tokenizer):
@@ -50,18 +52,22 @@ def test_without_a_system_message_the_template_s_default_is_context(tokenizer):
 def test_a_template_that_rewrites_the_beginning_still_gives_the_whole_prompt(tokenizer):
     """Where no cut is a prefix of the whole text, the context is all but the last token."""
     counting = copy.deepcopy(tokenizer)
-    counting.chat_template = ("{{ messages | map(attribute='content') | join | length }} characters\n"
-                              "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    counting.chat_template = (
+        "{{ messages | map(attribute='content') | join | length }} characters\n"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     context, query = chat_prompt(counting, CHAT[:4])
     assert context + query == encode(counting, rendered(counting, CHAT[:4])) and len(query) == 1
 
 
 def test_a_conversation_the_template_refuses_is_a_value_error(tokenizer):
     strict = copy.deepcopy(tokenizer)
-    strict.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' and loop.first %}"
-                            "{{ raise_exception('a conversation starts with the user') }}{% endif %}"
-                            "{{ m.content }}{% endfor %}")
+    strict.chat_template = (
+        "{% for m in messages %}{% if m.role == 'assistant' and loop.first %}"
+        "{{ raise_exception('a conversation starts with the user') }}{% endif %}"
+        "{{ m.content }}{% endfor %}"
+    )
     with pytest.raises(ValueError, match="chat template refused these messages: a conversation starts with the user"):
         chat_prompt(strict, [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"}])
 

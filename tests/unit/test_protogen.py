@@ -42,8 +42,15 @@ def test_committed_code_is_fresh(committed, capsys):
 
 def test_generate_matches_committed_files(committed):
     files = protogen.generate()
-    assert {"__init__.py", "common_pb2.py", "common_pb2.pyi", "store_pb2.py", "store_pb2.pyi",
-            "store_pb2_grpc.py", "common_pb2_grpc.py"} <= set(files)
+    assert {
+        "__init__.py",
+        "common_pb2.py",
+        "common_pb2.pyi",
+        "store_pb2.py",
+        "store_pb2.pyi",
+        "store_pb2_grpc.py",
+        "common_pb2_grpc.py",
+    } <= set(files)
     for name, text in files.items():
         assert (protogen.OUT_DIR / name).read_text() == text, name
     # imports point at services.pb, never at the proto package path

@@ -21,7 +21,7 @@ def make_view(t: int = 200, entry_slots: int = 180, counts=(180, 150, 120), seed
     page_max = torch.full((H_KV, pages, D), float("-inf"))
     for h, c in enumerate(counts):
         for p in range(-(-c // PAGE)):
-            rows = keys[h, p * PAGE:min((p + 1) * PAGE, c)]
+            rows = keys[h, p * PAGE : min((p + 1) * PAGE, c)]
             page_min[h, p], page_max[h, p] = rows.min(0).values, rows.max(0).values
     num_pages = torch.tensor([-(-c // PAGE) for c in counts], dtype=torch.int32)
     page_min = torch.nan_to_num(page_min, posinf=0.0)
@@ -59,7 +59,7 @@ def test_dense_attends_every_valid_slot():
 
 def soft_votes(q: torch.Tensor, view: SlotView) -> torch.Tensor:
     """Attention weights at the model's scale, summed over each KV head's query heads: [H_kv, T]."""
-    logits = (q.view(H_KV, GROUPS, D) @ view.keys.transpose(1, 2)) * D ** -0.5
+    logits = (q.view(H_KV, GROUPS, D) @ view.keys.transpose(1, 2)) * D**-0.5
     logits = logits.masked_fill(~view.valid.unsqueeze(1), float("-inf"))
     return torch.softmax(logits, dim=-1).sum(1)
 
@@ -115,7 +115,7 @@ def test_pages_takes_whole_pages_best_first_until_the_budget_is_spent():
 def test_pages_finds_the_page_of_a_planted_key_in_any_head():
     view = make_view()
     q = torch.randn(H_KV * GROUPS, D)
-    direction = q[GROUPS:2 * GROUPS].mean(0)
+    direction = q[GROUPS : 2 * GROUPS].mean(0)
     view.keys[1, 93] = 20 * direction / direction.norm()  # head 1, page 11
     view.page_max[1, 11] = torch.maximum(view.page_max[1, 11], view.keys[1, 93])
     view.page_min[1, 11] = torch.minimum(view.page_min[1, 11], view.keys[1, 93])
@@ -130,7 +130,7 @@ def test_pages_bound_is_never_below_the_true_max_of_its_page():
 
     bound = page_scores(q, view.page_min, view.page_max, view.num_pages)
     for h in range(H_KV):
-        scores = (q[h * GROUPS:(h + 1) * GROUPS] @ view.keys[h].T).max(0).values
+        scores = (q[h * GROUPS : (h + 1) * GROUPS] @ view.keys[h].T).max(0).values
         for p in range(int(view.num_pages[h])):
             rows = [t for t in range(p * PAGE, (p + 1) * PAGE) if view.valid[h, t] and t < 180]
             assert bound[h, p] >= scores[rows].max() - 1e-4

@@ -24,11 +24,16 @@ def context(i: int) -> list[int]:
 
 
 def workload(n_contexts: int = 3, n_capacity: int | None = None, **overrides) -> dict:
-    w = {"contexts": [context(i) for i in range(n_contexts)],
-         "queries": [[[1, i], [2, i, i]] for i in range(n_contexts)],
-         "max_new_tokens": 6, "concurrency": [1, 4], "requests_per_client": 2,
-         "capacity": None if n_capacity is None else {"contexts": [context(100 + i) for i in range(n_capacity)],
-                                                    "query": [3]}}
+    w = {
+        "contexts": [context(i) for i in range(n_contexts)],
+        "queries": [[[1, i], [2, i, i]] for i in range(n_contexts)],
+        "max_new_tokens": 6,
+        "concurrency": [1, 4],
+        "requests_per_client": 2,
+        "capacity": None
+        if n_capacity is None
+        else {"contexts": [context(100 + i) for i in range(n_capacity)], "query": [3]},
+    }
     w.update(overrides)
     return w
 
@@ -80,7 +85,7 @@ def test_phases_run_in_order_with_the_prompts_the_docstring_names():
     hit = [ctx[i] + q[i][1] for i in range(3)]
     assert system.calls[:3] == miss and system.calls[3:6] == hit
     pairs = miss + hit  # query-major
-    concurrent = system.calls[6:6 + 2 + 8]
+    concurrent = system.calls[6 : 6 + 2 + 8]
     assert concurrent[:2] == [pairs[0], pairs[1]]  # one client: pairs 0, 1
     # four clients start at pairs 0..3 at once, then each asks its next pair
     assert sorted(map(tuple, concurrent[2:6])) == sorted(map(tuple, pairs[0:4]))
@@ -127,16 +132,19 @@ def test_a_wrong_number_of_tokens_raises(extra):
         run(FakeSystem(extra_tokens=extra), workload(n_contexts=1, concurrency=[1]))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"contexts": []}, "contexts"),
-    ({"queries": [[[1], [2]]]}, "one entry per context"),
-    ({"queries": [[[1]], [[1]], [[1]]]}, "two queries"),
-    ({"contexts": [[1], ["a"], [2]]}, r"contexts\[1\]"),
-    ({"max_new_tokens": 1}, "max_new_tokens"),
-    ({"concurrency": [0]}, "concurrency"),
-    ({"requests_per_client": 0}, "requests_per_client"),
-    ({"capacity": {"contexts": [[1]], "query": []}}, "capacity.query"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"contexts": []}, "contexts"),
+        ({"queries": [[[1], [2]]]}, "one entry per context"),
+        ({"queries": [[[1]], [[1]], [[1]]]}, "two queries"),
+        ({"contexts": [[1], ["a"], [2]]}, r"contexts\[1\]"),
+        ({"max_new_tokens": 1}, "max_new_tokens"),
+        ({"concurrency": [0]}, "concurrency"),
+        ({"requests_per_client": 0}, "requests_per_client"),
+        ({"capacity": {"contexts": [[1]], "query": []}}, "capacity.query"),
+    ],
+)
 def test_malformed_workloads_name_the_field(change, message):
     with pytest.raises(WorkloadError, match=message):
         validate(workload(**change))
@@ -148,8 +156,9 @@ def test_imports_only_the_standard_library():
     """The vLLM venv imports this file too, and holds nothing of dkv's dependencies."""
     source = Path(__file__).parents[2] / "bench" / "serve_load.py"
     tree = ast.parse(source.read_text())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-               for alias in node.names}
+    modules = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert modules and modules <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)
 
@@ -157,11 +166,14 @@ def test_imports_only_the_standard_library():
 RUNNER = Path(__file__).parents[2] / "bench" / "vllm_runner.py"
 
 
-@pytest.mark.parametrize("change, args, message", [
-    ({"max_new_tokens": 0}, [], "max_new_tokens"),
-    ({}, ["--kv-cache-gib", "0"], "kv-cache-gib"),
-    ({}, ["--threads", "4096"], "--threads 4096"),
-])
+@pytest.mark.parametrize(
+    "change, args, message",
+    [
+        ({"max_new_tokens": 0}, [], "max_new_tokens"),
+        ({}, ["--kv-cache-gib", "0"], "kv-cache-gib"),
+        ({}, ["--threads", "4096"], "--threads 4096"),
+    ],
+)
 def test_the_vllm_runner_refuses_bad_input_before_starting_vllm(tmp_path, change, args, message):
     """Checked with dkv's interpreter, which has no vllm: the runner must stop before importing it."""
     model_dir = tmp_path / "model"
@@ -170,8 +182,22 @@ def test_the_vllm_runner_refuses_bad_input_before_starting_vllm(tmp_path, change
     workload_file = tmp_path / "workload.json"
     workload_file.write_text(json.dumps(workload(**change)))
     out = tmp_path / "result.json"
-    done = subprocess.run([sys.executable, str(RUNNER), "--model-dir", str(model_dir), "--workload",
-                           str(workload_file), "--out", str(out), *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RUNNER),
+            "--model-dir",
+            str(model_dir),
+            "--workload",
+            str(workload_file),
+            "--out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     # 2: argparse's error, not a failed import of vllm (1)
     assert done.returncode == 2 and message in done.stderr and not out.exists()
 
@@ -179,7 +205,19 @@ def test_the_vllm_runner_refuses_bad_input_before_starting_vllm(tmp_path, change
 def test_the_vllm_runner_wants_a_model_folder(tmp_path):
     workload_file = tmp_path / "workload.json"
     workload_file.write_text(json.dumps(workload()))
-    done = subprocess.run([sys.executable, str(RUNNER), "--model-dir", str(tmp_path), "--workload",
-                           str(workload_file), "--out", str(tmp_path / "r.json")], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RUNNER),
+            "--model-dir",
+            str(tmp_path),
+            "--workload",
+            str(workload_file),
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "holds no config.json" in done.stderr

@@ -18,24 +18,27 @@ from dkv.services.settings import (
 )
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("512MiB", 512 * 1024**2),
-    ("2GB", 2 * 1000**3),
-    ("1.5KiB", 1536),
-    ("1024", 1024),
-    (1024, 1024),
-    (0, 0),
-    ("0", 0),
-    ("10k", 10_000),
-    ("10K", 10_000),
-    ("3 MiB", 3 * 1024**2),
-    (" 4gib ", 4 * 1024**3),
-    ("1Ti", 1024**4),
-    ("2TB", 2 * 1000**4),
-    ("7b", 7),
-    ("7B", 7),
-    ("2.5M", 2_500_000),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("512MiB", 512 * 1024**2),
+        ("2GB", 2 * 1000**3),
+        ("1.5KiB", 1536),
+        ("1024", 1024),
+        (1024, 1024),
+        (0, 0),
+        ("0", 0),
+        ("10k", 10_000),
+        ("10K", 10_000),
+        ("3 MiB", 3 * 1024**2),
+        (" 4gib ", 4 * 1024**3),
+        ("1Ti", 1024**4),
+        ("2TB", 2 * 1000**4),
+        ("7b", 7),
+        ("7B", 7),
+        ("2.5M", 2_500_000),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -114,22 +117,31 @@ def test_bad_config_files(tmp_path):
     assert load(StoreSettings, {"config": str(empty)}, env={}) == StoreSettings()
 
 
-@pytest.mark.parametrize("flags,pattern", [
-    ({"port": "70000"}, r"setting port = 70000 must be between 0 and 65535"),
-    ({"port": "-1"}, r"setting port = -1 must be between 0 and 65535"),
-    ({"cpu_quant": "int3"}, r"setting cpu_quant = 'int3' is not allowed; use one of \['int4', 'int8', 'mixed', 'none'\]"),
-    ({"redis_quant": "fp8"}, r"setting redis_quant = 'fp8' is not allowed; use one of"),
-    ({"policy": "lfu"}, r"setting policy = 'lfu' is not allowed; use one of \['lru', 'value'\]"),
-    ({"log_level": "trace"}, r"setting log_level = 'trace' is not allowed; use one of \['debug', 'error', 'info', 'warning'\]"),
-    ({"redis_url": "http://x"}, r"setting redis_url = 'http://x' must start with redis:// or rediss://"),
-    ({"device": "tpu"}, r"setting device = 'tpu' is not allowed; use auto, cpu, cuda or cuda:N"),
-    ({"cpu_keep_fraction": "0"}, r"setting cpu_keep_fraction = 0.0 must be between 0.01 and 1.0"),
-    ({"redis_keep_fraction": "1.5"}, r"setting redis_keep_fraction = 1.5 must be between 0.01 and 1.0"),
-    ({"grace_s": "-1"}, r"setting grace_s = -1.0 must be between 0 and 3600"),
-    ({"cpu_bytes": "0", "device_bytes": "0"}, r"every tier is disabled: set device_bytes, cpu_bytes or redis_url"),
-    ({"port": "abc"}, r"setting port \(--port\) = 'abc' is invalid"),
-    ({"cpu_bytes": "lots"}, r"setting cpu_bytes \(--cpu-bytes\) = 'lots' is invalid: .*512MiB"),
-])
+@pytest.mark.parametrize(
+    "flags,pattern",
+    [
+        ({"port": "70000"}, r"setting port = 70000 must be between 0 and 65535"),
+        ({"port": "-1"}, r"setting port = -1 must be between 0 and 65535"),
+        (
+            {"cpu_quant": "int3"},
+            r"setting cpu_quant = 'int3' is not allowed; use one of \['int4', 'int8', 'mixed', 'none'\]",
+        ),
+        ({"redis_quant": "fp8"}, r"setting redis_quant = 'fp8' is not allowed; use one of"),
+        ({"policy": "lfu"}, r"setting policy = 'lfu' is not allowed; use one of \['lru', 'value'\]"),
+        (
+            {"log_level": "trace"},
+            r"setting log_level = 'trace' is not allowed; use one of \['debug', 'error', 'info', 'warning'\]",
+        ),
+        ({"redis_url": "http://x"}, r"setting redis_url = 'http://x' must start with redis:// or rediss://"),
+        ({"device": "tpu"}, r"setting device = 'tpu' is not allowed; use auto, cpu, cuda or cuda:N"),
+        ({"cpu_keep_fraction": "0"}, r"setting cpu_keep_fraction = 0.0 must be between 0.01 and 1.0"),
+        ({"redis_keep_fraction": "1.5"}, r"setting redis_keep_fraction = 1.5 must be between 0.01 and 1.0"),
+        ({"grace_s": "-1"}, r"setting grace_s = -1.0 must be between 0 and 3600"),
+        ({"cpu_bytes": "0", "device_bytes": "0"}, r"every tier is disabled: set device_bytes, cpu_bytes or redis_url"),
+        ({"port": "abc"}, r"setting port \(--port\) = 'abc' is invalid"),
+        ({"cpu_bytes": "lots"}, r"setting cpu_bytes \(--cpu-bytes\) = 'lots' is invalid: .*512MiB"),
+    ],
+)
 def test_invalid_values_name_setting_and_allowed(flags, pattern):
     with pytest.raises(SettingsError, match=pattern):
         load(StoreSettings, flags, env={})
@@ -180,7 +192,9 @@ def test_worker_device_and_dtype(cls):
     assert load(cls, {"device": "cpu", "dtype": "float16"}, env=env).device == "cpu"  # the flag wins
     with pytest.raises(SettingsError, match=r"setting device = 'gpu' is not allowed; use auto, cpu, cuda or cuda:N"):
         cls(device="gpu")
-    with pytest.raises(SettingsError, match=r"setting dtype = 'float64' .* \['auto', 'bfloat16', 'float16', 'float32'\]"):
+    with pytest.raises(
+        SettingsError, match=r"setting dtype = 'float64' .* \['auto', 'bfloat16', 'float16', 'float32'\]"
+    ):
         load(cls, {}, env={f"DKV_{cls.component.upper()}_DTYPE": "float64"})
 
 

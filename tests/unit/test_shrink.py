@@ -14,8 +14,16 @@ from dkv.testing import synthetic_entry
 
 
 def _entry(quant_scheme="none", **kw):
-    args = dict(seq_len=101, num_layers=2, num_kv_heads=3, head_dim=16, keep_fraction=0.5, page_size=4,
-                quant_scheme=quant_scheme, importance=0.9)
+    args = dict(
+        seq_len=101,
+        num_layers=2,
+        num_kv_heads=3,
+        head_dim=16,
+        keep_fraction=0.5,
+        page_size=4,
+        quant_scheme=quant_scheme,
+        importance=0.9,
+    )
     args.update(kw)
     return synthetic_entry(**args)
 
@@ -115,8 +123,12 @@ def test_drop_tokens_on_quantized_keeps_bits(scheme):
         # K/V stay close to what they were (requantized against tighter page ranges)
         k_old, v_old = old.dequantized(entry.page_size, torch.float32)
         k_new, v_new = new.dequantized(entry.page_size, torch.float32)
-        rows = torch.cat([torch.searchsorted(old.positions[so], new.positions[sn]) + so.start
-                          for so, sn in zip(_per_head(old), _per_head(new))])
+        rows = torch.cat(
+            [
+                torch.searchsorted(old.positions[so], new.positions[sn]) + so.start
+                for so, sn in zip(_per_head(old), _per_head(new))
+            ]
+        )
         tol = {"int8": 0.05, "int4": 0.6, "mixed": 2.0}[scheme]
         assert float((k_new - k_old[rows]).abs().max()) < tol
         assert float((v_new - v_old[rows]).abs().max()) < tol
@@ -151,8 +163,10 @@ def test_requantize_reduces_bytes():
     assert int8.importance == fp16.importance
 
 
-@pytest.mark.parametrize("have,target", [("int4", "int8"), ("int4", "int4"), ("int8", "int8"), ("mixed", "int4"),
-                                         ("mixed", "int8"), ("int4", "mixed")])
+@pytest.mark.parametrize(
+    "have,target",
+    [("int4", "int8"), ("int4", "int4"), ("int8", "int8"), ("mixed", "int4"), ("mixed", "int8"), ("int4", "mixed")],
+)
 def test_requantize_noop_when_already_at_or_below(have, target):
     entry = _entry(have).replace(derived=("x",))
     out = requantize(entry, target)
@@ -188,8 +202,9 @@ def test_shrink_rule_apply():
     assert out.nbytes < requantize(entry, "int4").nbytes
 
 
-@pytest.mark.parametrize("rule", [ShrinkRule(0.5), ShrinkRule(1.0, "int8"), ShrinkRule(0.25, "mixed"),
-                                  ShrinkRule(0.7, "int4")])
+@pytest.mark.parametrize(
+    "rule", [ShrinkRule(0.5), ShrinkRule(1.0, "int8"), ShrinkRule(0.25, "mixed"), ShrinkRule(0.7, "int4")]
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_shrunk_entries_validate_and_survive_codec(rule, dtype):
     entry = _entry(dtype=dtype)

@@ -25,8 +25,7 @@ class Clock:
 
 
 def frames_of(seed: int, importance: float = 1.0, seq_len: int = 128, **kw) -> list[bytes]:
-    return codec.encode(synthetic_entry(seq_len=seq_len, seed=seed, importance=importance, **kw),
-                        max_frame_bytes=16384)
+    return codec.encode(synthetic_entry(seq_len=seq_len, seed=seed, importance=importance, **kw), max_frame_bytes=16384)
 
 
 ENTRY_BYTES = sum(map(len, frames_of(0)))
@@ -34,8 +33,10 @@ ENTRY_BYTES = sum(map(len, frames_of(0)))
 
 def make_store(*capacities: int, policy=None, shrink: ShrinkRule | None = None, clock=None) -> TieredStore:
     names = ["device", "cpu", "redis"]
-    specs = [TierSpec(MemoryTier(names[i], cap), shrink if (shrink and i > 0) else ShrinkRule())
-             for i, cap in enumerate(capacities)]
+    specs = [
+        TierSpec(MemoryTier(names[i], cap), shrink if (shrink and i > 0) else ShrinkRule())
+        for i, cap in enumerate(capacities)
+    ]
     return TieredStore(specs, policy or ValuePolicy(), clock=clock or Clock())
 
 
@@ -250,8 +251,10 @@ def tenant_frames(tenant: str, seed: int, **kw) -> list[bytes]:
 
 def test_a_tenant_over_its_quota_goes_down_the_tiers_and_is_refused_when_its_entries_are_unread():
     clock = Clock()
-    specs = [TierSpec(MemoryTier("device", 10 * ENTRY_BYTES), tenant_quota=2 * ENTRY_BYTES),
-             TierSpec(MemoryTier("cpu", 10 * ENTRY_BYTES), tenant_quota=3 * ENTRY_BYTES)]
+    specs = [
+        TierSpec(MemoryTier("device", 10 * ENTRY_BYTES), tenant_quota=2 * ENTRY_BYTES),
+        TierSpec(MemoryTier("cpu", 10 * ENTRY_BYTES), tenant_quota=3 * ENTRY_BYTES),
+    ]
     store = TieredStore(specs, ValuePolicy(), clock=clock)
     keys = []
     for i in range(5):
@@ -293,8 +296,9 @@ def test_an_entry_s_value_comes_from_what_the_store_can_check_not_from_its_claim
     rank at most MAX_CLAIMED_COMPRESSION times a dense entry of the same bytes; as claimed, its
     value would be thousands of times that."""
     store = make_store(100 * ENTRY_BYTES)
-    hostile = synthetic_entry(seq_len=65536, keep_fraction=1 / 65536, num_layers=16, num_kv_heads=1, head_dim=4,
-                              page_size=16, seed=1)
+    hostile = synthetic_entry(
+        seq_len=65536, keep_fraction=1 / 65536, num_layers=16, num_kv_heads=1, head_dim=4, page_size=16, seed=1
+    )
     honest = synthetic_entry(seq_len=128, seed=2)  # fp16, every token kept: compression 1
     values = {}
     for name, entry in (("hostile", hostile), ("honest", honest)):

@@ -37,8 +37,14 @@ def _make_tier(kind: str, request) -> StorageTier:
     raise AssertionError(kind)
 
 
-@pytest.fixture(params=["device", "cpu", pytest.param("redis", marks=pytest.mark.redis),
-                        pytest.param("redis-cluster", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "device",
+        "cpu",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def tier(request):
     t = _make_tier(request.param, request)
     try:

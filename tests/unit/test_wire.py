@@ -119,19 +119,22 @@ def test_last_data_field_wins_as_in_protobuf():
     assert bytes(wire.parse_frame_message(msg)) == b"second"
 
 
-@pytest.mark.parametrize("msg", [
-    b"\x0a",  # key only
-    b"\x0a\x05abc",  # length past the end
-    b"\x0a\x80",  # truncated length varint
-    b"\x0a\x01x\x10",  # truncated varint field
-    b"\x0a\x01x\x19\x00\x00",  # truncated fixed64
-    b"\x0a\x01x\x1d\x00",  # truncated fixed32
-    b"\x0b\x00",  # wire type 3 (group start) is not accepted
-    b"\x0e\x00",  # wire type 6 does not exist
-    b"\x0f\x00",  # wire type 7 does not exist
-    b"\xff" * 11,  # varint longer than 64 bits
-    b"\x0a\xff\xff\xff\xff\x0f",  # length 2**32 - 1 on a short message
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        b"\x0a",  # key only
+        b"\x0a\x05abc",  # length past the end
+        b"\x0a\x80",  # truncated length varint
+        b"\x0a\x01x\x10",  # truncated varint field
+        b"\x0a\x01x\x19\x00\x00",  # truncated fixed64
+        b"\x0a\x01x\x1d\x00",  # truncated fixed32
+        b"\x0b\x00",  # wire type 3 (group start) is not accepted
+        b"\x0e\x00",  # wire type 6 does not exist
+        b"\x0f\x00",  # wire type 7 does not exist
+        b"\xff" * 11,  # varint longer than 64 bits
+        b"\x0a\xff\xff\xff\xff\x0f",  # length 2**32 - 1 on a short message
+    ],
+)
 def test_parse_rejects_malformed(msg):
     assert wire.parse_frame_message(msg) is None
 
@@ -184,13 +187,22 @@ def test_truncated_messages_are_rejected(fields, data):
 # Recipe <-> proto
 
 
-@pytest.mark.parametrize("recipe", [
-    Recipe(),
-    Recipe(method="snapkv", ratio=0.75, budget=0, quant="int4", chunk_size=128, params=(("window", 32.0),)),
-    Recipe(method="pyramidkv", ratio=0.5, budget=512, quant="mixed", chunk_size=1,
-           params=(("kernel", 5.0), ("beta", 0.125))),
-    Recipe(method="full", quant="int8", chunk_size=65536),
-])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(),
+        Recipe(method="snapkv", ratio=0.75, budget=0, quant="int4", chunk_size=128, params=(("window", 32.0),)),
+        Recipe(
+            method="pyramidkv",
+            ratio=0.5,
+            budget=512,
+            quant="mixed",
+            chunk_size=1,
+            params=(("kernel", 5.0), ("beta", 0.125)),
+        ),
+        Recipe(method="full", quant="int8", chunk_size=65536),
+    ],
+)
 def test_recipe_proto_round_trip(recipe):
     msg = wire.recipe_to_proto(recipe)
     assert isinstance(msg, common_pb2.Recipe)
@@ -204,12 +216,15 @@ def test_recipe_from_empty_proto_is_default():
     assert wire.recipe_from_proto(common_pb2.Recipe()) == Recipe()
 
 
-@pytest.mark.parametrize("fields,name", [
-    (dict(quant="int3"), "quant"),
-    (dict(ratio=1.0), "ratio"),
-    (dict(method="a/b"), "method"),
-    (dict(chunk_size=70000), "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "fields,name",
+    [
+        (dict(quant="int3"), "quant"),
+        (dict(ratio=1.0), "ratio"),
+        (dict(method="a/b"), "method"),
+        (dict(chunk_size=70000), "chunk_size"),
+    ],
+)
 def test_recipe_from_bad_proto_names_field(fields, name):
     with pytest.raises(InvalidEntry, match=f"recipe {name}"):
         wire.recipe_from_proto(common_pb2.Recipe(**fields))
@@ -217,11 +232,20 @@ def test_recipe_from_bad_proto_names_field(fields, name):
 
 # --- Summaries and Select checksums ------------------------------------------------------------------
 
+
 def _summary() -> store_pb2.LayerSummary:
     t = store_pb2.Tensor(dtype="float16", shape=[2, 4], data=bytes(range(16)))
-    return store_pb2.LayerSummary(layer=3, head_counts=store_pb2.Tensor(dtype="int32", shape=[1], data=b"\x05\0\0\0"),
-                                  page_min=t, page_max=t, seq_len=40, num_layers=30, num_kv_heads=1, head_dim=4,
-                                  page_size=16)
+    return store_pb2.LayerSummary(
+        layer=3,
+        head_counts=store_pb2.Tensor(dtype="int32", shape=[1], data=b"\x05\0\0\0"),
+        page_min=t,
+        page_max=t,
+        seq_len=40,
+        num_layers=30,
+        num_kv_heads=1,
+        head_dim=4,
+        page_size=16,
+    )
 
 
 def _pages(order) -> store_pb2.LayerPages:
@@ -235,9 +259,14 @@ def test_summary_and_pages_checksums_cover_the_key_and_every_field():
     base = wire.summary_checksum("t/m/r/h", _summary())
     assert wire.summary_checksum("t/m/r/h", _summary()) == base
     assert wire.summary_checksum("t/m/r/other", _summary()) != base  # a reply for another key
-    for change in (lambda s: setattr(s, "layer", 4), lambda s: setattr(s, "seq_len", 41),
-                   lambda s: setattr(s, "page_size", 8), lambda s: s.page_max.shape.__setitem__(0, 4),
-                   lambda s: setattr(s.page_min, "data", bytes(16)), lambda s: setattr(s.head_counts, "dtype", "uint8")):
+    for change in (
+        lambda s: setattr(s, "layer", 4),
+        lambda s: setattr(s, "seq_len", 41),
+        lambda s: setattr(s, "page_size", 8),
+        lambda s: s.page_max.shape.__setitem__(0, 4),
+        lambda s: setattr(s.page_min, "data", bytes(16)),
+        lambda s: setattr(s.head_counts, "dtype", "uint8"),
+    ):
         changed = _summary()
         change(changed)
         assert wire.summary_checksum("t/m/r/h", changed) != base
