@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import ray
@@ -25,10 +26,19 @@ QUERY = "\nQuestion: Who was the last keeper? Answer:"
 
 @pytest.fixture(scope="module")
 def pools(store_service_module):
+    # A local Ray turns token auth on in this process (RAY_AUTH_MODE=token, a token cached in the
+    # driver), and a later test's cluster without auth would then get no actor started: this one
+    # runs without auth too, and the variables Ray set go with it.
+    saved = dict(os.environ)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    prefill, decode = start_pools("smollm2-135m", store_service_module.address)
-    yield prefill, decode
-    ray.shutdown()
+    try:
+        prefill, decode = start_pools("smollm2-135m", store_service_module.address)
+        yield prefill, decode
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

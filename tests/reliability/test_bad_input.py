@@ -89,7 +89,7 @@ from hypothesis import strategies as st
 from in_process import InProcessServer
 
 from dkv.kvstore import codec
-from dkv.kvstore.codec import DTYPES, FRAME_HEAD_BYTES, FRAME_LIMIT, KIND_DATA, KIND_HEADER
+from dkv.kvstore.codec import DTYPES, FRAME_HEAD_BYTES, FRAME_LIMIT, KIND_DATA, KIND_HEADER, READABLE_VERSIONS
 from dkv.kvstore.errors import InvalidEntry, KVStoreError
 from dkv.services.decode_server import DecodeServer
 from dkv.services.gateway_server import GatewayServer
@@ -109,6 +109,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SCALE = float(os.environ.get("DKV_BAD_INPUT_SCALE", "1"))
 C = grpc.StatusCode
+MIN_CHUNK_SIZE = 8  # the system's (below the default of 16): small chunks keep the model's work small
 UNAUTH = {C.UNAUTHENTICATED}
 STORE_TIMEOUT, MODEL_TIMEOUT = 30.0, 120.0
 CONTEXT = "The pass key is 71432. Remember it. The grass is green and the sky is blue."
@@ -140,9 +141,12 @@ class System:
         self.servers, self.channels = [], {}
         auth = dict(auth_token=SERVICE_TOKEN, tenant_tokens=TENANT_TOKENS)
         security = Security(SERVICE_TOKEN)
-        # chunks of 8 tokens (below the default min_chunk_size of 16) keep the model's work small
         self.store = self._start(
-            StoreServer(StoreSettings(port=0, cpu_bytes=1 << 30, max_entry_bytes=64 << 20, min_chunk_size=8, **auth))
+            StoreServer(
+                StoreSettings(
+                    port=0, cpu_bytes=1 << 30, max_entry_bytes=64 << 20, min_chunk_size=MIN_CHUNK_SIZE, **auth
+                )
+            )
         )
         self.prefill = self._start(
             PrefillServer(
@@ -152,7 +156,7 @@ class System:
                     tokenizer,
                     StoreClient(self.store.address, timeout_s=60, security=security),
                     max_tokens=PREFILL_MAX_TOKENS,
-                    min_chunk_size=8,
+                    min_chunk_size=MIN_CHUNK_SIZE,
                 ),
             )
         )
@@ -556,7 +560,7 @@ def put_streams(draw):
                 n,
                 len(t.frames),
                 payload_of(f),
-                version=draw(st.sampled_from([0, 2, 65535]), "version"),
+                version=draw(st.sampled_from([0, max(READABLE_VERSIONS) + 1, 65535]), "version"),  # unreadable
             )
             for n, f in enumerate(t.frames)
         ]
@@ -710,10 +714,10 @@ def lookup_expectation(request: store_pb2.LookupRequest, auth: str) -> set:
     if auth not in GOOD_AUTH:
         return UNAUTH
     try:
-        recipe_from_proto(request.recipe)
+        recipe = recipe_from_proto(request.recipe)
     except InvalidEntry:
         return {C.INVALID_ARGUMENT}
-    if not request.token_ids:
+    if not request.token_ids or recipe.chunk_size < MIN_CHUNK_SIZE:
         return {C.INVALID_ARGUMENT}
     if auth in TENANT_OF and request.tenant and request.tenant != TENANT_OF[auth]:
         return {C.PERMISSION_DENIED}
