@@ -49,7 +49,7 @@ FULL = Recipe(method="full")
 # what the head (its GCS) and every node are started with: no token auth on this private loopback
 # cluster, node failures detected within seconds
 # (5 missed checks a second apart: a raylet starved of CPU for a moment on a loaded 2-core machine
-# is not declared dead, which once cancelled the prefill actor before it started)
+# is not declared dead)
 RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
