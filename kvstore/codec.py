@@ -3,7 +3,7 @@
 Every frame is a 40-byte little-endian head followed by its payload::
 
     magic     4s   b"DKVF"
-    version   u16  FORMAT_VERSION (2); format 1 still reads
+    version   u16  FORMAT_VERSION (3); formats 1 and 2 still read
     kind      u8   0 = header (JSON payload), 1 = data
     flags     u8   0
     entry_id  8s   blake2b-64 of the header payload: ties every data frame to its header

@@ -8,6 +8,7 @@ Layout of one layer (``LayerKV``), for ``H`` KV heads of head dim ``D`` and page
     page_min/max  [pages, D]         elementwise min / max of K over each page of P rows of a head
     keys, values  [N, D] float       dense (fp16, bf16, fp32), or quantized rows (see ``kvstore.quant``)
     key_lo/hi     float16 [H, D]     quantized layers: each head's key range, the grid of its page bounds
+    value_lo/hi   float16 [H]        quantized layers: each head's value range, the grid of its rows' ranges
 
 Rows are grouped per head and pages never straddle heads, so head ``h`` owns
 ``ceil(n_h / P)`` pages. Quantized keys use the page min/max as their per-channel range
@@ -15,7 +16,7 @@ Rows are grouped per head and pages never straddle heads, so head ``h`` owns
 per-token range. Every row may have its own bit width, which is how ZipCache-style mixed
 precision is stored.
 
-Stored form (``pack_layer`` / ``unpack_layer``, what ``kvstore.codec`` writes): format 2 keeps
+Stored form (``pack_layer`` / ``unpack_layer``, what ``kvstore.codec`` writes): format 3 keeps
 the fields above except that, where it is smaller,
 
 - positions become a bitmap per head over the entry's span ``[start, seq_len)``
@@ -26,9 +27,14 @@ the fields above except that, where it is smaller,
   (``page_min_codes`` / ``page_max_codes`` uint8 ``[pages, D]``: ``min = lo + code * (hi - lo) /
   255``): ``quantize_layer`` puts them on that grid, rounding outwards, and quantizes the keys on
   the bounds the codes give back, so nothing changes on the way through the store;
-- K and V of a row share one bit width (``bits`` uint8 ``[N]``) where they agree.
+- a quantized layer's per-row value ranges are 8-bit codes on its heads' value ranges
+  (``value_min_codes`` / ``value_max_codes`` uint8 ``[N]`` on ``[value_lo, value_hi]``, the same
+  grid and outward rounding as the page bounds);
+- K and V of a row share one bit width (``bits`` uint8 ``[N]``) where they agree, and one byte
+  (``bits`` uint8 ``[1]``) holds it for every row when all rows have the same width.
 
-Format 1 (positions int32, scores float32, page bounds in fp16, two bit-width bytes) still reads.
+Formats 1 (positions int32, scores float32, page bounds in fp16, two bit-width bytes) and 2
+(value ranges in fp16, a bit width per row) still read.
 
 Entries are immutable once published; ``shrink`` and ``requantize`` return new entries.
 """
@@ -45,9 +51,9 @@ from dkv.kvstore import quant
 from dkv.kvstore.errors import InvalidEntry
 from dkv.kvstore.recipe import KEY_PART, Recipe
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # format 1: see the module docstring
-PAGE_CODE_LEVELS = 255  # 8-bit page bound codes
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # formats 1 and 2: see the module docstring
+PAGE_CODE_LEVELS = 255  # 8-bit page bound and value range codes
 FP16_MAX = 65504.0
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -138,6 +144,8 @@ class LayerKV:
     value_max: torch.Tensor | None = None  # float16 [N]
     key_lo: torch.Tensor | None = None  # float16 [H, D]: page bounds are 8-bit codes on [key_lo, key_hi]
     key_hi: torch.Tensor | None = None  # float16 [H, D]
+    value_lo: torch.Tensor | None = None  # float16 [H]: value ranges are 8-bit codes on [value_lo, value_hi]
+    value_hi: torch.Tensor | None = None  # float16 [H]
 
     TENSOR_FIELDS = (
         "positions",
@@ -153,6 +161,8 @@ class LayerKV:
         "value_max",
         "key_lo",
         "key_hi",
+        "value_lo",
+        "value_hi",
     )
 
     @property
@@ -187,8 +197,7 @@ class LayerKV:
         """
         row_page = page_of_rows(self.head_offsets, page_size)
         rows = torch.isin(row_page, pages).nonzero().squeeze(1)
-        head_of_row = torch.repeat_interleave(torch.arange(len(self.head_offsets) - 1), self.head_counts())
-        counts = torch.bincount(head_of_row[rows], minlength=len(self.head_offsets) - 1)
+        counts = torch.bincount(head_of_rows(self.head_offsets)[rows], minlength=len(self.head_offsets) - 1)
         offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
         offsets[1:] = torch.cumsum(counts, 0)
         present = torch.unique(row_page[rows])
@@ -212,6 +221,8 @@ class LayerKV:
             value_max=value_max[rows],
             key_lo=self.key_lo,
             key_hi=self.key_hi,
+            value_lo=self.value_lo,
+            value_hi=self.value_hi,
             **picked,
         )
 
@@ -248,7 +259,7 @@ def page_of_rows(head_offsets: torch.Tensor, page_size: int) -> torch.Tensor:
     counts = (head_offsets[1:] - head_offsets[:-1]).long()
     pages = page_counts(counts, page_size)
     page_start = torch.cumsum(pages, 0) - pages  # [H]
-    head_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    head_of_row = head_of_rows(head_offsets)
     row_in_head = torch.arange(int(counts.sum())) - head_offsets[:-1].long()[head_of_row]
     return page_start[head_of_row] + row_in_head // page_size
 
@@ -301,7 +312,7 @@ class CompressedKV:
         return sum(layer.nbytes for layer in self.layers)
 
     def stored_layers(self) -> list[dict[str, torch.Tensor]]:
-        """Each layer's tensors as format 2 stores them (``pack_layer``): what ``kvstore.codec`` writes."""
+        """Each layer's tensors as the current format stores them (``pack_layer``): what ``kvstore.codec`` writes."""
         return [
             pack_layer(layer, self.identity.start, self.seq_len, self.page_size, f"layer {i}")
             for i, layer in enumerate(self.layers)
@@ -371,26 +382,29 @@ def quantize_layer(
     """The layer with K and V quantized at ``key_bits`` / ``value_bits`` (uint8 [N]) per row.
 
     Each head's key range (``key_lo``/``key_hi``, fp16 per channel) is the grid of its page
-    bounds: 8-bit codes, the min rounded down and the max up. Keys are quantized on the bounds
-    the codes give back (their page's per-channel range), values on their own row's min/max.
+    bounds and each head's value range (``value_lo``/``value_hi``, fp16) the grid of its rows'
+    value ranges: 8-bit codes, the min rounded down and the max up. Keys are quantized on the
+    bounds the codes give back (their page's per-channel range), values on their row's range.
     ``value_bits`` defaults to ``key_bits``.
     """
     value_bits = key_bits.clone() if value_bits is None else value_bits
     k, v = layer.dequantized(page_size, torch.float32)
+    heads, d = len(layer.head_offsets) - 1, k.shape[1]
     true_min, true_max = page_summaries(k, layer.head_offsets, page_size)
     page_head = head_of_pages(layer.head_offsets, page_size)
-    heads, d = len(layer.head_offsets) - 1, k.shape[1]
-    index = page_head.unsqueeze(1).expand(-1, d)
-    key_lo = torch.zeros(heads, d).scatter_reduce(0, index, true_min, "amin", include_self=False)
-    key_hi = torch.zeros(heads, d).scatter_reduce(0, index, true_max, "amax", include_self=False)
-    key_lo, key_hi = (x.clamp(-FP16_MAX, FP16_MAX).half() for x in (key_lo, key_hi))
-    lo, step = _code_grid(key_lo, key_hi, page_head)
-    code_min = ((true_min - lo) / step).floor().clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
-    code_max = ((true_max - lo) / step).ceil().clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
-    pmin, pmax = page_bounds(code_min, code_max, key_lo, key_hi, page_head)
+    key_lo, key_hi = _head_ranges(true_min, true_max, page_head, (heads, d))
+    pmin, pmax = grid_values(*_codes_outward(true_min, true_max, key_lo, key_hi, page_head), key_lo, key_hi, page_head)
+    row_head = head_of_rows(layer.head_offsets)
+    row_min = v.amin(1) if len(v) else torch.empty(0)
+    row_max = v.amax(1) if len(v) else torch.empty(0)
+    value_lo, value_hi = _head_ranges(row_min, row_max, row_head, (heads,))
+    vmin, vmax = (
+        x.half()
+        for x in grid_values(
+            *_codes_outward(row_min, row_max, value_lo, value_hi, row_head), value_lo, value_hi, row_head
+        )
+    )
     row_page = page_of_rows(layer.head_offsets, page_size)
-    vmin = v.amin(1).half() if len(v) else torch.empty(0, dtype=torch.float16)
-    vmax = v.amax(1).half() if len(v) else torch.empty(0, dtype=torch.float16)
     return LayerKV(
         positions=layer.positions,
         head_offsets=layer.head_offsets,
@@ -405,6 +419,8 @@ def quantize_layer(
         value_max=vmax,
         key_lo=key_lo,
         key_hi=key_hi,
+        value_lo=value_lo,
+        value_hi=value_hi,
     )
 
 
@@ -414,32 +430,58 @@ def head_of_pages(head_offsets: torch.Tensor, page_size: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(pages)), pages)
 
 
-def _code_grid(key_lo: torch.Tensor, key_hi: torch.Tensor, page_head: torch.Tensor):
-    """Per page and channel: the grid's origin and step, float32 [pages, D] each."""
-    lo = key_lo.float()[page_head]
-    return lo, (key_hi.float()[page_head] - lo) / PAGE_CODE_LEVELS
+def head_of_rows(head_offsets: torch.Tensor) -> torch.Tensor:
+    """The head of every row, int64 [N]."""
+    return torch.repeat_interleave(torch.arange(len(head_offsets) - 1), (head_offsets[1:] - head_offsets[:-1]).long())
 
 
-def page_bounds(
-    code_min: torch.Tensor, code_max: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor, page_head: torch.Tensor
+def _head_ranges(
+    lows: torch.Tensor, highs: torch.Tensor, head: torch.Tensor, shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Page bounds, float32 [pages, D], from their 8-bit codes on the heads' key ranges."""
-    lo, step = _code_grid(key_lo, key_hi, page_head)
-    return lo + code_min.float() * step, lo + code_max.float() * step
+    """Each head's range (fp16, ``shape``) of ``lows``/``highs`` [M, ...] whose heads are ``head`` [M]."""
+    index = head.view(-1, *([1] * (lows.dim() - 1))).expand_as(lows)
+    lo = torch.zeros(shape).scatter_reduce(0, index, lows, "amin", include_self=False)
+    hi = torch.zeros(shape).scatter_reduce(0, index, highs, "amax", include_self=False)
+    return lo.clamp(-FP16_MAX, FP16_MAX).half(), hi.clamp(-FP16_MAX, FP16_MAX).half()
 
 
-def _page_codes(
-    layer: LayerKV, key_lo: torch.Tensor, key_hi: torch.Tensor, page_head: torch.Tensor, where: str
+def _code_grid(lo: torch.Tensor, hi: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit grid of each element's head: its origin and step, float32, indexed like ``head``."""
+    origin = lo.float()[head]
+    return origin, (hi.float()[head] - origin) / PAGE_CODE_LEVELS
+
+
+def _codes_outward(
+    lows: torch.Tensor, highs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, head: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codes of a quantized layer's page bounds; ``InvalidEntry`` unless they are on the grid."""
-    lo, step = _code_grid(key_lo, key_hi, page_head)
+    """8-bit codes of ranges ``[lows, highs]`` on their heads' grids, rounded outwards, uint8."""
+    origin, step = _code_grid(lo, hi, head)
+    code_min = ((lows - origin) / step).floor().clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
+    code_max = ((highs - origin) / step).ceil().clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
+    return code_min, code_max
+
+
+def grid_values(
+    code_min: torch.Tensor, code_max: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, head: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range bounds, float32, from their 8-bit codes on the heads' ranges ``[lo, hi]`` (page bounds:
+    ``head`` is each page's head; value ranges: each row's)."""
+    origin, step = _code_grid(lo, hi, head)
+    return origin + code_min.float() * step, origin + code_max.float() * step
+
+
+def _stored_codes(
+    bounds: tuple[torch.Tensor, torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, head: torch.Tensor, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of ``bounds`` (in their own dtype, on the grid of ``[lo, hi]``); ``InvalidEntry``
+    unless the codes give them back exactly."""
+    origin, step = _code_grid(lo, hi, head)
     codes = []
-    for bound in (layer.page_min, layer.page_max):
-        code = ((bound.float() - lo) / step).round().nan_to_num(0.0).clamp(0, PAGE_CODE_LEVELS)
-        if not torch.equal(lo + code * step, bound.float()):
+    for bound in bounds:
+        code = ((bound.float() - origin) / step).round().nan_to_num(0.0).clamp(0, PAGE_CODE_LEVELS)
+        if not torch.equal((origin + code * step).to(bound.dtype), bound):
             raise InvalidEntry(
-                f"{where}: page bounds are not on the 8-bit grid of key_lo/key_hi "
-                "(build quantized layers with quantize_layer)"
+                f"{what} are not on the 8-bit grid of their heads' ranges (build quantized layers with quantize_layer)"
             )
         codes.append(code.to(torch.uint8))
     return codes[0], codes[1]
@@ -448,7 +490,7 @@ def _page_codes(
 def pack_layer(
     layer: LayerKV, start: int, seq_len: int, page_size: int, where: str = "layer"
 ) -> dict[str, torch.Tensor]:
-    """The tensors format 2 stores for ``layer`` of an entry spanning ``[start, seq_len)`` (module docstring)."""
+    """The tensors format 3 stores for ``layer`` of an entry spanning ``[start, seq_len)`` (module docstring)."""
     out = {"head_offsets": layer.head_offsets}
     heads, n, span = len(layer.head_offsets) - 1, layer.num_tokens, seq_len - start
     if heads * -(-span // 8) < 2 * n:
@@ -459,8 +501,12 @@ def pack_layer(
         out["positions"] = layer.positions
     out["scores"] = layer.scores
     if layer.key_lo is not None and layer.key_hi is not None:
-        out["page_min_codes"], out["page_max_codes"] = _page_codes(
-            layer, layer.key_lo, layer.key_hi, head_of_pages(layer.head_offsets, page_size), where
+        out["page_min_codes"], out["page_max_codes"] = _stored_codes(
+            (layer.page_min, layer.page_max),
+            layer.key_lo,
+            layer.key_hi,
+            head_of_pages(layer.head_offsets, page_size),
+            f"{where}: page bounds",
         )
         out["key_lo"], out["key_hi"] = layer.key_lo, layer.key_hi
     else:
@@ -468,11 +514,23 @@ def pack_layer(
     out["keys"], out["values"] = layer.keys, layer.values
     if layer.quantized:
         key_bits, value_bits, value_min, value_max = layer._quant_rows()
-        if torch.equal(key_bits, value_bits):
-            out["bits"] = key_bits
-        else:
+        if not torch.equal(key_bits, value_bits):
             out["key_bits"], out["value_bits"] = key_bits, value_bits
-        out["value_min"], out["value_max"] = value_min, value_max
+        elif n and bool((key_bits == key_bits[0]).all()):
+            out["bits"] = key_bits[:1]
+        else:
+            out["bits"] = key_bits
+        if layer.value_lo is not None and layer.value_hi is not None:
+            out["value_min_codes"], out["value_max_codes"] = _stored_codes(
+                (value_min, value_max),
+                layer.value_lo,
+                layer.value_hi,
+                head_of_rows(layer.head_offsets),
+                f"{where}: value ranges",
+            )
+            out["value_lo"], out["value_hi"] = layer.value_lo, layer.value_hi
+        else:
+            out["value_min"], out["value_max"] = value_min, value_max
     return out
 
 
@@ -481,6 +539,8 @@ STORED_FIELDS = LayerKV.TENSOR_FIELDS + (
     "position_offsets",
     "page_min_codes",
     "page_max_codes",
+    "value_min_codes",
+    "value_max_codes",
     "bits",
 )
 
@@ -488,9 +548,8 @@ STORED_FIELDS = LayerKV.TENSOR_FIELDS + (
 def _bitmap(layer: LayerKV, start: int, span: int) -> torch.Tensor:
     heads = len(layer.head_offsets) - 1
     width = -(-span // 8)
-    head_of_row = torch.repeat_interleave(torch.arange(heads), layer.head_counts())
     bits = torch.zeros(heads, width * 8, dtype=torch.uint8)
-    bits[head_of_row, layer.positions.long() - start] = 1
+    bits[head_of_rows(layer.head_offsets), layer.positions.long() - start] = 1
     return (bits.view(heads, width, 8) << torch.arange(8, dtype=torch.uint8)).sum(2, dtype=torch.uint8)
 
 
@@ -528,36 +587,42 @@ def unpack_layer(t: dict[str, torch.Tensor], start: int, seq_len: int, page_size
     if "bits" in t:
         if "key_bits" in t or "value_bits" in t:
             raise InvalidEntry(f"{where}: bits is shared by K and V: key_bits and value_bits must be absent")
-        t["key_bits"] = t["value_bits"] = t.pop("bits")
-    if "page_min_codes" in t or "page_max_codes" in t:
-        if "page_min" in t or "page_max" in t:
-            raise InvalidEntry(f"{where}: page bounds are stored as codes or as values, not both")
-        found = {name: t.pop(name, None) for name in ("page_min_codes", "page_max_codes")}
-        found.update(key_lo=t.get("key_lo"), key_hi=t.get("key_hi"))
-        pages = int(page_counts((offsets[1:] - offsets[:-1]).long().clamp_min(0), page_size).sum())
-        for name, dtype, shape in (
-            ("page_min_codes", torch.uint8, None),
-            ("page_max_codes", torch.uint8, None),
-            ("key_lo", torch.float16, (heads, None)),
-            ("key_hi", torch.float16, (heads, None)),
+        bits, rows = t.pop("bits"), int(offsets[-1])
+        if bits.dim() == 1 and len(bits) == 1 and rows != 1:  # one width for every row
+            bits = bits.expand(rows).clone()
+        t["key_bits"] = t["value_bits"] = bits
+    rows = int(offsets[-1])
+    pages = int(page_counts((offsets[1:] - offsets[:-1]).long().clamp_min(0), page_size).sum())
+    for bound, ranges, count, dims, what in (
+        ("value", "value", rows, 1, "value ranges"),  # codes [N] on value_lo/hi [H]
+        ("page", "key", pages, 2, "page bounds"),  # codes [pages, D] on key_lo/hi [H, D]
+    ):
+        if f"{bound}_min_codes" not in t and f"{bound}_max_codes" not in t:
+            continue
+        if f"{bound}_min" in t or f"{bound}_max" in t:
+            raise InvalidEntry(f"{where}: {what} are stored as codes or as values, not both")
+        code_min, code_max = t.pop(f"{bound}_min_codes", None), t.pop(f"{bound}_max_codes", None)
+        lo, hi = t.get(f"{ranges}_lo"), t.get(f"{ranges}_hi")
+        if code_min is None or code_max is None or lo is None or hi is None:
+            raise InvalidEntry(
+                f"{where}: {what} as codes need {bound}_min_codes, {bound}_max_codes, {ranges}_lo and {ranges}_hi"
+            )
+        width = tuple(lo.shape[1:])
+        for name, x, dtype, first in (
+            (f"{ranges}_lo", lo, torch.float16, heads),
+            (f"{ranges}_hi", hi, torch.float16, heads),
+            (f"{bound}_min_codes", code_min, torch.uint8, count),
+            (f"{bound}_max_codes", code_max, torch.uint8, count),
         ):
-            x = found[name]
-            if (
-                x is None
-                or x.dtype != dtype
-                or x.dim() != 2
-                or (shape and x.shape[0] != heads)
-                or (not shape and x.shape[0] != pages)
-            ):
-                raise InvalidEntry(f"{where}: {name} must be {dtype} [{heads if shape else pages}, D]")
-        present = {name: x for name, x in found.items() if x is not None}  # all four, checked above
-        codes = (present["page_min_codes"], present["page_max_codes"])
-        lo, hi = present["key_lo"], present["key_hi"]
-        if not codes[0].shape[1] == codes[1].shape[1] == lo.shape[1] == hi.shape[1]:
-            raise InvalidEntry(f"{where}: page codes and key ranges must have the same head_dim")
-        if bool((codes[0] > codes[1]).any()):
-            raise InvalidEntry(f"{where}: page_min_codes must be <= page_max_codes")
-        t["page_min"], t["page_max"] = page_bounds(codes[0], codes[1], lo, hi, head_of_pages(offsets, page_size))
+            if x.dtype != dtype or x.dim() != dims or tuple(x.shape) != (first, *width):
+                raise InvalidEntry(f"{where}: {name} must be {dtype} [{first}{', D' if dims == 2 else ''}]")
+        if bool((code_min > code_max).any()):
+            raise InvalidEntry(f"{where}: {bound}_min_codes must be <= {bound}_max_codes")
+        head = head_of_rows(offsets) if bound == "value" else head_of_pages(offsets, page_size)
+        low, high = grid_values(code_min, code_max, lo, hi, head)
+        if bound == "value":  # held in fp16, like format 2's
+            low, high = low.half(), high.half()
+        t[f"{bound}_min"], t[f"{bound}_max"] = low, high
     try:
         return LayerKV(**t)
     except TypeError as e:
@@ -655,9 +720,11 @@ def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, start: int, 
             and layer.value_min is None
             and layer.value_max is None
             and layer.key_lo is None
-            and layer.key_hi is None,
+            and layer.key_hi is None
+            and layer.value_lo is None
+            and layer.value_hi is None,
             i,
-            "dense keys need dense values: value_bits, value_min, value_max, key_lo and key_hi must be absent",
+            "dense keys need dense values: value_bits, value_min, value_max and the key and value ranges must be absent",
         )
         return
     for name in ("key_bits", "value_bits"):
@@ -687,6 +754,13 @@ def _validate_layer(layer: LayerKV, i: int, h: int, d: int, p: int, start: int, 
             _check(t.dtype == torch.float16 and t.shape == (h, d), i, f"{name} must be float16 [{h}, {d}]")
             _check(all_finite(t), i, f"{name} contains NaN or Inf")
         _check(bool((layer.key_lo <= layer.key_hi).all()), i, "key_lo must be <= key_hi")
+    _check((layer.value_lo is None) == (layer.value_hi is None), i, "value_lo and value_hi come together")
+    if layer.value_lo is not None and layer.value_hi is not None:
+        for name in ("value_lo", "value_hi"):
+            t = getattr(layer, name)
+            _check(t.dtype == torch.float16 and t.shape == (h,), i, f"{name} must be float16 [{h}]")
+            _check(all_finite(t), i, f"{name} contains NaN or Inf")
+        _check(bool((layer.value_lo <= layer.value_hi).all()), i, "value_lo must be <= value_hi")
 
 
 __all__ = [
@@ -702,8 +776,9 @@ __all__ = [
     "quantize_layer",
     "pack_layer",
     "unpack_layer",
-    "page_bounds",
+    "grid_values",
     "head_of_pages",
+    "head_of_rows",
     "page_summaries",
     "page_of_rows",
     "page_counts",

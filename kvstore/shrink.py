@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dkv.kvstore import quant
-from dkv.kvstore.entry import CompressedKV, LayerKV, make_layer, quantize_layer
+from dkv.kvstore.entry import CompressedKV, LayerKV, head_of_rows, make_layer, quantize_layer
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def drop_tokens(entry: CompressedKV, keep_fraction: float) -> CompressedKV:
         mass = layer.scores.clamp_min(0)
         kept_mass += float(mass[keep].sum())
         total_mass += float(mass.sum())
-        head_of_row = torch.repeat_interleave(torch.arange(entry.num_kv_heads), layer.head_counts())
+        head_of_row = head_of_rows(layer.head_offsets)
         kept_heads = head_of_row[keep]
         k, v = layer.dequantized(entry.page_size, torch.float32)
         dense_dtype = layer.page_min.dtype if layer.quantized else layer.keys.dtype

@@ -19,7 +19,7 @@ from dkv.kvstore.entry import CompressedKV
 from dkv.kvstore.errors import CorruptEntry, EntryTooLarge, InvalidEntry
 from dkv.testing import synthetic_entry
 
-SMALL_FRAME = 8192
+SMALL_FRAME = 4096
 
 
 def _small(seed=0, **kw) -> CompressedKV:
@@ -143,7 +143,7 @@ def test_frame_head_layout():
     entry = _small()
     f = codec.encode(entry, SMALL_FRAME)[1]
     magic, version, kind, flags, entry_id, seq, total, length, reserved = codec.HEAD.unpack_from(f)
-    assert (magic, version, kind, flags, seq, reserved) == (b"DKVF", 2, 1, 0, 1, 0)
+    assert (magic, version, kind, flags, seq, reserved) == (b"DKVF", codec.FORMAT_VERSION, 1, 0, 1, 0)
     assert length == len(f) - 40 and codec.FRAME_HEAD_BYTES == 40
 
 
@@ -282,7 +282,7 @@ def test_flipped_byte_anywhere_is_detected(frames, data):
 def test_parse_frame_rejects_bad_magic_version_kind():
     entry_id = b"\1" * 8
 
-    def frame(magic=codec.MAGIC, version=2, kind=1, seq=1, total=2):
+    def frame(magic=codec.MAGIC, version=codec.FORMAT_VERSION, kind=1, seq=1, total=2):
         payload = b"x" * 10
         head = codec.HEAD.pack(magic, version, kind, 0, entry_id, seq, total, len(payload), 0)
         import xxhash
@@ -293,7 +293,7 @@ def test_parse_frame_rejects_bad_magic_version_kind():
     with pytest.raises(CorruptEntry, match="magic"):
         codec.parse_frame(frame(magic=b"XXXX"))
     with pytest.raises(CorruptEntry, match="version"):
-        codec.parse_frame(frame(version=3))
+        codec.parse_frame(frame(version=codec.FORMAT_VERSION + 1))
     for kw in (dict(kind=2), dict(kind=0, seq=1), dict(kind=1, seq=0), dict(seq=2, total=2)):
         with pytest.raises(CorruptEntry, match="inconsistent"):
             codec.parse_frame(frame(**kw))
@@ -388,7 +388,7 @@ def _wrong_hash_count(h):
 
 
 def _format_version(h):
-    h["format_version"] = 3
+    h["format_version"] = codec.FORMAT_VERSION + 1
 
 
 def _zero_layers(h):
