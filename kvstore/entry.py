@@ -29,7 +29,8 @@ the fields above except that, where it is smaller,
   the bounds the codes give back, so nothing changes on the way through the store;
 - a quantized layer's per-row value ranges are 8-bit codes on its heads' value ranges
   (``value_min_codes`` / ``value_max_codes`` uint8 ``[N]`` on ``[value_lo, value_hi]``, the same
-  grid and outward rounding as the page bounds);
+  grid as the page bounds, rounded to the nearest code: a row's extremes stay within half a
+  grid step);
 - K and V of a row share one bit width (``bits`` uint8 ``[N]``) where they agree, and one byte
   (``bits`` uint8 ``[1]``) holds it for every row when all rows have the same width.
 
@@ -382,9 +383,10 @@ def quantize_layer(
     """The layer with K and V quantized at ``key_bits`` / ``value_bits`` (uint8 [N]) per row.
 
     Each head's key range (``key_lo``/``key_hi``, fp16 per channel) is the grid of its page
-    bounds and each head's value range (``value_lo``/``value_hi``, fp16) the grid of its rows'
-    value ranges: 8-bit codes, the min rounded down and the max up. Keys are quantized on the
-    bounds the codes give back (their page's per-channel range), values on their row's range.
+    bounds (8-bit codes, the min rounded down and the max up) and each head's value range
+    (``value_lo``/``value_hi``, fp16) the grid of its rows' value ranges (8-bit codes, the nearest).
+    Keys are quantized on the bounds the codes give back (their page's per-channel range), values
+    on their row's coded range.
     ``value_bits`` defaults to ``key_bits``.
     """
     value_bits = key_bits.clone() if value_bits is None else value_bits
@@ -393,7 +395,9 @@ def quantize_layer(
     true_min, true_max = page_summaries(k, layer.head_offsets, page_size)
     page_head = head_of_pages(layer.head_offsets, page_size)
     key_lo, key_hi = _head_ranges(true_min, true_max, page_head, (heads, d))
-    pmin, pmax = grid_values(*_codes_outward(true_min, true_max, key_lo, key_hi, page_head), key_lo, key_hi, page_head)
+    pmin, pmax = grid_values(
+        *_grid_codes(true_min, true_max, key_lo, key_hi, page_head, outward=True), key_lo, key_hi, page_head
+    )
     row_head = head_of_rows(layer.head_offsets)
     row_min = v.amin(1) if len(v) else torch.empty(0)
     row_max = v.amax(1) if len(v) else torch.empty(0)
@@ -401,7 +405,7 @@ def quantize_layer(
     vmin, vmax = (
         x.half()
         for x in grid_values(
-            *_codes_outward(row_min, row_max, value_lo, value_hi, row_head), value_lo, value_hi, row_head
+            *_grid_codes(row_min, row_max, value_lo, value_hi, row_head, outward=False), value_lo, value_hi, row_head
         )
     )
     row_page = page_of_rows(layer.head_offsets, page_size)
@@ -451,13 +455,16 @@ def _code_grid(lo: torch.Tensor, hi: torch.Tensor, head: torch.Tensor) -> tuple[
     return origin, (hi.float()[head] - origin) / PAGE_CODE_LEVELS
 
 
-def _codes_outward(
-    lows: torch.Tensor, highs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, head: torch.Tensor
+def _grid_codes(
+    lows: torch.Tensor, highs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, head: torch.Tensor, outward: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit codes of ranges ``[lows, highs]`` on their heads' grids, rounded outwards, uint8."""
+    """8-bit codes of ranges ``[lows, highs]`` on their heads' grids, uint8: rounded outwards (the
+    coded range holds the true one: page bounds, which bound attention scores) or to the nearest
+    code (a row's extreme values stay within half a grid step: value ranges)."""
     origin, step = _code_grid(lo, hi, head)
-    code_min = ((lows - origin) / step).floor().clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
-    code_max = ((highs - origin) / step).ceil().clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
+    down, up = (torch.floor, torch.ceil) if outward else (torch.round, torch.round)
+    code_min = down((lows - origin) / step).clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
+    code_max = up((highs - origin) / step).clamp(0, PAGE_CODE_LEVELS).nan_to_num(0.0).to(torch.uint8)
     return code_min, code_max
 
 
