@@ -165,7 +165,7 @@ class Pages(Selection):
     """
 
     name: ClassVar[str] = "pages"
-    page_size: int = 8  # of the summaries a decode worker computes from the row's keys
+    page_size: int = 4  # of the summaries a decode worker computes from the row's keys
 
     def __post_init__(self) -> None:
         super().__post_init__()
