@@ -56,8 +56,8 @@ def test_entries_live_on_the_shard_their_key_picks(shards):
             assert got is not None and got.key == entry.key
             assert all((a.keys == b.keys).all() for a, b in zip(got.layers, entry.layers))
         assert client.delete(entries[0].key) and client.get(entries[0].key) is None
-    with open_store(shards[0].address) as single:
-        assert isinstance(single, StoreClient)
+    with open_store(shards[0].address) as single:  # one address: one shard, the same lookup path
+        assert isinstance(single, ShardedStoreClient) and single.addresses == [shards[0].address]
 
 
 def test_a_chunked_prompt_is_found_across_shards_and_a_lost_shard_costs_only_misses(smollm2, shards):
