@@ -398,10 +398,9 @@ def merge_stats(replies: Sequence[store_pb2.StatsResponse]) -> store_pb2.StatsRe
 
 
 def _sum_fields(into, messages) -> None:
-    """Sets each number of ``into`` to the sum over ``messages``, each flag to all of them."""
+    """Sets each number of ``into`` to the sum over ``messages``, each flag to all of them (the
+    repeated fields are messages, merged by the caller)."""
     for field in into.DESCRIPTOR.fields:
-        if field.label == field.LABEL_REPEATED:
-            continue
         if field.type == field.TYPE_UINT64:
             setattr(into, field.name, sum(getattr(m, field.name) for m in messages))
         elif field.type == field.TYPE_BOOL:
