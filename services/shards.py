@@ -128,7 +128,9 @@ def open_store(address: str, timeout_s: float = 30.0, security: Security | None 
 
 
 class ShardedStoreClient:
-    """``StoreClient``'s methods over several shards; each key goes to the shard that owns it.
+    """``StoreClient``'s methods over one shard or several; each key goes to the shard that owns it.
+    ``lookup`` and ``lookup_keys`` probe the shards (see the module docstring) instead of calling the
+    store's Lookup RPC; ``stats`` sums the shards' numbers.
 
     ``shards``: the shard addresses, or a function that gives the current ones, called now and every
     ``refresh_s`` in a background thread (a membership that changes: ``resolve_shards``). While it
