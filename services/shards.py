@@ -292,8 +292,7 @@ class ShardedStoreClient:
     def stats(self) -> store_pb2.StatsResponse:
         """The store's numbers: one shard's own, or the sums over every shard (``merge_stats``);
         a shard that cannot be reached fails the call (its numbers are unknown, not zero)."""
-        addresses, clients = self._current()
-        replies = list(self._pool.map(lambda client: client.stats(), clients))
+        replies = list(self._pool.map(lambda client: client.stats(), self._current()[1]))
         return replies[0] if len(replies) == 1 else merge_stats(replies)
 
     def probe(self, keys: Sequence[EntryKey | str]) -> list[store_pb2.ProbedEntry]:
@@ -342,7 +341,7 @@ class ShardedStoreClient:
         found, failed = self._probe_shards(by_shard, addresses, clients)
         answered = len(by_shard) > len(failed)
         down = {i for i, e in failed.items() if e.code() == grpc.StatusCode.UNAVAILABLE}
-        if down and len(addresses) > 1:
+        if down and len(down) < len(addresses):  # a shard left to ask
             again: dict[int, list[EntryKey | str]] = {}
             for shard in down:
                 for key in by_shard[shard]:

@@ -299,13 +299,23 @@ def test_stats_of_one_shard_are_its_own_and_of_several_the_sums(store_service):
 def test_a_store_whose_shards_all_fail_to_answer_a_probe_is_down_not_a_miss(store_service):
     """One shard unreachable among several costs its keys (misses); no shard answering is the store
     being down, an UNAVAILABLE the caller counts as such (the workers mark themselves degraded)."""
-    server = store_service()
-    entry = synthetic_entry(seq_len=32, num_layers=1, seed=7)
-    with open_store(server.address, timeout_s=10) as store:
-        store.put(entry)
-        found = store.lookup_keys([entry.key], entry.identity.recipe.chunk_size, 32)
-        assert (found.keys, found.cached_tokens, found.tiers) == ([entry.key], 32, ["cpu"])
-        server.stop()
-        with pytest.raises(grpc.RpcError) as e:
-            store.lookup_keys([entry.key], entry.identity.recipe.chunk_size, 32)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    servers = [store_service() for _ in range(3)]
+    entries = [synthetic_entry(seq_len=32, num_layers=1, seed=i) for i in range(6)]
+    chunk_size = entries[0].identity.recipe.chunk_size
+    with (
+        open_store(servers[0].address, timeout_s=10) as one,
+        open_store(servers[1].address + "," + servers[2].address) as two,
+    ):
+        for entry in entries:
+            one.put(entry)
+            two.put(entry)
+        for store in (one, two):
+            for entry in entries:
+                found = store.lookup_keys([entry.key], chunk_size, 32)
+                assert (found.keys, found.cached_tokens, found.tiers) == ([entry.key], 32, ["cpu"])
+        for server in servers:
+            server.stop()
+        for store in (one, two):
+            with pytest.raises(grpc.RpcError) as e:
+                store.lookup_keys([entry.key for entry in entries], chunk_size, 32)  # keys on both shards
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, store.address
