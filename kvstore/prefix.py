@@ -50,19 +50,30 @@ def longest_cached_prefix(
 ) -> tuple[list[EntryKey], int] | None:
     """The entries that together cover the longest cached prefix of ``token_ids``, and its length.
 
-    Candidates end at every chunk boundary and at the full length. ``starts_of(keys)`` gives, for
-    each key, the first position of its stored entry (None if absent): 0 for a whole-context entry,
-    the chunk start for a chunked recipe's entry, which only counts when the entries before it reach
-    its start. It is asked once, for every key, so a store (or its shards) can look them up in one
-    batch. Returns the chain of keys in order (one key for a whole-context entry), or None.
+    ``starts_of(keys)`` is asked once, for the key of every chunk boundary (``chunk_keys``), so a
+    store can look them up in one batch; see ``longest_chain``.
     """
     keys = chunk_keys(token_ids, recipe, model_fingerprint, tenant)
+    return longest_chain(keys, starts_of(keys), recipe.chunk_size, len(token_ids))
+
+
+def longest_chain(
+    keys: Sequence[EntryKey], starts: Sequence[int | None], chunk_size: int, context_tokens: int
+) -> tuple[list[EntryKey], int] | None:
+    """The longest prefix of a context of ``context_tokens`` tokens that stored entries cover: the
+    chain of their keys, in order (one key for a whole-context entry), and its length; or None.
+
+    ``keys`` end at every chunk boundary and at the full length (``chunk_keys``, made once by the
+    caller). ``starts[i]`` is the first position of ``keys[i]``'s stored entry (None if absent): 0
+    for a whole-context entry, the chunk start for a chunked recipe's entry, which only counts when
+    the entries before it reach its start.
+    """
     chains: dict[int, list[EntryKey]] = {0: []}  # entries covering [0, end), by end
     best = None
-    for i, (key, start) in enumerate(zip(keys, starts_of(keys))):
+    for i, (key, start) in enumerate(zip(keys, starts)):
         if start is None or start not in chains:
             continue
-        end = min((i + 1) * recipe.chunk_size, len(token_ids))
+        end = min((i + 1) * chunk_size, context_tokens)
         chains[end] = chains[start] + [key]
         best = (chains[end], end)
     return best

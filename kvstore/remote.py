@@ -1,8 +1,8 @@
 """The KV store as the workers reach it: the ``RemoteStore`` protocol and its replies.
 
 The workers (the prefill worker, the gateway) are handed a store; they never import the gRPC
-client that implements this (``services.store_client.StoreClient``, and
-``services.shards.ShardedStoreClient`` over several shards), so the layers stay one way. A failure
+client that implements this (``services.shards.ShardedStoreClient``, over one shard or several,
+which ``services.shards.open_store`` returns), so the layers stay one way. A failure
 of the store itself raises ``grpc.RpcError`` with its status; a miss is ``None``.
 """
 
@@ -38,6 +38,11 @@ class RemoteStore(Protocol):
         self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int], tenant: str = "default"
     ) -> LookupReply | None:
         """The entries of the longest cached prefix of ``token_ids``, or None."""
+        ...
+
+    def lookup_keys(self, keys: Sequence[EntryKey], chunk_size: int, context_tokens: int) -> LookupReply | None:
+        """``lookup`` by the context's chunk keys, already made (``kvstore.prefix.chunk_keys``): the
+        entries of the longest prefix of a context of ``context_tokens`` tokens they cover, or None."""
         ...
 
     def get(self, key: EntryKey | str) -> CompressedKV | None: ...

@@ -9,8 +9,9 @@
             else:
                 print(item.ttft_ms, item.cache_hit)  # GenerateStats, last
 
-Clients that bring their own KV caches use ``dkv.store(address)`` (a ``StoreClient``, or a
-``ShardedStoreClient`` for comma-separated shard addresses, with the same token and TLS).
+Clients that bring their own KV caches use ``dkv.store(address)``: what ``services.shards.open_store``
+gives, a ``ShardedStoreClient`` over one address or several (comma-separated, or ``dns:///``), with
+the same token and TLS.
 
 ``DkvClient`` is also ``dkv.Client``. This module imports neither torch nor anything of the
 server side, so it works with the light install (``pip install dkv``); ``store()`` moves tensors
@@ -29,7 +30,6 @@ from dkv.services.wire import recipe_to_proto
 
 if TYPE_CHECKING:
     from dkv.services.shards import ShardedStoreClient
-    from dkv.services.store_client import StoreClient
 
 
 class DkvClient:
@@ -122,9 +122,11 @@ class DkvClient:
                 stats = item
         return "".join(pieces), stats
 
-    def store(self, address: str = "127.0.0.1:50052", timeout_s: float = 60.0) -> StoreClient | ShardedStoreClient:
+    def store(self, address: str = "127.0.0.1:50052", timeout_s: float = 60.0) -> ShardedStoreClient:
         """Direct access to a KV store (or its shards: comma-separated addresses) with this client's
-        token and TLS, for clients that bring their own KV caches."""
+        token and TLS, for clients that bring their own KV caches: ``open_store(address)``, one shard
+        or several. Its ``lookup`` makes the chunk keys here, so name your tenant (a tenant's token
+        may act only for its own; an empty tenant is ``default``)."""
         from dkv.services.shards import open_store
 
         return open_store(address, timeout_s=timeout_s, security=self.security)

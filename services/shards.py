@@ -20,13 +20,15 @@ what the lost shard held in its memory tiers is gone. Puts go to the owner only:
 unreachable they fail (UNAVAILABLE).
 
 A prompt's chunk entries (chunked recipes) land on different shards. ``lookup`` therefore
-computes the prompt's chunk keys here, asks each shard which of its keys it holds (``Probe``,
-one call per shard, in parallel), and finds the longest prefix those entries cover. A shard that
-cannot be reached counts as holding nothing, after the second-ranked shards were asked: its
-entries are misses (recomputed), never wrong.
+computes the prompt's chunk keys here, and ``lookup_keys`` (which a caller that made the keys
+already, the prefill worker's ``PrefillPlan``, calls directly) asks each shard which of its keys it
+holds (``Probe``, one call per shard, in parallel) and finds the longest prefix those entries cover
+(``kvstore.prefix.longest_chain``). A shard that cannot be reached counts as holding nothing, after
+the second-ranked shards were asked: its entries are misses (recomputed), never wrong.
 
-``open_store("a:50052")`` is a plain ``StoreClient``; otherwise a ``ShardedStoreClient`` with the same
-methods (``stats`` is per shard: ``client.shards``).
+``open_store`` gives a ``ShardedStoreClient`` for every address, one shard included, so the workers
+find prefixes one way whatever the number of shards. The store's own ``Lookup`` RPC (one call that
+hashes the tokens on the server) stays for thin clients: ``StoreClient.lookup``.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ import grpc
 
 from dkv.kvstore import codec
 from dkv.kvstore.entry import CompressedKV, EntryKey, LayerKV, Recipe
-from dkv.kvstore.prefix import longest_cached_prefix
+from dkv.kvstore.prefix import chunk_keys, longest_chain
 from dkv.kvstore.remote import LookupReply, PutReply
+from dkv.services.pb import store_pb2
 from dkv.services.store_client import LayerSummary, StoreClient
 from dkv.services.transport import DEFAULT_TENANT, Security
 
@@ -114,20 +117,20 @@ def ranked(key: EntryKey | str, shards: Sequence[str]) -> list[int]:
     return sorted(range(len(shards)), key=lambda i: _weight(shards[i], text), reverse=True)
 
 
-def open_store(address: str, timeout_s: float = 30.0, security: Security | None = None):
-    """A ``StoreClient`` for one address, a ``ShardedStoreClient`` for a comma-separated list or for
-    ``dns:///NAME:PORT`` (the shards NAME resolves to, now and every ``REFRESH_S``)."""
+def open_store(address: str, timeout_s: float = 30.0, security: Security | None = None) -> ShardedStoreClient:
+    """The store at ``address``: one ``host:port``, a comma-separated list of shards, or
+    ``dns:///NAME:PORT`` (the shards NAME resolves to, now and every ``REFRESH_S``). One address is a
+    one-shard client, so callers find prefixes one way however many shards there are."""
     if address.strip().startswith(DNS):
         target = address.strip()
         return ShardedStoreClient(lambda: resolve_shards(target), timeout_s=timeout_s, security=security)
-    addresses = shard_addresses(address)
-    if len(addresses) == 1:
-        return StoreClient(addresses[0], timeout_s=timeout_s, security=security)
-    return ShardedStoreClient(addresses, timeout_s=timeout_s, security=security)
+    return ShardedStoreClient(shard_addresses(address), timeout_s=timeout_s, security=security)
 
 
 class ShardedStoreClient:
-    """``StoreClient``'s methods over several shards; each key goes to the shard that owns it.
+    """``StoreClient``'s methods over one shard or several; each key goes to the shard that owns it.
+    ``lookup`` and ``lookup_keys`` probe the shards (see the module docstring) instead of calling the
+    store's Lookup RPC; ``stats`` sums the shards' numbers.
 
     ``shards``: the shard addresses, or a function that gives the current ones, called now and every
     ``refresh_s`` in a background thread (a membership that changes: ``resolve_shards``). While it
@@ -164,6 +167,11 @@ class ShardedStoreClient:
     @property
     def addresses(self) -> list[str]:
         return list(self._members[0])
+
+    @property
+    def address(self) -> str:
+        """The shards' addresses, comma-separated (what the servers log)."""
+        return ",".join(self._members[0])
 
     @property
     def shards(self) -> list[StoreClient]:
@@ -281,17 +289,32 @@ class ShardedStoreClient:
     def select(self, key: EntryKey | str, layer: int, pages: Sequence[int]) -> tuple[list[LayerKV], int, str] | None:
         return self._read(key, lambda shard: shard.select(key, layer, pages))
 
+    def stats(self) -> store_pb2.StatsResponse:
+        """The store's numbers: one shard's own, or the sums over every shard (``merge_stats``);
+        a shard that cannot be reached fails the call (its numbers are unknown, not zero)."""
+        replies = list(self._pool.map(lambda client: client.stats(), self._current()[1]))
+        return replies[0] if len(replies) == 1 else merge_stats(replies)
+
+    def probe(self, keys: Sequence[EntryKey | str]) -> list[store_pb2.ProbedEntry]:
+        """Whether the store holds each of ``keys`` (and where each one starts), in order; each key is
+        asked of its owner. A key whose shards cannot be reached is absent (``present`` False); when no
+        shard answers, the call raises the store's error."""
+        found = self._probe_all(keys)
+        return [found.get(key) or store_pb2.ProbedEntry(key=str(key), present=False) for key in keys]
+
     def lookup(
         self, model_fingerprint: str, recipe: Recipe, token_ids: Sequence[int], tenant: str = DEFAULT_TENANT
     ) -> LookupReply | None:
         """The longest cached prefix of ``token_ids``, its chunk entries gathered from their shards."""
-        found = {}
+        keys = chunk_keys(token_ids, recipe, model_fingerprint, tenant or DEFAULT_TENANT)
+        return self.lookup_keys(keys, recipe.chunk_size, len(token_ids))
 
-        def starts_of(keys: list[EntryKey]) -> list[int | None]:
-            found.update(self._probe_all(keys))
-            return [found[k].start if k in found else None for k in keys]
-
-        chain = longest_cached_prefix(token_ids, recipe, model_fingerprint, tenant or DEFAULT_TENANT, starts_of)
+    def lookup_keys(self, keys: Sequence[EntryKey], chunk_size: int, context_tokens: int) -> LookupReply | None:
+        """The longest prefix of a context of ``context_tokens`` tokens whose chunk ``keys`` (made by
+        ``kvstore.prefix.chunk_keys``) the shards hold, or None: one Probe per shard, in parallel."""
+        found = self._probe_all(keys)
+        starts = [found[key].start if key in found else None for key in keys]
+        chain = longest_chain(keys, starts, chunk_size, context_tokens)
         if chain is None:
             return None
         chain_keys, tokens = chain
@@ -306,26 +329,37 @@ class ShardedStoreClient:
             kept,
         )
 
-    def _probe_all(self, keys: list[EntryKey]) -> dict:
+    def _probe_all(self, keys: Sequence[EntryKey | str]) -> dict:
         """``key -> ProbedEntry`` of the keys their shards hold, one Probe per shard in parallel; the
-        keys of a shard that is UNAVAILABLE are asked of the shards that rank second for them."""
+        keys of a shard that is UNAVAILABLE are asked of the shards that rank second for them. When
+        no shard answers, the store is unreachable: its error is raised (what the caller of a
+        one-shard store expects and counts as the store being down), not a miss."""
         addresses, clients = self._current()
-        by_shard: dict[int, list[EntryKey]] = {}
+        by_shard: dict[int, list[EntryKey | str]] = {}
         for key in keys:
             by_shard.setdefault(owner(key, addresses), []).append(key)
-        found, down = self._probe_shards(by_shard, addresses, clients)
-        if down and len(addresses) > 1:
-            again: dict[int, list[EntryKey]] = {}
+        found, failed = self._probe_shards(by_shard, addresses, clients)
+        answered = len(by_shard) > len(failed)
+        down = {i for i, e in failed.items() if e.code() == grpc.StatusCode.UNAVAILABLE}
+        if down and len(down) < len(addresses):  # a shard left to ask
+            again: dict[int, list[EntryKey | str]] = {}
             for shard in down:
                 for key in by_shard[shard]:
                     again.setdefault(next(i for i in ranked(key, addresses) if i not in down), []).append(key)
-            found.update(self._probe_shards(again, addresses, clients)[0])
+            found_again, failed_again = self._probe_shards(again, addresses, clients)
+            found.update(found_again)
+            answered = answered or len(again) > len(failed_again)
+            failed.update(failed_again)
+        if failed and not answered:
+            raise next(iter(failed.values()))
         return found
 
-    def _probe_shards(self, by_shard: dict[int, list[EntryKey]], addresses, clients) -> tuple[dict, set[int]]:
-        """(``key -> ProbedEntry`` of the keys held, the shards that were UNAVAILABLE)."""
+    def _probe_shards(
+        self, by_shard: dict[int, list[EntryKey | str]], addresses, clients
+    ) -> tuple[dict, dict[int, grpc.RpcError]]:
+        """(``key -> ProbedEntry`` of the keys held, the error of each shard that was unreachable)."""
         probes = {i: self._pool.submit(clients[i].probe, shard_keys) for i, shard_keys in by_shard.items()}
-        found, down = {}, set()
+        found, failed = {}, {}
         for i, probe in probes.items():
             try:
                 probed = probe.result()
@@ -333,12 +367,42 @@ class ShardedStoreClient:
                 if e.code() not in UNREACHABLE:
                     raise
                 log.warning(
-                    "store shard %s unreachable during a lookup (%s): its entries count as misses",
+                    "store shard %s unreachable during a lookup (%s)",
                     addresses[i],
                     e.code().name,
                 )
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    down.add(i)
+                failed[i] = e
                 continue
             found.update({key: p for key, p in zip(by_shard[i], probed) if p.present})
-        return found, down
+        return found, failed
+
+
+def merge_stats(replies: Sequence[store_pb2.StatsResponse]) -> store_pb2.StatsResponse:
+    """One ``StatsResponse`` for several shards: every count and byte figure is the sum of the
+    shards' (a tier's by its name, a tenant's by its name), and a tier is healthy when it is on
+    every shard. Each shard counts only its own entries, also in a shared Redis, so the sums add
+    up; ``capacity_bytes`` of a shared Redis is the sum of what each shard was given of it."""
+    merged = store_pb2.StatsResponse(tenant=replies[0].tenant)
+    _sum_fields(merged, replies)
+    tiers: dict[str, list[store_pb2.TierStats]] = {}
+    for reply in replies:
+        for tier in reply.tiers:
+            tiers.setdefault(tier.name, []).append(tier)
+    for name, same in tiers.items():
+        _sum_fields(merged.tiers.add(name=name), same)
+    tenants: dict[str, list[store_pb2.StatsResponse]] = {}
+    for reply in replies:
+        for tenant in reply.tenants:
+            tenants.setdefault(tenant.tenant, []).append(tenant)
+    merged.tenants.extend(merge_stats(same) for same in tenants.values())
+    return merged
+
+
+def _sum_fields(into, messages) -> None:
+    """Sets each number of ``into`` to the sum over ``messages``, each flag to all of them (the
+    repeated fields are messages, merged by the caller)."""
+    for field in into.DESCRIPTOR.fields:
+        if field.type == field.TYPE_UINT64:
+            setattr(into, field.name, sum(getattr(m, field.name) for m in messages))
+        elif field.type == field.TYPE_BOOL:
+            setattr(into, field.name, all(getattr(m, field.name) for m in messages))

@@ -1,5 +1,7 @@
-"""Python client of the KV store (used by the CLI, the tests, the benchmarks and the workers, to
-which it is a ``kvstore.remote.RemoteStore``).
+"""Python client of one KV store server (used by the CLI, the tests, the benchmarks and the load
+test, and by ``services.shards.ShardedStoreClient`` for each shard: that is what the workers are
+handed, through ``open_store``). ``lookup`` is the one-call Lookup RPC, for thin clients: the store
+hashes the tokens; the workers probe keys they made instead (``ShardedStoreClient.lookup_keys``).
 
 Every call carries a deadline: ``timeout_s`` for Put and Get, which move entries, and the shorter
 ``control_timeout_s`` for the small calls (Lookup, Probe, Summaries, Select, Delete, Stats). A

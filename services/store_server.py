@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -155,10 +156,11 @@ def _parse_key(text: str) -> EntryKey:
 
 
 class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: TieredStore, settings: StoreSettings, lookups):
+    def __init__(self, store: TieredStore, settings: StoreSettings, lookups, probed_keys):
         self.store = store
         self.settings = settings
-        self.lookups = lookups  # Counter by the tier of the longest cached prefix ("miss" when none)
+        self.lookups = lookups  # Counter of Lookup RPCs by the tier of the longest cached prefix ("miss": none)
+        self.probed_keys = probed_keys  # Counter of keys asked by Probe, by the tier holding each ("miss": none)
         # Puts being received and the bytes they reserved (touched only on the event loop)
         self.put_streams = 0
         self.put_bytes = 0
@@ -308,9 +310,12 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                     f"{keys} keys in one Probe; send at most {self.max_probe_keys} (a prompt of "
                     "max_lookup_tokens in chunks of min_chunk_size)"
                 )
-            return await asyncio.to_thread(self._probe, request.keys)
+            reply = await asyncio.to_thread(self._probe, request.keys)
         except Exception as e:
             await _abort(context, e)
+        for tier, keys in Counter(entry.tier if entry.present else "miss" for entry in reply.entries).items():
+            self.probed_keys.labels(tier).inc(keys)
+        return reply
 
     def _probe(self, texts) -> store_pb2.ProbeResponse:
         reply = store_pb2.ProbeResponse()
@@ -503,7 +508,14 @@ class StoreServer(GrpcServer):
         self.metrics.registry.register(StoreCollector(self.store))
         self.lookups = self.metrics.counter(
             "dkv_store_lookups",
-            "Prefix lookups, by the tier holding the last entry of the longest cached prefix (miss: none cached).",
+            "Lookup RPCs (a prefix found by the store; thin clients), by the tier holding the last entry of the "
+            "longest cached prefix (miss: none cached). The workers' lookups arrive as Probe: dkv_store_probed_keys.",
+            ("tier",),
+        )
+        self.probed_keys = self.metrics.counter(
+            "dkv_store_probed_keys",
+            "Chunk keys asked by Probe (the workers' prefix lookups, one Probe per shard), by the tier holding "
+            "each (miss: not held).",
             ("tier",),
         )
         self._audits: asyncio.Task | None = None
@@ -518,7 +530,9 @@ class StoreServer(GrpcServer):
                 )
 
     def add_service(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((_handlers(KVStoreServicer(self.store, self.settings, self.lookups)),))
+        server.add_generic_rpc_handlers(
+            (_handlers(KVStoreServicer(self.store, self.settings, self.lookups, self.probed_keys)),)
+        )
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Keepalive pings drop clients that vanished without closing (and their half-sent Puts)."""

@@ -105,7 +105,7 @@ class PrefillWorker:
         result says ``cache_stored=False`` and why, and the entries stay in ``held`` for a while."""
         plan = self.plan(token_ids, recipe, tenant)
         t = {"lookup": time.perf_counter()}
-        found = self._store_call("lookup", self.store.lookup, self.fingerprint, recipe, token_ids, tenant)
+        found = self._store_call("lookup", self.store.lookup_keys, plan.keys, recipe.chunk_size, len(token_ids))
         t["fetch"] = time.perf_counter()
         if found is not None and found.cached_tokens == len(token_ids):
             return self._hit(found, token_ids, t)

@@ -20,7 +20,7 @@ from in_process import InProcessServer
 from dkv.services.decode_server import DecodeServer
 from dkv.services.pb import decode_pb2, decode_pb2_grpc
 from dkv.services.settings import DecodeSettings
-from dkv.services.store_client import StoreClient
+from dkv.services.shards import open_store
 from dkv.workers.compression import compress, compress_chunks
 from dkv.workers.decode import generate, row_selection
 from dkv.workers.decode_worker import DecodeWorker
@@ -205,7 +205,7 @@ def decode_service(smollm2, store_service):
     """A Decode service whose worker runs one stream and queues one more."""
     model, tokenizer = smollm2
     store = store_service()
-    client = StoreClient(store.address, timeout_s=120)
+    client = open_store(store.address, timeout_s=120)
     worker = DecodeWorker(model, tokenizer, client, max_active=1, max_queued=1)
     server = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
     channel = grpc.insecure_channel(server.address)
@@ -295,10 +295,10 @@ def gateway(smollm2, store_service):
 
     model, tokenizer = smollm2
     store = store_service()
-    prefill_worker = PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120))
+    prefill_worker = PrefillWorker(model, tokenizer, open_store(store.address, timeout_s=120))
     prefill = InProcessServer(PrefillServer(PrefillSettings(port=0), prefill_worker))
     recompute = PrefillClient(prefill.address)
-    worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), recompute)
+    worker = DecodeWorker(model, tokenizer, open_store(store.address, timeout_s=120), recompute)
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
     front = InProcessServer(
         GatewayServer(GatewaySettings(port=0, prefill=prefill.address, decode=decode.address, store=store.address))

@@ -13,6 +13,7 @@ from dkv.services.pb import decode_pb2, decode_pb2_grpc
 from dkv.services.prefill_client import PrefillClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, PrefillSettings
+from dkv.services.shards import open_store
 from dkv.services.store_client import StoreClient
 from dkv.services.wire import recipe_to_proto
 from dkv.workers.decode_worker import DecodeWorker
@@ -31,11 +32,11 @@ def system(smollm2, store_service):
     store = store_service()
     prefill = InProcessServer(
         PrefillServer(
-            PrefillSettings(port=0), PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120))
+            PrefillSettings(port=0), PrefillWorker(model, tokenizer, open_store(store.address, timeout_s=120))
         )
     )
     prefill_client = PrefillClient(prefill.address)
-    worker = DecodeWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client)
+    worker = DecodeWorker(model, tokenizer, open_store(store.address, timeout_s=120), prefill_client)
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
     channel = grpc.insecure_channel(decode.address)
     yield decode_pb2_grpc.DecodeStub(channel), prefill_client, StoreClient(store.address), model, tokenizer

@@ -29,7 +29,7 @@ from dkv.services.http_api import RecipeFields
 from dkv.services.prefill_client import PrefillClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings
-from dkv.services.store_client import StoreClient
+from dkv.services.shards import open_store
 from dkv.services.transport import free_port
 from dkv.workers.decode_worker import DecodeWorker
 from dkv.workers.prefill import PrefillWorker
@@ -58,12 +58,12 @@ def cluster(smollm2):
     store = InProcessServer(StoreServer(StoreSettings(port=0, cpu_bytes=256 << 20)))
     prefill = InProcessServer(
         PrefillServer(
-            PrefillSettings(port=0), PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120))
+            PrefillSettings(port=0), PrefillWorker(model, tokenizer, open_store(store.address, timeout_s=120))
         )
     )
     recompute = PrefillClient(prefill.address)
     worker = DecodeWorker(
-        model, tokenizer, StoreClient(store.address, timeout_s=120), recompute.keys, max_active=1, max_queued=1
+        model, tokenizer, open_store(store.address, timeout_s=120), recompute.keys, max_active=1, max_queued=1
     )
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
     gateway = gateway_server(
@@ -322,7 +322,7 @@ def test_a_full_decode_queue_is_429_and_a_client_that_goes_away_ends_its_generat
 
 def test_a_worker_failing_mid_stream_is_the_stream_s_last_event(cluster):
     """The status line (200) is out once the first token is: a later failure is one last event."""
-    worker = DecodeWorker(cluster.model, cluster.tokenizer, StoreClient(cluster.store.address, timeout_s=120))
+    worker = DecodeWorker(cluster.model, cluster.tokenizer, open_store(cluster.store.address, timeout_s=120))
     decode = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
     gateway = gateway_server(prefill=cluster.prefill.address, decode=decode.address)
     body = {**{k: v for k, v in LONG.items() if k != "extra_body"}, **LONG["extra_body"], "stream": True}

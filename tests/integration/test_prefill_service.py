@@ -11,6 +11,7 @@ from dkv.kvstore.entry import Recipe
 from dkv.services.pb import prefill_pb2, prefill_pb2_grpc
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import PrefillSettings
+from dkv.services.shards import open_store
 from dkv.services.store_client import StoreClient
 from dkv.services.wire import recipe_to_proto
 from dkv.workers.cache import to_hf_cache
@@ -28,7 +29,7 @@ TEXT = (
 def services(smollm2, store_service):
     model, tokenizer = smollm2
     store = store_service()
-    worker = PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120), max_tokens=2048)
+    worker = PrefillWorker(model, tokenizer, open_store(store.address, timeout_s=120), max_tokens=2048)
     prefill = InProcessServer(PrefillServer(PrefillSettings(port=0), worker))
     channel = grpc.insecure_channel(prefill.address)
     yield prefill_pb2_grpc.PrefillStub(channel), StoreClient(store.address), tokenizer, model

@@ -97,7 +97,7 @@ from dkv.services.pb import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, st
 from dkv.services.prefill_client import PrefillClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings, StoreSettings
-from dkv.services.store_client import StoreClient
+from dkv.services.shards import open_store
 from dkv.services.store_server import StoreServer
 from dkv.services.transport import Security
 from dkv.services.wire import parse_frame_message, recipe_from_proto
@@ -154,7 +154,7 @@ class System:
                 PrefillWorker(
                     model,
                     tokenizer,
-                    StoreClient(self.store.address, timeout_s=60, security=security),
+                    open_store(self.store.address, timeout_s=60, security=security),
                     max_tokens=PREFILL_MAX_TOKENS,
                     min_chunk_size=MIN_CHUNK_SIZE,
                 ),
@@ -167,7 +167,7 @@ class System:
                 DecodeWorker(
                     model,
                     tokenizer,
-                    StoreClient(self.store.address, timeout_s=60, security=security),
+                    open_store(self.store.address, timeout_s=60, security=security),
                     self.prefill_client,
                 ),
             )

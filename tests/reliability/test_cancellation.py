@@ -18,7 +18,7 @@ from in_process import InProcessServer
 from dkv.services.decode_server import DecodeServer
 from dkv.services.pb import decode_pb2, decode_pb2_grpc
 from dkv.services.settings import DecodeSettings
-from dkv.services.store_client import StoreClient
+from dkv.services.shards import open_store
 from dkv.workers.compression import compress
 from dkv.workers.decode_worker import DecodeWorker
 
@@ -41,7 +41,7 @@ def test_7_a_decode_cancelled_after_one_token_stops_within_a_step_and_the_next_t
 ):
     model, tokenizer = smollm2
     store = store_service()
-    client = StoreClient(store.address, timeout_s=120)
+    client = open_store(store.address, timeout_s=120)
     worker = DecodeWorker(model, tokenizer, client)
     server = InProcessServer(DecodeServer(DecodeSettings(port=0), worker))
     channel = grpc.insecure_channel(server.address)

@@ -23,6 +23,7 @@ from dkv.services.gateway_server import GatewayServer
 from dkv.services.prefill_client import PrefillClient
 from dkv.services.prefill_server import PrefillServer
 from dkv.services.settings import DecodeSettings, GatewaySettings, PrefillSettings, StoreSettings
+from dkv.services.shards import open_store
 from dkv.services.store_client import StoreClient
 from dkv.services.store_server import StoreServer, build_store
 from dkv.testing import synthetic_entry
@@ -68,7 +69,7 @@ def cluster(smollm2, redis_server):
     store = InProcessServer(StoreServer(settings, build_store(settings)))
     prefill = InProcessServer(
         PrefillServer(
-            PrefillSettings(port=0), PrefillWorker(model, tokenizer, StoreClient(store.address, timeout_s=120))
+            PrefillSettings(port=0), PrefillWorker(model, tokenizer, open_store(store.address, timeout_s=120))
         )
     )
     prefill_client = PrefillClient(prefill.address)
@@ -76,7 +77,7 @@ def cluster(smollm2, redis_server):
         DecodeServer(
             DecodeSettings(port=0),
             DecodeWorker(
-                model, tokenizer, StoreClient(store.address, timeout_s=120), prefill_client, entry_cache_bytes=0
+                model, tokenizer, open_store(store.address, timeout_s=120), prefill_client, entry_cache_bytes=0
             ),
         )
     )  # every hit read from the store: these tests follow entries through its tiers

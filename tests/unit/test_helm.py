@@ -807,6 +807,7 @@ def test_service_monitor_only_with_the_capability(default_docs):
 METRICS = {
     "dkv_rpc_duration_seconds",
     "dkv_store_lookups_total",
+    "dkv_store_probed_keys_total",
     "dkv_store_hits_total",
     "dkv_store_misses_total",
     "dkv_store_used_bytes",

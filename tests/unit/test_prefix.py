@@ -9,7 +9,14 @@ import pytest
 
 from dkv.kvstore.entry import EntryKey, Identity, Recipe
 from dkv.kvstore.errors import InvalidEntry
-from dkv.kvstore.prefix import DIGEST_BYTES, chain_hashes, check_chain, longest_cached_prefix
+from dkv.kvstore.prefix import (
+    DIGEST_BYTES,
+    chain_hashes,
+    check_chain,
+    chunk_keys,
+    longest_cached_prefix,
+    longest_chain,
+)
 
 MODEL = "model-a"
 CHUNK = 8
@@ -242,6 +249,26 @@ def test_a_chunk_whose_predecessors_are_gone_is_not_a_prefix():
     store.put(prompt[:16], recipe=chunked, start=8)
     store.put(prompt[:24], recipe=chunked, start=16)
     assert longest_cached_prefix(prompt, chunked, MODEL, "t", store.start_of) is None
+
+
+def test_the_chain_of_keys_made_once_is_what_the_tokens_give():
+    """``longest_chain`` takes the keys a caller made already (the prefill worker's plan, a sharded
+    client's Probe answers): the same chain as from the tokens, the keys made once."""
+    prompt = _tokens(37)  # boundaries 8, 16, 24, 32 and the partial chunk's end, 37
+    chunked = Recipe(chunk_size=CHUNK, chunked=True)
+    store = Store()
+    c1 = store.put(prompt[:8], recipe=chunked)
+    c2 = store.put(prompt[:16], recipe=chunked, start=8)
+    c4 = store.put(prompt[:32], recipe=chunked, start=24)  # after a gap: not reached
+    keys = chunk_keys(prompt, chunked, MODEL, "t")
+    starts = store.start_of(keys)
+    assert longest_chain(keys, starts, CHUNK, len(prompt)) == ([c1, c2], 16)
+    assert longest_cached_prefix(prompt, chunked, MODEL, "t", store.start_of) == ([c1, c2], 16)
+    c3 = store.put(prompt[:24], recipe=chunked, start=16)
+    c5 = store.put(prompt, recipe=chunked, start=32)
+    chain = longest_chain(keys, store.start_of(keys), CHUNK, len(prompt))
+    assert chain == ([c1, c2, c3, c4, c5], 37)  # the last chunk ends at the prompt's end, not 40
+    assert longest_chain(keys, [None] * len(keys), CHUNK, len(prompt)) is None
 
 
 # --- check_chain: the chunk entries a decode worker is given form one context, in order -------------
