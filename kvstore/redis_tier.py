@@ -474,13 +474,17 @@ class RedisTier(StorageTier):
     def _forget(self, key: EntryKey | str, broken: str = "") -> None:
         """After a read found ``key``'s version ``broken`` (a frame missing) or no manifest: remove that
         version if it is still the one published (and a malformed manifest), what is left of the version
-        this store counts, and its count. Quiet: the read is a miss either way."""
+        this store counts, and its count, unless the version it counts is the one published now (a write
+        replaced the version the read had found: the new one is whole). Quiet: the read is a miss
+        either way."""
         try:
             with self._key_lock(key):
                 counted = self._counted_version(key)
                 self._discard(key, counted, lambda published: published == broken)
                 if counted is not None:
-                    self._uncount(key, counted[0])
+                    _, manifest = self._read_manifest(key)
+                    if manifest is None or manifest[0] != counted[0]:
+                        self._uncount(key, counted[0])
         except (redis.exceptions.RedisError, RedisClusterException, OSError, TierUnavailable):
             pass
 

@@ -316,6 +316,25 @@ def test_concurrent_replace_of_one_key_counts_once(tier):
     assert tier.used_bytes() == 0
 
 
+def test_a_read_that_a_write_overtook_keeps_the_new_version_counted(tier):
+    # The interleaving behind a rare failure of the concurrency test below: a Get reads version 1's
+    # manifest, a Put replaces it with version 2 (freeing version 1's frames) before the Get fetches
+    # them, and the Get, finding frames gone, cleaned up: it must not stop counting version 2.
+    k = key(1)
+    tier.put(k, [b"a" * 10])
+    client = tier._client
+    fetch = client.mget
+
+    def fetch_after_a_replacing_write(names):
+        del client.mget  # once: the Get's second look fetches normally
+        tier.put(k, [b"b" * 20, b"c" * 5])
+        return fetch(names)
+
+    client.mget = fetch_after_a_replacing_write
+    assert tier.get(k) == [b"b" * 20, b"c" * 5]
+    assert tier.keys() == [k] and tier.used_bytes() == 25
+
+
 def test_concurrent_mixed_ops_keep_index_counter_and_data_consistent(tier, redis_url):
     import json
     import random
