@@ -111,6 +111,19 @@ class Config:
         )
         return f"{self.method}@{self.ratio}{extra}" if self.method != "full" else f"full{extra}"
 
+    def fields(self) -> dict:
+        """The configuration's part of a result row."""
+        return {
+            "impl": "dkv",
+            "method": self.method,
+            "ratio": self.ratio,
+            "quant": self.quant,
+            "merge": self.merge,
+            "chunked": self.chunked,
+            "selection": self.selection,
+            "attend": self.attend,
+        }
+
     def budget(self, n_tokens: int) -> int | None:
         """Slots per KV head per decode step for a context of ``n_tokens`` (None: all)."""
         return None if self.selection == "dense" else max(16, int(n_tokens * self.attend))
@@ -382,14 +395,7 @@ def evaluate(
     retrieval = [r for r in per_task.values() if r["kind"] == "retrieval"]
     fidelity = [r for r in per_task.values() if r["kind"] == "fidelity"]
     return {
-        "impl": "dkv",
-        "method": cfg.method,
-        "ratio": cfg.ratio,
-        "quant": cfg.quant,
-        "merge": cfg.merge,
-        "chunked": cfg.chunked,
-        "selection": cfg.selection,
-        "attend": cfg.attend,
+        **cfg.fields(),
         "retrieval_accuracy": _mean([1.0 if r["correct"] else 0.0 for r in retrieval]),
         "extra_nll": _mean([r["extra_nll"] for r in fidelity]),
         "top1_agreement": _mean([r["top1_agreement"] for r in fidelity]),
@@ -968,14 +974,7 @@ def _evaluate_safe(model, tokenizer, tasks, cfg, reference, first_logits, full_b
     except Exception as exc:
         log(f"{cfg.label} failed: {type(exc).__name__}: {exc}")
         return {
-            "impl": "dkv",
-            "method": cfg.method,
-            "ratio": cfg.ratio,
-            "quant": cfg.quant,
-            "merge": cfg.merge,
-            "chunked": cfg.chunked,
-            "selection": cfg.selection,
-            "attend": cfg.attend,
+            **cfg.fields(),
             "retrieval_accuracy": None,
             "extra_nll": None,
             "top1_agreement": None,
